@@ -1,0 +1,1 @@
+"""Bus adapters: in-process (embedded default); Redis pub/sub for many nodes."""

@@ -1,0 +1,1 @@
+"""Store adapters: SQLite (embedded default); PostgreSQL and DynamoDB follow the same contract."""

@@ -1,0 +1,187 @@
+"""SQLite implementation of `ChatStore`."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from pigeon.adapters.store.sqlite import inbox
+from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.domain.errors import Conflict, NotFound
+from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
+from pigeon.domain.models import ChatInfo, ChatSummary, Member
+
+
+def direct_key(user_a: str, user_b: str) -> str:
+    """The unique key of the direct chat between two users, whatever the order."""
+    return ":".join(sorted((user_a, user_b)))
+
+
+def load_chat(conn: sqlite3.Connection, chat_id: str) -> ChatInfo | None:
+    """Read a chat and its members (join order) inside the caller's transaction."""
+    row = conn.execute(
+        "SELECT kind, name, created_by, created_at, version FROM chats WHERE id = ?", (chat_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    members = [
+        Member(user=u, role=r)
+        for u, r in conn.execute(
+            "SELECT user_id, role FROM members WHERE chat_id = ? ORDER BY pos", (chat_id,)
+        )
+    ]
+    return ChatInfo(
+        id=chat_id,
+        kind=row[0],
+        name=row[1],
+        created_by=row[2],
+        created_at=row[3],
+        version=row[4],
+        members=members,
+    )
+
+
+class SqliteChats:
+    """Chats and membership in SQLite."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self._db = db
+
+    async def get_chat(self, chat_id: str) -> ChatInfo | None:
+        return await self._db.read(lambda conn: load_chat(conn, chat_id))
+
+    async def find_direct(self, user_a: str, user_b: str) -> ChatInfo | None:
+        def q(conn: sqlite3.Connection) -> ChatInfo | None:
+            row = conn.execute(
+                "SELECT id FROM chats WHERE direct_key = ?", (direct_key(user_a, user_b),)
+            ).fetchone()
+            return None if row is None else load_chat(conn, row[0])
+
+        return await self._db.read(q)
+
+    async def create_chat(self, chat: ChatInfo) -> tuple[ChatInfo, list[Delivery]]:
+        def tx(conn: sqlite3.Connection) -> tuple[ChatInfo, list[Delivery]]:
+            key = None
+            if chat.kind == "direct":
+                a, b = chat.member_ids()
+                key = direct_key(a, b)
+                row = conn.execute("SELECT id FROM chats WHERE direct_key = ?", (key,)).fetchone()
+                if row is not None:
+                    existing = load_chat(conn, row[0])
+                    assert existing is not None
+                    return existing, []
+            conn.execute(
+                "INSERT INTO chats (id, kind, name, created_by, created_at, direct_key, next_pos,"
+                " last_activity_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    chat.id,
+                    chat.kind,
+                    chat.name,
+                    chat.created_by,
+                    chat.created_at,
+                    key,
+                    len(chat.members),
+                    chat.created_at,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO members (chat_id, user_id, role, pos) VALUES (?, ?, ?, ?)",
+                [(chat.id, m.user, m.role, i) for i, m in enumerate(chat.members)],
+            )
+            event = ChatUpdate(
+                chat=chat,
+                change="created",
+                by=chat.created_by,
+                at=chat.created_at,
+                added=chat.member_ids(),
+            )
+            devices = inbox.devices_of(conn, chat.member_ids())
+            return chat, inbox.append(conn, devices, encode_event(event), chat.created_at)
+
+        return await self._db.write(tx)
+
+    async def change_members(
+        self,
+        chat_id: str,
+        expected_version: int,
+        add: list[Member],
+        remove: list[str],
+        promote: list[str],
+        actor: str,
+        at: int,
+    ) -> tuple[ChatInfo, list[Delivery]]:
+        def tx(conn: sqlite3.Connection) -> tuple[ChatInfo, list[Delivery]]:
+            row = conn.execute(
+                "UPDATE chats SET version = version + 1, next_pos = next_pos + ?"
+                " WHERE id = ? AND version = ? RETURNING last_seq, next_pos - ?",
+                (len(add), chat_id, expected_version, len(add)),
+            ).fetchone()
+            if row is None:
+                if conn.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone():
+                    raise Conflict("chat changed concurrently; retry")
+                raise NotFound("no such chat")
+            last_seq, pos = row
+            conn.executemany(
+                "INSERT INTO members (chat_id, user_id, role, pos, delivered_seq, read_seq)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(chat_id, m.user, m.role, pos + i, last_seq, last_seq) for i, m in enumerate(add)],
+            )
+            conn.executemany(
+                "DELETE FROM members WHERE chat_id = ? AND user_id = ?",
+                [(chat_id, u) for u in remove],
+            )
+            conn.executemany(
+                "UPDATE members SET role = 'admin' WHERE chat_id = ? AND user_id = ?",
+                [(chat_id, u) for u in promote],
+            )
+            chat = load_chat(conn, chat_id)
+            assert chat is not None
+            change: ChatChange = "left" if remove == [actor] and not add else "members"
+            event = ChatUpdate(
+                chat=chat,
+                change=change,
+                by=actor,
+                at=at,
+                added=[m.user for m in add],
+                removed=list(remove),
+            )
+            devices = inbox.devices_of(conn, [*chat.member_ids(), *remove])
+            return chat, inbox.append(conn, devices, encode_event(event), at)
+
+        return await self._db.write(tx)
+
+    async def list_chats(self, user_id: str) -> list[ChatSummary]:
+        def q(conn: sqlite3.Connection) -> list[ChatSummary]:
+            rows = conn.execute(
+                "SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_at, c.last_sender,"
+                " c.last_preview, m.read_seq FROM members m JOIN chats c ON c.id = m.chat_id"
+                " WHERE m.user_id = ? ORDER BY c.last_activity_at DESC, c.id DESC",
+                (user_id,),
+            ).fetchall()
+            out = []
+            for cid, kind, name, last_seq, activity, sender, preview, read_seq in rows:
+                (unread,) = conn.execute(
+                    "SELECT count(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender != ?",
+                    (cid, read_seq, user_id),
+                ).fetchone()
+                members = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT user_id FROM members WHERE chat_id = ? ORDER BY pos", (cid,)
+                    )
+                ]
+                out.append(
+                    ChatSummary(
+                        id=cid,
+                        kind=kind,
+                        name=name,
+                        members=members,
+                        last_seq=last_seq,
+                        last_activity_at=activity,
+                        last_sender=sender,
+                        last_preview=preview,
+                        unread=unread,
+                    )
+                )
+            return out
+
+        return await self._db.read(q)

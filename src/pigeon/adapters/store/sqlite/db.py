@@ -1,0 +1,189 @@
+"""SQLite access from asyncio, with group commit.
+
+All writes run on one writer thread that owns the only write connection. Jobs queued while a
+transaction is running are committed together in the next one (group commit): each job runs in
+its own SAVEPOINT so a failing job does not roll back its neighbours, and every caller is answered
+only after the shared COMMIT returned. With `synchronous=FULL` that is one fsync per batch instead
+of one per message. Reads run on a small pool of reader threads with their own connections (WAL
+lets them proceed while the writer writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pigeon.domain.errors import Conflict, PigeonError, Unavailable
+
+T = TypeVar("T")
+Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+log = logging.getLogger(__name__)
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN ourselves) with WAL and sane pragmas."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute("PRAGMA cache_size=-65536")
+    return conn
+
+
+class SqliteDb:
+    """Owns the writer thread and the reader pool of one database file."""
+
+    def __init__(
+        self, path: Path, *, synchronous: str = "FULL", readers: int = 2, max_batch: int = 512
+    ) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._readers = readers
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._write_conn: sqlite3.Connection | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        #: Transactions committed and jobs in them, for metrics and tests of batching.
+        self.commits = 0
+        self.jobs_committed = 0
+
+    async def open(self, migrate: Callable[[sqlite3.Connection], None]) -> None:
+        """Open the write connection, run `migrate` on it, start the writer and readers."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        self._write_conn = await asyncio.to_thread(connect, self._path, self._synchronous)
+        await asyncio.to_thread(migrate, self._write_conn)
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._writer.start()
+        self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
+
+    async def aclose(self) -> None:
+        """Let queued writes finish, then close every connection."""
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for conn in self._read_conns:
+            conn.close()
+        self._read_conns.clear()
+        if self._write_conn is not None:
+            self._write_conn.close()
+            self._write_conn = None
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn` inside a write transaction; resolves after the transaction committed."""
+        if self._writer is None or self._loop is None:
+            raise Unavailable("store is closed")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on a reader connection (a consistent snapshot for its duration)."""
+        if self._pool is None or self._loop is None:
+            raise Unavailable("store is closed")
+        return await self._loop.run_in_executor(self._pool, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self._path, self._synchronous)
+            self._local.conn = conn
+            with self._lock:
+                self._read_conns.append(conn)
+        try:
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise Unavailable(f"store read failed: {exc}") from exc
+
+    def _write_loop(self) -> None:
+        assert self._write_conn is not None
+        conn = self._write_conn
+        stop = False
+        while not stop:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._commit_batch(conn, batch)
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in batch:
+                outcomes.append((fut, *_run_in_savepoint(conn, fn)))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.jobs_committed += len(batch)
+        except sqlite3.Error as exc:
+            log.exception("sqlite group commit failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = Unavailable(f"store write failed: {exc}")
+            outcomes = [(fut, None, failure) for _, fut in batch]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, outcomes)
+
+
+def _run_in_savepoint(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
+) -> tuple[Any, BaseException | None]:
+    conn.execute("SAVEPOINT job")
+    try:
+        result = fn(conn)
+    except (PigeonError, sqlite3.IntegrityError) as exc:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        if isinstance(exc, sqlite3.IntegrityError):
+            return None, Conflict(f"constraint violated: {exc}")
+        return None, exc
+    except sqlite3.Error:
+        raise
+    except Exception as exc:  # a bug in one job must not take its batch down
+        log.exception("store job failed")
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return None, exc
+    conn.execute("RELEASE job")
+    return result, None
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, exc in outcomes:
+        if fut.cancelled():
+            continue
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)

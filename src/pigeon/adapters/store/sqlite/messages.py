@@ -1,0 +1,288 @@
+"""SQLite implementation of `MessageStore`: the message path."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import defaultdict
+
+import msgspec
+
+from pigeon.adapters.store.sqlite import inbox
+from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.domain.errors import Forbidden, NotFound
+from pigeon.domain.events import (
+    Delivery,
+    InboxEntry,
+    Message,
+    ReadState,
+    Receipt,
+    ReceiptKind,
+    encode_event,
+)
+from pigeon.domain.models import Attachment, Device, MemberReceipt
+from pigeon.ports import SendRequest, SendResult, SweepStats
+
+_SWEEP_CHUNK = 2000
+_decode_message = msgspec.json.Decoder(Message).decode
+
+
+def _message_from_row(row: tuple[str, str, int, str, str, str, int, bytes | None]) -> Message:
+    mid, chat, seq, sender, device, cmid, at, raw = row
+    if raw is not None:
+        return _decode_message(raw)
+    return Message(
+        id=mid, chat=chat, seq=seq, sender=sender, sender_device=device, cmid=cmid, at=at
+    )
+
+
+_MESSAGE_COLS = "id, chat_id, seq, sender, sender_device, cmid, at, raw"
+
+
+def _advance(
+    conn: sqlite3.Connection, chat_id: str, user_id: str, kind: ReceiptKind, seq: int, at: int
+) -> list[Delivery]:
+    """Move the user's delivered (or read) mark in the chat up to `seq` and write receipts to
+    the senders of the messages it passes. Never moves a mark backwards."""
+    marks = {
+        u: (d, r)
+        for u, d, r in conn.execute(
+            "SELECT user_id, delivered_seq, read_seq FROM members WHERE chat_id = ?", (chat_id,)
+        )
+    }
+    if user_id not in marks:
+        return []
+    delivered, read = marks[user_id]
+    old = delivered if kind == "delivered" else read
+    if seq <= old:
+        return []
+    new_delivered = max(delivered, seq)
+    new_read = read if kind == "delivered" else seq
+    conn.execute(
+        "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE chat_id = ? AND user_id = ?",
+        (new_delivered, new_read, chat_id, user_id),
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO receipt_log (chat_id, user_id, kind, seq, at) VALUES (?, ?, ?, ?, ?)",
+        (chat_id, user_id, kind, seq, at),
+    )
+    marks[user_id] = (new_delivered, new_read)
+    senders = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT sender FROM messages WHERE chat_id = ? AND seq > ? AND seq <= ?"
+            " AND sender != ?",
+            (chat_id, old, seq, user_id),
+        )
+    ]
+    out: list[Delivery] = []
+    index = 0 if kind == "delivered" else 1
+    for sender in senders:
+        if sender not in marks:
+            continue
+        others = [m[index] for u, m in marks.items() if u != sender]
+        all_seq = min(others) if others else seq
+        receipt = Receipt(chat=chat_id, user=user_id, kind=kind, seq=seq, all_seq=all_seq, at=at)
+        out += inbox.append(conn, inbox.devices_of(conn, [sender]), encode_event(receipt), at)
+    return out
+
+
+class SqliteMessages:
+    """Messages, inboxes and receipts in SQLite."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self._db = db
+
+    async def send(self, req: SendRequest) -> SendResult:
+        return await self._db.write(lambda conn: self._send(conn, req))
+
+    @staticmethod
+    def _send(conn: sqlite3.Connection, req: SendRequest) -> SendResult:
+        dup = conn.execute(
+            f"SELECT {_MESSAGE_COLS} FROM messages WHERE sender_device = ? AND cmid = ?",
+            (req.sender_device, req.cmid),
+        ).fetchone()
+        if dup is not None:
+            return SendResult(_message_from_row(dup), True, [])
+        rows = conn.execute(
+            "SELECT m.user_id, d.id FROM members m LEFT JOIN devices d ON d.user_id = m.user_id"
+            " WHERE m.chat_id = ? ORDER BY m.user_id, d.created_at, d.id",
+            (req.chat,),
+        ).fetchall()
+        if not rows:
+            raise NotFound("no such chat")
+        if not any(user == req.sender for user, _ in rows):
+            raise Forbidden("not a participant of this chat")
+        targets = [d for _, d in rows if d is not None and d != req.sender_device]
+        (seq,) = conn.execute(
+            "UPDATE chats SET last_seq = last_seq + 1, last_activity_at = ?, last_sender = ?,"
+            " last_preview = ? WHERE id = ? RETURNING last_seq",
+            (req.at, req.sender, req.preview, req.chat),
+        ).fetchone()
+        attachment = Attachment(id=req.attachment_id) if req.attachment_id else None
+        message = Message(
+            id=req.message_id,
+            chat=req.chat,
+            seq=seq,
+            sender=req.sender,
+            sender_device=req.sender_device,
+            cmid=req.cmid,
+            at=req.at,
+            body=req.body,
+            attachment=attachment,
+        )
+        raw = encode_event(message)
+        conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLS}, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.id,
+                req.chat,
+                seq,
+                req.sender,
+                req.sender_device,
+                req.cmid,
+                req.at,
+                raw if targets else None,
+                len(targets),
+            ),
+        )
+        # The sender has read everything up to their own message.
+        conn.execute(
+            "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE chat_id = ? AND user_id = ?",
+            (seq, seq, req.chat, req.sender),
+        )
+        return SendResult(message, False, inbox.append(conn, targets, raw, req.at, message.id))
+
+    async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
+        def tx(conn: sqlite3.Connection) -> list[Delivery]:
+            (acked,) = conn.execute(
+                "SELECT acked_iseq FROM devices WHERE id = ?", (device.id,)
+            ).fetchone() or (None,)
+            if acked is None or upto <= acked:
+                return []
+            counts: dict[str, int] = defaultdict(int)
+            reached: dict[str, int] = {}
+            for message_id, chat_id, seq in conn.execute(
+                "SELECT i.message_id, m.chat_id, m.seq FROM inbox i JOIN messages m"
+                " ON m.id = i.message_id WHERE i.device_id = ? AND i.iseq <= ?",
+                (device.id, upto),
+            ):
+                counts[message_id] += 1
+                reached[chat_id] = max(seq, reached.get(chat_id, 0))
+            conn.execute("DELETE FROM inbox WHERE device_id = ? AND iseq <= ?", (device.id, upto))
+            conn.execute(
+                "UPDATE devices SET acked_iseq = min(?, next_iseq - 1) WHERE id = ?",
+                (upto, device.id),
+            )
+            inbox.release_messages(conn, counts)
+            out: list[Delivery] = []
+            for chat_id, seq in reached.items():
+                out += _advance(conn, chat_id, device.user_id, "delivered", seq, at)
+            return out
+
+        return await self._db.write(tx)
+
+    async def mark_read(self, device: Device, chat_id: str, seq: int, at: int) -> list[Delivery]:
+        def tx(conn: sqlite3.Connection) -> list[Delivery]:
+            row = conn.execute(
+                "SELECT c.last_seq, m.read_seq FROM chats c LEFT JOIN members m"
+                " ON m.chat_id = c.id AND m.user_id = ? WHERE c.id = ?",
+                (device.user_id, chat_id),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such chat")
+            last_seq, read_seq = row
+            if read_seq is None:
+                raise Forbidden("not a participant of this chat")
+            upto = min(seq, last_seq)
+            if upto <= read_seq:
+                return []
+            out = _advance(conn, chat_id, device.user_id, "read", upto, at)
+            others = [d for d in inbox.devices_of(conn, [device.user_id]) if d != device.id]
+            state = encode_event(ReadState(chat=chat_id, seq=upto, at=at))
+            return out + inbox.append(conn, others, state, at)
+
+        return await self._db.write(tx)
+
+    async def read_inbox(self, device_id: str, after: int, limit: int) -> list[InboxEntry]:
+        def q(conn: sqlite3.Connection) -> list[InboxEntry]:
+            rows = conn.execute(
+                "SELECT i.iseq, coalesce(i.payload, m.raw) FROM inbox i LEFT JOIN messages m"
+                " ON m.id = i.message_id WHERE i.device_id = ? AND i.iseq > ?"
+                " ORDER BY i.iseq LIMIT ?",
+                (device_id, after, limit),
+            ).fetchall()
+            return [InboxEntry(iseq, raw) for iseq, raw in rows if raw is not None]
+
+        return await self._db.read(q)
+
+    async def acked_iseq(self, device_id: str) -> int:
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT acked_iseq FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._db.read(q)
+
+    async def receipts(self, chat_id: str, message_id: str) -> tuple[Message, list[MemberReceipt]]:
+        def q(conn: sqlite3.Connection) -> tuple[Message, list[MemberReceipt]]:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLS} FROM messages WHERE id = ? AND chat_id = ?",
+                (message_id, chat_id),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such message in this chat")
+            message = _message_from_row(row)
+            out = []
+            users = conn.execute(
+                "SELECT user_id FROM members WHERE chat_id = ? AND user_id != ? ORDER BY pos",
+                (chat_id, message.sender),
+            ).fetchall()
+            for (user,) in users:
+                times = dict(
+                    conn.execute(
+                        "SELECT kind, min(at) FROM receipt_log WHERE chat_id = ? AND user_id = ?"
+                        " AND seq >= ? GROUP BY kind",
+                        (chat_id, user, message.seq),
+                    ).fetchall()
+                )
+                read_at = times.get("read")
+                delivered_at = times.get("delivered")
+                if read_at is not None and (delivered_at is None or read_at < delivered_at):
+                    delivered_at = read_at
+                out.append(MemberReceipt(user=user, delivered_at=delivered_at, read_at=read_at))
+            return message, out
+
+        return await self._db.read(q)
+
+    async def sweep(self, before: int) -> SweepStats:
+        messages = entries = 0
+        while True:
+            n = await self._db.write(lambda conn: _sweep_chunk(conn, before))
+            messages += n[0]
+            entries += n[1]
+            if n == (0, 0):
+                return SweepStats(messages, entries)
+
+
+def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
+    """Delete one bounded chunk of expired rows, so sends interleave with a long sweep."""
+    entries = conn.execute(
+        "DELETE FROM inbox WHERE (device_id, iseq) IN"
+        " (SELECT device_id, iseq FROM inbox WHERE at < ? LIMIT ?)",
+        (before, _SWEEP_CHUNK),
+    ).rowcount
+    messages = conn.execute(
+        "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE at < ? LIMIT ?)",
+        (before, _SWEEP_CHUNK),
+    ).rowcount
+    conn.execute(
+        "DELETE FROM receipt_log WHERE (chat_id, user_id, kind, seq) IN"
+        " (SELECT chat_id, user_id, kind, seq FROM receipt_log WHERE at < ? LIMIT ?)",
+        (before, _SWEEP_CHUNK),
+    )
+    conn.execute(
+        "UPDATE chats SET last_preview = NULL WHERE last_activity_at < ? AND last_preview IS NOT NULL",
+        (before,),
+    )
+    return messages, entries

@@ -1,0 +1,110 @@
+"""Versioned SQLite schema. Migrations only ever append; each runs once, in order, on start."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            username_key TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+        CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            token_hash BLOB NOT NULL UNIQUE,
+            created_at INTEGER NOT NULL,
+            next_iseq INTEGER NOT NULL DEFAULT 1,
+            acked_iseq INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX devices_by_user ON devices(user_id);
+        CREATE TABLE chats (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            name TEXT,
+            created_by TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            direct_key TEXT UNIQUE,
+            version INTEGER NOT NULL DEFAULT 0,
+            next_pos INTEGER NOT NULL DEFAULT 0,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            last_activity_at INTEGER NOT NULL,
+            last_sender TEXT,
+            last_preview TEXT
+        );
+        CREATE TABLE members (
+            chat_id TEXT NOT NULL REFERENCES chats(id),
+            user_id TEXT NOT NULL REFERENCES users(id),
+            role TEXT NOT NULL,
+            pos INTEGER NOT NULL,
+            delivered_seq INTEGER NOT NULL DEFAULT 0,
+            read_seq INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (chat_id, user_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX members_by_user ON members(user_id);
+        CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            chat_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sender TEXT NOT NULL,
+            sender_device TEXT NOT NULL,
+            cmid TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            raw BLOB,
+            pending INTEGER NOT NULL
+        );
+        CREATE UNIQUE INDEX messages_by_chat_seq ON messages(chat_id, seq);
+        CREATE UNIQUE INDEX messages_by_cmid ON messages(sender_device, cmid);
+        CREATE INDEX messages_by_at ON messages(at);
+        CREATE TABLE inbox (
+            device_id TEXT NOT NULL,
+            iseq INTEGER NOT NULL,
+            message_id TEXT,
+            payload BLOB,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (device_id, iseq)
+        ) WITHOUT ROWID;
+        CREATE INDEX inbox_by_at ON inbox(at);
+        CREATE TABLE receipt_log (
+            chat_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (chat_id, user_id, kind, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX receipt_log_by_at ON receipt_log(at);
+        """,
+    ),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply every migration newer than the database's recorded version, each atomically."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    for version, sql in MIGRATIONS:
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?)", (version, int(time.time() * 1000))
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,1 @@
+"""The pure core: models, identifiers, errors and limits. Imports nothing from adapters or gateways."""

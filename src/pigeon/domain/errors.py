@@ -1,0 +1,107 @@
+"""Typed domain errors, each with a stable wire code.
+
+Services raise these; only the gateway turns them into frames or HTTP statuses (see
+`pigeon.gateway.errors`). Adapters translate driver exceptions into `Unavailable` or `Conflict`
+at their boundary so services never see a sqlite3 or asyncpg exception.
+"""
+
+from __future__ import annotations
+
+
+class PigeonError(Exception):
+    """Base of every error a client may see. `code` is stable; `message` is for humans."""
+
+    code = "internal"
+    #: A temporary error may succeed when retried unchanged (the SDK retries those).
+    temporary = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code.replace("_", " "))
+        self.message = message or self.code.replace("_", " ")
+
+
+class BadRequest(PigeonError):
+    """The frame or request body is malformed or fails validation."""
+
+    code = "bad_request"
+
+
+class UnknownCommand(PigeonError):
+    """The frame names a command the server does not know."""
+
+    code = "unknown_command"
+
+
+class Unauthorized(PigeonError):
+    """Missing, invalid, expired or revoked credentials."""
+
+    code = "unauthorized"
+
+
+class Forbidden(PigeonError):
+    """Authenticated, but not allowed to act on this resource (e.g. not a chat participant)."""
+
+    code = "forbidden"
+
+
+class NotFound(PigeonError):
+    """The named user, chat, device or message does not exist (or is no longer kept)."""
+
+    code = "not_found"
+
+
+class Conflict(PigeonError):
+    """The request clashes with existing state (e.g. the username is taken)."""
+
+    code = "conflict"
+
+
+class GroupFull(PigeonError):
+    """Adding these participants would exceed the group cap."""
+
+    code = "group_full"
+
+
+class TooManyDevices(PigeonError):
+    """The user already has the maximum number of logged-in devices."""
+
+    code = "too_many_devices"
+
+
+class TooLarge(PigeonError):
+    """A frame or message body exceeds its configured limit."""
+
+    code = "too_large"
+
+
+class RateLimited(PigeonError):
+    """Too many requests; retry after `retry_after` seconds."""
+
+    code = "rate_limited"
+    temporary = True
+
+    def __init__(self, message: str = "", retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(PigeonError):
+    """A backing service (store, bus) failed; nothing was committed, retrying is safe."""
+
+    code = "unavailable"
+    temporary = True
+
+
+ALL_ERRORS: tuple[type[PigeonError], ...] = (
+    BadRequest,
+    UnknownCommand,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    GroupFull,
+    TooManyDevices,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+)

@@ -1,0 +1,101 @@
+"""Events that travel through a device's durable inbox.
+
+Every event a device must not miss (a message, a receipt, a chat change, its user's read marker)
+is written to that device's inbox in the same transaction as the change that caused it, numbered
+by a per-device, gap-free sequence `iseq`. A device acks cumulatively by `iseq`; a device that sees
+a gap knows something was lost in transit and asks for a resync. The JSON encoding of these structs
+is their wire format (docs/protocol.md), encoded once per event however many devices receive it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from pigeon.domain.models import Attachment, ChatInfo
+
+ReceiptKind = Literal["delivered", "read"]
+ChatChange = Literal["created", "members", "left"]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_field="type"):
+    """A chat message as recipients see it. `seq` orders it within its chat (gap-free)."""
+
+    id: str
+    chat: str
+    seq: int
+    sender: str
+    sender_device: str
+    cmid: str
+    at: int
+    body: str | None = None
+    attachment: Attachment | None = None
+
+
+class Receipt(msgspec.Struct, frozen=True, kw_only=True, tag="receipt", tag_field="type"):
+    """`user` has received (or read) every message of `chat` up to `seq`. `all_seq` is the
+    highest seq of the receiving user's own messages that every other member has reached."""
+
+    chat: str
+    user: str
+    kind: ReceiptKind
+    seq: int
+    all_seq: int
+    at: int
+
+
+class ChatUpdate(msgspec.Struct, frozen=True, kw_only=True, tag="chat_update", tag_field="type"):
+    """The chat was created, or its membership changed (`added`/`removed`) by user `by`.
+    `chat` is the state after the change; a removed user gets it too, then no more events."""
+
+    chat: ChatInfo
+    change: ChatChange
+    by: str
+    at: int
+    added: list[str] = []
+    removed: list[str] = []
+
+
+class ReadState(msgspec.Struct, frozen=True, kw_only=True, tag="read_state", tag_field="type"):
+    """The user read `chat` up to `seq` on another of their devices."""
+
+    chat: str
+    seq: int
+    at: int
+
+
+Event = Message | Receipt | ChatUpdate | ReadState
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """The event's canonical JSON encoding (also its wire form)."""
+    return _encoder.encode(event)
+
+
+def decode_event(raw: bytes) -> Event:
+    """Inverse of `encode_event`."""
+    return _decoder.decode(raw)
+
+
+class InboxEntry(msgspec.Struct, frozen=True):
+    """One event in one device's inbox, in its encoded form (decoded only where needed)."""
+
+    iseq: int
+    raw: bytes
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """An inbox entry just committed for `device`, to be pushed if the device is online."""
+
+    device: str
+    iseq: int
+    raw: bytes
+
+
+def inbox_frame(iseq: int, raw: bytes) -> bytes:
+    """The frame a device receives for one inbox entry (see docs/protocol.md, `event`)."""
+    return b'{"t":"event","iseq":%d,"event":%s}' % (iseq, raw)

@@ -1,0 +1,100 @@
+"""Entities of the product: users, devices, chats and their members, messages.
+
+Times are integer milliseconds since the Unix epoch everywhere (store, wire, SDK) so that no layer
+guesses a unit or a time zone. Structs are msgspec structs: cheap to build and to encode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+ChatKind = Literal["direct", "group"]
+Role = Literal["admin", "member"]
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    """A person with an account; owns up to `Limits.max_devices_per_user` devices."""
+
+    id: str
+    username: str
+    created_at: int
+
+
+class Credentials(msgspec.Struct, frozen=True, kw_only=True):
+    """What login needs to see of a user: never leaves the accounts service."""
+
+    user_id: str
+    username: str
+    password_hash: str
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    """One logged-in client of a user: the unit that holds a connection and an inbox."""
+
+    id: str
+    user_id: str
+    name: str
+    created_at: int
+
+
+class Member(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat participant and their role."""
+
+    user: str
+    role: Role = "member"
+
+
+class ChatInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat's identity and membership. `version` grows on every membership change and
+    guards concurrent edits (compare-and-set in the store)."""
+
+    id: str
+    kind: ChatKind
+    name: str | None
+    created_by: str
+    created_at: int
+    members: list[Member]
+    version: int = 0
+
+    def role_of(self, user_id: str) -> Role | None:
+        """The user's role in this chat, or None when they are not a participant."""
+        for m in self.members:
+            if m.user == user_id:
+                return m.role
+        return None
+
+    def member_ids(self) -> list[str]:
+        """Participant user ids, in join order."""
+        return [m.user for m in self.members]
+
+
+class ChatSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of a user's conversation list."""
+
+    id: str
+    kind: ChatKind
+    name: str | None
+    members: list[str]
+    last_seq: int
+    last_activity_at: int
+    last_sender: str | None
+    last_preview: str | None
+    unread: int
+
+
+class Attachment(msgspec.Struct, frozen=True, kw_only=True):
+    """A reference to media stored elsewhere (the media issue fills this in)."""
+
+    id: str
+    content_type: str | None = None
+    size: int | None = None
+
+
+class MemberReceipt(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-member receipt detail of one message: when it was delivered to and read by them."""
+
+    user: str
+    delivered_at: int | None
+    read_at: int | None

@@ -1,0 +1,206 @@
+"""Ports: the contracts between the core (services) and the engines behind it.
+
+Each Protocol's docstring is its contract: what is atomic, what is ordered, what is guaranteed.
+The contract suites in tests/contract run every adapter against these words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from pigeon.domain.events import Delivery, InboxEntry, Message
+from pigeon.domain.models import (
+    ChatInfo,
+    ChatSummary,
+    Credentials,
+    Device,
+    Member,
+    MemberReceipt,
+    User,
+)
+
+
+class Clock(Protocol):
+    """Wall-clock time in integer milliseconds since the epoch; injected so tests can steer it."""
+
+    def now_ms(self) -> int: ...
+
+
+class AccountStore(Protocol):
+    """Users and their devices."""
+
+    async def create_user(self, user: User, password_hash: str) -> None:
+        """Insert a user. Raises `Conflict` if the username is taken (case-insensitive)."""
+
+    async def credentials(self, username: str) -> Credentials | None:
+        """The stored password hash of `username`, or None."""
+
+    async def get_users(self, user_ids: list[str]) -> list[User]:
+        """The users among `user_ids` that exist (any order)."""
+
+    async def user_by_name(self, username: str) -> User | None:
+        """Look a user up by username (case-insensitive)."""
+
+    async def add_device(self, device: Device, token_hash: bytes, max_devices: int) -> None:
+        """Register a device with its token hash. Atomically refuses with `TooManyDevices` if
+        the user already has `max_devices` devices."""
+
+    async def list_devices(self, user_id: str) -> list[Device]:
+        """The user's devices, oldest first."""
+
+    async def revoke_device(self, user_id: str, device_id: str) -> bool:
+        """Delete the device, its token and its inbox. False if it was not the user's device."""
+
+    async def device_by_token(self, token_hash: bytes) -> Device | None:
+        """The device holding this token hash, or None (unknown or revoked)."""
+
+
+class ChatStore(Protocol):
+    """Chats and membership. Every change also writes a `ChatUpdate` into the inbox of every
+    device of every user concerned, in the same transaction, and returns those deliveries."""
+
+    async def get_chat(self, chat_id: str) -> ChatInfo | None:
+        """The chat and its current members, or None."""
+
+    async def find_direct(self, user_a: str, user_b: str) -> ChatInfo | None:
+        """The one direct chat between two users, if it exists."""
+
+    async def create_chat(self, chat: ChatInfo) -> tuple[ChatInfo, list[Delivery]]:
+        """Create `chat` with its members. For a direct chat, if the pair already has one, that
+        chat is returned instead with no deliveries (one direct chat per pair, race-free)."""
+
+    async def change_members(
+        self,
+        chat_id: str,
+        expected_version: int,
+        add: list[Member],
+        remove: list[str],
+        promote: list[str],
+        actor: str,
+        at: int,
+    ) -> tuple[ChatInfo, list[Delivery]]:
+        """Apply a membership change if the chat is still at `expected_version` (else raise
+        `Conflict`; `NotFound` if no chat): add members, remove users, make `promote` admins.
+        Removed users' devices and remaining members' devices get one ChatUpdate. New members
+        start with delivered/read marks at the chat's current seq (they see no older messages)."""
+
+    async def list_chats(self, user_id: str) -> list[ChatSummary]:
+        """The user's chats, newest activity first, with unread counts (others' messages after
+        the user's read mark)."""
+
+
+class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A message a device asks to send; `message_id` and `at` are chosen by the service."""
+
+    message_id: str
+    chat: str
+    sender: str
+    sender_device: str
+    cmid: str
+    at: int
+    body: str | None
+    attachment_id: str | None
+    preview: str | None
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    """The committed message (or the original one, when `duplicate`) and what to push."""
+
+    message: Message
+    duplicate: bool
+    deliveries: list[Delivery]
+
+
+class SweepStats(msgspec.Struct, frozen=True):
+    """What one retention sweep removed."""
+
+    messages: int
+    inbox_entries: int
+
+
+class MessageStore(Protocol):
+    """Messages, per-device inboxes and receipts: the message path.
+
+    Durability: a method returns only after its transaction is committed. Ordering: a chat's
+    messages get gap-free `seq` 1, 2, 3...; each device's inbox gets gap-free `iseq`, and within
+    one chat a device's inbox order equals seq order, also under concurrent writers.
+    """
+
+    async def send(self, req: SendRequest) -> SendResult:
+        """Atomically: check the sender is a participant (`Forbidden`; `NotFound` if no chat),
+        assign the next seq, store the message, write one inbox entry per device of every other
+        participant and per other device of the sender, and bump the chat's activity. If
+        (sender_device, cmid) was already sent, return the original with `duplicate=True` and
+        write nothing."""
+
+    async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
+        """Remove the device's inbox entries with iseq <= upto. Messages acked advance the
+        user's delivered mark per chat and write `Receipt`s to their senders' devices (returned).
+        A message whose every inbox entry is gone loses its body. Idempotent."""
+
+    async def mark_read(self, device: Device, chat_id: str, seq: int, at: int) -> list[Delivery]:
+        """Advance the user's read mark in the chat to `seq` (capped at the chat's last seq;
+        never backwards). Writes read `Receipt`s to the senders of newly read messages and a
+        `ReadState` to the user's other devices. `Forbidden` if not a participant."""
+
+    async def read_inbox(self, device_id: str, after: int, limit: int) -> list[InboxEntry]:
+        """The device's inbox entries with iseq > after, in iseq order, at most `limit`."""
+
+    async def acked_iseq(self, device_id: str) -> int:
+        """The highest iseq the device has acked (0 if none)."""
+
+    async def receipts(self, chat_id: str, message_id: str) -> tuple[Message, list[MemberReceipt]]:
+        """Per-member delivered/read times of one message of the chat (`NotFound` if unknown)."""
+
+    async def sweep(self, before: int) -> SweepStats:
+        """Delete messages created before `before` (ms) and every inbox entry created before it."""
+
+
+class Store(Protocol):
+    """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
+
+    accounts: AccountStore
+    chats: ChatStore
+    messages: MessageStore
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def aclose(self) -> None:
+        """Finish in-flight writes and release connections."""
+
+
+BusHandler = Callable[[bytes], None]
+
+
+class Subscription(Protocol):
+    """A live subscription; `cancel()` stops delivery (idempotent)."""
+
+    def cancel(self) -> None: ...
+
+
+class Bus(Protocol):
+    """Routes frames to the node that holds a device's connection.
+
+    Delivery is at-most-once and best-effort (a frame may be lost when a node or the broker
+    fails); the durable inbox is what makes messages reliable. Frames published by one publisher
+    to one device arrive in publish order. Handlers run on the event loop and must not block.
+    """
+
+    async def publish(self, device_id: str, frame: bytes) -> None:
+        """Send `frame` to whoever subscribed to `device_id` (nobody: dropped)."""
+
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        """`publish` for many (device, frame) pairs, in order, in as few round trips as possible."""
+
+    async def subscribe(self, device_id: str, handler: BusHandler) -> Subscription:
+        """Deliver frames for `device_id` to `handler` until cancelled."""
+
+    async def open(self) -> None:
+        """Connect."""
+
+    async def aclose(self) -> None:
+        """Disconnect; subscriptions end."""

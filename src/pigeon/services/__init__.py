@@ -1,0 +1,1 @@
+"""Use cases. Each service receives its ports (store, bus, clock) in its constructor."""

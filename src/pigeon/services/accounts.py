@@ -1,0 +1,99 @@
+"""Accounts and devices: registration, login, token authentication, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from pigeon.domain.errors import BadRequest, NotFound, Unauthorized
+from pigeon.domain.ids import new_id
+from pigeon.domain.limits import Limits
+from pigeon.domain.models import Device, User
+from pigeon.ports import AccountStore, Bus, Clock
+
+USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+#: Published on a device's channel to close its live connection at once (see the hub).
+REVOKED_FRAME = b'{"t":"revoked"}'
+
+
+def hash_token(token: str) -> bytes:
+    """Tokens are 256-bit random strings, so a fast hash is enough to store them safely."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+class AccountService:
+    """Registers users, logs devices in, authenticates tokens and revokes devices."""
+
+    def __init__(
+        self,
+        store: AccountStore,
+        bus: Bus,
+        clock: Clock,
+        limits: Limits,
+        hasher: PasswordHasher | None = None,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._clock = clock
+        self._limits = limits
+        self._hasher = hasher or PasswordHasher()
+
+    async def register(self, username: str, password: str) -> User:
+        """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars."""
+        if not USERNAME.match(username):
+            raise BadRequest("username must be 3-32 letters, digits, '_', '.' or '-'")
+        if not 8 <= len(password) <= 1024:
+            raise BadRequest("password must be 8 to 1024 characters")
+        password_hash = await asyncio.to_thread(self._hasher.hash, password)
+        user = User(id=new_id(), username=username, created_at=self._clock.now_ms())
+        await self._store.create_user(user, password_hash)
+        return user
+
+    async def login(self, username: str, password: str, device_name: str) -> tuple[Device, str]:
+        """Check the password and register a new device; returns it with its bearer token."""
+        creds = await self._store.credentials(username)
+        if creds is None:
+            raise Unauthorized("wrong username or password")
+        try:
+            await asyncio.to_thread(self._hasher.verify, creds.password_hash, password)
+        except (VerificationError, InvalidHashError) as exc:
+            raise Unauthorized("wrong username or password") from exc
+        name = device_name.strip()[:64] or "device"
+        device = Device(
+            id=new_id(), user_id=creds.user_id, name=name, created_at=self._clock.now_ms()
+        )
+        token = secrets.token_urlsafe(32)
+        await self._store.add_device(device, hash_token(token), self._limits.max_devices_per_user)
+        return device, token
+
+    async def authenticate(self, token: str | None) -> Device:
+        """The device a bearer token belongs to; `Unauthorized` when missing, unknown or revoked."""
+        if not token or len(token) > 256:
+            raise Unauthorized("missing or malformed token")
+        device = await self._store.device_by_token(hash_token(token))
+        if device is None:
+            raise Unauthorized("invalid or revoked token")
+        return device
+
+    async def devices(self, user_id: str) -> list[Device]:
+        """The user's devices."""
+        return await self._store.list_devices(user_id)
+
+    async def revoke(self, user_id: str, device_id: str) -> None:
+        """Revoke one of the user's devices: its token stops working and its live connection
+        (on whichever node) is closed."""
+        if not await self._store.revoke_device(user_id, device_id):
+            raise NotFound("no such device")
+        await self._bus.publish(device_id, REVOKED_FRAME)
+
+    async def find_user(self, username: str) -> User:
+        """Look a user up by name (to start a chat with them)."""
+        user = await self._store.user_by_name(username)
+        if user is None:
+            raise NotFound("no such user")
+        return user

@@ -1,0 +1,32 @@
+"""Pushes just-committed inbox entries to the devices' connections over the bus (fast path).
+
+Losing a push is harmless: the entry is already in the device's durable inbox, and the device
+heals the gap (by `iseq`) with a resync, or gets it on its next connect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pigeon.domain.errors import PigeonError
+from pigeon.domain.events import Delivery, inbox_frame
+from pigeon.ports import Bus
+
+log = logging.getLogger(__name__)
+
+
+class Fanout:
+    """Turns deliveries into device frames and publishes them."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def push(self, deliveries: list[Delivery]) -> None:
+        """Best effort: a bus failure is logged, never raised to the committed caller."""
+        if not deliveries:
+            return
+        frames = [(d.device, inbox_frame(d.iseq, d.raw)) for d in deliveries]
+        try:
+            await self._bus.publish_many(frames)
+        except PigeonError as exc:
+            log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)

@@ -1,0 +1,96 @@
+"""The message path: send, ack (delivered), read, receipt detail and inbox sync.
+
+Every change is committed by the store (message + inbox entries + receipts, one transaction,
+group-committed with its neighbours) before anyone is answered; only then is it pushed.
+"""
+
+from __future__ import annotations
+
+from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
+from pigeon.domain.events import InboxEntry, Message
+from pigeon.domain.ids import is_id, new_id
+from pigeon.domain.limits import Limits
+from pigeon.domain.models import Device, MemberReceipt
+from pigeon.ports import Clock, MessageStore, SendRequest
+from pigeon.services.fanout import Fanout
+
+MAX_CMID_CHARS = 64
+
+
+class MessagingService:
+    """Validates message commands and runs them against the store, then pushes the outcome."""
+
+    def __init__(self, store: MessageStore, fanout: Fanout, clock: Clock, limits: Limits) -> None:
+        self._store = store
+        self._fanout = fanout
+        self._clock = clock
+        self._limits = limits
+
+    async def send(
+        self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
+    ) -> tuple[Message, bool]:
+        """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
+        the same device returns the original message and changes nothing.
+
+        No await precedes the store call, so sends from one connection commit in the order the
+        connection issued them."""
+        if not 1 <= len(cmid) <= MAX_CMID_CHARS:
+            raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
+        if body is None and attachment is None:
+            raise BadRequest("a message needs a body or an attachment")
+        if body is not None and len(body.encode()) > self._limits.max_body_bytes:
+            raise TooLarge(f"body exceeds {self._limits.max_body_bytes} bytes")
+        if not is_id(chat_id) or (attachment is not None and not is_id(attachment)):
+            raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
+        preview = (
+            body[: self._limits.preview_chars] if body and self._limits.preview_chars else None
+        )
+        req = SendRequest(
+            message_id=new_id(),
+            chat=chat_id,
+            sender=device.user_id,
+            sender_device=device.id,
+            cmid=cmid,
+            at=self._clock.now_ms(),
+            body=body,
+            attachment_id=attachment,
+            preview=preview,
+        )
+        result = await self._store.send(req)
+        await self._fanout.push(result.deliveries)
+        return result.message, result.duplicate
+
+    async def ack(self, device: Device, upto: int) -> None:
+        """The device received every inbox entry up to `upto`: drop them, send receipts."""
+        if upto < 0:
+            raise BadRequest("upto must be >= 0")
+        await self._fanout.push(await self._store.ack(device, upto, self._clock.now_ms()))
+
+    async def read(self, device: Device, chat_id: str, seq: int) -> None:
+        """The user read `chat_id` up to `seq`: read receipts to senders, state to own devices."""
+        if seq < 0:
+            raise BadRequest("seq must be >= 0")
+        if not is_id(chat_id):
+            raise NotFound("no such chat")
+        await self._fanout.push(
+            await self._store.mark_read(device, chat_id, seq, self._clock.now_ms())
+        )
+
+    async def receipts(
+        self, device: Device, chat_id: str, message_id: str
+    ) -> tuple[Message, list[MemberReceipt]]:
+        """Per-member delivery and read times of one message; only for its sender."""
+        if not (is_id(chat_id) and is_id(message_id)):
+            raise NotFound("no such message in this chat")
+        message, members = await self._store.receipts(chat_id, message_id)
+        if message.sender != device.user_id:
+            raise Forbidden("only the sender may see a message's receipts")
+        return message, members
+
+    async def inbox(self, device: Device, after: int) -> list[InboxEntry]:
+        """One page of the device's inbox after `after`."""
+        return await self._store.read_inbox(device.id, after, self._limits.sync_page)
+
+    async def acked(self, device: Device) -> int:
+        """The device's cumulative ack (where a fresh connection's sync starts)."""
+        return await self._store.acked_iseq(device.id)

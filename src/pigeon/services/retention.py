@@ -1,0 +1,55 @@
+"""The retention sweeper: a cold-path worker that deletes what outlived the retention window."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from pigeon.domain.errors import PigeonError
+from pigeon.ports import Clock, MessageStore, SweepStats
+
+log = logging.getLogger(__name__)
+
+
+class RetentionSweeper:
+    """Every `interval` seconds, delete messages and inbox entries older than `retention`."""
+
+    def __init__(
+        self, store: MessageStore, clock: Clock, retention_seconds: float, interval: float
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._retention_ms = int(retention_seconds * 1000)
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep_once(self) -> SweepStats:
+        """One full sweep, in bounded chunks."""
+        stats = await self._store.sweep(self._clock.now_ms() - self._retention_ms)
+        if stats.messages or stats.inbox_entries:
+            log.info(
+                "retention sweep removed %d messages, %d inbox entries",
+                stats.messages,
+                stats.inbox_entries,
+            )
+        return stats
+
+    def start(self) -> None:
+        """Run forever in the background until `aclose`."""
+        self._task = asyncio.create_task(self._run(), name="retention-sweeper")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except PigeonError as exc:
+                log.warning("retention sweep failed, will retry: %s", exc)
+            await asyncio.sleep(self._interval)
