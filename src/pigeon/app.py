@@ -1,0 +1,94 @@
+"""Composition root: the only module that knows every adapter. Builds the aiohttp application
+from `Settings`, opens adapters on start-up and closes them (in reverse) on shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from argon2 import PasswordHasher
+
+from pigeon.adapters.bus.local import LocalBus
+from pigeon.adapters.store.sqlite import SqliteStore
+from pigeon.config import Settings
+from pigeon.gateway.http import READY, add_routes, error_middleware
+from pigeon.gateway.hub import Hub
+from pigeon.gateway.keys import SERVICES, SETTINGS, Services
+from pigeon.gateway.websocket import websocket_handler
+from pigeon.ports import Bus, Clock, Store
+from pigeon.services.accounts import AccountService
+from pigeon.services.chats import ChatService
+from pigeon.services.clock import SystemClock
+from pigeon.services.fanout import Fanout
+from pigeon.services.messaging import MessagingService
+from pigeon.services.retention import RetentionSweeper
+
+STORE = web.AppKey("store", Store)
+BUS = web.AppKey("bus", Bus)
+SWEEPER = web.AppKey("sweeper", RetentionSweeper)
+
+
+def build_store(settings: Settings) -> Store:
+    """The configured Store adapter."""
+    s = settings.store
+    return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
+
+
+def build_bus(settings: Settings) -> Bus:
+    """The configured Bus adapter."""
+    return LocalBus()
+
+
+def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:
+    """Wire services to adapters; nothing is opened until the app starts."""
+    clock = clock or SystemClock()
+    limits = settings.limits.to_limits()
+    store, bus = build_store(settings), build_bus(settings)
+    fanout = Fanout(bus)
+    hasher = PasswordHasher(
+        time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
+    )
+    services = Services(
+        accounts=AccountService(store.accounts, bus, clock, limits, hasher),
+        chats=ChatService(store, fanout, clock, limits),
+        messaging=MessagingService(store.messages, fanout, clock, limits),
+        hub=Hub(bus, settings.gateway),
+        clock=clock,
+    )
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[SERVICES] = services
+    app[STORE] = store
+    app[BUS] = bus
+    app[SWEEPER] = RetentionSweeper(
+        store.messages, clock, limits.retention_seconds, settings.sweep_interval
+    )
+    app[READY] = {"ready": False}
+    add_routes(app)
+    app.router.add_get("/v1/ws", websocket_handler)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_connections)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    store, bus, sweeper = app[STORE], app[BUS], app[SWEEPER]
+    await store.open()
+    await bus.open()
+    app[SERVICES].hub.start()
+    sweeper.start()
+    app[READY]["ready"] = True
+    try:
+        yield
+    finally:
+        app[READY]["ready"] = False
+        await sweeper.aclose()
+        await app[SERVICES].hub.aclose()
+        await bus.aclose()
+        await store.aclose()
+
+
+async def _close_connections(app: web.Application) -> None:
+    """On SIGTERM: stop reporting ready and tell every client to reconnect elsewhere (1001)."""
+    app[READY]["ready"] = False
+    await app[SERVICES].hub.aclose()

@@ -1,0 +1,1 @@
+"""`pigeon bench`: load generator and scenarios, run in their own processes."""

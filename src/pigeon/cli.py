@@ -1,0 +1,63 @@
+"""`pigeon serve | bench | ...`: the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pigeon.config import load_settings
+from pigeon.logs import setup_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Pigeon messaging server.")
+log = logging.getLogger("pigeon")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Optional TOML settings file.")] = None,
+) -> None:
+    """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain)."""
+    from aiohttp import web
+
+    from pigeon.app import create_app
+
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None
+    }
+    settings = load_settings(config, **overrides)
+    setup_logging(settings.log_level, settings.log_json)
+    _install_uvloop()
+    log.info(
+        "pigeon listening on %s:%d (data in %s)", settings.host, settings.port, settings.data_dir
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10.0,
+    )
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main() -> None:
+    """Entry point of the `pigeon` script."""
+    from pigeon.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+    app()

@@ -1,0 +1,111 @@
+"""One settings object for the whole server, from PIGEON_* env vars and an optional TOML file.
+
+Nested settings use `__` in env vars, e.g. `PIGEON_STORE__PATH`, `PIGEON_LIMITS__GROUP_CAP`.
+Components receive their own section, never `os.environ`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pigeon.domain.limits import Limits
+
+
+class SqliteSettings(BaseModel):
+    """The embedded store: one SQLite file (default `<data_dir>/pigeon.db`)."""
+
+    type: Literal["sqlite"] = "sqlite"
+    path: Path | None = None
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    max_batch: int = Field(512, ge=1, le=10_000)
+
+
+class LocalBusSettings(BaseModel):
+    """In-process routing: one node only."""
+
+    type: Literal["local"] = "local"
+
+
+class LimitSettings(BaseModel):
+    """Product limits (see `pigeon.domain.limits.Limits`)."""
+
+    max_devices_per_user: int = Field(3, ge=1, le=100)
+    group_cap: int = Field(100, ge=2, le=10_000)
+    max_body_bytes: int = Field(64 * 1024, ge=1, le=16 * 1024 * 1024)
+    preview_chars: int = Field(100, ge=0, le=1000)
+    retention_days: float = Field(30.0, gt=0)
+    sync_page: int = Field(500, ge=1, le=10_000)
+
+    def to_limits(self) -> Limits:
+        return Limits(
+            max_devices_per_user=self.max_devices_per_user,
+            group_cap=self.group_cap,
+            max_body_bytes=self.max_body_bytes,
+            preview_chars=self.preview_chars,
+            retention_seconds=self.retention_days * 86400,
+            sync_page=self.sync_page,
+        )
+
+
+class GatewaySettings(BaseModel):
+    """WebSocket connection behaviour."""
+
+    ping_interval: float = Field(30.0, gt=0)
+    idle_timeout: float = Field(60.0, gt=0)
+    outbound_queue_frames: int = Field(2048, ge=16)
+    max_inflight_commands: int = Field(256, ge=1)
+    #: Frames above this get a `too_large` error; the connection lives on.
+    max_frame_bytes: int = Field(1024 * 1024, ge=1024)
+    #: Frames above this close the connection (1009): the server will not buffer them.
+    hard_frame_limit: int = Field(4 * 1024 * 1024, ge=1024)
+    auth_timeout: float = Field(10.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything `pigeon serve` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="PIGEON_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    data_dir: Path = Path("./var")
+    log_level: str = "INFO"
+    log_json: bool = True
+    store: SqliteSettings = SqliteSettings()
+    bus: LocalBusSettings = LocalBusSettings()
+    limits: LimitSettings = LimitSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    sweep_interval: float = Field(3600.0, gt=0)
+    #: argon2id cost: time cost and memory in KiB (lower only for tests).
+    argon2_time_cost: int = Field(3, ge=1)
+    argon2_memory_kib: int = Field(64 * 1024, ge=8)
+
+    def sqlite_path(self) -> Path:
+        return self.store.path or self.data_dir / "pigeon.db"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from (lowest to highest precedence) defaults, TOML file, env vars, overrides."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        with config_file.open("rb") as f:
+            file_values = tomllib.load(f)
+    env = Settings()
+    explicit_env = env.model_dump(exclude_unset=True)
+    merged = _deep_merge(_deep_merge(file_values, explicit_env), overrides)
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

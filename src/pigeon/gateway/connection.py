@@ -1,0 +1,159 @@
+"""One device's live WebSocket: a bounded outbound queue drained by its own writer.
+
+Nothing on the message path ever awaits a peer: publishers call `send`, which only appends to
+the queue. A device that falls too far behind is disconnected (`SLOW_CONSUMER`); everything it
+missed is in its durable inbox and comes back on reconnect. Only the inbox sync, which produces
+frames for this connection alone, waits for queue space (`send_wait`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from aiohttp import WSMsgType, web
+
+from pigeon.domain.models import Device
+from pigeon.gateway.errors import Close
+
+log = logging.getLogger(__name__)
+
+_PING = object()
+_EVENT_PREFIX = b'{"t":"event","iseq":'
+
+
+def frame_iseq(frame: bytes) -> int:
+    """The inbox sequence number of an `event` frame (0 for any other frame)."""
+    if not frame.startswith(_EVENT_PREFIX):
+        return 0
+    start = len(_EVENT_PREFIX)
+    return int(frame[start : frame.index(b",", start)])
+
+
+class Connection:
+    """The server side of one authenticated WebSocket."""
+
+    __slots__ = (
+        "_closing",
+        "_held",
+        "_held_limit",
+        "_held_overflow",
+        "_max",
+        "_out",
+        "_space",
+        "_writer",
+        "device",
+        "last_recv",
+        "ws",
+    )
+
+    def __init__(self, ws: web.WebSocketResponse, device: Device, max_frames: int) -> None:
+        self.ws = ws
+        self.device = device
+        self.last_recv = asyncio.get_running_loop().time()
+        self._out: deque[bytes | object] = deque()
+        self._max = max_frames
+        self._writer: asyncio.Task[None] | None = None
+        self._space: asyncio.Event | None = None
+        self._closing = False
+        self._held: list[bytes] | None = None
+        self._held_limit = max_frames
+        self._held_overflow = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; never blocks. A full queue means a stalled peer: disconnect it."""
+        if self._closing:
+            return
+        if len(self._out) >= self._max:
+            log.info("device %s too slow, disconnecting", self.device.id)
+            self.close(Close.SLOW_CONSUMER, "slow consumer")
+            return
+        self._enqueue(frame)
+
+    async def send_wait(self, frame: bytes) -> None:
+        """Queue a frame, waiting while the queue is full (inbox sync only)."""
+        while len(self._out) >= self._max and not self._closing:
+            if self._space is None:
+                self._space = asyncio.Event()
+            await self._space.wait()
+        if not self._closing:
+            self._enqueue(frame)
+
+    def ping(self) -> None:
+        """Queue a WebSocket ping (heartbeat)."""
+        if not self._closing:
+            self._enqueue(_PING)
+
+    def push(self, frame: bytes) -> None:
+        """A frame from the bus. While the inbox sync runs, live frames are held back and
+        released after it (so the device sees its inbox in order)."""
+        if self._held is None:
+            self.send(frame)
+        elif len(self._held) < self._held_limit:
+            self._held.append(frame)
+        else:
+            # Dropping is safe: these frames are committed to the inbox the sync is reading.
+            self._held.clear()
+            self._held_overflow = True
+
+    def hold(self) -> None:
+        """Start holding live frames back (a sync begins)."""
+        if self._held is None:
+            self._held = []
+        self._held_overflow = False
+
+    def held_overflowed(self) -> bool:
+        """True (once) if held frames were dropped since the last check: read the inbox again."""
+        overflowed, self._held_overflow = self._held_overflow, False
+        return overflowed
+
+    def release(self) -> list[bytes]:
+        """Stop holding; returns what was held, in arrival order."""
+        held, self._held = self._held or [], None
+        return held
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket with `code` (see `Close`); queued frames are dropped."""
+        if self._closing:
+            return
+        self._closing = True
+        self._out.clear()
+        if self._space is not None:
+            self._space.set()
+        if self._writer is not None:
+            self._writer.cancel()
+        asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=reason.encode())
+
+    def _enqueue(self, item: bytes | object) -> None:
+        self._out.append(item)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        out = self._out
+        try:
+            while out:
+                item = out.popleft()
+                if item is _PING:
+                    await self.ws.ping()
+                else:
+                    assert isinstance(item, bytes)
+                    await self.ws.send_frame(item, WSMsgType.TEXT)
+                if self._space is not None and len(out) < self._max:
+                    self._space.set()
+                    self._space = None
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("write to device %s failed: %s", self.device.id, exc)
+            self.close(Close.GOING_AWAY, "write failed")
+        finally:
+            self._writer = None

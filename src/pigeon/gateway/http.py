@@ -1,0 +1,107 @@
+"""REST endpoints: accounts and devices, health. JSON in, JSON out, errors as {code, message}."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from pigeon.domain.errors import BadRequest, PigeonError, RateLimited
+from pigeon.domain.models import Device
+from pigeon.gateway.errors import http_status
+from pigeon.gateway.keys import SERVICES
+from pigeon.gateway.websocket import bearer_token
+
+T = TypeVar("T")
+READY = web.AppKey("ready", dict[str, bool])
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Register(msgspec.Struct, forbid_unknown_fields=True):
+    username: str
+    password: str
+
+
+class Login(msgspec.Struct, forbid_unknown_fields=True):
+    username: str
+    password: str
+    device_name: str = "device"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors become `{code, message}` with their HTTP status; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except PigeonError as exc:
+        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, RateLimited) else {}
+        resp = _json({"code": exc.code, "message": exc.message}, http_status(exc))
+        resp.headers.update(headers)
+        return resp
+
+
+async def _body(request: web.Request, kind: type[T]) -> T:
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"invalid body: {exc}") from exc
+
+
+async def _device(request: web.Request) -> Device:
+    return await request.app[SERVICES].accounts.authenticate(bearer_token(request))
+
+
+async def register(request: web.Request) -> web.Response:
+    body = await _body(request, Register)
+    user = await request.app[SERVICES].accounts.register(body.username, body.password)
+    return _json({"id": user.id, "username": user.username}, 201)
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await _body(request, Login)
+    device, token = await request.app[SERVICES].accounts.login(
+        body.username, body.password, body.device_name
+    )
+    return _json({"user": device.user_id, "device": device.id, "token": token}, 201)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    me = await _device(request)
+    return _json({"devices": await request.app[SERVICES].accounts.devices(me.user_id)})
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    me = await _device(request)
+    await request.app[SERVICES].accounts.revoke(me.user_id, request.match_info["device_id"])
+    return web.Response(status=204)
+
+
+async def find_user(request: web.Request) -> web.Response:
+    await _device(request)
+    user = await request.app[SERVICES].accounts.find_user(request.match_info["username"])
+    return _json({"id": user.id, "username": user.username})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if not request.app[READY].get("ready"):
+        return _json({"status": "starting"}, 503)
+    return _json({"status": "ok", "connections": len(request.app[SERVICES].hub)})
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount the REST API under /v1 and the health check."""
+    app.router.add_post("/v1/users", register)
+    app.router.add_post("/v1/devices", login)
+    app.router.add_get("/v1/devices", list_devices)
+    app.router.add_delete("/v1/devices/{device_id}", revoke_device)
+    app.router.add_get("/v1/users/{username}", find_user)
+    app.router.add_get("/healthz", healthz)

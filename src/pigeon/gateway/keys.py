@@ -1,0 +1,29 @@
+"""Typed aiohttp application keys: how handlers reach the services the app wired."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from pigeon.config import Settings
+from pigeon.gateway.hub import Hub
+from pigeon.ports import Clock
+from pigeon.services.accounts import AccountService
+from pigeon.services.chats import ChatService
+from pigeon.services.messaging import MessagingService
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a request handler may call."""
+
+    accounts: AccountService
+    chats: ChatService
+    messaging: MessagingService
+    hub: Hub
+    clock: Clock
+
+
+SERVICES = web.AppKey("services", Services)
+SETTINGS = web.AppKey("settings", Settings)

@@ -1,0 +1,158 @@
+"""Wire frames: one msgspec struct per frame type. docs/protocol.md documents each with examples.
+
+Client commands are JSON text frames tagged by `t`, each with a request id `rid` that its single
+reply (`ok` or `error`) echoes. Events the server pushes from a device's inbox arrive as `event`
+frames (built in `pigeon.domain.events.inbox_frame`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Rid = int | str
+
+
+class Command(msgspec.Struct, tag_field="t", kw_only=True, forbid_unknown_fields=True):
+    """Base of every client command."""
+
+    rid: Rid
+
+
+class Auth(Command, tag="auth"):
+    """First frame of a connection that did not authenticate during the handshake."""
+
+    token: str
+
+
+class CreateChat(Command, tag="create_chat"):
+    participants: list[str]
+    name: str | None = None
+    kind: Literal["direct", "group"] | None = None
+
+
+class ModifyParticipants(Command, tag="modify_participants"):
+    chat: str
+    add: list[str] = []
+    remove: list[str] = []
+
+
+class LeaveChat(Command, tag="leave_chat"):
+    chat: str
+
+
+class ListChats(Command, tag="list_chats"):
+    pass
+
+
+class Send(Command, tag="send"):
+    chat: str
+    cmid: str
+    body: str | None = None
+    attachment: str | None = None
+
+
+class Ack(Command, tag="ack"):
+    upto: int
+
+
+class Read(Command, tag="read"):
+    chat: str
+    seq: int
+
+
+class Receipts(Command, tag="receipts"):
+    chat: str
+    message: str
+
+
+class Sync(Command, tag="sync"):
+    after: int
+
+
+class Ping(Command, tag="ping"):
+    pass
+
+
+AnyCommand = (
+    Auth
+    | CreateChat
+    | ModifyParticipants
+    | LeaveChat
+    | ListChats
+    | Send
+    | Ack
+    | Read
+    | Receipts
+    | Sync
+    | Ping
+)
+COMMAND_NAMES = frozenset(
+    c.__struct_config__.tag
+    for c in (
+        Auth,
+        CreateChat,
+        ModifyParticipants,
+        LeaveChat,
+        ListChats,
+        Send,
+        Ack,
+        Read,
+        Receipts,
+        Sync,
+        Ping,
+    )
+)
+
+
+class Envelope(msgspec.Struct):
+    """What is left to read of a frame that failed to decode: enough to address the error."""
+
+    t: Any = None
+    rid: Any = None
+
+
+class Ok(msgspec.Struct, tag="ok", tag_field="t"):
+    rid: Rid
+    result: Any = None
+
+
+class Error(msgspec.Struct, tag="error", tag_field="t"):
+    rid: Rid | None
+    code: str
+    message: str
+    temporary: bool = False
+
+
+class Ready(msgspec.Struct, tag="ready", tag_field="t"):
+    """First server frame after authentication; the inbox sync follows."""
+
+    user: str
+    device: str
+    acked: int
+    server_time: int
+
+
+class Synced(msgspec.Struct, tag="synced", tag_field="t"):
+    """The inbox sync is complete up to `iseq`; live events follow."""
+
+    iseq: int
+
+
+class Gap(msgspec.Struct, tag="gap", tag_field="t"):
+    """Inbox entries `from_`..`to` no longer exist (retention expired them); skip them."""
+
+    from_: int = msgspec.field(name="from")
+    to: int = 0
+    reason: str = "expired"
+
+
+_encoder = msgspec.json.Encoder()
+command_decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
+envelope_decoder = msgspec.json.Decoder(Envelope)
+
+
+def encode(frame: msgspec.Struct) -> bytes:
+    """Encode a server frame."""
+    return _encoder.encode(frame)

@@ -1,0 +1,123 @@
+"""The WebSocket endpoint `/v1/ws`: authenticate, attach to the hub, sync the inbox, read commands.
+
+Authentication: `Authorization: Bearer <token>` or `?token=` on the upgrade request (refused with
+HTTP 401 before upgrading), or else an `auth` command as the first frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from pigeon.domain.errors import PigeonError, Unauthorized
+from pigeon.domain.models import Device
+from pigeon.gateway import protocol as p
+from pigeon.gateway.connection import Connection
+from pigeon.gateway.errors import Close, to_error
+from pigeon.gateway.keys import SERVICES, SETTINGS
+from pigeon.gateway.session import Session
+from pigeon.services.accounts import AccountService
+
+log = logging.getLogger(__name__)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an upgrade or REST request, from the header or the `token` query param."""
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[7:].strip()
+    return request.query.get("token")
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """Serve one device's WebSocket for as long as it lives."""
+    services = request.app[SERVICES]
+    gw = request.app[SETTINGS].gateway
+    device: Device | None = None
+    token = bearer_token(request)
+    if token is not None:
+        try:
+            device = await services.accounts.authenticate(token)
+        except PigeonError as exc:
+            return web.json_response({"code": exc.code, "message": exc.message}, status=401)
+    ws = web.WebSocketResponse(
+        autoping=False, max_msg_size=gw.hard_frame_limit, compress=False, decode_text=False
+    )
+    await ws.prepare(request)
+    if device is None:
+        device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
+        if device is None:
+            return ws
+    conn = Connection(ws, device, gw.outbound_queue_frames)
+    session = Session(
+        conn,
+        services.chats,
+        services.messaging,
+        max_frame_bytes=gw.max_frame_bytes,
+        max_inflight=gw.max_inflight_commands,
+    )
+    hub = services.hub
+    await hub.attach(conn)
+    sync: asyncio.Task[int] | None = None
+    try:
+        acked = await services.messaging.acked(device)
+        ready = p.Ready(
+            user=device.user_id, device=device.id, acked=acked, server_time=services.clock.now_ms()
+        )
+        conn.send(p.encode(ready))
+        sync = asyncio.create_task(session.sync(acked))
+        await _read_loop(ws, conn, session)
+    finally:
+        hub.detach(conn)
+        if sync is not None:
+            sync.cancel()
+            with contextlib.suppress(BaseException):
+                await sync
+        await session.aclose()
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _read_loop(ws: web.WebSocketResponse, conn: Connection, session: Session) -> None:
+    loop = asyncio.get_running_loop()
+    while not conn.closing:
+        msg = await ws.receive()
+        conn.last_recv = loop.time()
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await session.handle(msg.data)
+        elif msg.type == WSMsgType.PING:
+            await ws.pong(msg.data)
+        elif msg.type == WSMsgType.PONG:
+            continue
+        else:  # CLOSE, CLOSING, CLOSED, ERROR (e.g. a frame over the hard limit)
+            break
+
+
+async def _auth_frame(
+    ws: web.WebSocketResponse, accounts: AccountService, timeout: float
+) -> Device | None:
+    """Authenticate with a first `auth` frame; on failure close with UNAUTHORIZED."""
+    rid: p.Rid | None = None
+    try:
+        msg = await ws.receive(timeout=timeout)
+        if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            raise Unauthorized("expected an auth frame")
+        try:
+            cmd = msgspec.json.decode(msg.data, type=p.Auth)
+        except msgspec.DecodeError as exc:
+            raise Unauthorized("the first frame must be an auth command") from exc
+        rid = cmd.rid
+        device = await accounts.authenticate(cmd.token)
+    except (PigeonError, TimeoutError) as exc:
+        err = exc if isinstance(exc, PigeonError) else Unauthorized("no auth frame in time")
+        with contextlib.suppress(Exception):
+            await ws.send_frame(p.encode(to_error(rid, err)), WSMsgType.TEXT)
+        await ws.close(code=Close.UNAUTHORIZED, message=b"unauthorized")
+        return None
+    await ws.send_frame(p.encode(p.Ok(rid=cmd.rid, result={"device": device.id})), WSMsgType.TEXT)
+    return device
