@@ -1,0 +1,432 @@
+"""The WebSocket client: one connection per device, kept alive and made reliable.
+
+What it adds on top of the raw protocol (docs/protocol.md):
+- reconnects with exponential backoff and jitter, unless the server said not to (close 45xx);
+- `send` retries temporary failures and lost connections under the same `cmid`, so a retried
+  message is committed once (the server deduplicates by device + cmid);
+- delivers inbox events in `iseq` order without gaps: out-of-order frames are held, and a gap
+  that does not fill within `gap_timeout` is healed with a `sync` command;
+- drops redelivered events (by `iseq`, and messages also by id);
+- acks cumulatively, in batches, once the application has taken an event from `events()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from pigeon.domain.events import Event, Message, decode_event
+from pigeon.domain.ids import new_id
+
+log = logging.getLogger(__name__)
+
+
+class ClientError(Exception):
+    """An error reply (or a connection problem) with the server's stable `code`."""
+
+    def __init__(self, code: str, message: str = "", temporary: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.temporary = temporary
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped before the reply came; the command may or may not have run."""
+
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("connection_lost", message, temporary=True)
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    """The server's `sent` reply: the message is durably committed."""
+
+    id: str
+    seq: int
+    at: int
+    duplicate: bool
+    cmid: str
+
+
+class _Frame(msgspec.Struct):
+    t: str
+    rid: Any = None
+    result: Any = None
+    code: str | None = None
+    message: str | None = None
+    temporary: bool = False
+    iseq: int = 0
+    event: msgspec.Raw | None = None
+    acked: int = 0
+    user: str | None = None
+    device: str | None = None
+    to: int = 0
+    from_: int = msgspec.field(name="from", default=0)
+
+
+_decode_frame = msgspec.json.Decoder(_Frame).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class PigeonClient:
+    """A device's connection to a Pigeon server. Use as `async with PigeonClient(url, token)`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        reconnect: bool = True,
+        auto_ack: bool = True,
+        ack_interval: float = 0.005,
+        gap_timeout: float = 0.5,
+        max_backoff: float = 5.0,
+        request_timeout: float = 30.0,
+        send_retries: int = 20,
+    ) -> None:
+        self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
+        self.token = token
+        self.reconnect = reconnect
+        self.auto_ack = auto_ack
+        self.ack_interval = ack_interval
+        self.gap_timeout = gap_timeout
+        self.max_backoff = max_backoff
+        self.request_timeout = request_timeout
+        self.send_retries = send_retries
+        self.user: str | None = None
+        self.device: str | None = None
+        #: How many times a connection was established (1 after the first connect).
+        self.connects = 0
+        #: Set once per connection when the server finished its inbox sync.
+        self.synced = asyncio.Event()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._first: asyncio.Future[None] | None = None
+        self._fatal: ClientError | None = None
+        self._closing = False
+        self._rids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._events: asyncio.Queue[tuple[int, Event] | ClientError] = asyncio.Queue()
+        self._next_iseq = 1
+        self._held: dict[int, bytes] = {}
+        self._gap_timer: asyncio.TimerHandle | None = None
+        self._handled = 0
+        self._acked = 0
+        self._ack_wanted = asyncio.Event()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    async def __aenter__(self) -> PigeonClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and authenticate; returns once the server sent `ready`."""
+        loop = asyncio.get_running_loop()
+        self._http = aiohttp.ClientSession()
+        self._first = loop.create_future()
+        self._runner = loop.create_task(self._run())
+        if self.auto_ack:
+            self._acker = loop.create_task(self._ack_loop())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Flush acks (best effort), close the socket, stop reconnecting."""
+        if self._closing:
+            return
+        if self.auto_ack and self._ws is not None and self._handled > self._acked:
+            with contextlib.suppress(ClientError, TimeoutError):
+                await asyncio.wait_for(self.ack(self._handled), 2.0)
+        self._closing = True
+        for task in (self._acker, self._runner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+        self._fail_pending(ConnectionLost("client closed"))
+
+    async def drop_connection(self) -> None:
+        """Close the socket abruptly (tests: simulate a network drop); reconnects if enabled."""
+        if self._ws is not None:
+            await self._ws.close(code=4000)
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def request(self, t: str, **fields: Any) -> Any:
+        """Send one command and wait for its reply; raises `ClientError` on an error reply."""
+        if self._fatal is not None:
+            raise self._fatal
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.request_timeout)
+        except TimeoutError as exc:
+            raise ConnectionLost("not connected") from exc
+        if self._fatal is not None:
+            raise self._fatal
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionLost()
+        rid = next(self._rids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await ws.send_bytes(_encode({"t": t, "rid": rid, **fields}))
+            return await asyncio.wait_for(fut, self.request_timeout)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ConnectionLost(str(exc)) from exc
+        except TimeoutError as exc:
+            raise ConnectionLost("no reply in time") from exc
+        finally:
+            self._pending.pop(rid, None)
+
+    async def send(
+        self,
+        chat: str,
+        body: str | None = None,
+        *,
+        attachment: str | None = None,
+        cmid: str | None = None,
+    ) -> SendResult:
+        """Send a message; returns once it is durably committed. Retries under the same cmid."""
+        cmid = cmid or new_id()
+        fields: dict[str, Any] = {"chat": chat, "cmid": cmid}
+        if body is not None:
+            fields["body"] = body
+        if attachment is not None:
+            fields["attachment"] = attachment
+        for attempt in itertools.count():
+            try:
+                r = await self.request("send", **fields)
+                return SendResult(r["id"], r["seq"], r["at"], r["duplicate"], cmid)
+            except ClientError as exc:
+                if not exc.temporary or attempt >= self.send_retries or self._fatal is not None:
+                    raise
+                await asyncio.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def create_chat(
+        self, participants: list[str], name: str | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"participants": participants}
+        if name is not None:
+            fields["name"] = name
+        if kind is not None:
+            fields["kind"] = kind
+        return dict(await self.request("create_chat", **fields))
+
+    async def modify_participants(
+        self, chat: str, add: list[str] | None = None, remove: list[str] | None = None
+    ) -> dict[str, Any]:
+        return dict(
+            await self.request("modify_participants", chat=chat, add=add or [], remove=remove or [])
+        )
+
+    async def leave_chat(self, chat: str) -> None:
+        await self.request("leave_chat", chat=chat)
+
+    async def list_chats(self) -> list[dict[str, Any]]:
+        return list((await self.request("list_chats"))["chats"])
+
+    async def read(self, chat: str, seq: int) -> None:
+        await self.request("read", chat=chat, seq=seq)
+
+    async def receipts(self, chat: str, message: str) -> dict[str, Any]:
+        return dict(await self.request("receipts", chat=chat, message=message))
+
+    async def ack(self, upto: int) -> None:
+        """Ack every inbox entry up to `upto` (automatic unless `auto_ack=False`)."""
+        await self.request("ack", upto=upto)
+        self._acked = max(self._acked, upto)
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """The next inbox event, in order. Raises `ClientError` if the server closed us for good."""
+        item = await asyncio.wait_for(self._events.get(), timeout)
+        if isinstance(item, ClientError):
+            self._events.put_nowait(item)
+            raise item
+        iseq, event = item
+        self._mark_handled(iseq)
+        return event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """All inbox events, forever (until a permanent close)."""
+        while True:
+            yield await self.next_event()
+
+    def pending_events(self) -> int:
+        """Events received and not yet taken by the application."""
+        return self._events.qsize()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        base: float = min(self.max_backoff, 0.05 * 2**attempt)
+        return base * (0.5 + random.random() / 2)
+
+    async def _run(self) -> None:
+        assert self._http is not None
+        for attempt in itertools.count():
+            try:
+                ws = await self._http.ws_connect(
+                    self.url, headers={"Authorization": f"Bearer {self.token}"}, max_msg_size=0
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 401:
+                    self._die(ClientError("unauthorized", "token refused"))
+                    return
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            except (aiohttp.ClientError, OSError) as exc:
+                if self._first is not None and not self._first.done() and not self.reconnect:
+                    self._first.set_exception(ConnectionLost(str(exc)))
+                    return
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            self._ws = ws
+            await self._read(ws)
+            self._connected.clear()
+            self.synced.clear()
+            self._fail_pending(ConnectionLost())
+            code = ws.close_code or 1006
+            if 4500 <= code <= 4999:
+                self._die(ClientError("closed", f"server closed the connection ({code})"))
+                return
+            if not self.reconnect or self._closing:
+                return
+            await asyncio.sleep(self._backoff(min(attempt, 3)))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                self._on_frame(msg.data if isinstance(msg.data, bytes) else msg.data.encode())
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                break
+
+    def _on_frame(self, data: bytes) -> None:
+        f = _decode_frame(data)
+        if f.t == "event":
+            self._on_event(f.iseq, bytes(f.event) if f.event is not None else b"null")
+        elif f.t in ("ok", "error"):
+            fut = self._pending.get(f.rid)
+            if fut is None or fut.done():
+                return
+            if f.t == "ok":
+                fut.set_result(f.result)
+            else:
+                fut.set_exception(ClientError(f.code or "error", f.message or "", f.temporary))
+        elif f.t == "ready":
+            self.user, self.device = f.user, f.device
+            self._next_iseq = max(self._next_iseq, f.acked + 1)
+            self._acked = max(self._acked, f.acked)
+            self._handled = max(self._handled, f.acked)
+            self.connects += 1
+            self._connected.set()
+            if self._first is not None and not self._first.done():
+                self._first.set_result(None)
+        elif f.t == "synced":
+            self.synced.set()
+        elif f.t == "gap" and f.from_ <= self._next_iseq <= f.to:
+            self._next_iseq = f.to + 1
+            self._release_held()
+
+    def _on_event(self, iseq: int, raw: bytes) -> None:
+        if iseq < self._next_iseq or iseq in self._held:
+            return
+        if iseq > self._next_iseq:
+            self._held[iseq] = raw
+            if self._gap_timer is None:
+                loop = asyncio.get_running_loop()
+                self._gap_timer = loop.call_later(self.gap_timeout, self._heal_gap)
+            return
+        self._deliver(iseq, raw)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        while self._held:
+            raw = self._held.pop(self._next_iseq, None)
+            if raw is None:
+                if min(self._held) < self._next_iseq:
+                    self._held = {k: v for k, v in self._held.items() if k >= self._next_iseq}
+                    continue
+                return
+            self._deliver(self._next_iseq, raw)
+        if self._gap_timer is not None:
+            self._gap_timer.cancel()
+            self._gap_timer = None
+
+    def _heal_gap(self) -> None:
+        self._gap_timer = None
+        if self._held and self._connected.is_set():
+            log.info("inbox gap at %d, asking for a resync", self._next_iseq)
+            task = asyncio.get_running_loop().create_task(self._resync(self._next_iseq - 1))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _resync(self, after: int) -> None:
+        with contextlib.suppress(ClientError):
+            await self.request("sync", after=after)
+
+    def _deliver(self, iseq: int, raw: bytes) -> None:
+        self._next_iseq = iseq + 1
+        event = decode_event(raw)
+        if isinstance(event, Message):
+            if event.id in self._seen:
+                self._mark_handled(iseq)
+                return
+            self._seen[event.id] = None
+            if len(self._seen) > 100_000:
+                self._seen.popitem(last=False)
+        self._events.put_nowait((iseq, event))
+
+    def _mark_handled(self, iseq: int) -> None:
+        if iseq > self._handled:
+            self._handled = iseq
+            self._ack_wanted.set()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            await asyncio.sleep(self.ack_interval)  # batching window, not synchronisation
+            upto = self._handled
+            if upto > self._acked:
+                with contextlib.suppress(ClientError):
+                    await self.ack(upto)
+
+    def _fail_pending(self, exc: ClientError) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+    def _die(self, exc: ClientError) -> None:
+        self._fatal = exc
+        self._connected.set()  # wake waiters so they see the fatal error
+        self._events.put_nowait(exc)
+        self._fail_pending(exc)
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(exc)
