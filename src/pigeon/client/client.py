@@ -65,7 +65,7 @@ class _Frame(msgspec.Struct):
     message: str | None = None
     temporary: bool = False
     iseq: int = 0
-    event: msgspec.Raw | None = None
+    event: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     acked: int = 0
     user: str | None = None
     device: str | None = None
@@ -323,14 +323,18 @@ class PigeonClient:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                self._on_frame(msg.data if isinstance(msg.data, bytes) else msg.data.encode())
+                data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                try:
+                    self._on_frame(data)
+                except (msgspec.DecodeError, ValueError):
+                    log.warning("undecodable frame from server: %.200r", data)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 break
 
     def _on_frame(self, data: bytes) -> None:
         f = _decode_frame(data)
         if f.t == "event":
-            self._on_event(f.iseq, bytes(f.event) if f.event is not None else b"null")
+            self._on_event(f.iseq, bytes(f.event))
         elif f.t in ("ok", "error"):
             fut = self._pending.get(f.rid)
             if fut is None or fut.done():
