@@ -5,16 +5,20 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from pigeon.app import create_app
 from pigeon.client import Account, PigeonClient, login, register
 from pigeon.config import Settings, load_settings
+from pigeon.ports import Clock
+from pigeon.services.clock import SystemClock
 
 _names = itertools.count(1)
+E = TypeVar("E")
 PASSWORD = "correct horse battery"
 
 
@@ -28,6 +32,7 @@ def test_settings(data_dir: Path, **overrides: Any) -> Settings:
         "argon2_time_cost": 1,
         "argon2_memory_kib": 8,
         "store": {"synchronous": "NORMAL"},
+        "sweep_interval": 3600.0,
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -44,6 +49,7 @@ class Server:
         self.runner = runner
         self.url = url
         self.clients: list[PigeonClient] = []
+        self.sessions: list[aiohttp.ClientSession] = []
 
     @property
     def app(self) -> web.Application:
@@ -51,7 +57,7 @@ class Server:
 
     async def user(self, prefix: str = "user") -> tuple[str, str]:
         """Register a fresh user; returns (username, user id)."""
-        name = f"{prefix}{next(_names)}"
+        name = f"{prefix}_{next(_names)}"
         return name, await register(self.url, name, PASSWORD)
 
     async def device(self, username: str, name: str = "dev") -> Account:
@@ -63,14 +69,32 @@ class Server:
         self.clients.append(c)
         return c
 
+    async def raw_ws(self, account: Account) -> aiohttp.ClientWebSocketResponse:
+        """A bare WebSocket (no SDK) for protocol-level tests."""
+        http = aiohttp.ClientSession()
+        self.sessions.append(http)
+        return await http.ws_connect(
+            f"{self.url}/v1/ws", headers={"Authorization": f"Bearer {account.token}"}
+        )
+
     async def new_client(self, prefix: str = "user", **kw: Any) -> PigeonClient:
         """A fresh user with one connected device."""
         username, _ = await self.user(prefix)
         return await self.client(await self.device(username), **kw)
 
 
-async def start_server(settings: Settings) -> Server:
-    runner = web.AppRunner(create_app(settings), handle_signals=False, shutdown_timeout=2.0)
+class ManualClock:
+    """A clock tests move by hand (retention)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def now_ms(self) -> int:
+        return SystemClock().now_ms() + self.offset_ms
+
+
+async def start_server(settings: Settings, clock: Clock | None = None) -> Server:
+    runner = web.AppRunner(create_app(settings, clock), handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -81,6 +105,8 @@ async def start_server(settings: Settings) -> Server:
 async def stop_server(server: Server) -> None:
     for c in server.clients:
         await c.close()
+    for http in server.sessions:
+        await http.close()
     await server.runner.cleanup()
 
 
@@ -92,8 +118,9 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     """Start servers with settings overrides; all are stopped at the end of the test."""
     servers: list[Server] = []
 
-    async def make(**overrides: Any) -> Server:
-        server = await start_server(test_settings(tmp_path / f"s{len(servers)}", **overrides))
+    async def make(clock: Clock | None = None, **overrides: Any) -> Server:
+        settings = test_settings(tmp_path / f"s{len(servers)}", **overrides)
+        server = await start_server(settings, clock)
         servers.append(server)
         return server
 
@@ -106,3 +133,11 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 async def server(make_server: ServerFactory) -> Server:
     """A server with default settings."""
     return await make_server()
+
+
+async def next_of(client: PigeonClient, kind: type[E], timeout: float = 5.0) -> E:
+    """The next event of `kind`, skipping (and handling) events of other kinds."""
+    while True:
+        event = await client.next_event(timeout)
+        if isinstance(event, kind):
+            return event

@@ -1,1 +1,3 @@
-"""The pure core: models, identifiers, errors and limits. Imports nothing from adapters or gateways."""
+"""The pure core: models, identifiers, errors and limits.
+
+Imports nothing from adapters or gateways."""

@@ -74,7 +74,8 @@ class SqliteAccounts:
             if count >= max_devices:
                 raise TooManyDevices(f"at most {max_devices} devices per user; revoke one first")
             conn.execute(
-                "INSERT INTO devices (id, user_id, name, token_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO devices (id, user_id, name, token_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
                 (device.id, device.user_id, device.name, token_hash, device.created_at),
             )
 

@@ -62,7 +62,8 @@ def _advance(
         (new_delivered, new_read, chat_id, user_id),
     )
     conn.execute(
-        "INSERT OR REPLACE INTO receipt_log (chat_id, user_id, kind, seq, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO receipt_log (chat_id, user_id, kind, seq, at)"
+        " VALUES (?, ?, ?, ?, ?)",
         (chat_id, user_id, kind, seq, at),
     )
     marks[user_id] = (new_delivered, new_read)
@@ -282,7 +283,8 @@ def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
         (before, _SWEEP_CHUNK),
     )
     conn.execute(
-        "UPDATE chats SET last_preview = NULL WHERE last_activity_at < ? AND last_preview IS NOT NULL",
+        "UPDATE chats SET last_preview = NULL"
+        " WHERE last_activity_at < ? AND last_preview IS NOT NULL",
         (before,),
     )
     return messages, entries

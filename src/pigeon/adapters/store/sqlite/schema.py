@@ -90,7 +90,8 @@ MIGRATIONS: list[tuple[int, str]] = [
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply every migration newer than the database's recorded version, each atomically."""
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER)"
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at INTEGER)"
     )
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
     for version, sql in MIGRATIONS:
