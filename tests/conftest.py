@@ -50,6 +50,7 @@ class Server:
         self.url = url
         self.clients: list[PigeonClient] = []
         self.sessions: list[aiohttp.ClientSession] = []
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
 
     @property
     def app(self) -> web.Application:
@@ -73,9 +74,11 @@ class Server:
         """A bare WebSocket (no SDK) for protocol-level tests."""
         http = aiohttp.ClientSession()
         self.sessions.append(http)
-        return await http.ws_connect(
+        ws = await http.ws_connect(
             f"{self.url}/v1/ws", headers={"Authorization": f"Bearer {account.token}"}
         )
+        self.sockets.append(ws)
+        return ws
 
     async def new_client(self, prefix: str = "user", **kw: Any) -> PigeonClient:
         """A fresh user with one connected device."""
@@ -105,6 +108,8 @@ async def start_server(settings: Settings, clock: Clock | None = None) -> Server
 async def stop_server(server: Server) -> None:
     for c in server.clients:
         await c.close()
+    for ws in server.sockets:
+        await ws.close()
     for http in server.sessions:
         await http.close()
     await server.runner.cleanup()

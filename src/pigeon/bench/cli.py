@@ -1,9 +1,197 @@
-"""`pigeon bench` sub-commands (filled in by the benchmark module)."""
+"""`pigeon bench` sub-commands: one per scenario, and `all`.
+
+Each spawns a fresh server (pinned with `--server-cpu`) or targets `--url`, runs its scenario
+from generator processes (pinned with `--client-cpu`), writes `<out>/<scenario>-<time>.json`
+and prints a summary.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from pigeon.bench import idle, offline, one_to_one
+from pigeon.bench.report import print_summary, write_result
+from pigeon.bench.server import ServerHandle, Target, pin, raise_nofile, server
+from pigeon.bench.workers import run_loop
 
 bench_app = typer.Typer(
     no_args_is_help=True, help="Benchmarks against a running or spawned server."
 )
+
+Url = Annotated[str | None, typer.Option(help="Target a running server instead of spawning one.")]
+ServerPid = Annotated[
+    int | None, typer.Option(help="With --url: the server's pid, to read its RSS and CPU.")
+]
+ServerCpu = Annotated[int | None, typer.Option(help="Pin the spawned server to this core.")]
+ClientCpu = Annotated[int | None, typer.Option(help="Pin the load generators to this core.")]
+Out = Annotated[Path, typer.Option(help="Directory for the JSON result files.")]
+DataDir = Annotated[Path | None, typer.Option(help="Parent of the spawned server's temp data dir.")]
+Synchronous = Annotated[str, typer.Option(help="Spawned server's SQLite synchronous mode.")]
+ServerEnv = Annotated[
+    list[str] | None, typer.Option(help="Extra KEY=VALUE env for the spawned server.")
+]
+DEFAULT_OUT = Path("bench-results")
+
+Runner = Callable[[ServerHandle], Awaitable[dict[str, Any]]]
+
+
+def _target(
+    url: str | None,
+    server_pid: int | None,
+    server_cpu: int | None,
+    client_cpu: int | None,
+    data_dir: Path | None,
+    synchronous: str,
+    server_env: list[str] | None,
+) -> Target:
+    env = {"PIGEON_STORE__SYNCHRONOUS": synchronous.upper()}
+    for item in server_env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
+    return Target(url, server_pid, server_cpu, client_cpu, data_dir, env)
+
+
+def _execute(
+    title: str, target: Target, out: Path, runner: Runner, summary: Any, nofile: int = 65536
+) -> dict[str, Any]:
+    raise_nofile(nofile)
+
+    async def main() -> dict[str, Any]:
+        async with server(target, nofile=nofile) as handle:
+            if target.client_cpu is not None:
+                pin(target.client_cpu)  # after spawning, so the server does not inherit it
+            return await runner(handle)
+
+    doc = run_loop(main())
+    doc["params"]["server_cpu"] = target.server_cpu
+    doc["params"]["server_env"] = target.server_env
+    doc["params"]["spawned"] = target.url is None
+    path = write_result(out, doc)
+    print_summary(title, [*summary(doc), ("result file", str(path))], doc["problems"])
+    return doc
+
+
+@bench_app.command("one-to-one")
+def one_to_one_cmd(
+    devices: Annotated[int, typer.Option(help="Connected devices (N/2 direct chats).")] = 200,
+    inflight: Annotated[int, typer.Option(help="Sends outstanding per sender.")] = 10,
+    duration: Annotated[float, typer.Option(help="Measured seconds.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Seconds before measuring.")] = 2.0,
+    rate: Annotated[
+        float | None, typer.Option(help="Open loop: total offered msgs/s (default: closed loop).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 64,
+    procs: Annotated[int, typer.Option(help="Generator processes.")] = 1,
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
+) -> None:
+    """1:1 chats between online devices: delivered msgs/s and send-to-receive latency."""
+    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    p = one_to_one.Params(devices, inflight, duration, warmup, rate, size, procs)
+    _execute(
+        "one-to-one",
+        target,
+        out,
+        lambda h: one_to_one.run(h, p, client_cpu=client_cpu),
+        one_to_one.summary,
+    )
+
+
+@bench_app.command("offline")
+def offline_cmd(
+    count: Annotated[int, typer.Option(help="Messages sent to the offline device.")] = 10_000,
+    inflight: Annotated[int, typer.Option(help="Sends outstanding.")] = 200,
+    size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Give up on the drain after this.")] = 300.0,
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
+) -> None:
+    """A backlog for an offline device: time to store it, then to deliver it on connect."""
+    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    p = offline.Params(count, inflight, size, timeout)
+    _execute(
+        "offline", target, out, lambda h: offline.run(h, p, client_cpu=client_cpu), offline.summary
+    )
+
+
+@bench_app.command("idle")
+def idle_cmd(
+    connections: Annotated[int, typer.Option(help="Idle connections to open.")] = 10_000,
+    devices_per_user: Annotated[
+        int, typer.Option(help="Devices per bench user (server limit, default 3).")
+    ] = 3,
+    procs: Annotated[int, typer.Option(help="Generator processes.")] = 2,
+    hold: Annotated[float, typer.Option(help="Idle seconds before reading the RSS.")] = 3.0,
+    concurrency: Annotated[int, typer.Option(help="Connects in flight per generator.")] = 200,
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
+) -> None:
+    """Memory per idle authenticated connection (server RSS delta / connections)."""
+    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    p = idle.Params(connections, devices_per_user, procs, hold, concurrency)
+    _execute(
+        "idle",
+        target,
+        out,
+        lambda h: idle.run(h, p, client_cpu=client_cpu),
+        idle.summary,
+        nofile=connections + 4096,
+    )
+
+
+@bench_app.command("all")
+def all_cmd(
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
+) -> None:
+    """The three scenarios with their defaults, each against a fresh server when spawning."""
+    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    p1, p2, p3 = one_to_one.Params(), offline.Params(), idle.Params()
+    _execute(
+        "one-to-one",
+        target,
+        out,
+        lambda h: one_to_one.run(h, p1, client_cpu=client_cpu),
+        one_to_one.summary,
+    )
+    _execute(
+        "offline", target, out, lambda h: offline.run(h, p2, client_cpu=client_cpu), offline.summary
+    )
+    _execute(
+        "idle",
+        target,
+        out,
+        lambda h: idle.run(h, p3, client_cpu=client_cpu),
+        idle.summary,
+        nofile=p3.connections + 4096,
+    )

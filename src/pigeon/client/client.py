@@ -308,11 +308,10 @@ class PigeonClient:
                 await asyncio.sleep(self._backoff(attempt))
                 continue
             self._ws = ws
-            await self._read(ws)
+            code = await self._read(ws)
             self._connected.clear()
             self.synced.clear()
             self._fail_pending(ConnectionLost())
-            code = ws.close_code or 1006
             if 4500 <= code <= 4999:
                 self._die(ClientError("closed", f"server closed the connection ({code})"))
                 return
@@ -320,16 +319,21 @@ class PigeonClient:
                 return
             await asyncio.sleep(self._backoff(min(attempt, 3)))
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for msg in ws:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> int:
+        """Handle frames until the socket closes; returns the server's close code."""
+        while True:
+            msg = await ws.receive()
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
                 try:
                     self._on_frame(data)
                 except (msgspec.DecodeError, ValueError):
                     log.warning("undecodable frame from server: %.200r", data)
-            elif msg.type == aiohttp.WSMsgType.ERROR:
-                break
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
+                # aiohttp reports 1006 in `close_code` after answering; the frame has the truth
+                return int(msg.data) if isinstance(msg.data, int) else 1006
+            elif msg.type != aiohttp.WSMsgType.PONG:
+                return ws.close_code or 1006
 
     def _on_frame(self, data: bytes) -> None:
         f = _decode_frame(data)

@@ -36,6 +36,7 @@ class Connection:
     """The server side of one authenticated WebSocket."""
 
     __slots__ = (
+        "_closer",
         "_closing",
         "_held",
         "_held_limit",
@@ -58,6 +59,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._space: asyncio.Event | None = None
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
         self._held: list[bytes] | None = None
         self._held_limit = max_frames
         self._held_overflow = False
@@ -128,7 +130,14 @@ class Connection:
             self._space.set()
         if self._writer is not None:
             self._writer.cancel()
-        asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def wait_closed(self) -> None:
+        """Finish the close handshake (started by `close`, or a normal one if none was)."""
+        if self._closer is None:
+            self.close(1000, "bye")
+        assert self._closer is not None
+        await self._closer
 
     async def _close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):

@@ -78,8 +78,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(BaseException):
                 await sync
         await session.aclose()
-        if not ws.closed:
-            await ws.close()
+        await conn.wait_closed()
     return ws
 
 

@@ -1,0 +1,379 @@
+"""Scenario "one-to-one": N online devices in N/2 direct chats, a sender and a receiver each.
+
+Each sender keeps `inflight` sends outstanding (closed loop), or all senders together offer a
+fixed `rate` (open loop: sends start on schedule whatever the replies do, and latency counts from
+the scheduled time so a stalled server cannot hide its queueing). A message's body starts with
+its send time (`perf_counter_ns`, CLOCK_MONOTONIC: comparable across processes of one machine);
+the receiver, which consumes every event so the SDK acks it, takes the difference. Throughput is
+the messages received in the measured window divided by its length. After the window every
+receiver must catch up with its sender's last committed seq: what never arrives is reported lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import psutil
+
+from pigeon.bench.accounts import bounded, make_devices
+from pigeon.bench.report import Run, fmt_latency, latency_summary, rate
+from pigeon.bench.server import ServerHandle, server_section
+from pigeon.bench.workers import Gate, Generators, split
+from pigeon.client.client import ClientError, PigeonClient
+from pigeon.domain.events import Message
+
+STAMP_DIGITS = 20
+
+
+@dataclass
+class Params:
+    devices: int = 200
+    inflight: int = 10
+    duration: float = 10.0
+    warmup: float = 2.0
+    rate: float | None = None
+    size: int = 64
+    procs: int = 1
+    drain_timeout: float = 20.0
+
+
+@dataclass
+class Spec:
+    """One generator's share: (sender token, receiver user id, receiver token) per pair."""
+
+    url: str
+    pairs: list[tuple[str, str, str]]
+    params: Params
+    rate: float | None = None
+
+
+@dataclass
+class Outcome:
+    """What one generator measured."""
+
+    pairs: int
+    window_s: float
+    delivered: int = 0
+    committed: int = 0
+    latency_ns: list[int] = field(default_factory=list)
+    commit_ns: list[int] = field(default_factory=list)
+    committed_total: int = 0
+    received_total: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    seq_gaps: int = 0
+    send_errors: dict[str, int] = field(default_factory=dict)
+    consumer_errors: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
+    skipped: int = 0
+    drained: bool = True
+    cpu_percent: float = 0.0
+    setup_s: float = 0.0
+
+
+def make_body(stamp_ns: int, size: int) -> str:
+    """A body carrying its send time, padded to `size` characters."""
+    head = f"{stamp_ns:0{STAMP_DIGITS}d}"
+    return head + "x" * max(0, size - len(head))
+
+
+def body_stamp(body: str | None) -> int:
+    return int((body or "0")[:STAMP_DIGITS])
+
+
+class _Pair:
+    __slots__ = (
+        "caught_up",
+        "chat",
+        "committed",
+        "dups",
+        "gaps",
+        "last_seq",
+        "received",
+        "rx",
+        "rx_user",
+        "tx",
+    )
+
+    def __init__(self, tx: PigeonClient, rx: PigeonClient, rx_user: str) -> None:
+        self.tx, self.rx, self.rx_user = tx, rx, rx_user
+        self.chat = ""
+        self.committed = self.received = self.last_seq = self.dups = self.gaps = 0
+        self.caught_up: asyncio.Event | None = None
+
+
+class _Generator:
+    """The state of one generator process (or inline run)."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.p = spec.params
+        self.pairs: list[_Pair] = []
+        self.by_chat: dict[str, _Pair] = {}
+        self.win_start = self.win_end = 1 << 62
+        self.stopping = False
+        self.out = Outcome(pairs=len(spec.pairs), window_s=spec.params.duration)
+        self.errors: Counter[str] = Counter()
+        self.consumer_errors: Counter[str] = Counter()
+        self.consumers: list[asyncio.Task[None]] = []
+        self.sends: set[asyncio.Task[None]] = set()
+
+    async def setup(self) -> None:
+        start = time.perf_counter()
+        url = self.spec.url
+
+        async def connect(token: str) -> PigeonClient:
+            client = PigeonClient(url, token)
+            await client.connect(timeout=60)
+            return client
+
+        tokens = [t for tx, _, rx in self.spec.pairs for t in (tx, rx)]
+        clients = await bounded(100, [partial(connect, t) for t in tokens])
+        for i, (_, rx_user, _) in enumerate(self.spec.pairs):
+            self.pairs.append(_Pair(clients[2 * i], clients[2 * i + 1], rx_user))
+        for c in clients:
+            self.consumers.append(asyncio.create_task(self._consume(c)))
+        chats = await bounded(100, [partial(p.tx.create_chat, [p.rx_user]) for p in self.pairs])
+        for pair, chat in zip(self.pairs, chats, strict=True):
+            pair.chat = str(chat["id"])
+            self.by_chat[pair.chat] = pair
+        self.out.setup_s = round(time.perf_counter() - start, 2)
+
+    async def _consume(self, client: PigeonClient) -> None:
+        try:
+            async for event in client.events():
+                if isinstance(event, Message):
+                    self._on_message(event, time.perf_counter_ns())
+        except ClientError as exc:
+            self.consumer_errors[exc.code] += 1
+
+    def _on_message(self, msg: Message, now: int) -> None:
+        pair = self.by_chat.get(msg.chat)
+        if pair is None:
+            return
+        if msg.seq <= pair.last_seq:
+            pair.dups += 1
+            return
+        pair.gaps += msg.seq - pair.last_seq - 1
+        pair.last_seq = msg.seq
+        pair.received += 1
+        if self.win_start <= now < self.win_end:
+            self.out.delivered += 1
+            self.out.latency_ns.append(now - body_stamp(msg.body))
+        if pair.caught_up is not None and pair.last_seq >= pair.committed:
+            pair.caught_up.set()
+
+    async def _send(self, pair: _Pair, stamp: int) -> None:
+        try:
+            sent = await pair.tx.send(pair.chat, make_body(stamp, self.p.size))
+        except ClientError as exc:
+            self.errors[exc.code] += 1
+            await asyncio.sleep(0.05)  # back off after an error instead of spinning
+            return
+        done = time.perf_counter_ns()
+        pair.committed = max(pair.committed, sent.seq)
+        if self.win_start <= done < self.win_end:
+            self.out.committed += 1
+            self.out.commit_ns.append(done - stamp)
+
+    async def _closed_loop(self, pair: _Pair) -> None:
+        while not self.stopping:
+            await self._send(pair, time.perf_counter_ns())
+
+    async def _open_loop(self, total_rate: float, end: int) -> None:
+        interval = 1e9 / total_rate
+        cap = max(1000, 50 * len(self.pairs) * self.p.inflight)
+        due = float(time.perf_counter_ns())
+        k = 0
+        while not self.stopping and due < end:
+            now = time.perf_counter_ns()
+            while due <= now and due < end:
+                if len(self.sends) >= cap:
+                    self.out.skipped += 1
+                else:
+                    pair = self.pairs[k % len(self.pairs)]
+                    task = asyncio.create_task(self._send(pair, int(due)))
+                    self.sends.add(task)
+                    task.add_done_callback(self.sends.discard)
+                k += 1
+                due += interval
+            await asyncio.sleep(max(0.0, (due - time.perf_counter_ns()) / 1e9))  # pacing
+        if self.sends:
+            await asyncio.wait(list(self.sends))
+
+    async def measure(self) -> None:
+        p = self.p
+        t0 = time.perf_counter_ns()
+        self.win_start = t0 + int(p.warmup * 1e9)
+        self.win_end = self.win_start + int(p.duration * 1e9)
+        if self.spec.rate:
+            senders = [asyncio.create_task(self._open_loop(self.spec.rate, self.win_end))]
+        else:
+            senders = [
+                asyncio.create_task(self._closed_loop(pair))
+                for pair in self.pairs
+                for _ in range(p.inflight)
+            ]
+        proc = psutil.Process()
+        await asyncio.sleep(p.warmup)  # measurement timer
+        cpu0, wall0 = sum(proc.cpu_times()[:2]), time.perf_counter()
+        await asyncio.sleep(max(0.0, (self.win_end - time.perf_counter_ns()) / 1e9))
+        cpu1, wall1 = sum(proc.cpu_times()[:2]), time.perf_counter()
+        self.stopping = True
+        self.out.cpu_percent = round(100 * (cpu1 - cpu0) / max(wall1 - wall0, 1e-9), 1)
+        await asyncio.gather(*senders)
+
+    async def drain(self) -> None:
+        waits = []
+        for pair in self.pairs:
+            if pair.last_seq < pair.committed:
+                pair.caught_up = asyncio.Event()
+                waits.append(pair.caught_up.wait())
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.p.drain_timeout)
+        except TimeoutError:
+            self.out.drained = False
+
+    async def close(self) -> Outcome:
+        for task in self.consumers:
+            task.cancel()
+        await asyncio.gather(*self.consumers, return_exceptions=True)
+        clients = [c for pair in self.pairs for c in (pair.tx, pair.rx)]
+        await bounded(200, [c.close for c in clients])
+        out = self.out
+        out.committed_total = sum(p.committed for p in self.pairs)
+        out.received_total = sum(p.received for p in self.pairs)
+        out.missing = sum(max(0, p.committed - p.received) for p in self.pairs)
+        out.duplicates = sum(p.dups for p in self.pairs)
+        out.seq_gaps = sum(p.gaps for p in self.pairs)
+        out.send_errors = dict(self.errors)
+        out.consumer_errors = dict(self.consumer_errors)
+        out.reconnects = sum(c.connects - 1 for c in clients)
+        return out
+
+
+async def generate(spec: Spec, gate: Gate) -> Outcome:
+    """A generator: connect its pairs, wait for go, measure, drain, report."""
+    gen = _Generator(spec)
+    try:
+        await gen.setup()
+        await gate.ready({"pairs": len(gen.pairs), "setup_s": gen.out.setup_s})
+        await gen.measure()
+        await gen.drain()
+    finally:
+        with contextlib.suppress(Exception):
+            await gen.close()
+    return gen.out
+
+
+async def _sample_server(handle: ServerHandle, p: Params) -> dict[str, Any]:
+    await asyncio.sleep(p.warmup)  # measurement timer, aligned with the generators' window
+    cpu0 = handle.cpu_seconds()
+    await asyncio.sleep(p.duration)
+    cpu1 = handle.cpu_seconds()
+    cpu = None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / p.duration, 1)
+    return {"cpu_percent_window": cpu, "rss_kib_end_of_window": handle.rss_kib()}
+
+
+async def run(
+    handle: ServerHandle, p: Params, *, inline: bool = False, client_cpu: int | None = None
+) -> dict[str, Any]:
+    """Run the scenario against `handle`; returns the result document."""
+    if p.devices < 2 or p.devices % 2:
+        raise ValueError("--devices must be an even number >= 2")
+    report = Run("one-to-one", asdict(p) | {"client_cpu": client_cpu})
+    accounts, accounts_s = await make_devices(handle.url, p.devices, 1)
+    pairs = [(a.token, b.user, b.token) for a, b in zip(accounts[::2], accounts[1::2], strict=True)]
+    slices = split(pairs, p.procs)
+    specs = [
+        Spec(handle.url, s, p, rate=p.rate * len(s) / len(pairs) if p.rate else None)
+        for s in slices
+    ]
+    gens = Generators(generate, specs, inline=inline, cpu=client_cpu)
+    try:
+        await gens.start()
+        ready = await gens.wait_ready(120 + p.devices / 10)
+        rss_before = handle.rss_kib()
+        gens.go()
+        sampler = asyncio.create_task(_sample_server(handle, p))
+        outcomes = await gens.results(p.warmup + p.duration + p.drain_timeout + 120)
+        server_figures = await sampler
+    finally:
+        await gens.aclose()
+    return _document(report, handle, p, outcomes, ready, accounts_s, rss_before, server_figures)
+
+
+def _document(
+    report: Run,
+    handle: ServerHandle,
+    p: Params,
+    outcomes: list[Outcome],
+    ready: list[dict[str, Any]],
+    accounts_s: float,
+    rss_before: int | None,
+    server_figures: dict[str, Any],
+) -> dict[str, Any]:
+    latency = latency_summary(s for o in outcomes for s in o.latency_ns)
+    commit = latency_summary(s for o in outcomes for s in o.commit_ns)
+    delivered = sum(o.delivered for o in outcomes)
+    errors: Counter[str] = Counter()
+    for o in outcomes:
+        errors.update(o.send_errors)
+        errors.update({f"consumer:{k}": v for k, v in o.consumer_errors.items()})
+    totals = {
+        k: sum(getattr(o, k) for o in outcomes)
+        for k in ("committed_total", "received_total", "missing", "duplicates", "seq_gaps")
+    }
+    totals |= {k: sum(getattr(o, k) for o in outcomes) for k in ("reconnects", "skipped")}
+    gen_cpu = [o.cpu_percent for o in outcomes]
+    results = {
+        "delivered_per_s": rate(delivered, p.duration),
+        "delivered_in_window": delivered,
+        "committed_per_s": rate(sum(o.committed for o in outcomes), p.duration),
+        "latency": latency,
+        "commit_latency": commit,
+        **totals,
+        "errors": dict(errors),
+        "drained": all(o.drained for o in outcomes),
+        "generator_cpu_percent": gen_cpu,
+        "generator_setup_s": [r.get("setup_s") for r in ready],
+        "accounts_setup_s": round(accounts_s, 2),
+    }
+    for key in ("missing", "duplicates", "seq_gaps", "reconnects", "skipped"):
+        if totals[key]:
+            report.problems.append(f"{key}: {totals[key]}")
+    if errors:
+        report.problems.append(f"errors: {dict(errors)}")
+    if not results["drained"]:
+        report.problems.append("receivers did not catch up with senders after the window")
+    if any(c >= 90 for c in gen_cpu):
+        report.problems.append(
+            f"generator saturated (CPU {gen_cpu}%): figures are a lower bound of the server's"
+        )
+    server = server_section(handle, rss_kib_before=rss_before, **server_figures)
+    return report.finish(results=results, server=server)
+
+
+def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Human summary lines of a result document."""
+    r, s, p = doc["results"], doc["server"], doc["params"]
+    mode = f"open loop at {p['rate']} msg/s" if p["rate"] else f"{p['inflight']} in flight/pair"
+    return [
+        ("devices / mode", f"{p['devices']} devices, {mode}, {p['procs']} generator proc(s)"),
+        ("delivered", f"{r['delivered_per_s']} msg/s over {p['duration']} s"),
+        ("send->receive", fmt_latency(r["latency"])),
+        ("send->committed", fmt_latency(r["commit_latency"])),
+        ("lost / dup / gaps", f"{r['missing']} / {r['duplicates']} / {r['seq_gaps']}"),
+        ("generator CPU %", r["generator_cpu_percent"]),
+        (
+            "server CPU % / RSS",
+            f"{s.get('cpu_percent_window')} / {s.get('rss_kib_end_of_window')} KiB",
+        ),
+        ("load average", f"{doc['loadavg_start']} -> {doc['loadavg_end']}"),
+    ]

@@ -1,0 +1,102 @@
+"""Receipts: delivered and read, 1:1 and group aggregation, offline senders, read-state sync."""
+
+from __future__ import annotations
+
+import pytest
+
+from pigeon.client import ClientError
+from pigeon.domain.events import Message, ReadState, Receipt
+from tests.conftest import Server, next_of
+
+
+async def test_one_to_one_receipt_lifecycle(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    assert alice.user and bob.user
+    chat = await alice.create_chat([bob.user])
+    sent = await alice.send(chat["id"], "see you at 5")
+    assert (await next_of(bob, Message)).id == sent.id
+
+    delivered = await next_of(alice, Receipt)
+    assert (delivered.kind, delivered.user, delivered.seq, delivered.all_seq) == (
+        "delivered",
+        bob.user,
+        1,
+        1,
+    )
+    await bob.read(chat["id"], sent.seq)
+    read = await next_of(alice, Receipt)
+    assert (read.kind, read.user, read.seq, read.all_seq) == ("read", bob.user, 1, 1)
+
+    detail = await alice.receipts(chat["id"], sent.id)
+    (member,) = detail["members"]
+    assert member["user"] == bob.user
+    assert member["delivered_at"] <= member["read_at"]
+
+
+async def test_offline_sender_gets_receipts_later(server: Server) -> None:
+    alice_name, _ = await server.user("alice")
+    alice_account = await server.device(alice_name)
+    alice = await server.client(alice_account)
+    bob_name, bob_id = await server.user("bob")
+    bob_account = await server.device(bob_name)  # bob has a device, offline for now
+    chat = await alice.create_chat([bob_id])
+    sent = await alice.send(chat["id"], "call me")
+    await alice.close()
+
+    bob = await server.client(bob_account)
+    assert (await next_of(bob, Message)).id == sent.id
+    await bob.read(chat["id"], sent.seq)
+
+    alice = await server.client(alice_account)
+    receipt = await next_of(alice, Receipt)
+    if receipt.kind == "delivered":  # bob's ack may land before or after his read
+        receipt = await next_of(alice, Receipt)
+    assert (receipt.kind, receipt.user, receipt.seq) == ("read", bob_id, sent.seq)
+
+
+async def test_group_receipts_aggregate_over_all_members(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    carol_name, carol_id = await server.user("carol")
+    carol_account = await server.device(carol_name)
+    assert bob.user
+    chat = await alice.create_chat([bob.user, carol_id], name="trio")
+    sent = await alice.send(chat["id"], "hike at 8")
+    assert (await next_of(bob, Message)).id == sent.id
+    first = await next_of(alice, Receipt)
+    assert (first.user, first.seq, first.all_seq) == (bob.user, 1, 0)  # carol has not got it
+
+    detail = await alice.receipts(chat["id"], sent.id)
+    by_user = {m["user"]: m for m in detail["members"]}
+    assert by_user[bob.user]["delivered_at"] is not None
+    assert by_user[carol_id]["delivered_at"] is None
+
+    carol = await server.client(carol_account)
+    assert (await next_of(carol, Message)).id == sent.id
+    second = await next_of(alice, Receipt)
+    assert (second.user, second.kind, second.all_seq) == (carol_id, "delivered", 1)
+
+    await bob.read(chat["id"], 1)
+    assert (await next_of(alice, Receipt)).all_seq == 0  # carol has not read it
+    await carol.read(chat["id"], 1)
+    last = await next_of(alice, Receipt)
+    assert (last.kind, last.all_seq) == ("read", 1)
+
+    with pytest.raises(ClientError) as err:
+        await bob.receipts(chat["id"], sent.id)
+    assert err.value.code == "forbidden"  # only the sender sees per-member detail
+
+
+async def test_read_state_syncs_to_own_devices(server: Server) -> None:
+    name, _ = await server.user("multi")
+    phone = await server.client(await server.device(name, "phone"))
+    laptop = await server.client(await server.device(name, "laptop"))
+    friend = await server.new_client("friend")
+    assert phone.user
+    chat = await friend.create_chat([phone.user])
+    sent = await friend.send(chat["id"], "hi")
+    await next_of(phone, Message)
+    await phone.read(chat["id"], sent.seq)
+    state = await next_of(laptop, ReadState)
+    assert (state.chat, state.seq) == (chat["id"], sent.seq)
