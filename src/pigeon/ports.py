@@ -11,7 +11,7 @@ from typing import Protocol
 
 import msgspec
 
-from pigeon.domain.events import Delivery, InboxEntry, Message
+from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.models import (
     ChatInfo,
     ChatSummary,
@@ -146,8 +146,10 @@ class MessageStore(Protocol):
         never backwards). Writes read `Receipt`s to the senders of newly read messages and a
         `ReadState` to the user's other devices. `Forbidden` if not a participant."""
 
-    async def read_inbox(self, device_id: str, after: int, limit: int) -> list[InboxEntry]:
-        """The device's inbox entries with iseq > after, in iseq order, at most `limit`."""
+    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
+        """The device's deliverable inbox entries with iseq > after, in iseq order, at most
+        `limit`, with the device's inbox head and ack in the same snapshot. Iseqs missing
+        between `after` and `head` were acked or expired."""
 
     async def acked_iseq(self, device_id: str) -> int:
         """The highest iseq the device has acked (0 if none)."""

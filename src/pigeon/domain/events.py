@@ -88,6 +88,15 @@ class InboxEntry(msgspec.Struct, frozen=True):
     raw: bytes
 
 
+class InboxPage(msgspec.Struct, frozen=True):
+    """A page of a device's inbox read in one snapshot: the deliverable entries, the highest
+    iseq ever issued to the device (`head`) and its cumulative ack, as of that snapshot."""
+
+    entries: list[InboxEntry]
+    head: int
+    acked: int
+
+
 class Delivery(msgspec.Struct, frozen=True):
     """An inbox entry just committed for `device`, to be pushed if the device is online."""
 

@@ -89,19 +89,27 @@ class Session:
 
     async def sync(self, after: int) -> int:
         """Send every inbox entry after `after` in order, then `synced`, then release held live
-        frames that are newer. Returns the last iseq sent."""
+        frames that are newer. Entries that no longer exist (expired by retention) are reported
+        as one `gap` frame per run; entries the device already acked are not. Returns the last
+        iseq covered."""
         async with self._sync_lock:
             conn = self.conn
             conn.hold()
             last = after
             while True:
                 page = await self._messaging.inbox(conn.device, last)
-                for entry in page:
+                last = max(last, page.acked)
+                for entry in page.entries:
                     if entry.iseq > last + 1:
                         await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=entry.iseq - 1)))
                     await conn.send_wait(inbox_frame(entry.iseq, entry.raw))
                     last = entry.iseq
-                if not page and not conn.held_overflowed():
+                if page.entries:
+                    continue
+                if page.head > last:
+                    await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=page.head)))
+                    last = page.head
+                if not conn.held_overflowed():
                     break
             held = conn.release()
             conn.send(p.encode(p.Synced(iseq=last)))

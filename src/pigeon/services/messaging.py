@@ -7,7 +7,7 @@ group-committed with its neighbours) before anyone is answered; only then is it 
 from __future__ import annotations
 
 from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
-from pigeon.domain.events import InboxEntry, Message
+from pigeon.domain.events import InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, MemberReceipt
@@ -87,7 +87,7 @@ class MessagingService:
             raise Forbidden("only the sender may see a message's receipts")
         return message, members
 
-    async def inbox(self, device: Device, after: int) -> list[InboxEntry]:
+    async def inbox(self, device: Device, after: int) -> InboxPage:
         """One page of the device's inbox after `after`."""
         return await self._store.read_inbox(device.id, after, self._limits.sync_page)
 

@@ -13,6 +13,7 @@ from pigeon.domain.errors import Forbidden, NotFound
 from pigeon.domain.events import (
     Delivery,
     InboxEntry,
+    InboxPage,
     Message,
     ReadState,
     Receipt,
@@ -204,15 +205,24 @@ class SqliteMessages:
 
         return await self._db.write(tx)
 
-    async def read_inbox(self, device_id: str, after: int, limit: int) -> list[InboxEntry]:
-        def q(conn: sqlite3.Connection) -> list[InboxEntry]:
+    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
+        def q(conn: sqlite3.Connection) -> InboxPage:
+            state = conn.execute(
+                "SELECT next_iseq - 1, acked_iseq FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            if state is None:
+                return InboxPage([], 0, 0)
+            # An entry whose message lost its body mid-sweep is expiring: skip it in SQL, so
+            # that LIMIT counts deliverable entries only.
             rows = conn.execute(
-                "SELECT i.iseq, coalesce(i.payload, m.raw) FROM inbox i LEFT JOIN messages m"
-                " ON m.id = i.message_id WHERE i.device_id = ? AND i.iseq > ?"
+                "SELECT i.iseq, coalesce(i.payload, m.raw) FROM inbox i"
+                " LEFT JOIN messages m ON m.id = i.message_id"
+                " WHERE i.device_id = ? AND i.iseq > ?"
+                " AND coalesce(i.payload, m.raw) IS NOT NULL"
                 " ORDER BY i.iseq LIMIT ?",
                 (device_id, after, limit),
             ).fetchall()
-            return [InboxEntry(iseq, raw) for iseq, raw in rows if raw is not None]
+            return InboxPage([InboxEntry(i, raw) for i, raw in rows], state[0], state[1])
 
         return await self._db.read(q)
 

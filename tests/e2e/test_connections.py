@@ -1,0 +1,123 @@
+"""Connection lifecycle: heartbeats, slow consumers, replaced connections, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+
+import aiohttp
+import pytest
+
+from pigeon.domain.events import Message
+from tests.conftest import Server, next_of
+
+
+async def test_silent_connection_is_closed_and_pong_keeps_it_alive(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = await make_server(gateway={"ping_interval": 0.1, "idle_timeout": 0.5})
+    name, _ = await server.user()
+    account = await server.device(name)
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {account.token}"}
+        mute = await http.ws_connect(f"{server.url}/v1/ws", headers=headers, autoping=False)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        msg = await mute.receive(timeout=5)
+        while msg.type != aiohttp.WSMsgType.CLOSE:
+            msg = await mute.receive(timeout=5)
+        assert msg.data == 4001  # heartbeat timeout
+        assert loop.time() - start >= 0.5
+        await mute.close()
+
+        polite = await http.ws_connect(f"{server.url}/v1/ws", headers=headers)  # answers pings
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.5):  # three idle timeouts
+                while True:  # nothing but the ready/synced frames arrives: no close
+                    msg = await polite.receive()
+                    assert msg.type == aiohttp.WSMsgType.TEXT
+        assert not polite.closed
+        await polite.close()
+
+
+async def _stalled_socket(url: str, token: str) -> socket.socket:
+    """A WebSocket that completes the handshake and then never reads: a stalled phone."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)
+    assert b" 101 " in head
+    return sock
+
+
+async def test_stalled_device_is_cut_off_without_slowing_others(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(gateway={"outbound_queue_frames": 32})
+    sender = await server.new_client("sender")
+    stalled_name, stalled_id = await server.user("stalled")
+    stalled_account = await server.device(stalled_name)
+    sock = await _stalled_socket(server.url, stalled_account.token)
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    assert bob.user
+    flood_chat = await sender.create_chat([stalled_id])
+    chat = await alice.create_chat([bob.user])
+
+    async def flood() -> None:
+        body = "z" * 60_000
+        await asyncio.gather(*(sender.send(flood_chat["id"], body) for _ in range(400)))
+
+    async def converse() -> None:
+        for i in range(100):
+            sent = await alice.send(chat["id"], f"m{i}")
+            assert (await next_of(bob, Message, timeout=5)).id == sent.id
+
+    await asyncio.gather(flood(), converse())
+    hub = server.app[__import__("pigeon.gateway.keys").gateway.keys.SERVICES].hub
+    assert hub.get(stalled_account.device) is None  # disconnected as a slow consumer
+    sock.close()
+    # Nothing was lost for the stalled device: its inbox replays on reconnect.
+    again = await server.client(stalled_account)
+    got = [await next_of(again, Message, timeout=10) for _ in range(400)]
+    assert [m.seq for m in got] == list(range(1, 401))
+
+
+async def test_second_connection_replaces_the_first(server: Server) -> None:
+    name, _ = await server.user()
+    account = await server.device(name)
+    first = await server.raw_ws(account)
+    second = await server.raw_ws(account)
+    msg = await first.receive(timeout=5)
+    while msg.type == aiohttp.WSMsgType.TEXT:
+        msg = await first.receive(timeout=5)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 4503)
+    await second.send_str('{"t":"ping","rid":1}')
+    msg = await second.receive(timeout=5)
+    while '"rid":1' not in msg.data:
+        msg = await second.receive(timeout=5)
+
+
+async def test_sdk_reconnects_and_resumes_after_a_drop(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    first = await alice.send(chat["id"], "before")
+    assert (await next_of(bob, Message)).id == first.id
+    await bob.drop_connection()
+    second = await alice.send(chat["id"], "while away")
+    third = await alice.send(chat["id"], "after")
+    got = [await next_of(bob, Message, timeout=10) for _ in range(2)]
+    assert [m.id for m in got] == [second.id, third.id]
+    assert bob.connects >= 2
