@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -106,6 +107,16 @@ async def start_server(settings: Settings, clock: Clock | None = None) -> Server
 
 
 async def stop_server(server: Server) -> None:
+    try:
+        async with asyncio.timeout(20):
+            await _stop_server(server)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack()
+        raise
+
+
+async def _stop_server(server: Server) -> None:
     for c in server.clients:
         await c.close()
     for ws in server.sockets:

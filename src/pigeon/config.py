@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pigeon.domain.limits import Limits
@@ -37,6 +37,7 @@ class LimitSettings(BaseModel):
     max_devices_per_user: int = Field(3, ge=1, le=100)
     group_cap: int = Field(100, ge=2, le=10_000)
     max_body_bytes: int = Field(64 * 1024, ge=1, le=16 * 1024 * 1024)
+    max_group_name_chars: int = Field(128, ge=1, le=1024)
     preview_chars: int = Field(100, ge=0, le=1000)
     retention_days: float = Field(30.0, gt=0)
     sync_page: int = Field(500, ge=1, le=10_000)
@@ -46,6 +47,7 @@ class LimitSettings(BaseModel):
             max_devices_per_user=self.max_devices_per_user,
             group_cap=self.group_cap,
             max_body_bytes=self.max_body_bytes,
+            max_group_name_chars=self.max_group_name_chars,
             preview_chars=self.preview_chars,
             retention_seconds=self.retention_days * 86400,
             sync_page=self.sync_page,
@@ -64,6 +66,14 @@ class GatewaySettings(BaseModel):
     #: Frames above this close the connection (1009): the server will not buffer them.
     hard_frame_limit: int = Field(4 * 1024 * 1024, ge=1024)
     auth_timeout: float = Field(10.0, gt=0)
+    #: How long a closing handshake may wait for the peer's close frame.
+    close_timeout: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _frame_limits_ordered(self) -> GatewaySettings:
+        if self.hard_frame_limit < self.max_frame_bytes:
+            raise ValueError("gateway.hard_frame_limit must be >= gateway.max_frame_bytes")
+        return self
 
 
 class Settings(BaseSettings):

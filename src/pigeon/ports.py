@@ -154,8 +154,11 @@ class MessageStore(Protocol):
     async def acked_iseq(self, device_id: str) -> int:
         """The highest iseq the device has acked (0 if none)."""
 
-    async def receipts(self, chat_id: str, message_id: str) -> tuple[Message, list[MemberReceipt]]:
-        """Per-member delivered/read times of one message of the chat (`NotFound` if unknown)."""
+    async def receipts(
+        self, user_id: str, chat_id: str, message_id: str
+    ) -> tuple[Message, list[MemberReceipt]]:
+        """Per-member delivered/read times of one message of the chat, for a participant
+        `user_id` (`Forbidden` otherwise, checked first; `NotFound` if no such message)."""
 
     async def sweep(self, before: int) -> SweepStats:
         """Delete messages created before `before` (ms) and every inbox entry created before it."""

@@ -84,4 +84,4 @@ async def test_sweeper_runs_in_the_background(make_server) -> None:  # type: ign
     clock.offset_ms = 0
     async with asyncio.timeout(5):
         while _bodies(server):
-            await asyncio.sleep(0.05)  # waiting for a periodic worker to act
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 - polling a periodic worker

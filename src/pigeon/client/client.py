@@ -48,7 +48,7 @@ class ConnectionLost(ClientError):
 
 
 class SendResult(msgspec.Struct, frozen=True):
-    """The server's `sent` reply: the message is durably committed."""
+    """The `ok` reply to `send`: the message is durably committed."""
 
     id: str
     seq: int
@@ -118,7 +118,7 @@ class PigeonClient:
         self._closing = False
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._events: asyncio.Queue[tuple[int, Event] | ClientError] = asyncio.Queue()
+        self._events: asyncio.Queue[tuple[int, Event | None] | ClientError] = asyncio.Queue()
         self._next_iseq = 1
         self._held: dict[int, bytes] = {}
         self._gap_timer: asyncio.TimerHandle | None = None
@@ -265,13 +265,16 @@ class PigeonClient:
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next inbox event, in order. Raises `ClientError` if the server closed us for good."""
-        item = await asyncio.wait_for(self._events.get(), timeout)
-        if isinstance(item, ClientError):
-            self._events.put_nowait(item)
-            raise item
-        iseq, event = item
-        self._mark_handled(iseq)
-        return event
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await self._events.get()
+                if isinstance(item, ClientError):
+                    self._events.put_nowait(item)
+                    raise item
+                iseq, event = item
+                self._mark_handled(iseq)
+                if event is not None:
+                    return event
 
     async def events(self) -> AsyncIterator[Event]:
         """All inbox events, forever (until a permanent close)."""
@@ -403,7 +406,8 @@ class PigeonClient:
         event = decode_event(raw)
         if isinstance(event, Message):
             if event.id in self._seen:
-                self._mark_handled(iseq)
+                # handled once the application has taken everything queued before it
+                self._events.put_nowait((iseq, None))
                 return
             self._seen[event.id] = None
             if len(self._seen) > 100_000:

@@ -35,7 +35,9 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_fiel
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True, tag="receipt", tag_field="type"):
     """`user` has received (or read) every message of `chat` up to `seq`. `all_seq` is the
-    highest seq of the receiving user's own messages that every other member has reached."""
+    lowest mark of the same kind among all members but the receipt's recipient: that user's
+    messages up to `all_seq` have reached every other member (group aggregation). A read
+    receipt implies delivery, so a device may get `read` without a `delivered` before it."""
 
     chat: str
     user: str

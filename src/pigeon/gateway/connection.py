@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
@@ -42,6 +43,7 @@ class Connection:
         "_held_limit",
         "_held_overflow",
         "_max",
+        "_on_close",
         "_out",
         "_space",
         "_writer",
@@ -63,6 +65,11 @@ class Connection:
         self._held: list[bytes] | None = None
         self._held_limit = max_frames
         self._held_overflow = False
+        self._on_close: Callable[[Connection], None] | None = None
+
+    def on_close(self, callback: Callable[[Connection], None]) -> None:
+        """Call `callback` once, as soon as this connection starts closing."""
+        self._on_close = callback
 
     @property
     def closing(self) -> bool:
@@ -115,16 +122,24 @@ class Connection:
         overflowed, self._held_overflow = self._held_overflow, False
         return overflowed
 
-    def release(self) -> list[bytes]:
-        """Stop holding; returns what was held, in arrival order."""
-        held, self._held = self._held or [], None
+    def take_held(self) -> list[bytes]:
+        """What was held so far, in arrival order (holding goes on)."""
+        held = self._held or []
+        if self._held is not None:
+            self._held = []
         return held
+
+    def release(self) -> None:
+        """Stop holding: live frames go straight to the queue again."""
+        self._held = None
 
     def close(self, code: int, reason: str) -> None:
         """Close the socket with `code` (see `Close`); queued frames are dropped."""
         if self._closing:
             return
         self._closing = True
+        if self._on_close is not None:
+            self._on_close(self)
         self._out.clear()
         if self._space is not None:
             self._space.set()

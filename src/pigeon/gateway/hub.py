@@ -52,6 +52,7 @@ class Hub:
             old[0].close(Close.REPLACED, "replaced by a newer connection")
         sub = await self._bus.subscribe(device_id, on_frame)
         self._conns[device_id] = (conn, sub)
+        conn.on_close(self.detach)
 
     def detach(self, conn: Connection) -> None:
         """Forget a connection (if it is still the registered one)."""

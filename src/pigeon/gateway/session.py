@@ -111,11 +111,13 @@ class Session:
                     last = page.head
                 if not conn.held_overflowed():
                     break
-            held = conn.release()
-            conn.send(p.encode(p.Synced(iseq=last)))
-            for frame in held:
-                if frame_iseq(frame) > last:
-                    conn.send(frame)
+            await conn.send_wait(p.encode(p.Synced(iseq=last)))
+            # Flush what arrived live meanwhile, still holding (no reordering), then go live.
+            while held := conn.take_held():
+                for frame in held:
+                    if frame_iseq(frame) > last:
+                        await conn.send_wait(frame)
+            conn.release()
             return last
 
     async def _send(self, cmd: p.Send) -> dict[str, Any]:
@@ -174,6 +176,8 @@ def _decode_error(frame: bytes, exc: Exception) -> Exception:
         envelope = p.envelope_decoder.decode(frame)
     except msgspec.DecodeError:
         return BadRequest("malformed JSON")
+    if envelope.t is None:
+        return BadRequest("missing command type `t`")
     if not isinstance(envelope.t, str) or envelope.t not in p.COMMAND_NAMES:
-        return UnknownCommand(f"unknown command {envelope.t!r}")
+        return UnknownCommand(f"unknown command {str(envelope.t)[:64]!r}")
     return BadRequest(str(exc))

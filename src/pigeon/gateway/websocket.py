@@ -45,7 +45,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         except PigeonError as exc:
             return web.json_response({"code": exc.code, "message": exc.message}, status=401)
     ws = web.WebSocketResponse(
-        autoping=False, max_msg_size=gw.hard_frame_limit, compress=False, decode_text=False
+        timeout=gw.close_timeout,
+        autoping=False,
+        max_msg_size=gw.hard_frame_limit,
+        compress=False,
+        decode_text=False,
     )
     await ws.prepare(request)
     if device is None:
@@ -107,9 +111,11 @@ async def _auth_frame(
         if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
             raise Unauthorized("expected an auth frame")
         try:
-            cmd = msgspec.json.decode(msg.data, type=p.Auth)
+            cmd = p.command_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
             raise Unauthorized("the first frame must be an auth command") from exc
+        if not isinstance(cmd, p.Auth):
+            raise Unauthorized("the first frame must be an auth command")
         rid = cmd.rid
         device = await accounts.authenticate(cmd.token)
     except (PigeonError, TimeoutError) as exc:

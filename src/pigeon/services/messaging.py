@@ -82,7 +82,7 @@ class MessagingService:
         """Per-member delivery and read times of one message; only for its sender."""
         if not (is_id(chat_id) and is_id(message_id)):
             raise NotFound("no such message in this chat")
-        message, members = await self._store.receipts(chat_id, message_id)
+        message, members = await self._store.receipts(device.user_id, chat_id, message_id)
         if message.sender != device.user_id:
             raise Forbidden("only the sender may see a message's receipts")
         return message, members

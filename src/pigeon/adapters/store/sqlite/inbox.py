@@ -46,10 +46,16 @@ def append(
 
 
 def release_messages(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
-    """`counts[message_id]` inbox entries of that message are gone: forget bodies nobody awaits."""
+    """`counts[message_id]` inbox entries of that message are gone: forget bodies nobody awaits
+    (and the chat's preview, when it quotes such a body)."""
     for message_id, n in counts.items():
-        conn.execute(
+        row = conn.execute(
             "UPDATE messages SET pending = pending - ?,"
-            " raw = CASE WHEN pending - ? <= 0 THEN NULL ELSE raw END WHERE id = ?",
+            " raw = CASE WHEN pending - ? <= 0 THEN NULL ELSE raw END WHERE id = ?"
+            " RETURNING pending, chat_id, seq",
             (n, n, message_id),
-        )
+        ).fetchone()
+        if row is not None and row[0] <= 0:
+            conn.execute(
+                "UPDATE chats SET last_preview = NULL WHERE id = ? AND last_seq = ?", row[1:]
+            )

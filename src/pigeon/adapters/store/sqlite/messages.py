@@ -235,8 +235,14 @@ class SqliteMessages:
 
         return await self._db.read(q)
 
-    async def receipts(self, chat_id: str, message_id: str) -> tuple[Message, list[MemberReceipt]]:
+    async def receipts(
+        self, user_id: str, chat_id: str, message_id: str
+    ) -> tuple[Message, list[MemberReceipt]]:
         def q(conn: sqlite3.Connection) -> tuple[Message, list[MemberReceipt]]:
+            if not conn.execute(
+                "SELECT 1 FROM members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id)
+            ).fetchone():
+                raise Forbidden("not a participant of this chat")
             row = conn.execute(
                 f"SELECT {_MESSAGE_COLS} FROM messages WHERE id = ? AND chat_id = ?",
                 (message_id, chat_id),
