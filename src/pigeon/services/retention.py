@@ -23,6 +23,13 @@ class RetentionSweeper:
         self._retention_ms = int(retention_seconds * 1000)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[SweepStats]] = []
+
+    async def next_sweep(self) -> SweepStats:
+        """Wait for the background loop to complete its next sweep (for tests and tooling)."""
+        fut: asyncio.Future[SweepStats] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return await fut
 
     async def sweep_once(self) -> SweepStats:
         """One full sweep, in bounded chunks."""
@@ -49,7 +56,12 @@ class RetentionSweeper:
     async def _run(self) -> None:
         while True:
             try:
-                await self.sweep_once()
+                stats = await self.sweep_once()
             except PigeonError as exc:
                 log.warning("retention sweep failed, will retry: %s", exc)
+            else:
+                waiters, self._waiters = self._waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(stats)
             await asyncio.sleep(self._interval)
