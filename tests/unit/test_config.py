@@ -1,0 +1,46 @@
+"""Settings: defaults, TOML file, env vars, overrides, and clear failures on bad config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pigeon.config import load_settings
+
+
+def test_defaults_match_the_product_limits() -> None:
+    s = load_settings(None)
+    limits = s.limits.to_limits()
+    assert (s.host, s.port) == ("127.0.0.1", 8080)
+    assert (limits.max_devices_per_user, limits.group_cap, limits.max_body_bytes) == (3, 100, 65536)
+    assert limits.retention_seconds == 30 * 86400
+    assert (s.gateway.ping_interval, s.gateway.idle_timeout) == (30.0, 60.0)
+
+
+def test_precedence_file_then_env_then_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "pigeon.toml"
+    toml.write_text(
+        'port = 9000\nhost = "0.0.0.0"\n[limits]\ngroup_cap = 50\nmax_body_bytes = 10\n'
+    )
+    monkeypatch.setenv("PIGEON_LIMITS__GROUP_CAP", "20")
+    monkeypatch.setenv("PIGEON_HOST", "127.0.0.2")
+    s = load_settings(toml, host="127.0.0.3")
+    assert s.port == 9000  # file
+    assert s.limits.group_cap == 20  # env beats file
+    assert s.limits.max_body_bytes == 10  # file value kept beside env's sibling
+    assert s.host == "127.0.0.3"  # explicit override beats env
+
+
+def test_bad_config_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIGEON_LIMITS__GROUP_CAP", "1")
+    with pytest.raises(ValidationError, match="group_cap"):
+        load_settings(None)
+
+
+def test_frame_limits_must_be_ordered() -> None:
+    with pytest.raises(ValidationError, match="hard_frame_limit"):
+        load_settings(None, gateway={"max_frame_bytes": 10_000, "hard_frame_limit": 5_000})
