@@ -41,9 +41,17 @@ class Process:
             "PIGEON_STORE__SYNCHRONOUS": "FULL",
         }
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pigeon.cli", "serve", "--port", str(self.port),
-            "--data-dir", str(self.data_dir), env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "pigeon.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         async with aiohttp.ClientSession() as http, asyncio.timeout(20):
             while True:
