@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -167,3 +168,13 @@ async def test_rest_errors_are_json_with_codes(server: Server) -> None:
             f"{server.url}/v1/devices", json={"username": name, "password": "wrong password"}
         )
         assert (resp.status, (await resp.json())["code"]) == (401, "unauthorized")
+
+
+async def test_rest_routing_errors_are_json_too(server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        resp = await http.get(f"{server.url}/v1/nowhere")
+        assert (resp.status, (await resp.json())["code"]) == (404, "not_found")
+        resp = await http.put(f"{server.url}/v1/users")
+        assert (resp.status, (await resp.json())["code"]) == (405, "bad_request")
+        resp = await http.post(f"{server.url}/v1/users", data=io.BytesIO(b"x" * 2**21))
+        assert (resp.status, (await resp.json())["code"]) == (413, "too_large")

@@ -16,6 +16,7 @@ from pigeon.gateway.websocket import bearer_token
 
 T = TypeVar("T")
 READY = web.AppKey("ready", dict[str, bool])
+_HTTP_CODES = {404: "not_found", 405: "bad_request", 413: "too_large"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -46,6 +47,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = _json({"code": exc.code, "message": exc.message}, http_status(exc))
         resp.headers.update(headers)
         return resp
+    except web.HTTPException as exc:  # routing and body-size errors from aiohttp itself
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+        return _json({"code": code, "message": exc.reason}, exc.status)
 
 
 async def _body(request: web.Request, kind: type[T]) -> T:
