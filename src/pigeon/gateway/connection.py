@@ -14,10 +14,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from aiohttp import WSMsgType, web
-
 from pigeon.domain.models import Device
 from pigeon.gateway.errors import Close
+from pigeon.gateway.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +48,11 @@ class Connection:
         "_writer",
         "device",
         "last_recv",
-        "ws",
+        "transport",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, device: Device, max_frames: int) -> None:
-        self.ws = ws
+    def __init__(self, transport: Transport, device: Device, max_frames: int) -> None:
+        self.transport = transport
         self.device = device
         self.last_recv = asyncio.get_running_loop().time()
         self._out: deque[bytes | object] = deque()
@@ -156,7 +155,7 @@ class Connection:
 
     async def _close(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=reason.encode())
+            await self.transport.close(code, reason)
 
     def _enqueue(self, item: bytes | object) -> None:
         self._out.append(item)
@@ -169,10 +168,10 @@ class Connection:
             while out:
                 item = out.popleft()
                 if item is _PING:
-                    await self.ws.ping()
+                    await self.transport.ping()
                 else:
                     assert isinstance(item, bytes)
-                    await self.ws.send_frame(item, WSMsgType.TEXT)
+                    await self.transport.send_text(item)
                 if self._space is not None and len(out) < self._max:
                     self._space.set()
                     self._space = None

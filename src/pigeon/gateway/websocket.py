@@ -20,6 +20,7 @@ from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close, to_error
 from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.gateway.session import Session
+from pigeon.gateway.transport import AiohttpTransport
 from pigeon.services.accounts import AccountService
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
         if device is None:
             return ws
-    conn = Connection(ws, device, gw.outbound_queue_frames)
+    conn = Connection(AiohttpTransport(ws), device, gw.outbound_queue_frames)
     session = Session(
         conn,
         services.chats,
