@@ -188,21 +188,23 @@ class Subscription(Protocol):
 
 
 class Bus(Protocol):
-    """Routes frames to the node that holds a device's connection.
+    """Routes frames between nodes by channel (names: `pigeon.services.channels`), e.g. to the
+    node that holds a device's connection.
 
     Delivery is at-most-once and best-effort (a frame may be lost when a node or the broker
     fails); the durable inbox is what makes messages reliable. Frames published by one publisher
-    to one device arrive in publish order. Handlers run on the event loop and must not block.
+    to one channel arrive in publish order. A node subscribes to a channel at most once (a new
+    subscription replaces the old). Handlers run on the event loop and must not block.
     """
 
-    async def publish(self, device_id: str, frame: bytes) -> None:
-        """Send `frame` to whoever subscribed to `device_id` (nobody: dropped)."""
+    async def publish(self, channel: str, frame: bytes) -> None:
+        """Send `frame` to whoever subscribed to `channel` (nobody: dropped)."""
 
     async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
-        """`publish` for many (device, frame) pairs, in order, in as few round trips as possible."""
+        """`publish` for many (channel, frame) pairs, in order, in as few round trips as we can."""
 
-    async def subscribe(self, device_id: str, handler: BusHandler) -> Subscription:
-        """Deliver frames for `device_id` to `handler` until cancelled."""
+    async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
+        """Deliver frames of `channel` to `handler` until cancelled."""
 
     async def open(self) -> None:
         """Connect."""

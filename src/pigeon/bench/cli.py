@@ -37,6 +37,7 @@ ServerEnv = Annotated[
 DEFAULT_OUT = Path("bench-results")
 
 Runner = Callable[[ServerHandle], Awaitable[dict[str, Any]]]
+Summary = Callable[[dict[str, Any]], list[tuple[str, Any]]]
 
 
 def _target(
@@ -58,7 +59,7 @@ def _target(
 
 
 def _execute(
-    title: str, target: Target, out: Path, runner: Runner, summary: Any, nofile: int = 65536
+    title: str, target: Target, out: Path, runner: Runner, summary: Summary, nofile: int = 65536
 ) -> dict[str, Any]:
     raise_nofile(nofile)
 
@@ -140,7 +141,7 @@ def idle_cmd(
     ] = 3,
     procs: Annotated[int, typer.Option(help="Generator processes.")] = 2,
     hold: Annotated[float, typer.Option(help="Idle seconds before reading the RSS.")] = 3.0,
-    concurrency: Annotated[int, typer.Option(help="Connects in flight per generator.")] = 200,
+    concurrency: Annotated[int, typer.Option(help="Connects in flight per generator.")] = 50,
     url: Url = None,
     server_pid: ServerPid = None,
     server_cpu: ServerCpu = None,

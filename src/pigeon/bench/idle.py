@@ -33,7 +33,7 @@ class Params:
     devices_per_user: int = 3
     procs: int = 2
     hold: float = 3.0
-    concurrency: int = 200
+    concurrency: int = 50
 
 
 @dataclass
@@ -170,7 +170,7 @@ async def run(
         "server_connections_seen": seen - base,
         "server_connections_after_hold": after_hold,
         "accounts_setup_s": round(accounts_s, 2),
-        "connect_s": max(o.connect_s for o in outcomes),
+        "connect_s": round(max(o.connect_s for o in outcomes), 2),
         "connect_latency": latency_summary(s for o in outcomes for s in o.connect_ns),
         "kib_per_connection": per_conn,
         "failures": dict(failures),

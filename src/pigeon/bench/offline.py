@@ -58,6 +58,7 @@ class Outcome:
     missing: int = 0
     unexpected: int = 0
     timed_out: bool = False
+    store_timed_out: bool = False
     reconnects: int = 0
 
 
@@ -91,7 +92,11 @@ async def _store(sender: PigeonClient, chat: str, p: Params, out: Outcome) -> se
             stored.add(i)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(p.inflight, p.count))))
+    try:
+        async with asyncio.timeout(p.timeout):
+            await asyncio.gather(*(worker() for _ in range(min(p.inflight, p.count))))
+    except TimeoutError:
+        out.store_timed_out = True
     out.store_s = time.perf_counter() - start
     out.stored = len(stored)
     out.send_errors = dict(errors)
@@ -193,6 +198,8 @@ async def run(
             report.problems.append(f"{key}: {results[key]}")
     if o.stored < p.count:
         report.problems.append(f"only {o.stored} of {p.count} sends committed: {o.send_errors}")
+    if o.store_timed_out:
+        report.problems.append(f"sends were still unanswered after {p.timeout} s")
     if o.timed_out:
         report.problems.append(f"recipient did not get every message within {p.timeout} s")
     server = server_section(

@@ -72,6 +72,7 @@ class Outcome:
     consumer_errors: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
     skipped: int = 0
+    stuck_sends: int = 0
     drained: bool = True
     cpu_percent: float = 0.0
     setup_s: float = 0.0
@@ -204,8 +205,6 @@ class _Generator:
                 k += 1
                 due += interval
             await asyncio.sleep(max(0.0, (due - time.perf_counter_ns()) / 1e9))  # pacing
-        if self.sends:
-            await asyncio.wait(list(self.sends))
 
     async def measure(self) -> None:
         p = self.p
@@ -227,7 +226,18 @@ class _Generator:
         cpu1, wall1 = sum(proc.cpu_times()[:2]), time.perf_counter()
         self.stopping = True
         self.out.cpu_percent = round(100 * (cpu1 - cpu0) / max(wall1 - wall0, 1e-9), 1)
-        await asyncio.gather(*senders)
+        await self._settle(senders)
+        await self._settle(list(self.sends))  # open loop: the sends it started
+
+    async def _settle(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Give sends still in flight `drain_timeout` to finish; count and cancel the rest."""
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.p.drain_timeout)
+        self.out.stuck_sends += len(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def drain(self) -> None:
         waits = []
@@ -330,7 +340,9 @@ def _document(
         k: sum(getattr(o, k) for o in outcomes)
         for k in ("committed_total", "received_total", "missing", "duplicates", "seq_gaps")
     }
-    totals |= {k: sum(getattr(o, k) for o in outcomes) for k in ("reconnects", "skipped")}
+    totals |= {
+        k: sum(getattr(o, k) for o in outcomes) for k in ("reconnects", "skipped", "stuck_sends")
+    }
     gen_cpu = [o.cpu_percent for o in outcomes]
     results = {
         "delivered_per_s": rate(delivered, p.duration),
@@ -345,7 +357,7 @@ def _document(
         "generator_setup_s": [r.get("setup_s") for r in ready],
         "accounts_setup_s": round(accounts_s, 2),
     }
-    for key in ("missing", "duplicates", "seq_gaps", "reconnects", "skipped"):
+    for key in ("missing", "duplicates", "seq_gaps", "reconnects", "skipped", "stuck_sends"):
         if totals[key]:
             report.problems.append(f"{key}: {totals[key]}")
     if errors:

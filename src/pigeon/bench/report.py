@@ -25,7 +25,7 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
         return None
     if not 0.0 <= p <= 100.0:
         raise ValueError(f"percentile {p} outside 0..100")
-    rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
+    rank = max(1, math.ceil(round(p * len(sorted_values) / 100.0, 9)))  # no float fuzz
     return sorted_values[rank - 1]
 
 

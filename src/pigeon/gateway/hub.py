@@ -10,6 +10,7 @@ from pigeon.config import GatewaySettings
 from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close
 from pigeon.ports import Bus, Subscription
+from pigeon.services import channels
 from pigeon.services.accounts import REVOKED_FRAME
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Hub:
         if old is not None:
             old[1].cancel()
             old[0].close(Close.REPLACED, "replaced by a newer connection")
-        sub = await self._bus.subscribe(device_id, on_frame)
+        sub = await self._bus.subscribe(channels.device(device_id), on_frame)
         self._conns[device_id] = (conn, sub)
         conn.on_close(self.detach)
 

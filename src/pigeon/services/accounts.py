@@ -15,6 +15,7 @@ from pigeon.domain.ids import new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, User
 from pigeon.ports import AccountStore, Bus, Clock
+from pigeon.services import channels
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
@@ -89,7 +90,7 @@ class AccountService:
         (on whichever node) is closed."""
         if not await self._store.revoke_device(user_id, device_id):
             raise NotFound("no such device")
-        await self._bus.publish(device_id, REVOKED_FRAME)
+        await self._bus.publish(channels.device(device_id), REVOKED_FRAME)
 
     async def find_user(self, username: str) -> User:
         """Look a user up by name (to start a chat with them)."""

@@ -11,6 +11,7 @@ import logging
 from pigeon.domain.errors import PigeonError
 from pigeon.domain.events import Delivery, inbox_frame
 from pigeon.ports import Bus
+from pigeon.services import channels
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class Fanout:
         """Best effort: a bus failure is logged, never raised to the committed caller."""
         if not deliveries:
             return
-        frames = [(d.device, inbox_frame(d.iseq, d.raw)) for d in deliveries]
+        frames = [(channels.device(d.device), inbox_frame(d.iseq, d.raw)) for d in deliveries]
         try:
             await self._bus.publish_many(frames)
         except PigeonError as exc:

@@ -10,9 +10,9 @@ log = logging.getLogger(__name__)
 
 
 class _LocalSubscription:
-    def __init__(self, bus: LocalBus, device_id: str, handler: BusHandler) -> None:
+    def __init__(self, bus: LocalBus, channel: str, handler: BusHandler) -> None:
         self._bus = bus
-        self.device_id = device_id
+        self.channel = channel
         self.handler = handler
 
     def cancel(self) -> None:
@@ -25,16 +25,16 @@ class LocalBus:
     def __init__(self) -> None:
         self._subs: dict[str, _LocalSubscription] = {}
 
-    async def publish(self, device_id: str, frame: bytes) -> None:
-        self._deliver(device_id, frame)
+    async def publish(self, channel: str, frame: bytes) -> None:
+        self._deliver(channel, frame)
 
     async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
-        for device_id, frame in items:
-            self._deliver(device_id, frame)
+        for channel, frame in items:
+            self._deliver(channel, frame)
 
-    async def subscribe(self, device_id: str, handler: BusHandler) -> _LocalSubscription:
-        sub = _LocalSubscription(self, device_id, handler)
-        self._subs[device_id] = sub
+    async def subscribe(self, channel: str, handler: BusHandler) -> _LocalSubscription:
+        sub = _LocalSubscription(self, channel, handler)
+        self._subs[channel] = sub
         return sub
 
     async def open(self) -> None:
@@ -43,18 +43,18 @@ class LocalBus:
     async def aclose(self) -> None:
         self._subs.clear()
 
-    def _deliver(self, device_id: str, frame: bytes) -> None:
-        sub = self._subs.get(device_id)
+    def _deliver(self, channel: str, frame: bytes) -> None:
+        sub = self._subs.get(channel)
         if sub is None:
             return
         try:
             sub.handler(frame)
         except Exception:  # a broken handler must not break the publisher
-            log.exception("bus handler for %s failed", device_id)
+            log.exception("bus handler for %s failed", channel)
 
     def _unsubscribe(self, sub: _LocalSubscription) -> None:
-        if self._subs.get(sub.device_id) is sub:
-            del self._subs[sub.device_id]
+        if self._subs.get(sub.channel) is sub:
+            del self._subs[sub.channel]
 
 
 _check: type[Bus] = LocalBus

@@ -1,0 +1,13 @@
+"""The one place that names bus channels (and, for the Redis bus, the keys derived from them)."""
+
+from __future__ import annotations
+
+
+def device(device_id: str) -> str:
+    """Frames for one device's live connection, wherever it is."""
+    return f"d:{device_id}"
+
+
+def presence(user_id: str) -> str:
+    """Presence changes of one user, for the nodes that have subscribers of that user."""
+    return f"p:{user_id}"
