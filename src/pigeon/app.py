@@ -9,23 +9,27 @@ from aiohttp import web
 from argon2 import PasswordHasher
 
 from pigeon.adapters.bus.local import LocalBus
+from pigeon.adapters.presence.local import LocalPresence
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.config import Settings
 from pigeon.gateway.http import READY, add_routes, error_middleware
 from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.websocket import websocket_handler
-from pigeon.ports import Bus, Clock, Store
+from pigeon.ports import Bus, Clock, Presence, Store
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.clock import SystemClock
 from pigeon.services.fanout import Fanout
 from pigeon.services.messaging import MessagingService
+from pigeon.services.presence import PresenceService
 from pigeon.services.retention import RetentionSweeper
+from pigeon.services.typing import TypingService
 
 STORE = web.AppKey("store", Store)
 BUS = web.AppKey("bus", Bus)
 SWEEPER = web.AppKey("sweeper", RetentionSweeper)
+PRESENCE = web.AppKey("presence", Presence)
 
 
 def build_store(settings: Settings) -> Store:
@@ -39,11 +43,16 @@ def build_bus(settings: Settings) -> Bus:
     return LocalBus()
 
 
+def build_presence(settings: Settings) -> Presence:
+    """The configured presence registry."""
+    return LocalPresence()
+
+
 def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
-    store, bus = build_store(settings), build_bus(settings)
+    store, bus, presence = build_store(settings), build_bus(settings), build_presence(settings)
     fanout = Fanout(bus)
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
@@ -52,6 +61,20 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
         accounts=AccountService(store.accounts, bus, clock, limits, hasher),
         chats=ChatService(store, fanout, clock, limits),
         messaging=MessagingService(store.messages, fanout, clock, limits),
+        presence=PresenceService(
+            presence,
+            store,
+            bus,
+            clock,
+            grace=settings.presence.grace,
+            max_subscriptions=settings.presence.max_subscriptions,
+        ),
+        typing=TypingService(
+            store.chats,
+            bus,
+            ttl=settings.presence.typing_ttl,
+            min_interval=settings.presence.typing_min_interval,
+        ),
         hub=Hub(bus, settings.gateway),
         clock=clock,
     )
@@ -60,6 +83,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[SERVICES] = services
     app[STORE] = store
     app[BUS] = bus
+    app[PRESENCE] = presence
     app[SWEEPER] = RetentionSweeper(
         store.messages, clock, limits.retention_seconds, settings.sweep_interval
     )
@@ -75,6 +99,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, bus, sweeper = app[STORE], app[BUS], app[SWEEPER]
     await store.open()
     await bus.open()
+    await app[PRESENCE].open()
     app[SERVICES].hub.start()
     sweeper.start()
     app[READY]["ready"] = True
@@ -84,6 +109,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         app[READY]["ready"] = False
         await sweeper.aclose()
         await app[SERVICES].hub.aclose()
+        await app[SERVICES].presence.aclose()
+        await app[PRESENCE].aclose()
         await bus.aclose()
         await store.aclose()
 

@@ -76,6 +76,17 @@ class GatewaySettings(BaseModel):
         return self
 
 
+class PresenceSettings(BaseModel):
+    """Presence and typing behaviour."""
+
+    type: Literal["local"] = "local"
+    #: A user whose last connection dropped is announced offline only after this many seconds.
+    grace: float = Field(5.0, ge=0)
+    max_subscriptions: int = Field(1000, ge=1)
+    typing_ttl: float = Field(6.0, gt=0)
+    typing_min_interval: float = Field(2.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything `pigeon serve` needs."""
 
@@ -90,6 +101,7 @@ class Settings(BaseSettings):
     bus: LocalBusSettings = LocalBusSettings()
     limits: LimitSettings = LimitSettings()
     gateway: GatewaySettings = GatewaySettings()
+    presence: PresenceSettings = PresenceSettings()
     sweep_interval: float = Field(3600.0, gt=0)
     #: argon2id cost: time cost and memory in KiB (lower only for tests).
     argon2_time_cost: int = Field(3, ge=1)

@@ -19,7 +19,9 @@ from pigeon.domain.models import (
     Device,
     Member,
     MemberReceipt,
+    PresenceRecord,
     User,
+    Visibility,
 )
 
 
@@ -57,6 +59,17 @@ class AccountStore(Protocol):
     async def device_by_token(self, token_hash: bytes) -> Device | None:
         """The device holding this token hash, or None (unknown or revoked)."""
 
+    async def set_visibility(self, user_id: str, visibility: Visibility) -> None:
+        """Who may see the user's presence."""
+
+    async def presence_settings(
+        self, user_ids: list[str]
+    ) -> dict[str, tuple[Visibility, int | None]]:
+        """For each existing user among `user_ids`: (visibility, last seen stored at last exit)."""
+
+    async def set_last_seen(self, user_id: str, at: int) -> None:
+        """Persist when the user was last seen (survives restarts of the presence registry)."""
+
 
 class ChatStore(Protocol):
     """Chats and membership. Every change also writes a `ChatUpdate` into the inbox of every
@@ -86,6 +99,12 @@ class ChatStore(Protocol):
         `Conflict`; `NotFound` if no chat): add members, remove users, make `promote` admins.
         Removed users' devices and remaining members' devices get one ChatUpdate. New members
         start with delivered/read marks at the chat's current seq (they see no older messages)."""
+
+    async def shares_chat(self, user_id: str, others: list[str]) -> set[str]:
+        """Those of `others` who are in at least one chat with `user_id`."""
+
+    async def member_devices(self, chat_id: str) -> list[tuple[str, str]]:
+        """(user id, device id) of every device of every member of the chat."""
 
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         """The user's chats, newest activity first, with unread counts (others' messages after
@@ -176,6 +195,35 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Finish in-flight writes and release connections."""
+
+
+class Presence(Protocol):
+    """Who is online: a user is online while at least one of their sessions (live connections,
+    on any node) is registered. Tracks the *announced* state separately, so that a brief
+    disconnect within the grace period is never announced (no flapping). Implementations must
+    make each method atomic per user."""
+
+    async def session_up(self, user_id: str, session: str) -> bool:
+        """Register a live session. True if the user's announced state was offline (it is now
+        online: the caller announces it)."""
+
+    async def session_down(self, user_id: str, session: str, at: int) -> bool:
+        """Forget a session. True if it was the user's last one (last seen = `at`): the caller
+        confirms the offline state after the grace period."""
+
+    async def confirm_offline(self, user_id: str) -> PresenceRecord | None:
+        """If the user still has no session and is announced online, mark them announced
+        offline and return the record to announce; else None."""
+
+    async def lookup(self, user_ids: list[str]) -> dict[str, PresenceRecord]:
+        """The announced state of each user this registry knows (unknown users are absent)."""
+
+    async def refresh(self, sessions: list[tuple[str, str]]) -> None:
+        """Heartbeat: keep these (user, session) pairs alive (registries with expiry need it)."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 BusHandler = Callable[[bytes], None]

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from pigeon.domain.events import Event, Message, decode_event
+from pigeon.domain.events import Event, Message, PresenceFrame, TypingFrame, decode_event
 from pigeon.domain.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class _Frame(msgspec.Struct):
 
 
 _decode_frame = msgspec.json.Decoder(_Frame).decode
+_decode_signal = msgspec.json.Decoder(PresenceFrame | TypingFrame).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -126,6 +127,7 @@ class PigeonClient:
         self._acked = 0
         self._ack_wanted = asyncio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._signals: asyncio.Queue[PresenceFrame | TypingFrame] = asyncio.Queue()
 
     async def __aenter__(self) -> PigeonClient:
         await self.connect()
@@ -281,6 +283,25 @@ class PigeonClient:
         while True:
             yield await self.next_event()
 
+    async def next_signal(self, timeout: float | None = None) -> PresenceFrame | TypingFrame:
+        """The next ephemeral frame (presence change or typing indicator)."""
+        return await asyncio.wait_for(self._signals.get(), timeout)
+
+    async def subscribe_presence(self, users: list[str]) -> list[dict[str, Any]]:
+        """Watch users' presence; returns their current state (changes come as signals)."""
+        return list((await self.request("presence_subscribe", users=users))["presence"])
+
+    async def unsubscribe_presence(self, users: list[str]) -> None:
+        await self.request("presence_unsubscribe", users=users)
+
+    async def set_visibility(self, visibility: str) -> None:
+        """Who sees this user's presence: "chats" (people sharing a chat) or "nobody"."""
+        await self.request("set_visibility", visibility=visibility)
+
+    async def typing(self, chat: str, typing: bool = True) -> bool:
+        """Tell the chat's online members this user is (not) typing; False if throttled."""
+        return bool((await self.request("typing", chat=chat, typing=typing))["forwarded"])
+
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""
         return self._events.qsize()
@@ -359,6 +380,8 @@ class PigeonClient:
             self._connected.set()
             if self._first is not None and not self._first.done():
                 self._first.set_result(None)
+        elif f.t in ("presence", "typing"):
+            self._signals.put_nowait(_decode_signal(data))
         elif f.t == "synced":
             self.synced.set()
         elif f.t == "gap" and f.from_ <= self._next_iseq <= f.to:

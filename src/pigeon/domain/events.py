@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from pigeon.domain.models import Attachment, ChatInfo
+from pigeon.domain.models import Attachment, ChatInfo, PresenceStatus
 
 ReceiptKind = Literal["delivered", "read"]
 ChatChange = Literal["created", "members", "left"]
@@ -110,3 +110,28 @@ class Delivery(msgspec.Struct, frozen=True):
 def inbox_frame(iseq: int, raw: bytes) -> bytes:
     """The frame a device receives for one inbox entry (see docs/protocol.md, `event`)."""
     return b'{"t":"event","iseq":%d,"event":%s}' % (iseq, raw)
+
+
+class PresenceFrame(msgspec.Struct, frozen=True, kw_only=True, tag="presence", tag_field="t"):
+    """Ephemeral (never stored): `user` is now online, offline since `last_seen`, or `unknown`
+    (they hide their presence)."""
+
+    user: str
+    status: PresenceStatus
+    last_seen: int | None = None
+
+
+class TypingFrame(msgspec.Struct, frozen=True, kw_only=True, tag="typing", tag_field="t"):
+    """Ephemeral (never stored): `user` (on `device`) started or stopped typing in `chat`. A
+    `typing: true` expires after `ttl_ms` unless renewed; the server also sends `false` then."""
+
+    chat: str
+    user: str
+    device: str
+    typing: bool
+    ttl_ms: int = 0
+
+
+def encode_frame(frame: PresenceFrame | TypingFrame) -> bytes:
+    """The wire form of an ephemeral frame."""
+    return _encoder.encode(frame)

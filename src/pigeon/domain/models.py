@@ -12,6 +12,9 @@ import msgspec
 
 ChatKind = Literal["direct", "group"]
 Role = Literal["admin", "member"]
+#: Who may see a user's online status and last seen: people sharing a chat with them, or nobody.
+Visibility = Literal["chats", "nobody"]
+PresenceStatus = Literal["online", "offline", "unknown"]
 
 
 class User(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,3 +101,10 @@ class MemberReceipt(msgspec.Struct, frozen=True, kw_only=True):
     user: str
     delivered_at: int | None
     read_at: int | None
+
+
+class PresenceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's announced presence: online, or offline since `last_seen` (None: never seen)."""
+
+    online: bool
+    last_seen: int | None = None

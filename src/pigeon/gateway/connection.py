@@ -99,10 +99,10 @@ class Connection:
             self._enqueue(_PING)
 
     def push(self, frame: bytes) -> None:
-        """A frame from the bus. While the inbox sync runs, live frames are held back and
+        """A frame from the bus. While the inbox sync runs, live inbox events are held back and
         released after it (so the device sees its inbox in order)."""
-        if self._held is None:
-            self.send(frame)
+        if self._held is None or not frame.startswith(_EVENT_PREFIX):
+            self.send(frame)  # ephemeral frames (presence, typing) are never held back
         elif len(self._held) < self._held_limit:
             self._held.append(frame)
         else:

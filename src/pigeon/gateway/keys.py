@@ -12,6 +12,8 @@ from pigeon.ports import Clock
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.messaging import MessagingService
+from pigeon.services.presence import PresenceService
+from pigeon.services.typing import TypingService
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,8 @@ class Services:
     accounts: AccountService
     chats: ChatService
     messaging: MessagingService
+    presence: PresenceService
+    typing: TypingService
     hub: Hub
     clock: Clock
 

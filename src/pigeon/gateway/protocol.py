@@ -7,7 +7,7 @@ frames (built in `pigeon.domain.events.inbox_frame`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -75,6 +75,23 @@ class Ping(Command, tag="ping"):
     pass
 
 
+class PresenceSubscribe(Command, tag="presence_subscribe"):
+    users: list[str]
+
+
+class PresenceUnsubscribe(Command, tag="presence_unsubscribe"):
+    users: list[str]
+
+
+class SetVisibility(Command, tag="set_visibility"):
+    visibility: Literal["chats", "nobody"]
+
+
+class Typing(Command, tag="typing"):
+    chat: str
+    typing: bool = True
+
+
 AnyCommand = (
     Auth
     | CreateChat
@@ -87,23 +104,12 @@ AnyCommand = (
     | Receipts
     | Sync
     | Ping
+    | PresenceSubscribe
+    | PresenceUnsubscribe
+    | SetVisibility
+    | Typing
 )
-COMMAND_NAMES = frozenset(
-    c.__struct_config__.tag
-    for c in (
-        Auth,
-        CreateChat,
-        ModifyParticipants,
-        LeaveChat,
-        ListChats,
-        Send,
-        Ack,
-        Read,
-        Receipts,
-        Sync,
-        Ping,
-    )
-)
+COMMAND_NAMES = frozenset(c.__struct_config__.tag for c in get_args(AnyCommand))
 
 
 class Envelope(msgspec.Struct):

@@ -21,6 +21,8 @@ from pigeon.gateway.connection import Connection, frame_iseq
 from pigeon.gateway.errors import to_error
 from pigeon.services.chats import ChatService
 from pigeon.services.messaging import MessagingService
+from pigeon.services.presence import PresenceService
+from pigeon.services.typing import TypingService
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ class Session:
         conn: Connection,
         chats: ChatService,
         messaging: MessagingService,
+        presence: PresenceService,
+        typing: TypingService,
         *,
         max_frame_bytes: int,
         max_inflight: int,
@@ -40,6 +44,8 @@ class Session:
         self.conn = conn
         self._chats = chats
         self._messaging = messaging
+        self._presence = presence
+        self._typists = typing
         self._max_frame = max_frame_bytes
         self._inflight = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -56,6 +62,10 @@ class Session:
             p.Sync: self._sync_command,
             p.Ping: self._ping,
             p.Auth: self._auth_again,
+            p.PresenceSubscribe: self._presence_subscribe,
+            p.PresenceUnsubscribe: self._presence_unsubscribe,
+            p.SetVisibility: self._set_visibility,
+            p.Typing: self._typing,
         }
 
     async def handle(self, frame: bytes) -> None:
@@ -82,10 +92,13 @@ class Session:
             self._inflight.release()
 
     async def aclose(self) -> None:
-        """Cancel commands still running (their effects are committed or not, atomically)."""
+        """Cancel commands still running (their effects are committed or not, atomically) and
+        end this connection's presence subscriptions and typing state."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._presence.drop(self.conn.push)
+        await self._typists.device_gone(self.conn.device)
 
     async def sync(self, after: int) -> int:
         """Send every inbox entry after `after` in order, then `synced`, then release held live
@@ -155,6 +168,19 @@ class Session:
 
     async def _ping(self, cmd: p.Ping) -> None:
         return None
+
+    async def _presence_subscribe(self, cmd: p.PresenceSubscribe) -> Any:
+        states = await self._presence.subscribe(self.conn.device, cmd.users, self.conn.push)
+        return {"presence": states}
+
+    async def _presence_unsubscribe(self, cmd: p.PresenceUnsubscribe) -> None:
+        self._presence.unsubscribe(self.conn.push, cmd.users)
+
+    async def _set_visibility(self, cmd: p.SetVisibility) -> None:
+        await self._presence.set_visibility(self.conn.device.user_id, cmd.visibility)
+
+    async def _typing(self, cmd: p.Typing) -> Any:
+        return {"forwarded": await self._typists.typing(self.conn.device, cmd.chat, cmd.typing)}
 
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")

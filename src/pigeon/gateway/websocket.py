@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from pigeon.domain.errors import PigeonError, Unauthorized
+from pigeon.domain.ids import new_id
 from pigeon.domain.models import Device
 from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection
@@ -62,13 +63,17 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         conn,
         services.chats,
         services.messaging,
+        services.presence,
+        services.typing,
         max_frame_bytes=gw.max_frame_bytes,
         max_inflight=gw.max_inflight_commands,
     )
     hub = services.hub
     await hub.attach(conn)
+    session_key = new_id()
     sync: asyncio.Task[int] | None = None
     try:
+        await services.presence.connected(device, session_key)
         acked = await services.messaging.acked(device)
         ready = p.Ready(
             user=device.user_id, device=device.id, acked=acked, server_time=services.clock.now_ms()
@@ -83,6 +88,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(BaseException):
                 await sync
         await session.aclose()
+        loop = asyncio.get_running_loop()
+        idle_ms = int((loop.time() - conn.last_recv) * 1000)
+        await services.presence.disconnected(device, session_key, services.clock.now_ms() - idle_ms)
         await conn.wait_closed()
     return ws
 
@@ -91,13 +99,14 @@ async def _read_loop(ws: web.WebSocketResponse, conn: Connection, session: Sessi
     loop = asyncio.get_running_loop()
     while not conn.closing:
         msg = await ws.receive()
-        conn.last_recv = loop.time()
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            conn.last_recv = loop.time()
             await session.handle(msg.data)
         elif msg.type == WSMsgType.PING:
+            conn.last_recv = loop.time()
             await ws.pong(msg.data)
         elif msg.type == WSMsgType.PONG:
-            continue
+            conn.last_recv = loop.time()
         else:  # CLOSE, CLOSING, CLOSED, ERROR (e.g. a frame over the hard limit)
             break
 

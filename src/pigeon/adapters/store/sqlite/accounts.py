@@ -7,7 +7,7 @@ import sqlite3
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.adapters.store.sqlite.inbox import release_messages
 from pigeon.domain.errors import Conflict, TooManyDevices
-from pigeon.domain.models import Credentials, Device, User
+from pigeon.domain.models import Credentials, Device, User, Visibility
 from pigeon.ports import AccountStore
 
 
@@ -121,6 +121,35 @@ class SqliteAccounts:
             return None if r is None else Device(id=r[0], user_id=r[1], name=r[2], created_at=r[3])
 
         return await self._db.read(q)
+
+    async def set_visibility(self, user_id: str, visibility: Visibility) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE users SET visibility = ? WHERE id = ?", (visibility, user_id)
+            )
+        )
+
+    async def presence_settings(
+        self, user_ids: list[str]
+    ) -> dict[str, tuple[Visibility, int | None]]:
+        def q(conn: sqlite3.Connection) -> dict[str, tuple[Visibility, int | None]]:
+            if not user_ids:
+                return {}
+            marks = ",".join("?" * len(user_ids))
+            rows = conn.execute(
+                f"SELECT id, visibility, last_seen_at FROM users WHERE id IN ({marks})", user_ids
+            )
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+        return await self._db.read(q)
+
+    async def set_last_seen(self, user_id: str, at: int) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE users SET last_seen_at = max(coalesce(last_seen_at, 0), ?) WHERE id = ?",
+                (at, user_id),
+            )
+        )
 
 
 _check: type[AccountStore] = SqliteAccounts

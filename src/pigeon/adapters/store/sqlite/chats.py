@@ -149,6 +149,31 @@ class SqliteChats:
 
         return await self._db.write(tx)
 
+    async def shares_chat(self, user_id: str, others: list[str]) -> set[str]:
+        def q(conn: sqlite3.Connection) -> set[str]:
+            if not others:
+                return set()
+            marks = ",".join("?" * len(others))
+            rows = conn.execute(
+                "SELECT DISTINCT o.user_id FROM members me JOIN members o ON o.chat_id = me.chat_id"
+                f" WHERE me.user_id = ? AND o.user_id IN ({marks})",
+                [user_id, *others],
+            )
+            return {r[0] for r in rows}
+
+        return await self._db.read(q)
+
+    async def member_devices(self, chat_id: str) -> list[tuple[str, str]]:
+        def q(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT m.user_id, d.id FROM members m JOIN devices d ON d.user_id = m.user_id"
+                " WHERE m.chat_id = ?",
+                (chat_id,),
+            )
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._db.read(q)
+
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         def q(conn: sqlite3.Connection) -> list[ChatSummary]:
             rows = conn.execute(

@@ -84,6 +84,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX receipt_log_by_at ON receipt_log(at);
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE users ADD COLUMN visibility TEXT NOT NULL DEFAULT 'chats';
+        ALTER TABLE users ADD COLUMN last_seen_at INTEGER;
+        """,
+    ),
 ]
 
 

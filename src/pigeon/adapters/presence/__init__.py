@@ -1,0 +1,1 @@
+"""Presence registries: in-process (embedded default); Redis with TTLs for many nodes."""
