@@ -251,3 +251,17 @@ async def test_sweep_deletes_what_is_older(store: Store) -> None:
         await store.messages.receipts(a.id, c.id, old.message.id)
     page = await store.messages.read_inbox(db.id, 0, 10)
     assert page.entries == [] and page.head == 2
+
+
+async def test_presence_settings_and_chat_partners(store: Store) -> None:
+    a, b, c_ = await user(store, "a11"), await user(store, "b11"), await user(store, "c11")
+    da = await device(store, a)
+    db = await device(store, b)
+    g = await chat(store, a, b)
+    assert await store.chats.shares_chat(a.id, [b.id, c_.id]) == {b.id}
+    assert sorted(await store.chats.member_devices(g.id)) == sorted([(a.id, da.id), (b.id, db.id)])
+    assert await store.accounts.presence_settings([a.id]) == {a.id: ("chats", None)}
+    await store.accounts.set_visibility(a.id, "nobody")
+    await store.accounts.set_last_seen(a.id, 50)
+    await store.accounts.set_last_seen(a.id, 40)  # never backwards
+    assert await store.accounts.presence_settings([a.id, "missing"]) == {a.id: ("nobody", 50)}
