@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pigeon.bench.accounts import make_devices
+from pigeon.bench.clients import close_all
 from pigeon.bench.report import Run, fmt_latency, latency_summary, rate
 from pigeon.bench.server import ServerHandle, server_section
 from pigeon.bench.workers import Gate, Generators
@@ -59,6 +60,7 @@ class Outcome:
     unexpected: int = 0
     timed_out: bool = False
     store_timed_out: bool = False
+    close_timeouts: int = 0
     reconnects: int = 0
 
 
@@ -137,7 +139,7 @@ async def _receive(spec: Spec, expected: set[int], out: Outcome) -> None:
         out.received = len(seen)
         out.missing = len(expected - seen)
         out.reconnects = client.connects - 1
-        await client.close()
+        out.close_timeouts += await close_all([client])
 
 
 async def generate(spec: Spec, gate: Gate) -> Outcome:
@@ -155,7 +157,7 @@ async def generate(spec: Spec, gate: Gate) -> Outcome:
         drainer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await drainer
-        await sender.close()
+        out.close_timeouts += await close_all([sender])
     return out
 
 
@@ -192,8 +194,10 @@ async def run(
         "unexpected": o.unexpected,
         "timed_out": o.timed_out,
         "recipient_reconnects": o.reconnects,
+        "close_timeouts": o.close_timeouts,
     }
-    for key in ("out_of_order", "duplicates", "missing", "unexpected", "recipient_reconnects"):
+    checks = ("out_of_order", "duplicates", "missing", "unexpected", "recipient_reconnects")
+    for key in (*checks, "close_timeouts"):
         if results[key]:
             report.problems.append(f"{key}: {results[key]}")
     if o.stored < p.count:

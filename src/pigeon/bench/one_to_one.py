@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from pigeon.bench.accounts import bounded, make_devices
+from pigeon.bench.clients import close_all, connect_all
 from pigeon.bench.report import Run, fmt_latency, latency_summary, rate
 from pigeon.bench.server import ServerHandle, server_section
 from pigeon.bench.workers import Gate, Generators, split
@@ -73,6 +74,7 @@ class Outcome:
     reconnects: int = 0
     skipped: int = 0
     stuck_sends: int = 0
+    close_timeouts: int = 0
     drained: bool = True
     cpu_percent: float = 0.0
     setup_s: float = 0.0
@@ -127,15 +129,8 @@ class _Generator:
 
     async def setup(self) -> None:
         start = time.perf_counter()
-        url = self.spec.url
-
-        async def connect(token: str) -> PigeonClient:
-            client = PigeonClient(url, token)
-            await client.connect(timeout=60)
-            return client
-
         tokens = [t for tx, _, rx in self.spec.pairs for t in (tx, rx)]
-        clients = await bounded(100, [partial(connect, t) for t in tokens])
+        clients = await connect_all(self.spec.url, tokens)
         for i, (_, rx_user, _) in enumerate(self.spec.pairs):
             self.pairs.append(_Pair(clients[2 * i], clients[2 * i + 1], rx_user))
         for c in clients:
@@ -255,7 +250,7 @@ class _Generator:
             task.cancel()
         await asyncio.gather(*self.consumers, return_exceptions=True)
         clients = [c for pair in self.pairs for c in (pair.tx, pair.rx)]
-        await bounded(200, [c.close for c in clients])
+        self.out.close_timeouts = await close_all(clients)
         out = self.out
         out.committed_total = sum(p.committed for p in self.pairs)
         out.received_total = sum(p.received for p in self.pairs)
@@ -341,7 +336,8 @@ def _document(
         for k in ("committed_total", "received_total", "missing", "duplicates", "seq_gaps")
     }
     totals |= {
-        k: sum(getattr(o, k) for o in outcomes) for k in ("reconnects", "skipped", "stuck_sends")
+        k: sum(getattr(o, k) for o in outcomes)
+        for k in ("reconnects", "skipped", "stuck_sends", "close_timeouts")
     }
     gen_cpu = [o.cpu_percent for o in outcomes]
     results = {
@@ -357,7 +353,8 @@ def _document(
         "generator_setup_s": [r.get("setup_s") for r in ready],
         "accounts_setup_s": round(accounts_s, 2),
     }
-    for key in ("missing", "duplicates", "seq_gaps", "reconnects", "skipped", "stuck_sends"):
+    problems = ("missing", "duplicates", "seq_gaps", "reconnects", "skipped", "stuck_sends")
+    for key in (*problems, "close_timeouts"):
         if totals[key]:
             report.problems.append(f"{key}: {totals[key]}")
     if errors:

@@ -223,9 +223,8 @@ async def server(target: Target, *, nofile: int = 65536) -> AsyncIterator[Server
         yield handle
     finally:
         handle.exit_code = await asyncio.to_thread(_stop, proc)
-        keep = os.environ.get("PIGEON_BENCH_KEEP_DATA") == "1"
-        if not keep:
-            shutil.rmtree(data_root / "data", ignore_errors=True)
+        if os.environ.get("PIGEON_BENCH_KEEP_DATA") != "1":
+            shutil.rmtree(data_root, ignore_errors=True)
 
 
 def server_section(handle: ServerHandle, **figures: Any) -> dict[str, Any]:

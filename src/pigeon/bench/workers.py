@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
+import signal
+import sys
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any, Generic, Protocol, TypeVar
@@ -62,6 +66,26 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+def dump_tasks() -> None:
+    """Print every asyncio task's stack to stderr (`kill -USR1` a stuck generator)."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} tasks in generator pid {os.getpid()}", file=sys.stderr)
+    where: Counter[str] = Counter()
+    for task in tasks:
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(chain) < 12:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is None:
+                chain.append(type(coro).__name__)
+                break
+            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        where[" > ".join(chain)] += 1
+    for stack, count in where.most_common(30):
+        print(f"{count:6d}  {stack}", file=sys.stderr)
+
+
 def _child(
     fn: Callable[[Any, Gate], Awaitable[Any]],
     spec: Any,
@@ -76,6 +100,8 @@ def _child(
         raise_nofile(nofile)
 
         async def main() -> Any:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
             return await fn(spec, _PipeGate(conn))
 
         conn.send(("result", run_loop(main())))

@@ -158,7 +158,8 @@ class PigeonClient:
             return
         if self.auto_ack and self._ws is not None and self._handled > self._acked:
             with contextlib.suppress(ClientError, TimeoutError):
-                await asyncio.wait_for(self.ack(self._handled), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self.ack(self._handled)
         self._closing = True
         for task in (self._acker, self._runner):
             if task is not None:
@@ -183,7 +184,8 @@ class PigeonClient:
         if self._fatal is not None:
             raise self._fatal
         try:
-            await asyncio.wait_for(self._connected.wait(), self.request_timeout)
+            async with asyncio.timeout(self.request_timeout):
+                await self._connected.wait()
         except TimeoutError as exc:
             raise ConnectionLost("not connected") from exc
         if self._fatal is not None:
@@ -196,7 +198,10 @@ class PigeonClient:
         self._pending[rid] = fut
         try:
             await ws.send_bytes(_encode({"t": t, "rid": rid, **fields}))
-            return await asyncio.wait_for(fut, self.request_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the reply, which would make close() wait for the acker forever.
+            async with asyncio.timeout(self.request_timeout):
+                return await fut
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise ConnectionLost(str(exc)) from exc
         except TimeoutError as exc:
@@ -285,7 +290,8 @@ class PigeonClient:
 
     async def next_signal(self, timeout: float | None = None) -> PresenceFrame | TypingFrame:
         """The next ephemeral frame (presence change or typing indicator)."""
-        return await asyncio.wait_for(self._signals.get(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self._signals.get()
 
     async def subscribe_presence(self, users: list[str]) -> list[dict[str, Any]]:
         """Watch users' presence; returns their current state (changes come as signals)."""
@@ -443,7 +449,7 @@ class PigeonClient:
             self._ack_wanted.set()
 
     async def _ack_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._ack_wanted.wait()
             self._ack_wanted.clear()
             await asyncio.sleep(self.ack_interval)  # batching window, not synchronisation
