@@ -21,6 +21,8 @@ from pigeon.gateway.transport import Transport
 log = logging.getLogger(__name__)
 
 _PING = object()
+#: Frames written with one transport write (one syscall) at most.
+_WRITE_BATCH = 256
 _EVENT_PREFIX = b'{"t":"event","iseq":'
 
 
@@ -169,9 +171,11 @@ class Connection:
                 item = out.popleft()
                 if item is _PING:
                     await self.transport.ping()
-                else:
-                    assert isinstance(item, bytes)
-                    await self.transport.send_text(item)
+                    continue
+                batch = [item]
+                while out and out[0] is not _PING and len(batch) < _WRITE_BATCH:
+                    batch.append(out.popleft())
+                await self.transport.send_texts(batch)  # type: ignore[arg-type]
                 if self._space is not None and len(out) < self._max:
                     self._space.set()
                     self._space = None

@@ -3,16 +3,32 @@ swapped (e.g. for picows) without touching sessions, the hub or the message path
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import WSMsgType, web
+
+_TEXT_FIN = 0x81
+_LEN1 = struct.Struct("!BB").pack
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def text_frame_header(length: int) -> bytes:
+    """RFC 6455 header of an unmasked, final text frame (server to client)."""
+    if length < 126:
+        return _LEN1(_TEXT_FIN, length)
+    if length < 65536:
+        return _LEN2(_TEXT_FIN, 126, length)
+    return _LEN3(_TEXT_FIN, 127, length)
 
 
 class Transport(Protocol):
     """The writing half of one server-side WebSocket."""
 
-    async def send_text(self, frame: bytes) -> None:
-        """Send one text frame (UTF-8 JSON); may wait while the peer's buffer is full."""
+    async def send_texts(self, frames: list[bytes]) -> None:
+        """Send text frames (UTF-8 JSON) in order; may wait while the peer's buffer is full."""
 
     async def ping(self) -> None:
         """Send a ping control frame."""
@@ -22,15 +38,39 @@ class Transport(Protocol):
 
 
 class AiohttpTransport:
-    """`Transport` over an aiohttp `WebSocketResponse`."""
+    """`Transport` over an aiohttp `WebSocketResponse`.
 
-    __slots__ = ("_ws",)
+    Queued frames are written with one `transport.write` per batch instead of one per frame
+    (aiohttp's `send_frame` writes, i.e. makes a syscall, per frame: ~15% of the server's CPU in
+    the 1:1 benchmark). Server frames are unmasked and we never compress, so the header is all
+    there is to build. Flow control uses the protocol's drain helper, as aiohttp's writer does;
+    if that is not available, frames go through `send_frame` one by one.
+    """
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    __slots__ = ("_drain", "_protocol", "_raw", "_ws")
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
+        self._raw = request.transport
+        self._protocol = request.protocol
+        drain: Callable[[], Awaitable[None]] | None = getattr(self._protocol, "_drain_helper", None)
+        self._drain = drain
 
-    async def send_text(self, frame: bytes) -> None:
-        await self._ws.send_frame(frame, WSMsgType.TEXT)
+    async def send_texts(self, frames: list[bytes]) -> None:
+        raw, drain = self._raw, self._drain
+        if raw is None or drain is None:
+            for frame in frames:
+                await self._ws.send_frame(frame, WSMsgType.TEXT)
+            return
+        if raw.is_closing() or self._ws.closed:
+            raise ConnectionResetError("connection is closing")
+        parts: list[bytes] = []
+        for frame in frames:
+            parts.append(text_frame_header(len(frame)))
+            parts.append(frame)
+        raw.write(b"".join(parts))
+        if self._protocol.writing_paused:
+            await drain()
 
     async def ping(self) -> None:
         await self._ws.ping()

@@ -58,7 +58,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
         if device is None:
             return ws
-    conn = Connection(AiohttpTransport(ws), device, gw.outbound_queue_frames)
+    conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
     session = Session(
         conn,
         services.chats,
