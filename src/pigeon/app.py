@@ -15,6 +15,7 @@ from pigeon.config import Settings
 from pigeon.gateway.http import READY, add_routes, error_middleware
 from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
+from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
 from pigeon.ports import Bus, Clock, Presence, Store
 from pigeon.services.accounts import AccountService
@@ -57,26 +58,38 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
     )
+    chats = ChatService(store, fanout, clock, limits)
+    messaging = MessagingService(store.messages, fanout, clock, limits)
+    presence_service = PresenceService(
+        presence,
+        store,
+        bus,
+        clock,
+        grace=settings.presence.grace,
+        max_subscriptions=settings.presence.max_subscriptions,
+    )
+    typing = TypingService(
+        store.chats,
+        bus,
+        ttl=settings.presence.typing_ttl,
+        min_interval=settings.presence.typing_min_interval,
+    )
     services = Services(
         accounts=AccountService(store.accounts, bus, clock, limits, hasher),
-        chats=ChatService(store, fanout, clock, limits),
-        messaging=MessagingService(store.messages, fanout, clock, limits),
-        presence=PresenceService(
-            presence,
-            store,
-            bus,
-            clock,
-            grace=settings.presence.grace,
-            max_subscriptions=settings.presence.max_subscriptions,
-        ),
-        typing=TypingService(
-            store.chats,
-            bus,
-            ttl=settings.presence.typing_ttl,
-            min_interval=settings.presence.typing_min_interval,
-        ),
+        chats=chats,
+        messaging=messaging,
+        presence=presence_service,
+        typing=typing,
         hub=Hub(bus, settings.gateway),
         clock=clock,
+        sessions=SessionServices(
+            chats=chats,
+            messaging=messaging,
+            presence=presence_service,
+            typing=typing,
+            max_frame_bytes=settings.gateway.max_frame_bytes,
+            max_inflight=settings.gateway.max_inflight_commands,
+        ),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[SETTINGS] = settings

@@ -44,6 +44,7 @@ def serve(
         print=None,
         access_log=None,
         shutdown_timeout=10.0,
+        backlog=settings.gateway.backlog,
     )
 
 

@@ -66,6 +66,8 @@ class GatewaySettings(BaseModel):
     #: Frames above this close the connection (1009): the server will not buffer them.
     hard_frame_limit: int = Field(4 * 1024 * 1024, ge=1024)
     auth_timeout: float = Field(10.0, gt=0)
+    #: Listen backlog: connection bursts (a node restart) queue here instead of being refused.
+    backlog: int = Field(2048, ge=16)
     #: How long a closing handshake may wait for the peer's close frame.
     close_timeout: float = Field(2.0, gt=0)
 

@@ -4,7 +4,9 @@ A scenario's generator is an async function `fn(spec, gate)`. `Generators` runs 
 each in a spawned process (pinned to the client core, with a raised fd limit, on uvloop), or as
 tasks of the caller's loop (`inline`, for tests). Every generator prepares (connects, creates
 chats...), calls `await gate.ready(info)` and waits there until the parent says go: so all start
-together, and the parent can measure the server in between. Their results return by pipe.
+together, and the parent can measure the server in between. A generator that runs until told
+(e.g. an observer) may then `await gate.stopped()`, which returns once the parent called
+`Generators.stop()`. Their results return by pipe.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Gate(Protocol):
 
     async def ready(self, info: dict[str, Any]) -> None: ...
 
+    async def stopped(self) -> None: ...
+
 
 class _PipeGate:
     def __init__(self, conn: Connection) -> None:
@@ -43,15 +47,25 @@ class _PipeGate:
         if await asyncio.to_thread(self._conn.recv) != "go":
             raise RuntimeError("generator: expected 'go' from the parent")
 
+    async def stopped(self) -> None:
+        if await asyncio.to_thread(self._conn.recv) != "stop":
+            raise RuntimeError("generator: expected 'stop' from the parent")
+
 
 class _LocalGate:
-    def __init__(self, ready: asyncio.Queue[dict[str, Any]], go: asyncio.Event) -> None:
+    def __init__(
+        self, ready: asyncio.Queue[dict[str, Any]], go: asyncio.Event, stop: asyncio.Event
+    ) -> None:
         self._ready = ready
         self._go = go
+        self._stop = stop
 
     async def ready(self, info: dict[str, Any]) -> None:
         self._ready.put_nowait(info)
         await self._go.wait()
+
+    async def stopped(self) -> None:
+        await self._stop.wait()
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -146,12 +160,13 @@ class Generators(Generic[S, R]):
         self._tasks: list[asyncio.Task[R]] = []
         self._ready: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._go = asyncio.Event()
+        self._stop = asyncio.Event()
         self.pids: list[int] = []
 
     async def start(self) -> None:
         if self._inline:
             for spec in self._specs:
-                gate = _LocalGate(self._ready, self._go)
+                gate = _LocalGate(self._ready, self._go, self._stop)
                 self._tasks.append(asyncio.create_task(self._inline_run(spec, gate)))
             return
         ctx = multiprocessing.get_context("spawn")
@@ -196,6 +211,12 @@ class Generators(Generic[S, R]):
         self._go.set()
         for conn in self._conns:
             conn.send("go")
+
+    def stop(self) -> None:
+        """Tell every generator waiting in `gate.stopped()` to finish."""
+        self._stop.set()
+        for conn in self._conns:
+            conn.send("stop")
 
     async def results(self, timeout: float) -> list[R]:
         """Each generator's result, in spec order (raises if one failed)."""

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from pigeon.config import Settings
 from pigeon.gateway.hub import Hub
+from pigeon.gateway.session import SessionServices
 from pigeon.ports import Clock
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
@@ -27,6 +28,7 @@ class Services:
     typing: TypingService
     hub: Hub
     clock: Clock
+    sessions: SessionServices
 
 
 SERVICES = web.AppKey("services", Services)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, get_args
 
 import msgspec
 
@@ -27,52 +28,35 @@ from pigeon.services.typing import TypingService
 log = logging.getLogger(__name__)
 
 
-class Session:
-    """Runs one connection's commands against the services."""
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What every session of this node shares: the services and the per-connection limits."""
 
-    def __init__(
-        self,
-        conn: Connection,
-        chats: ChatService,
-        messaging: MessagingService,
-        presence: PresenceService,
-        typing: TypingService,
-        *,
-        max_frame_bytes: int,
-        max_inflight: int,
-    ) -> None:
+    chats: ChatService
+    messaging: MessagingService
+    presence: PresenceService
+    typing: TypingService
+    max_frame_bytes: int
+    max_inflight: int
+
+
+class Session:
+    """Runs one connection's commands against the services (kept small: one per connection)."""
+
+    __slots__ = ("_inflight", "_sync_lock", "_tasks", "conn", "services")
+
+    def __init__(self, conn: Connection, services: SessionServices) -> None:
         self.conn = conn
-        self._chats = chats
-        self._messaging = messaging
-        self._presence = presence
-        self._typists = typing
-        self._max_frame = max_frame_bytes
-        self._inflight = asyncio.Semaphore(max_inflight)
+        self.services = services
+        self._inflight = asyncio.Semaphore(services.max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sync_lock = asyncio.Lock()
-        self._handlers: dict[type[p.Command], Callable[[Any], Awaitable[Any]]] = {
-            p.Send: self._send,
-            p.Ack: self._ack,
-            p.Read: self._read,
-            p.CreateChat: self._create_chat,
-            p.ModifyParticipants: self._modify,
-            p.LeaveChat: self._leave,
-            p.ListChats: self._list_chats,
-            p.Receipts: self._receipts,
-            p.Sync: self._sync_command,
-            p.Ping: self._ping,
-            p.Auth: self._auth_again,
-            p.PresenceSubscribe: self._presence_subscribe,
-            p.PresenceUnsubscribe: self._presence_unsubscribe,
-            p.SetVisibility: self._set_visibility,
-            p.Typing: self._typing,
-        }
+        self._sync_lock: asyncio.Lock | None = None
 
     async def handle(self, frame: bytes) -> None:
         """Decode one frame and start its command (returns once it is started)."""
         try:
-            if len(frame) > self._max_frame:
-                raise TooLarge(f"frame exceeds {self._max_frame} bytes")
+            if len(frame) > self.services.max_frame_bytes:
+                raise TooLarge(f"frame exceeds {self.services.max_frame_bytes} bytes")
             cmd = p.command_decoder.decode(frame)
         except (TooLarge, msgspec.DecodeError) as exc:
             self.conn.send(p.encode(to_error(_rid_of(frame), _decode_error(frame, exc))))
@@ -84,7 +68,7 @@ class Session:
 
     async def _run(self, cmd: p.Command) -> None:
         try:
-            result = await self._handlers[type(cmd)](cmd)
+            result = await _HANDLERS[type(cmd)](self, cmd)
             self.conn.send(p.encode(p.Ok(rid=cmd.rid, result=result)))
         except Exception as exc:
             self.conn.send(p.encode(to_error(cmd.rid, exc)))
@@ -97,20 +81,22 @@ class Session:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._presence.drop(self.conn.push)
-        await self._typists.device_gone(self.conn.device)
+        self.services.presence.drop(self.conn.push)
+        await self.services.typing.device_gone(self.conn.device)
 
     async def sync(self, after: int) -> int:
         """Send every inbox entry after `after` in order, then `synced`, then release held live
         frames that are newer. Entries that no longer exist (expired by retention) are reported
         as one `gap` frame per run; entries the device already acked are not. Returns the last
         iseq covered."""
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
             conn = self.conn
             conn.hold()
             last = after
             while True:
-                page = await self._messaging.inbox(conn.device, last)
+                page = await self.services.messaging.inbox(conn.device, last)
                 last = max(last, page.acked)
                 for entry in page.entries:
                     if entry.iseq > last + 1:
@@ -134,31 +120,35 @@ class Session:
             return last
 
     async def _send(self, cmd: p.Send) -> dict[str, Any]:
-        message, duplicate = await self._messaging.send(
+        message, duplicate = await self.services.messaging.send(
             self.conn.device, cmd.chat, cmd.cmid, cmd.body, cmd.attachment
         )
         return {"id": message.id, "seq": message.seq, "at": message.at, "duplicate": duplicate}
 
     async def _ack(self, cmd: p.Ack) -> None:
-        await self._messaging.ack(self.conn.device, cmd.upto)
+        await self.services.messaging.ack(self.conn.device, cmd.upto)
 
     async def _read(self, cmd: p.Read) -> None:
-        await self._messaging.read(self.conn.device, cmd.chat, cmd.seq)
+        await self.services.messaging.read(self.conn.device, cmd.chat, cmd.seq)
 
     async def _create_chat(self, cmd: p.CreateChat) -> Any:
-        return await self._chats.create(self.conn.device, cmd.participants, cmd.name, cmd.kind)
+        return await self.services.chats.create(
+            self.conn.device, cmd.participants, cmd.name, cmd.kind
+        )
 
     async def _modify(self, cmd: p.ModifyParticipants) -> Any:
-        return await self._chats.modify(self.conn.device, cmd.chat, cmd.add, cmd.remove)
+        return await self.services.chats.modify(self.conn.device, cmd.chat, cmd.add, cmd.remove)
 
     async def _leave(self, cmd: p.LeaveChat) -> None:
-        await self._chats.leave(self.conn.device, cmd.chat)
+        await self.services.chats.leave(self.conn.device, cmd.chat)
 
     async def _list_chats(self, cmd: p.ListChats) -> Any:
-        return {"chats": await self._chats.conversations(self.conn.device)}
+        return {"chats": await self.services.chats.conversations(self.conn.device)}
 
     async def _receipts(self, cmd: p.Receipts) -> Any:
-        message, members = await self._messaging.receipts(self.conn.device, cmd.chat, cmd.message)
+        message, members = await self.services.messaging.receipts(
+            self.conn.device, cmd.chat, cmd.message
+        )
         return {"message": message.id, "seq": message.seq, "members": members}
 
     async def _sync_command(self, cmd: p.Sync) -> Any:
@@ -170,20 +160,42 @@ class Session:
         return None
 
     async def _presence_subscribe(self, cmd: p.PresenceSubscribe) -> Any:
-        states = await self._presence.subscribe(self.conn.device, cmd.users, self.conn.push)
+        states = await self.services.presence.subscribe(self.conn.device, cmd.users, self.conn.push)
         return {"presence": states}
 
     async def _presence_unsubscribe(self, cmd: p.PresenceUnsubscribe) -> None:
-        self._presence.unsubscribe(self.conn.push, cmd.users)
+        self.services.presence.unsubscribe(self.conn.push, cmd.users)
 
     async def _set_visibility(self, cmd: p.SetVisibility) -> None:
-        await self._presence.set_visibility(self.conn.device.user_id, cmd.visibility)
+        await self.services.presence.set_visibility(self.conn.device.user_id, cmd.visibility)
 
     async def _typing(self, cmd: p.Typing) -> Any:
-        return {"forwarded": await self._typists.typing(self.conn.device, cmd.chat, cmd.typing)}
+        return {
+            "forwarded": await self.services.typing.typing(self.conn.device, cmd.chat, cmd.typing)
+        }
 
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")
+
+
+_HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
+    p.Send: Session._send,
+    p.Ack: Session._ack,
+    p.Read: Session._read,
+    p.CreateChat: Session._create_chat,
+    p.ModifyParticipants: Session._modify,
+    p.LeaveChat: Session._leave,
+    p.ListChats: Session._list_chats,
+    p.Receipts: Session._receipts,
+    p.Sync: Session._sync_command,
+    p.Ping: Session._ping,
+    p.Auth: Session._auth_again,
+    p.PresenceSubscribe: Session._presence_subscribe,
+    p.PresenceUnsubscribe: Session._presence_unsubscribe,
+    p.SetVisibility: Session._set_visibility,
+    p.Typing: Session._typing,
+}
+assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
 
 
 def _rid_of(frame: bytes) -> p.Rid | None:

@@ -59,15 +59,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if device is None:
             return ws
     conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
-    session = Session(
-        conn,
-        services.chats,
-        services.messaging,
-        services.presence,
-        services.typing,
-        max_frame_bytes=gw.max_frame_bytes,
-        max_inflight=gw.max_inflight_commands,
-    )
+    session = Session(conn, services.sessions)
     hub = services.hub
     await hub.attach(conn)
     session_key = new_id()

@@ -1,12 +1,12 @@
 """SQLite access from asyncio, with group commit.
 
 All writes run on one writer thread that owns the only write connection. Jobs queued while a
-transaction is running are committed together in the next one (group commit), and every caller
-is answered only after the shared COMMIT returned. Jobs run back to back; if one raises, the
-batch is rolled back and run again with each job in its own SAVEPOINT, so a failing job never
-takes its neighbours down (and the common case pays no savepoint statements). With `synchronous=FULL` that is one fsync per batch instead
-of one per message. Reads run on a small pool of reader threads with their own connections (WAL
-lets them proceed while the writer writes).
+transaction is running are committed together in the next one (group commit), and every caller is
+answered only after the shared COMMIT returned. Jobs run back to back; if one raises, the batch is
+rolled back and run again with each job in its own SAVEPOINT, so a failing job never takes its
+neighbours down (and the common case pays no savepoint statements). With `synchronous=FULL` that is
+one fsync per batch instead of one per message. Reads run on a small pool of reader threads with
+their own connections (WAL lets them proceed while the writer writes).
 """
 
 from __future__ import annotations
