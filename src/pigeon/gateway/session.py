@@ -95,7 +95,7 @@ class Session:
             conn = self.conn
             conn.hold()
             last = after
-            while True:
+            while not conn.closing:
                 page = await self.services.messaging.inbox(conn.device, last)
                 last = max(last, page.acked)
                 for entry in page.entries:
