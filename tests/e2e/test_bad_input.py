@@ -178,3 +178,15 @@ async def test_rest_routing_errors_are_json_too(server: Server) -> None:
         assert (resp.status, (await resp.json())["code"]) == (405, "bad_request")
         resp = await http.post(f"{server.url}/v1/users", data=io.BytesIO(b"x" * 2**21))
         assert (resp.status, (await resp.json())["code"]) == (413, "too_large")
+
+
+async def test_sdk_surfaces_a_permanent_close_to_every_reader(server: Server) -> None:
+    name, _ = await server.user("doomed")
+    phone = await server.device(name, "phone")
+    laptop_account = await server.device(name, "laptop")
+    laptop = await server.client(laptop_account)
+    await revoke_device(server.url, phone.token, laptop_account.device)
+    for reader in (laptop.next_event, laptop.next_signal):
+        with pytest.raises(ClientError) as err:
+            await reader(5)
+        assert err.value.code == "closed"

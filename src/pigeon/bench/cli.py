@@ -7,13 +7,14 @@ and prints a summary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pigeon.bench import idle, offline, one_to_one
+from pigeon.bench import idle, offline, one_to_one, presence_storm
 from pigeon.bench.report import print_summary, write_result
 from pigeon.bench.server import ServerHandle, Target, pin, raise_nofile, server
 from pigeon.bench.workers import run_loop
@@ -58,6 +59,20 @@ def _target(
     return Target(url, server_pid, server_cpu, client_cpu, data_dir, env)
 
 
+GRACE_ENV = "PIGEON_PRESENCE__GRACE"
+
+
+def _with_grace(target: Target, grace: float) -> Target:
+    """The target with the spawned server's presence grace set to `grace` (unless --server-env
+    already sets it: then it must agree)."""
+    given = target.server_env.get(GRACE_ENV)
+    if given is not None:
+        if float(given) != grace:
+            raise typer.BadParameter(f"--server-env {GRACE_ENV}={given} disagrees with {grace}")
+        return target
+    return dataclasses.replace(target, server_env=target.server_env | {GRACE_ENV: str(grace)})
+
+
 def _execute(
     title: str, target: Target, out: Path, runner: Runner, summary: Summary, nofile: int = 65536
 ) -> dict[str, Any]:
@@ -89,6 +104,30 @@ def one_to_one_cmd(
     ] = None,
     size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 64,
     procs: Annotated[int, typer.Option(help="Generator processes.")] = 1,
+    presence_watchers: Annotated[
+        int,
+        typer.Option(
+            help="Presence subscriptions active during the run: each device watches its partner"
+            " and, above 1, shares a group with K other devices it watches (0: off)."
+        ),
+    ] = 0,
+    presence_churn: Annotated[
+        int,
+        typer.Option(
+            help="Extra users that connect/disconnect during the run, each watched by"
+            " max(1, K) devices, so presence frames flow while messages do."
+        ),
+    ] = 0,
+    presence_churn_period: Annotated[
+        float, typer.Option(help="Seconds of one churn cycle (half online, half offline).")
+    ] = 2.0,
+    presence_grace: Annotated[
+        float,
+        typer.Option(
+            help="The server's presence grace; a spawned server gets it when churning. Churners"
+            " stay offline longer than it."
+        ),
+    ] = 0.5,
     url: Url = None,
     server_pid: ServerPid = None,
     server_cpu: ServerCpu = None,
@@ -100,7 +139,21 @@ def one_to_one_cmd(
 ) -> None:
     """1:1 chats between online devices: delivered msgs/s and send-to-receive latency."""
     target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
-    p = one_to_one.Params(devices, inflight, duration, warmup, rate, size, procs)
+    if presence_churn > 0:
+        target = _with_grace(target, presence_grace)
+    p = one_to_one.Params(
+        devices,
+        inflight,
+        duration,
+        warmup,
+        rate,
+        size,
+        procs,
+        presence_watchers=presence_watchers,
+        presence_churn=presence_churn,
+        presence_churn_period=presence_churn_period,
+        presence_grace=presence_grace,
+    )
     _execute(
         "one-to-one",
         target,
@@ -164,6 +217,70 @@ def idle_cmd(
     )
 
 
+@bench_app.command("presence-storm")
+def presence_storm_cmd(
+    churners: Annotated[int, typer.Option(help="Users (one device each) that churn.")] = 2000,
+    subscribers: Annotated[int, typer.Option(help="Users (one device each) that watch.")] = 200,
+    watch: Annotated[int, typer.Option(help="Churners watched by each subscriber.")] = 100,
+    waves: Annotated[int, typer.Option(help="Connect-all / disconnect-all waves.")] = 5,
+    hold: Annotated[float, typer.Option(help="Seconds online after a wave connected.")] = 1.0,
+    settle: Annotated[
+        float, typer.Option(help="Seconds beyond the grace before the next wave.")
+    ] = 1.0,
+    grace: Annotated[
+        float,
+        typer.Option(
+            help="Server presence grace (set on a spawned server; with --url: its value)."
+        ),
+    ] = 0.5,
+    group_cap: Annotated[
+        int, typer.Option(help="The server's group cap: watched users per group is cap - 1.")
+    ] = 100,
+    concurrency: Annotated[
+        int, typer.Option(help="Connects/closes in flight per churn proc.")
+    ] = 100,
+    procs: Annotated[int, typer.Option(help="Churn generator processes.")] = 1,
+    sub_procs: Annotated[int, typer.Option(help="Subscriber generator processes.")] = 1,
+    tail_timeout: Annotated[
+        float, typer.Option(help="After the last wave, wait this long for missing frames.")
+    ] = 10.0,
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
+) -> None:
+    """Churners connect and disconnect in waves while subscribers watch: presence events/s and
+    change-to-notification delays."""
+    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    target = _with_grace(target, grace)
+    p = presence_storm.Params(
+        churners,
+        subscribers,
+        watch,
+        waves,
+        hold,
+        settle,
+        grace,
+        group_cap,
+        concurrency,
+        procs,
+        sub_procs,
+        tail_timeout,
+    )
+    _execute(
+        "presence-storm",
+        target,
+        out,
+        lambda h: presence_storm.run(h, p, client_cpu=client_cpu),
+        presence_storm.summary,
+        nofile=churners + subscribers + 4096,
+    )
+
+
 @bench_app.command("all")
 def all_cmd(
     url: Url = None,
@@ -175,9 +292,9 @@ def all_cmd(
     synchronous: Synchronous = "FULL",
     server_env: ServerEnv = None,
 ) -> None:
-    """The three scenarios with their defaults, each against a fresh server when spawning."""
+    """The four scenarios with their defaults, each against a fresh server when spawning."""
     target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
-    p1, p2, p3 = one_to_one.Params(), offline.Params(), idle.Params()
+    p1, p2, p3, p4 = one_to_one.Params(), offline.Params(), idle.Params(), presence_storm.Params()
     _execute(
         "one-to-one",
         target,
@@ -195,4 +312,12 @@ def all_cmd(
         lambda h: idle.run(h, p3, client_cpu=client_cpu),
         idle.summary,
         nofile=p3.connections + 4096,
+    )
+    _execute(
+        "presence-storm",
+        _with_grace(target, p4.grace),
+        out,
+        lambda h: presence_storm.run(h, p4, client_cpu=client_cpu),
+        presence_storm.summary,
+        nofile=p4.churners + p4.subscribers + 4096,
     )

@@ -7,6 +7,17 @@ its send time (`perf_counter_ns`, CLOCK_MONOTONIC: comparable across processes o
 the receiver, which consumes every event so the SDK acks it, takes the difference. Throughput is
 the messages received in the measured window divided by its length. After the window every
 receiver must catch up with its sender's last committed seq: what never arrives is reported lost.
+
+With presence (`presence_watchers` K > 0), before the measurement every device subscribes to
+the presence of its pair partner (they share the direct chat) and, for K > 1, of the other
+members of its block: the generator's devices, in pair order, are cut in blocks of K + 1 that
+each share a group, so each device has K watchers (K + 1 when its partner falls outside its
+block). With `presence_churn` C > 0, C extra users (one device each, spread over the generators)
+churn during the whole run: each is watched by max(1, K) devices of its generator (sharing a
+group with them) and cycles online for `presence_churn_period / 2` seconds, then offline for
+max(that, `presence_grace` + 0.25 s) so that the server's grace never coalesces a transition,
+with phases staggered over the period. Presence frames are taken and counted by the devices; the
+figures say how many flowed in the window next to the message figures.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -22,12 +34,12 @@ from typing import Any
 import psutil
 
 from pigeon.bench.accounts import bounded, make_devices
-from pigeon.bench.clients import close_all, connect_all
+from pigeon.bench.clients import CLOSE_TIMEOUT, close_all, connect_all
 from pigeon.bench.report import Run, fmt_latency, latency_summary, rate
 from pigeon.bench.server import ServerHandle, server_section
 from pigeon.bench.workers import Gate, Generators, split
 from pigeon.client.client import ClientError, PigeonClient
-from pigeon.domain.events import Message
+from pigeon.domain.events import Message, PresenceFrame
 
 STAMP_DIGITS = 20
 
@@ -42,6 +54,10 @@ class Params:
     size: int = 64
     procs: int = 1
     drain_timeout: float = 20.0
+    presence_watchers: int = 0
+    presence_churn: int = 0
+    presence_churn_period: float = 2.0
+    presence_grace: float = 0.5
 
 
 @dataclass
@@ -52,6 +68,7 @@ class Spec:
     pairs: list[tuple[str, str, str]]
     params: Params
     rate: float | None = None
+    churners: list[tuple[str, str]] = field(default_factory=list)  # (user id, token)
 
 
 @dataclass
@@ -78,6 +95,12 @@ class Outcome:
     drained: bool = True
     cpu_percent: float = 0.0
     setup_s: float = 0.0
+    presence_subscriptions: int = 0
+    presence_chats: int = 0
+    presence_events: int = 0
+    presence_events_in_window: int = 0
+    churn_cycles: int = 0
+    churn_failures: dict[str, int] = field(default_factory=dict)
 
 
 def make_body(stamp_ns: int, size: int) -> str:
@@ -126,6 +149,7 @@ class _Generator:
         self.consumer_errors: Counter[str] = Counter()
         self.consumers: list[asyncio.Task[None]] = []
         self.sends: set[asyncio.Task[None]] = set()
+        self.presence = _Presence(self)
 
     async def setup(self) -> None:
         start = time.perf_counter()
@@ -139,6 +163,7 @@ class _Generator:
         for pair, chat in zip(self.pairs, chats, strict=True):
             pair.chat = str(chat["id"])
             self.by_chat[pair.chat] = pair
+        await self.presence.setup(clients)
         self.out.setup_s = round(time.perf_counter() - start, 2)
 
     async def _consume(self, client: PigeonClient) -> None:
@@ -214,12 +239,14 @@ class _Generator:
                 for pair in self.pairs
                 for _ in range(p.inflight)
             ]
+        self.presence.start_churn()
         proc = psutil.Process()
         await asyncio.sleep(p.warmup)  # measurement timer
         cpu0, wall0 = sum(proc.cpu_times()[:2]), time.perf_counter()
         await asyncio.sleep(max(0.0, (self.win_end - time.perf_counter_ns()) / 1e9))
         cpu1, wall1 = sum(proc.cpu_times()[:2]), time.perf_counter()
         self.stopping = True
+        await self.presence.stop_churn()
         self.out.cpu_percent = round(100 * (cpu1 - cpu0) / max(wall1 - wall0, 1e-9), 1)
         await self._settle(senders)
         await self._settle(list(self.sends))  # open loop: the sends it started
@@ -246,6 +273,7 @@ class _Generator:
             self.out.drained = False
 
     async def close(self) -> Outcome:
+        await self.presence.stop_churn()
         for task in self.consumers:
             task.cancel()
         await asyncio.gather(*self.consumers, return_exceptions=True)
@@ -260,7 +288,128 @@ class _Generator:
         out.send_errors = dict(self.errors)
         out.consumer_errors = dict(self.consumer_errors)
         out.reconnects = sum(c.connects - 1 for c in clients)
+        out.churn_failures = dict(self.presence.failures)
         return out
+
+
+class _Presence:
+    """Presence subscriptions of a generator's devices, and its churning extra users."""
+
+    def __init__(self, gen: _Generator) -> None:
+        self.gen = gen
+        self.p = gen.p
+        self.failures: Counter[str] = Counter()
+        self.churn_tasks: list[asyncio.Task[None]] = []
+        self.stop = asyncio.Event()
+
+    async def setup(self, clients: list[PigeonClient]) -> None:
+        """Make the groups, subscribe, and start taking presence frames."""
+        k, out = self.p.presence_watchers, self.gen.out
+        if k <= 0 and not self.gen.spec.churners:
+            return
+        watch: list[set[str]] = [set() for _ in clients]
+        creates: list[Callable[[], Awaitable[dict[str, Any]]]] = []
+        if k >= 1:
+            for i, mine in enumerate(watch):  # the pair partner: they share the direct chat
+                mine.add(str(clients[i ^ 1].user))
+        if k >= 2:
+            for b in range(0, len(clients), k + 1):
+                block = list(range(b, min(b + k + 1, len(clients))))
+                if len(block) < 2:
+                    continue
+                users = [str(clients[j].user) for j in block]
+                creates.append(partial(clients[block[0]].create_chat, users[1:], None, "group"))
+                for j in block:
+                    watch[j].update(u for u in users if u != clients[j].user)
+        w = min(max(1, k), len(clients))
+        for n, (user, _) in enumerate(self.gen.spec.churners):
+            first = n * len(clients) // max(1, len(self.gen.spec.churners))
+            watchers = [(first + m) % len(clients) for m in range(w)]
+            others = [str(clients[j].user) for j in watchers[1:]]
+            creates.append(
+                partial(clients[watchers[0]].create_chat, [user, *others], None, "group")
+            )
+            for j in watchers:
+                watch[j].add(user)
+        await bounded(50, creates)
+        out.presence_chats = len(creates)
+        subs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = [
+            partial(c.subscribe_presence, sorted(u))
+            for c, u in zip(clients, watch, strict=True)
+            if u
+        ]
+        states = await bounded(50, subs)
+        out.presence_subscriptions = sum(len(s) for s in states)
+        for c in clients:
+            self.gen.consumers.append(asyncio.create_task(self._signals(c)))
+
+    async def _signals(self, client: PigeonClient) -> None:
+        gen = self.gen
+        while True:
+            frame = await client.next_signal()
+            if isinstance(frame, PresenceFrame):
+                gen.out.presence_events += 1
+                if gen.win_start <= time.perf_counter_ns() < gen.win_end:
+                    gen.out.presence_events_in_window += 1
+
+    def start_churn(self) -> None:
+        churners = self.gen.spec.churners
+        for n, (_, token) in enumerate(churners):
+            phase = self.p.presence_churn_period * n / len(churners)
+            self.churn_tasks.append(asyncio.create_task(self._churn(token, phase)))
+
+    async def stop_churn(self) -> None:
+        """Let every churner finish its cycle (closing its connection); cancel stragglers."""
+        self.stop.set()
+        tasks, self.churn_tasks = self.churn_tasks, []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=40 + CLOSE_TIMEOUT)
+        self.failures["churner stuck at the end"] += len(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not self.failures["churner stuck at the end"]:
+            del self.failures["churner stuck at the end"]
+
+    async def _pause(self, seconds: float) -> bool:
+        """Pacing: wait `seconds` unless told to stop first; True once stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        return self.stop.is_set()
+
+    async def _churn(self, token: str, phase: float) -> None:
+        """Online half a period, offline at least the grace, until stopped."""
+        online = self.p.presence_churn_period / 2
+        offline = max(online, self.p.presence_grace + 0.25)
+        if await self._pause(phase):  # stagger the churners over the period
+            return
+        while True:
+            client = PigeonClient(self.gen.spec.url, token)
+            try:
+                await client.connect(timeout=30)
+            except (ClientError, TimeoutError) as exc:
+                self.failures[getattr(exc, "code", type(exc).__name__)] += 1
+                if await self._pause(offline):  # retry at the next cycle
+                    return
+                continue
+            drain = asyncio.create_task(self._drain(client))
+            stopping = await self._pause(online)  # the time the churner stays online
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+            self.gen.out.churn_cycles += 1
+            if stopping or await self._pause(offline):  # offline longer than the grace
+                return
+
+    @staticmethod
+    async def _drain(client: PigeonClient) -> None:
+        """Take inbox events (the group's chat_update) so the SDK acks them."""
+        with contextlib.suppress(ClientError):
+            async for _ in client.events():
+                pass
 
 
 async def generate(spec: Spec, gate: Gate) -> Outcome:
@@ -293,12 +442,24 @@ async def run(
     if p.devices < 2 or p.devices % 2:
         raise ValueError("--devices must be an even number >= 2")
     report = Run("one-to-one", asdict(p) | {"client_cpu": client_cpu})
+    if not 0 <= p.presence_watchers <= 99:
+        raise ValueError("--presence-watchers must be within 0..99 (a group holds 100)")
     accounts, accounts_s = await make_devices(handle.url, p.devices, 1)
     pairs = [(a.token, b.user, b.token) for a, b in zip(accounts[::2], accounts[1::2], strict=True)]
     slices = split(pairs, p.procs)
+    churners: list[tuple[str, str]] = []
+    if p.presence_churn > 0:
+        extra, _ = await make_devices(handle.url, p.presence_churn, 1)
+        churners = [(a.user, a.token) for a in extra]
     specs = [
-        Spec(handle.url, s, p, rate=p.rate * len(s) / len(pairs) if p.rate else None)
-        for s in slices
+        Spec(
+            handle.url,
+            s,
+            p,
+            rate=p.rate * len(s) / len(pairs) if p.rate else None,
+            churners=churners[i :: len(slices)],
+        )
+        for i, s in enumerate(slices)
     ]
     gens = Generators(generate, specs, inline=inline, cpu=client_cpu)
     try:
@@ -352,7 +513,10 @@ def _document(
         "generator_cpu_percent": gen_cpu,
         "generator_setup_s": [r.get("setup_s") for r in ready],
         "accounts_setup_s": round(accounts_s, 2),
+        "presence": _presence_results(p, outcomes),
     }
+    if results["presence"]["churn_failures"]:
+        report.problems.append(f"presence churn failures: {results['presence']['churn_failures']}")
     problems = ("missing", "duplicates", "seq_gaps", "reconnects", "skipped", "stuck_sends")
     for key in (*problems, "close_timeouts"):
         if totals[key]:
@@ -369,6 +533,24 @@ def _document(
     return report.finish(results=results, server=server)
 
 
+def _presence_results(p: Params, outcomes: list[Outcome]) -> dict[str, Any]:
+    failures: Counter[str] = Counter()
+    for o in outcomes:
+        failures.update(o.churn_failures)
+    in_window = sum(o.presence_events_in_window for o in outcomes)
+    return {
+        "watchers": p.presence_watchers,
+        "churners": p.presence_churn,
+        "subscriptions": sum(o.presence_subscriptions for o in outcomes),
+        "chats": sum(o.presence_chats for o in outcomes),
+        "churn_cycles": sum(o.churn_cycles for o in outcomes),
+        "churn_failures": dict(failures),
+        "events_received": sum(o.presence_events for o in outcomes),
+        "events_in_window": in_window,
+        "events_per_s": rate(in_window, p.duration),
+    }
+
+
 def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
     """Human summary lines of a result document."""
     r, s, p = doc["results"], doc["server"], doc["params"]
@@ -379,6 +561,7 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
         ("send->receive", fmt_latency(r["latency"])),
         ("send->committed", fmt_latency(r["commit_latency"])),
         ("lost / dup / gaps", f"{r['missing']} / {r['duplicates']} / {r['seq_gaps']}"),
+        ("presence", _presence_line(r.get("presence"))),
         ("generator CPU %", r["generator_cpu_percent"]),
         (
             "server CPU % / RSS",
@@ -386,3 +569,13 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
         ),
         ("load average", f"{doc['loadavg_start']} -> {doc['loadavg_end']}"),
     ]
+
+
+def _presence_line(pr: dict[str, Any] | None) -> str:
+    if not pr or (not pr["watchers"] and not pr["churners"]):
+        return "off"
+    return (
+        f"{pr['watchers']} watchers/device, {pr['subscriptions']} subscriptions,"
+        f" {pr['churners']} churners ({pr['churn_cycles']} cycles),"
+        f" {pr['events_per_s']} presence events/s in the window"
+    )

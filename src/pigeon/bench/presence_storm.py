@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+import aiohttp
 import psutil
 
 from pigeon.bench import clients as bench_clients
@@ -226,7 +227,7 @@ class _Watchers:
         self.out.errors = dict(self.errors)
 
 
-async def watch(spec: SubSpec, gate: Gate) -> SubOutcome:
+async def observe(spec: SubSpec, gate: Gate) -> SubOutcome:
     """A subscriber generator: connect, make the groups, subscribe; record until stopped."""
     gen = _Watchers(spec)
     try:
@@ -366,8 +367,10 @@ async def run(
             SubSpec(handle.url, first, part, users, p.group_cap - 1, expected, p.tail_timeout)
         )
         first += len(part)
-    subs = Generators(watch, sub_specs, inline=inline, cpu=client_cpu)
+    subs = Generators(observe, sub_specs, inline=inline, cpu=client_cpu)
     churn_gens: Generators[ChurnSpec, ChurnOutcome] | None = None
+    sampler: asyncio.Task[None] | None = None
+    samples: list[tuple[float, int, int | None]] = []
     try:
         await subs.start()
         sub_ready = await subs.wait_ready(300 + p.subscribers)
@@ -380,14 +383,21 @@ async def run(
         await churn_gens.start()
         await churn_gens.wait_ready(120)
         rss_before, cpu0, t0 = handle.rss_kib(), handle.cpu_seconds(), time.perf_counter()
+        if handle.pid is not None:
+            sampler = asyncio.create_task(_sample(handle, samples, t0))
         subs.go()
         churn_gens.go()
         per_wave = 2 * (p.hold + p.grace + p.settle) + 60 + p.churners / 20 + p.drain_timeout
         churned = await churn_gens.results(p.waves * per_wave)
         cpu1, t1 = handle.cpu_seconds(), time.perf_counter()
+        if sampler is not None:
+            sampler.cancel()
         subs.stop()
         watched_out = await subs.results(p.tail_timeout + 120)
     finally:
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
         await subs.aclose()
         if churn_gens is not None:
             await churn_gens.aclose()
@@ -399,11 +409,36 @@ async def run(
         rss_kib_peak=handle.peak_rss_kib(),
         cpu_percent_storm=server_cpu,
         base_connections=base,
+        rss_kib_idle_after_wave=_idle_rss(samples, base),
+        samples_t_conns_rss=samples,
     )
     results = analyse(p, watched, churned, watched_out, report.problems)
     results["accounts_setup_s"] = round(accounts_s, 2)
     results["subscriber_setup_s"] = [r.get("setup_s") for r in sub_ready]
     return report.finish(results=results, server=server)
+
+
+async def _sample(
+    handle: ServerHandle, samples: list[tuple[float, int, int | None]], t0: float
+) -> None:
+    """Every half second: (seconds since go, server connections, server RSS KiB)."""
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            conns = int((await handle.health()).get("connections", -1))
+            samples.append((round(time.perf_counter() - t0, 2), conns, handle.rss_kib()))
+        await asyncio.sleep(0.5)  # sampling period of an external process
+
+
+def _idle_rss(samples: list[tuple[float, int, int | None]], base: int) -> list[int | None]:
+    """The server's RSS at the first sample back at `base` connections after each wave."""
+    out, busy = [], False
+    for _, conns, rss in samples:
+        if conns > base:
+            busy = True
+        elif conns == base and busy:
+            out.append(rss)
+            busy = False
+    return out
 
 
 class _Times:
@@ -451,7 +486,7 @@ def analyse(
     duplicates = unexpected = 0
     first_ns = min((t.connect_start[0] for t in times if t.connect_start), default=0)
     last_ns = 0
-    buckets: Counter[int] = Counter()
+    bursts: dict[tuple[int, int], list[int]] = {}  # (wave, status) -> [count, first, last]
     for o in seen:
         for sub, user, status, ns in zip(o.ev_sub, o.ev_user, o.ev_status, o.ev_ns, strict=True):
             t = times[user]
@@ -466,7 +501,8 @@ def analyse(
                 continue
             matched.add(key)
             last_ns = max(last_ns, ns)
-            buckets[(ns - first_ns) // 1_000_000_000] += 1
+            burst = bursts.setdefault((t.waves[k], status), [0, ns, ns])
+            burst[0], burst[1], burst[2] = burst[0] + 1, min(burst[1], ns), max(burst[2], ns)
             if status == ONLINE:
                 online_ready.append(ns - t.connect_done[k])
                 online_start.append(ns - t.connect_start[k])
@@ -481,6 +517,7 @@ def analyse(
         for name, s in (("online", ONLINE), ("offline", OFFLINE))
     }
     watchers = Counter(u for w in watched for u in w)
+    burst_list = _bursts(bursts)
     failures: Counter[str] = Counter()
     for c in churned:
         failures.update(c.failures)
@@ -499,7 +536,8 @@ def analyse(
         "unexpected": unexpected,
         "other_signals": sum(o.other_signals for o in seen),
         "events_per_s": rate(received, storm_s),
-        "events_per_s_peak_1s": max(buckets.values(), default=0),
+        "events_per_s_peak_burst": max((b["events_per_s"] for b in burst_list), default=0.0),
+        "bursts": burst_list,
         "storm_s": round(storm_s, 2),
         "online_delay": latency_summary(online_ready),
         "online_delay_from_connect_start": latency_summary(online_start),
@@ -534,6 +572,23 @@ def analyse(
     }
     _problems(p, results, problems)
     return results
+
+
+def _bursts(bursts: dict[tuple[int, int], list[int]]) -> list[dict[str, Any]]:
+    """Per wave and status: the frames and the span from the first to the last of them."""
+    out = []
+    for (wave, status), (count, first, last) in sorted(bursts.items()):
+        span = (last - first) / 1e9
+        out.append(
+            {
+                "wave": wave,
+                "status": "online" if status == ONLINE else "offline",
+                "events": count,
+                "span_s": round(span, 3),
+                "events_per_s": rate(count, span),
+            }
+        )
+    return out
 
 
 def _problems(p: Params, r: dict[str, Any], problems: list[str]) -> None:
@@ -581,7 +636,7 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
             "events",
             f"{r['events_received']} received / {r['events_expected']} expected,"
             f" {r['events_per_s']} events/s over {r['storm_s']} s"
-            f" (peak {r['events_per_s_peak_1s']}/s)",
+            f" (busiest burst {r['events_per_s_peak_burst']}/s)",
         ),
         ("online  exp/recv", f"{on['expected']} / {on['received']} (missing {on['missing']})"),
         ("offline exp/recv", f"{off['expected']} / {off['received']} (missing {off['missing']})"),
@@ -592,6 +647,12 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
         ("connect to ready", fmt_latency(r["connect_latency"])),
         ("close", fmt_latency(r["close_latency"])),
         ("generator CPU %", r["generator_cpu_percent"]),
-        ("server CPU % / RSS", f"{s.get('cpu_percent_storm')} / {s.get('rss_kib_after')} KiB"),
+        ("server CPU %", s.get("cpu_percent_storm")),
+        (
+            "server RSS KiB",
+            f"before {s.get('rss_kib_before')}, peak {s.get('rss_kib_peak')},"
+            f" after {s.get('rss_kib_after')}, idle after each wave"
+            f" {s.get('rss_kib_idle_after_wave')}",
+        ),
         ("load average", f"{doc['loadavg_start']} -> {doc['loadavg_end']}"),
     ]

@@ -127,7 +127,7 @@ class PigeonClient:
         self._acked = 0
         self._ack_wanted = asyncio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._signals: asyncio.Queue[PresenceFrame | TypingFrame] = asyncio.Queue()
+        self._signals: asyncio.Queue[PresenceFrame | TypingFrame | ClientError] = asyncio.Queue()
 
     async def __aenter__(self) -> PigeonClient:
         await self.connect()
@@ -291,7 +291,11 @@ class PigeonClient:
     async def next_signal(self, timeout: float | None = None) -> PresenceFrame | TypingFrame:
         """The next ephemeral frame (presence change or typing indicator)."""
         async with asyncio.timeout(timeout):
-            return await self._signals.get()
+            item = await self._signals.get()
+        if isinstance(item, ClientError):
+            self._signals.put_nowait(item)
+            raise item
+        return item
 
     async def subscribe_presence(self, users: list[str]) -> list[dict[str, Any]]:
         """Watch users' presence; returns their current state (changes come as signals)."""
@@ -468,6 +472,7 @@ class PigeonClient:
         self._fatal = exc
         self._connected.set()  # wake waiters so they see the fatal error
         self._events.put_nowait(exc)
+        self._signals.put_nowait(exc)
         self._fail_pending(exc)
         if self._first is not None and not self._first.done():
             self._first.set_exception(exc)
