@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -112,6 +113,10 @@ def _child(
         if cpu is not None:
             pin(cpu)
         raise_nofile(nofile)
+        # Same garbage-collector tuning as `pigeon serve`: a generator that pauses for a gen-2
+        # collection would add its own pause to every latency it measures.
+        gc.set_threshold(50_000, *gc.get_threshold()[1:])
+        gc.freeze()
 
         async def main() -> Any:
             loop = asyncio.get_running_loop()
