@@ -265,3 +265,29 @@ async def test_presence_settings_and_chat_partners(store: Store) -> None:
     await store.accounts.set_last_seen(a.id, 50)
     await store.accounts.set_last_seen(a.id, 40)  # never backwards
     assert await store.accounts.presence_settings([a.id, "missing"]) == {a.id: ("nobody", 50)}
+
+
+async def test_a_quick_reply_still_owes_read_receipts(store: Store) -> None:
+    a, b = await user(store, "a12"), await user(store, "b12")
+    da, db = await device(store, a), await device(store, b)
+    c = await chat(store, a, b)
+    await store.messages.send(send_req(c, da, "question"))
+    reply = await store.messages.send(send_req(c, db, "answer"))  # before b acked seq 1
+    receipts = [decode_event(d.raw) for d in reply.deliveries if d.device == da.id]
+    assert [(r.kind, r.user, r.seq) for r in receipts if isinstance(r, Receipt)] == [
+        ("read", b.id, 2)
+    ]
+
+
+async def test_the_sender_may_see_receipts_after_leaving(store: Store) -> None:
+    a, b, m = await user(store, "a13"), await user(store, "b13"), await user(store, "m13")
+    da = await device(store, a)
+    await device(store, m)
+    g = await chat(store, a, b, m)
+    sent = await store.messages.send(send_req(g, da))
+    await store.chats.change_members(g.id, g.version, [], [a.id], [b.id], a.id, T0)
+    message, members = await store.messages.receipts(a.id, g.id, sent.message.id)
+    assert message.id == sent.message.id and {x.user for x in members} == {b.id, m.id}
+    outsider = await user(store, "o13")
+    with pytest.raises(Forbidden):  # no existence leak for others
+        await store.messages.receipts(outsider.id, g.id, sent.message.id)

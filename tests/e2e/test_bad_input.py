@@ -49,6 +49,9 @@ async def still_alive(ws: aiohttp.ClientWebSocketResponse) -> None:
         ),
         ('{"t":"ack","rid":9,"upto":-1}', "bad_request", 9),
         ('{"t":"auth","rid":10,"token":"again"}', "bad_request", 10),
+        ('{"t":"sync","rid":11,"after":18446744073709551616}', "bad_request", 11),
+        ('{"t":"ack","rid":12,"upto":9223372036854775808}', "bad_request", 12),
+        ('{"rid":13}', "bad_request", 13),
     ],
 )
 async def test_bad_frames_get_error_codes(server: Server, frame: str, code: str, rid: Any) -> None:

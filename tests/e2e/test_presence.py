@@ -172,3 +172,17 @@ async def test_typing_stops_when_the_typist_leaves(make_server) -> None:  # type
     assert (await signal_of(bob, TypingFrame)).typing
     await alice.close()
     assert (await signal_of(bob, TypingFrame)).typing is False
+
+
+async def test_typist_who_left_the_chat_still_goes_offline(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(presence={"grace": 0.1, "typing_ttl": 30.0})
+    watcher, name, user_id = await pair(server)  # shares a direct chat with the typist
+    typist = await server.client(await server.device(name))
+    group = await watcher.create_chat([user_id], name="g")
+    await watcher.subscribe_presence([user_id])
+    await typist.typing(group["id"])
+    await typist.leave_chat(group["id"])
+    await typist.close()
+    frame = await signal_of(watcher, PresenceFrame)
+    while frame.status != "offline":
+        frame = await signal_of(watcher, PresenceFrame)

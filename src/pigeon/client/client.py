@@ -170,7 +170,10 @@ class PigeonClient:
             await self._ws.close()
         if self._http is not None:
             await self._http.close()
-        self._fail_pending(ConnectionLost("client closed"))
+        closed = ClientError("closed", "client closed")
+        self._fail_pending(closed)
+        self._events.put_nowait(closed)  # wake whoever waits in events()/next_signal()
+        self._signals.put_nowait(closed)
 
     async def drop_connection(self) -> None:
         """Close the socket abruptly (tests: simulate a network drop); reconnects if enabled."""
@@ -386,6 +389,8 @@ class PigeonClient:
             self._next_iseq = max(self._next_iseq, f.acked + 1)
             self._acked = max(self._acked, f.acked)
             self._handled = max(self._handled, f.acked)
+            if self._handled > self._acked:
+                self._ack_wanted.set()  # an ack lost with the previous connection
             self.connects += 1
             self._connected.set()
             if self._first is not None and not self._first.done():
@@ -459,8 +464,13 @@ class PigeonClient:
             await asyncio.sleep(self.ack_interval)  # batching window, not synchronisation
             upto = self._handled
             if upto > self._acked:
-                with contextlib.suppress(ClientError):
+                try:
                     await self.ack(upto)
+                except ClientError:
+                    if self._fatal is not None:
+                        return
+                    self._ack_wanted.set()  # retried after the reconnect
+                    await self._connected.wait()
 
     def _fail_pending(self, exc: ClientError) -> None:
         for fut in self._pending.values():

@@ -87,8 +87,9 @@ class Connection:
         self._enqueue(frame)
 
     async def send_wait(self, frame: bytes) -> None:
-        """Queue a frame, waiting while the queue is full (inbox sync only)."""
-        while len(self._out) >= self._max and not self._closing:
+        """Queue a frame, waiting while the queue is half full (inbox sync only): the other
+        half is headroom for replies and live frames, which never wait."""
+        while len(self._out) >= self._max // 2 and not self._closing:
             if self._space is None:
                 self._space = asyncio.Event()
             await self._space.wait()
@@ -176,7 +177,7 @@ class Connection:
                 while out and out[0] is not _PING and len(batch) < _WRITE_BATCH:
                     batch.append(out.popleft())
                 await self.transport.send_texts(batch)  # type: ignore[arg-type]
-                if self._space is not None and len(out) < self._max:
+                if self._space is not None and len(out) < self._max // 2:
                     self._space.set()
                     self._space = None
         except (ConnectionError, RuntimeError) as exc:

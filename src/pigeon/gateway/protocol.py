@@ -7,11 +7,13 @@ frames (built in `pigeon.domain.events.inbox_frame`).
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
 Rid = int | str
+#: A non-negative integer that fits SQLite's and PostgreSQL's 64-bit integers.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class Command(msgspec.Struct, tag_field="t", kw_only=True, forbid_unknown_fields=True):
@@ -54,12 +56,12 @@ class Send(Command, tag="send"):
 
 
 class Ack(Command, tag="ack"):
-    upto: int
+    upto: Count
 
 
 class Read(Command, tag="read"):
     chat: str
-    seq: int
+    seq: Count
 
 
 class Receipts(Command, tag="receipts"):
@@ -68,7 +70,7 @@ class Receipts(Command, tag="receipts"):
 
 
 class Sync(Command, tag="sync"):
-    after: int
+    after: Count
 
 
 class Ping(Command, tag="ping"):

@@ -19,7 +19,7 @@ from pigeon.domain.errors import BadRequest, TooLarge, UnknownCommand
 from pigeon.domain.events import inbox_frame
 from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection, frame_iseq
-from pigeon.gateway.errors import to_error
+from pigeon.gateway.errors import Close, to_error
 from pigeon.services.chats import ChatService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
@@ -85,39 +85,70 @@ class Session:
         await self.services.typing.device_gone(self.conn.device)
 
     async def sync(self, after: int) -> int:
-        """Send every inbox entry after `after` in order, then `synced`, then release held live
-        frames that are newer. Entries that no longer exist (expired by retention) are reported
-        as one `gap` frame per run; entries the device already acked are not. Returns the last
-        iseq covered."""
+        """Send every inbox entry after `after` in order, then `synced`, then the live frames
+        held back meanwhile that are newer, then go live. Entries that no longer exist
+        (expired by retention) are reported as `gap` frames; entries the device already acked
+        are not. If held frames overflowed, the inbox is read again (they are all in it).
+        A failed sync closes the connection (the client reconnects and syncs afresh): a
+        connection left holding would silently receive nothing. Returns the last iseq covered."""
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
             conn = self.conn
             conn.hold()
-            last = after
-            while not conn.closing:
-                page = await self.services.messaging.inbox(conn.device, last)
-                last = max(last, page.acked)
-                for entry in page.entries:
-                    if entry.iseq > last + 1:
-                        await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=entry.iseq - 1)))
-                    await conn.send_wait(inbox_frame(entry.iseq, entry.raw))
-                    last = entry.iseq
-                if page.entries:
-                    continue
-                if page.head > last:
-                    await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=page.head)))
-                    last = page.head
-                if not conn.held_overflowed():
-                    break
-            await conn.send_wait(p.encode(p.Synced(iseq=last)))
-            # Flush what arrived live meanwhile, still holding (no reordering), then go live.
-            while held := conn.take_held():
-                for frame in held:
-                    if frame_iseq(frame) > last:
-                        await conn.send_wait(frame)
-            conn.release()
-            return last
+            try:
+                last = after
+                synced = False
+                while not conn.closing:
+                    last = await self._replay(last)
+                    if not synced:
+                        await conn.send_wait(p.encode(p.Synced(iseq=last)))
+                        synced = True
+                    last, overflowed = await self._flush_held(last)
+                    if not overflowed:
+                        break
+                return last
+            except Exception:
+                log.exception("inbox sync of device %s failed", conn.device.id)
+                conn.close(Close.SYNC_FAILED, "sync failed, reconnect")
+                raise
+            finally:
+                conn.release()
+
+    async def _replay(self, last: int) -> int:
+        """Page through the inbox after `last` until it is exhausted (and no held frame was
+        dropped meanwhile); returns the last iseq sent or reported as a gap."""
+        conn = self.conn
+        while not conn.closing:
+            page = await self.services.messaging.inbox(conn.device, last)
+            last = max(last, page.acked)
+            for entry in page.entries:
+                if entry.iseq > last + 1:
+                    await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=entry.iseq - 1)))
+                await conn.send_wait(inbox_frame(entry.iseq, entry.raw))
+                last = entry.iseq
+            if page.entries:
+                continue
+            if page.head > last:
+                await conn.send_wait(p.encode(p.Gap(from_=last + 1, to=page.head)))
+                last = page.head
+            if not conn.held_overflowed():
+                break
+        return last
+
+    async def _flush_held(self, last: int) -> tuple[int, bool]:
+        """Send held live frames newer than `last`, still holding (no reordering); True as
+        second item if some were dropped, so the inbox must be read again from `last`."""
+        conn = self.conn
+        while held := conn.take_held():
+            if conn.held_overflowed():
+                return last, True
+            for frame in held:
+                iseq = frame_iseq(frame)
+                if iseq > last:
+                    await conn.send_wait(frame)
+                    last = iseq
+        return last, conn.held_overflowed()
 
     async def _send(self, cmd: p.Send) -> dict[str, Any]:
         message, duplicate = await self.services.messaging.send(

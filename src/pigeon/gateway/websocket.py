@@ -65,6 +65,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     session_key = new_id()
     sync: asyncio.Task[int] | None = None
     try:
+        # A revocation committed between authentication and attach published its close frame
+        # to nobody: check again now that the hub routes this device's frames here.
+        if not await services.accounts.still_valid(device):
+            conn.close(Close.REVOKED, "device revoked")
+            return ws
         await services.presence.connected(device, session_key)
         acked = await services.messaging.acked(device)
         ready = p.Ready(
@@ -74,15 +79,23 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         sync = asyncio.create_task(session.sync(acked))
         await _read_loop(ws, conn, session)
     finally:
+        # Each step runs whatever the one before did: a user must never stay "online" because
+        # a cleanup step failed.
         hub.detach(conn)
+        loop = asyncio.get_running_loop()
+        last_seen = services.clock.now_ms() - int((loop.time() - conn.last_recv) * 1000)
         if sync is not None:
             sync.cancel()
             with contextlib.suppress(BaseException):
                 await sync
-        await session.aclose()
-        loop = asyncio.get_running_loop()
-        idle_ms = int((loop.time() - conn.last_recv) * 1000)
-        await services.presence.disconnected(device, session_key, services.clock.now_ms() - idle_ms)
+        try:
+            await session.aclose()
+        except Exception:
+            log.exception("session cleanup of device %s failed", device.id)
+        try:
+            await services.presence.disconnected(device, session_key, last_seen)
+        except Exception:
+            log.exception("presence cleanup of device %s failed", device.id)
         await conn.wait_closed()
     return ws
 

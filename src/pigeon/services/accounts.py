@@ -81,6 +81,10 @@ class AccountService:
             raise Unauthorized("invalid or revoked token")
         return device
 
+    async def still_valid(self, device: Device) -> bool:
+        """True while the device has not been revoked."""
+        return any(d.id == device.id for d in await self._store.list_devices(device.user_id))
+
     async def devices(self, user_id: str) -> list[Device]:
         """The user's devices."""
         return await self._store.list_devices(user_id)
@@ -88,6 +92,9 @@ class AccountService:
     async def revoke(self, user_id: str, device_id: str) -> None:
         """Revoke one of the user's devices: its token stops working and its live connection
         (on whichever node) is closed."""
+        await asyncio.shield(self._revoke(user_id, device_id))
+
+    async def _revoke(self, user_id: str, device_id: str) -> None:
         if not await self._store.revoke_device(user_id, device_id):
             raise NotFound("no such device")
         await self._bus.publish(channels.device(device_id), REVOKED_FRAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pigeon.domain.errors import BadRequest, Conflict, Forbidden, GroupFull, NotFound
+from pigeon.domain.events import Delivery
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import ChatInfo, ChatKind, ChatSummary, Device, Member
@@ -49,8 +50,7 @@ class ChatService:
             created_at=self._clock.now_ms(),
             members=members,
         )
-        created, deliveries = await self._store.chats.create_chat(chat)
-        await self._fanout.push(deliveries)
+        created, _ = await self._fanout.commit(self._store.chats.create_chat(chat), _second)
         return created
 
     async def modify(
@@ -110,10 +110,10 @@ class ChatService:
         promote: list[str],
         actor: Device,
     ) -> ChatInfo:
-        updated, deliveries = await self._store.chats.change_members(
+        change = self._store.chats.change_members(
             chat.id, chat.version, add, remove, promote, actor.user_id, self._clock.now_ms()
         )
-        await self._fanout.push(deliveries)
+        updated, _ = await self._fanout.commit(change, _second)
         return updated
 
     async def _member_chat(self, actor: Device, chat_id: str) -> ChatInfo:
@@ -131,6 +131,10 @@ class ChatService:
         missing = [u for u in user_ids if u not in found]
         if missing:
             raise NotFound(f"no such user: {missing[0]}")
+
+
+def _second(result: tuple[ChatInfo, list[Delivery]]) -> list[Delivery]:
+    return result[1]
 
 
 def _unique(items: list[str]) -> list[str]:

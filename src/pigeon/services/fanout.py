@@ -6,7 +6,10 @@ heals the gap (by `iseq`) with a resync, or gets it on its next connect.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from pigeon.domain.errors import PigeonError
 from pigeon.domain.events import Delivery, inbox_frame
@@ -14,6 +17,7 @@ from pigeon.ports import Bus
 from pigeon.services import channels
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Fanout:
@@ -21,6 +25,21 @@ class Fanout:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
+
+    async def commit(
+        self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
+    ) -> T:
+        """Run a store change, then push what it committed. Shielded: once started, the push
+        happens even if the caller is cancelled (its connection closed mid-command), so nothing
+        committed waits for the recipients' next reconnect. Changes started in one order reach
+        the store in that order (the shielding tasks start FIFO)."""
+
+        async def run() -> T:
+            result = await change
+            await self.push(deliveries(result))
+            return result
+
+        return await asyncio.shield(run())
 
     async def push(self, deliveries: list[Delivery]) -> None:
         """Best effort: a bus failure is logged, never raised to the committed caller."""

@@ -7,7 +7,7 @@ group-committed with its neighbours) before anyone is answered; only then is it 
 from __future__ import annotations
 
 from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
-from pigeon.domain.events import InboxPage, Message
+from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, MemberReceipt
@@ -15,6 +15,10 @@ from pigeon.ports import Clock, MessageStore, SendRequest
 from pigeon.services.fanout import Fanout
 
 MAX_CMID_CHARS = 64
+
+
+def _same(deliveries: list[Delivery]) -> list[Delivery]:
+    return deliveries
 
 
 class MessagingService:
@@ -56,15 +60,14 @@ class MessagingService:
             attachment_id=attachment,
             preview=preview,
         )
-        result = await self._store.send(req)
-        await self._fanout.push(result.deliveries)
+        result = await self._fanout.commit(self._store.send(req), lambda r: r.deliveries)
         return result.message, result.duplicate
 
     async def ack(self, device: Device, upto: int) -> None:
         """The device received every inbox entry up to `upto`: drop them, send receipts."""
         if upto < 0:
             raise BadRequest("upto must be >= 0")
-        await self._fanout.push(await self._store.ack(device, upto, self._clock.now_ms()))
+        await self._fanout.commit(self._store.ack(device, upto, self._clock.now_ms()), _same)
 
     async def read(self, device: Device, chat_id: str, seq: int) -> None:
         """The user read `chat_id` up to `seq`: read receipts to senders, state to own devices."""
@@ -72,8 +75,8 @@ class MessagingService:
             raise BadRequest("seq must be >= 0")
         if not is_id(chat_id):
             raise NotFound("no such chat")
-        await self._fanout.push(
-            await self._store.mark_read(device, chat_id, seq, self._clock.now_ms())
+        await self._fanout.commit(
+            self._store.mark_read(device, chat_id, seq, self._clock.now_ms()), _same
         )
 
     async def receipts(

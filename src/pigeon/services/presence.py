@@ -82,9 +82,9 @@ class PresenceService:
         record = await self._registry.confirm_offline(user_id)
         if record is None:
             return
+        await self._announce(user_id, record)
         if record.last_seen is not None:
             await self._store.accounts.set_last_seen(user_id, record.last_seen)
-        await self._announce(user_id, record)
 
     async def aclose(self) -> None:
         """Shutdown: announce pending departures now (the grace timers would die with us)."""
@@ -169,6 +169,11 @@ class PresenceService:
         visibility = settings.get(user_id, ("chats", None))[0]
         if visibility == "nobody":
             return  # subscribers already see "unknown" and keep seeing it
+        # The user may have come back (or left) while we awaited: announce only what is still
+        # true, so a late "offline" never overwrites a newer "online".
+        current = (await self._registry.lookup([user_id])).get(user_id)
+        if current is None or current.online != record.online:
+            return
         await self._bus.publish(channels.presence(user_id), encode_frame(_frame(user_id, record)))
 
     async def _current(self, users: list[str]) -> list[PresenceFrame]:

@@ -9,13 +9,16 @@ participants, so only devices connected somewhere receive it. A `typing: true` e
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from pigeon.domain.errors import Forbidden, NotFound
+from pigeon.domain.errors import Forbidden, NotFound, PigeonError
 from pigeon.domain.events import TypingFrame, encode_frame
 from pigeon.domain.ids import is_id
 from pigeon.domain.models import Device
 from pigeon.ports import Bus, ChatStore
 from pigeon.services import channels
+
+log = logging.getLogger(__name__)
 
 
 class _Typing:
@@ -64,11 +67,17 @@ class TypingService:
         return True
 
     async def device_gone(self, device: Device) -> None:
-        """The device disconnected: whatever it was typing stops now."""
+        """The device disconnected: whatever it was typing stops now. Never raises (it runs
+        in connection cleanup): the stop goes to the chat's current members, if any."""
         for key in [k for k in self._active if k[0] == device.id]:
             state = self._active.pop(key)
             state.timer.cancel()
-            await self._publish(device, key[1], False, await self._targets(device, key[1]))
+            try:
+                members = await self._chats.member_devices(key[1])
+                targets = [d for user, d in members if user != device.user_id]
+                await self._publish(device, key[1], False, targets)
+            except PigeonError as exc:
+                log.warning("typing stop for %s not sent: %s", device.id, exc)
 
     def _expire(self, device: Device, chat_id: str) -> None:
         if self._active.pop((device.id, chat_id), None) is None:
@@ -77,7 +86,10 @@ class TypingService:
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _expire_now(self, device: Device, chat_id: str) -> None:
-        await self._publish(device, chat_id, False, await self._targets(device, chat_id))
+        try:
+            await self._publish(device, chat_id, False, await self._targets(device, chat_id))
+        except PigeonError as exc:  # e.g. the typist left the chat meanwhile
+            log.debug("typing expiry for %s not sent: %s", device.id, exc)
 
     async def _targets(self, device: Device, chat_id: str) -> list[str]:
         members = await self._chats.member_devices(chat_id)

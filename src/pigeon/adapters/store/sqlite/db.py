@@ -58,6 +58,7 @@ class SqliteDb:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closing = False
         #: Transactions committed and jobs in them, for metrics and tests of batching.
         self.commits = 0
         self.jobs_committed = 0
@@ -74,10 +75,18 @@ class SqliteDb:
 
     async def aclose(self) -> None:
         """Let queued writes finish, then close every connection."""
+        self._closing = True
         if self._writer is not None:
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+        while True:  # a job queued behind the stop marker is answered, not forgotten
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and not job[1].done():
+                job[1].set_exception(Unavailable("store is closed"))
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -90,7 +99,7 @@ class SqliteDb:
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run `fn` inside a write transaction; resolves after the transaction committed."""
-        if self._writer is None or self._loop is None:
+        if self._writer is None or self._loop is None or self._closing:
             raise Unavailable("store is closed")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._jobs.put((fn, fut))

@@ -106,15 +106,17 @@ class SqliteMessages:
         if dup is not None:
             return SendResult(_message_from_row(dup), True, [])
         rows = conn.execute(
-            "SELECT m.user_id, d.id FROM members m LEFT JOIN devices d ON d.user_id = m.user_id"
+            "SELECT m.user_id, d.id, m.read_seq FROM members m"
+            " LEFT JOIN devices d ON d.user_id = m.user_id"
             " WHERE m.chat_id = ? ORDER BY m.user_id, d.created_at, d.id",
             (req.chat,),
         ).fetchall()
         if not rows:
             raise NotFound("no such chat")
-        if not any(user == req.sender for user, _ in rows):
+        sender_read = next((r for u, _, r in rows if u == req.sender), None)
+        if sender_read is None:
             raise Forbidden("not a participant of this chat")
-        targets = [d for _, d in rows if d is not None and d != req.sender_device]
+        targets = [d for _, d, _ in rows if d is not None and d != req.sender_device]
         (seq,) = conn.execute(
             "UPDATE chats SET last_seq = last_seq + 1, last_activity_at = ?, last_sender = ?,"
             " last_preview = ? WHERE id = ? RETURNING last_seq",
@@ -147,12 +149,19 @@ class SqliteMessages:
                 len(targets),
             ),
         )
-        # The sender has read everything up to their own message.
-        conn.execute(
-            "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE chat_id = ? AND user_id = ?",
-            (seq, seq, req.chat, req.sender),
-        )
-        return SendResult(message, False, inbox.append(conn, targets, raw, req.at, message.id))
+        deliveries = inbox.append(conn, targets, raw, req.at, message.id)
+        # The sender has read everything up to their own message. If that passes messages of
+        # others (a quick reply before the ack), their senders get the read receipts they are
+        # owed; otherwise moving the marks is all there is to do.
+        if sender_read < seq - 1:
+            deliveries += _advance(conn, req.chat, req.sender, "read", seq, req.at)
+        else:
+            conn.execute(
+                "UPDATE members SET delivered_seq = ?, read_seq = ?"
+                " WHERE chat_id = ? AND user_id = ?",
+                (seq, seq, req.chat, req.sender),
+            )
+        return SendResult(message, False, deliveries)
 
     async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
         def tx(conn: sqlite3.Connection) -> list[Delivery]:
@@ -239,14 +248,16 @@ class SqliteMessages:
         self, user_id: str, chat_id: str, message_id: str
     ) -> tuple[Message, list[MemberReceipt]]:
         def q(conn: sqlite3.Connection) -> tuple[Message, list[MemberReceipt]]:
-            if not conn.execute(
-                "SELECT 1 FROM members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id)
-            ).fetchone():
-                raise Forbidden("not a participant of this chat")
             row = conn.execute(
                 f"SELECT {_MESSAGE_COLS} FROM messages WHERE id = ? AND chat_id = ?",
                 (message_id, chat_id),
             ).fetchone()
+            # Its sender may always ask (also after leaving); anyone else must be a member,
+            # checked before telling whether the message exists.
+            if (row is None or row[3] != user_id) and not conn.execute(
+                "SELECT 1 FROM members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id)
+            ).fetchone():
+                raise Forbidden("not a participant of this chat")
             if row is None:
                 raise NotFound("no such message in this chat")
             message = _message_from_row(row)
@@ -275,14 +286,16 @@ class SqliteMessages:
     async def sweep(self, before: int) -> SweepStats:
         messages = entries = 0
         while True:
-            n = await self._db.write(lambda conn: _sweep_chunk(conn, before))
-            messages += n[0]
-            entries += n[1]
-            if n == (0, 0):
+            n_messages, n_entries, n_other = await self._db.write(
+                lambda conn: _sweep_chunk(conn, before)
+            )
+            messages += n_messages
+            entries += n_entries
+            if n_messages == n_entries == n_other == 0:
                 return SweepStats(messages, entries)
 
 
-def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
+def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int, int]:
     """Delete one bounded chunk of expired rows, so sends interleave with a long sweep."""
     entries = conn.execute(
         "DELETE FROM inbox WHERE (device_id, iseq) IN"
@@ -293,14 +306,14 @@ def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
         "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE at < ? LIMIT ?)",
         (before, _SWEEP_CHUNK),
     ).rowcount
-    conn.execute(
+    receipts = conn.execute(
         "DELETE FROM receipt_log WHERE (chat_id, user_id, kind, seq) IN"
         " (SELECT chat_id, user_id, kind, seq FROM receipt_log WHERE at < ? LIMIT ?)",
         (before, _SWEEP_CHUNK),
-    )
+    ).rowcount
     conn.execute(
         "UPDATE chats SET last_preview = NULL"
         " WHERE last_activity_at < ? AND last_preview IS NOT NULL",
         (before,),
     )
-    return messages, entries
+    return messages, entries, receipts

@@ -1,0 +1,33 @@
+"""The SQLite sweep keeps deleting in chunks until every expired table is empty."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pigeon.adapters.store.sqlite import SqliteStore, messages
+from tests.contract.test_store import T0, chat, device, send_req, user
+
+
+async def test_sweep_runs_until_the_receipt_log_is_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(messages, "_SWEEP_CHUNK", 2)
+    store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
+    await store.open()
+    a, b = await user(store, "a"), await user(store, "b")
+    da, db = await device(store, a), await device(store, b)
+    c = await chat(store, a, b)
+    for i in range(5):
+        await store.messages.send(send_req(c, da, f"m{i}"))
+        await store.messages.ack(db, 2 * i + 2, T0 + 1)  # chat_update, then the message
+        await store.messages.mark_read(db, c.id, i + 1, T0 + 1)
+    await store.messages.ack(da, 100, T0 + 1)  # its receipts: the inbox is now empty
+    # 5 messages (3 chunks of 2) but 10 receipt-log rows (5 chunks)
+    await store.messages.sweep(T0 + 10)
+    await store.aclose()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert conn.execute("SELECT count(*) FROM receipt_log").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
