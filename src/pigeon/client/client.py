@@ -436,8 +436,12 @@ class PigeonClient:
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _resync(self, after: int) -> None:
-        with contextlib.suppress(ClientError):
+        try:
             await self.request("sync", after=after)
+        except ClientError:
+            if self._held and self._gap_timer is None and self._fatal is None:
+                loop = asyncio.get_running_loop()  # try again later; the gap is still open
+                self._gap_timer = loop.call_later(self.gap_timeout, self._heal_gap)
 
     def _deliver(self, iseq: int, raw: bytes) -> None:
         self._next_iseq = iseq + 1
