@@ -36,8 +36,9 @@ class MessagingService:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
 
-        No await precedes the store call, so sends from one connection commit in the order the
-        connection issued them."""
+        No await precedes handing the change to the store (the shielded commit task starts in
+        FIFO order), so sends from one connection commit in the order the connection issued
+        them."""
         if not 1 <= len(cmid) <= MAX_CMID_CHARS:
             raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
         if body is None and attachment is None:
