@@ -70,14 +70,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if not await services.accounts.still_valid(device):
             conn.close(Close.REVOKED, "device revoked")
             return ws
-        await services.presence.connected(device, session_key)
         acked = await services.messaging.acked(device)
         ready = p.Ready(
             user=device.user_id, device=device.id, acked=acked, server_time=services.clock.now_ms()
         )
         conn.send(p.encode(ready))
         sync = asyncio.create_task(session.sync(acked))
-        await _read_loop(ws, conn, session)
+        await services.presence.connected(device, session_key)  # after `ready`: watchers
+        await _read_loop(ws, conn, session)  # never learn of a device before it does itself
     finally:
         # Each step runs whatever the one before did: a user must never stay "online" because
         # a cleanup step failed.
