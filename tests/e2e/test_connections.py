@@ -121,3 +121,17 @@ async def test_sdk_reconnects_and_resumes_after_a_drop(server: Server) -> None:
     got = [await next_of(bob, Message, timeout=10) for _ in range(2)]
     assert [m.id for m in got] == [second.id, third.id]
     assert bob.connects >= 2
+
+
+async def test_sends_in_flight_during_a_drop_are_committed_exactly_once(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    sends = [asyncio.create_task(alice.send(chat["id"], f"m{i}")) for i in range(50)]
+    await alice.drop_connection()  # some sends are committed, some lost in flight, some not sent
+    results = await asyncio.gather(*sends)
+    assert sorted(r.seq for r in results) == list(range(1, 51))  # each committed once
+    got = [await next_of(bob, Message, timeout=10) for _ in range(50)]
+    assert sorted(m.id for m in got) == sorted(r.id for r in results)
+    assert [m.seq for m in got] == list(range(1, 51))
