@@ -41,7 +41,6 @@ class Connection:
         "_closer",
         "_closing",
         "_held",
-        "_held_limit",
         "_held_overflow",
         "_max",
         "_on_close",
@@ -64,7 +63,6 @@ class Connection:
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
         self._held: list[bytes] | None = None
-        self._held_limit = max_frames
         self._held_overflow = False
         self._on_close: Callable[[Connection], None] | None = None
 
@@ -106,7 +104,7 @@ class Connection:
         released after it (so the device sees its inbox in order)."""
         if self._held is None or not frame.startswith(_EVENT_PREFIX):
             self.send(frame)  # ephemeral frames (presence, typing) are never held back
-        elif len(self._held) < self._held_limit:
+        elif len(self._held) < self._max:
             self._held.append(frame)
         else:
             # Dropping is safe: these frames are committed to the inbox the sync is reading.

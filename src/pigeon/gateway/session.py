@@ -59,7 +59,7 @@ class Session:
                 raise TooLarge(f"frame exceeds {self.services.max_frame_bytes} bytes")
             cmd = p.command_decoder.decode(frame)
         except (TooLarge, msgspec.DecodeError) as exc:
-            self.conn.send(p.encode(to_error(_rid_of(frame), _decode_error(frame, exc))))
+            self.conn.send(p.encode(to_error(*_explain(frame, exc))))
             return
         await self._inflight.acquire()
         task = asyncio.get_running_loop().create_task(self._run(cmd))
@@ -229,24 +229,21 @@ _HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
 assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
 
 
-def _rid_of(frame: bytes) -> p.Rid | None:
-    try:
-        rid = p.envelope_decoder.decode(frame).rid
-    except msgspec.DecodeError:
-        return None
-    return rid if isinstance(rid, int | str) and not isinstance(rid, bool) else None
-
-
-def _decode_error(frame: bytes, exc: Exception) -> Exception:
-    """Tell malformed JSON, an unknown command and a badly typed command apart."""
-    if isinstance(exc, TooLarge):
-        return exc
+def _explain(frame: bytes, exc: Exception) -> tuple[p.Rid | None, Exception]:
+    """For a frame that failed to decode: the rid to echo (if readable) and the error to send,
+    telling malformed JSON, an unknown command and a badly typed command apart. The frame is
+    read again as a bare envelope, once, and only on this error path."""
     try:
         envelope = p.envelope_decoder.decode(frame)
     except msgspec.DecodeError:
-        return BadRequest("malformed JSON")
+        return None, exc if isinstance(exc, TooLarge) else BadRequest("malformed JSON")
+    rid = envelope.rid
+    if not isinstance(rid, int | str) or isinstance(rid, bool):
+        rid = None
+    if isinstance(exc, TooLarge):
+        return rid, exc
     if envelope.t is None:
-        return BadRequest("missing command type `t`")
+        return rid, BadRequest("missing command type `t`")
     if not isinstance(envelope.t, str) or envelope.t not in p.COMMAND_NAMES:
-        return UnknownCommand(f"unknown command {str(envelope.t)[:64]!r}")
-    return BadRequest(str(exc))
+        return rid, UnknownCommand(f"unknown command {str(envelope.t)[:64]!r}")
+    return rid, BadRequest(str(exc))
