@@ -90,9 +90,10 @@ async def test_quick_reconnect_is_not_announced(make_server) -> None:  # type: i
 async def test_hidden_presence_shows_unknown(make_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = await make_server(**FAST)
     watcher, name, user_id = await pair(server)
+    await watcher.subscribe_presence([user_id])
     watched = await server.client(await server.device(name))
-    (state,) = await watcher.subscribe_presence([user_id])
-    assert state["status"] == "online"
+    # wait for the arrival itself: subscribing after connecting races with its announcement
+    assert (await signal_of(watcher, PresenceFrame)).status == "online"
     await watched.set_visibility("nobody")
     assert (await signal_of(watcher, PresenceFrame)).status == "unknown"
     (state,) = await watcher.subscribe_presence([user_id])
