@@ -18,6 +18,8 @@ from pigeon.config import Settings, load_settings
 from pigeon.ports import Clock
 from pigeon.services.clock import SystemClock
 
+pytest_plugins = ["tests.support.postgres", "tests.support.redis"]
+
 _names = itertools.count(1)
 E = TypeVar("E")
 PASSWORD = "correct horse battery"

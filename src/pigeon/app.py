@@ -11,7 +11,7 @@ from argon2 import PasswordHasher
 from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.presence.local import LocalPresence
 from pigeon.adapters.store.sqlite import SqliteStore
-from pigeon.config import Settings
+from pigeon.config import PostgresSettings, Settings
 from pigeon.gateway.http import READY, add_routes, error_middleware
 from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
@@ -36,16 +36,35 @@ PRESENCE = web.AppKey("presence", Presence)
 def build_store(settings: Settings) -> Store:
     """The configured Store adapter."""
     s = settings.store
+    if isinstance(s, PostgresSettings):
+        from pigeon.adapters.store.postgres import PostgresStore
+
+        return PostgresStore(
+            s.dsn, min_connections=s.min_connections, max_connections=s.max_connections
+        )
     return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
 
 
 def build_bus(settings: Settings) -> Bus:
     """The configured Bus adapter."""
+    if settings.bus.type == "redis":
+        from pigeon.adapters.bus.redis import RedisBus
+
+        return RedisBus(settings.redis.url, cluster=settings.redis.cluster)
     return LocalBus()
 
 
-def build_presence(settings: Settings) -> Presence:
+def build_presence(settings: Settings, clock: Clock) -> Presence:
     """The configured presence registry."""
+    if settings.presence.type == "redis":
+        from pigeon.adapters.presence.redis import RedisPresence
+
+        return RedisPresence(
+            settings.redis.url,
+            cluster=settings.redis.cluster,
+            session_ttl=settings.presence.session_ttl,
+            clock=clock,
+        )
     return LocalPresence()
 
 
@@ -53,7 +72,8 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
-    store, bus, presence = build_store(settings), build_bus(settings), build_presence(settings)
+    store, bus = build_store(settings), build_bus(settings)
+    presence = build_presence(settings, clock)
     fanout = Fanout(bus)
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
@@ -67,6 +87,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
         clock,
         grace=settings.presence.grace,
         max_subscriptions=settings.presence.max_subscriptions,
+        session_ttl=settings.presence.session_ttl,
     )
     typing = TypingService(
         store.chats,
@@ -114,6 +135,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await bus.open()
     await app[PRESENCE].open()
     app[SERVICES].hub.start()
+    app[SERVICES].presence.start()
     sweeper.start()
     app[READY]["ready"] = True
     try:

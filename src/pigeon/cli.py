@@ -23,17 +23,29 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives.")] = None,
     config: Annotated[Path | None, typer.Option(help="Optional TOML settings file.")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes sharing the port (needs PostgreSQL + Redis).")
+    ] = 1,
 ) -> None:
     """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain)."""
     from aiohttp import web
 
     from pigeon.app import create_app
+    from pigeon.supervisor import Supervisor, WorkersNeedSharedState, check_workers
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v is not None
     }
     settings = load_settings(config, **overrides)
     setup_logging(settings.log_level, settings.log_json)
+    if workers > 1:
+        try:
+            check_workers(settings, workers)
+        except WorkersNeedSharedState as exc:
+            raise typer.BadParameter(str(exc), param_hint="--workers") from exc
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+        args += [f"--config={config}"] if config is not None else []
+        raise typer.Exit(Supervisor(args, workers).run())
     _install_uvloop()
     app_ = create_app(settings)
     _tune_gc(settings.gc_threshold)
@@ -48,6 +60,7 @@ def serve(
         access_log=None,
         shutdown_timeout=10.0,
         backlog=settings.gateway.backlog,
+        reuse_port=settings.gateway.reuse_port or None,
     )
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pigeon.domain.limits import Limits
@@ -25,10 +25,46 @@ class SqliteSettings(BaseModel):
     max_batch: int = Field(512, ge=1, le=10_000)
 
 
-class LocalBusSettings(BaseModel):
-    """In-process routing: one node only."""
+class PostgresSettings(BaseModel):
+    """The shared store of a cluster: PostgreSQL through an asyncpg connection pool per node."""
 
-    type: Literal["local"] = "local"
+    type: Literal["postgres"] = "postgres"
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/pigeon"
+    min_connections: int = Field(2, ge=1, le=1000)
+    max_connections: int = Field(16, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _pool_ordered(self) -> PostgresSettings:
+        if self.max_connections < self.min_connections:
+            raise ValueError("store.max_connections must be >= store.min_connections")
+        return self
+
+
+def _store_type(value: Any) -> str:
+    """`type` picks the store; without one it is the embedded default (sqlite)."""
+    if isinstance(value, dict):
+        return str(value.get("type", "sqlite"))
+    return str(getattr(value, "type", "sqlite"))
+
+
+StoreSettings = Annotated[
+    Annotated[SqliteSettings, Tag("sqlite")] | Annotated[PostgresSettings, Tag("postgres")],
+    Discriminator(_store_type),
+]
+
+
+class BusSettings(BaseModel):
+    """Routing between nodes: `local` (in-process, one node only) or `redis` (see `redis`)."""
+
+    type: Literal["local", "redis"] = "local"
+
+
+class RedisSettings(BaseModel):
+    """The Redis behind a `redis` bus or presence registry: one server, or a Redis Cluster
+    (`cluster = true`, `url` names any node; the bus then uses sharded pub/sub)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
 
 
 class LimitSettings(BaseModel):
@@ -68,6 +104,8 @@ class GatewaySettings(BaseModel):
     auth_timeout: float = Field(10.0, gt=0)
     #: Listen backlog: connection bursts (a node restart) queue here instead of being refused.
     backlog: int = Field(2048, ge=16)
+    #: Share the listening port with other processes (SO_REUSEPORT); set by `--workers`.
+    reuse_port: bool = False
     #: How long a closing handshake may wait for the peer's close frame.
     close_timeout: float = Field(2.0, gt=0)
 
@@ -81,7 +119,11 @@ class GatewaySettings(BaseModel):
 class PresenceSettings(BaseModel):
     """Presence and typing behaviour."""
 
-    type: Literal["local"] = "local"
+    #: Where sessions live: `local` (this process) or `redis` (shared by every node).
+    type: Literal["local", "redis"] = "local"
+    #: A session not refreshed by its node's heartbeat for this long is dropped (its node died);
+    #: only registries that share state between nodes (redis) expire sessions.
+    session_ttl: float = Field(30.0, gt=0)
     #: A user whose last connection dropped is announced offline only after this many seconds.
     grace: float = Field(5.0, ge=0)
     max_subscriptions: int = Field(1000, ge=1)
@@ -99,8 +141,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     log_level: str = "INFO"
     log_json: bool = True
-    store: SqliteSettings = SqliteSettings()
-    bus: LocalBusSettings = LocalBusSettings()
+    store: StoreSettings = SqliteSettings()
+    bus: BusSettings = BusSettings()
+    redis: RedisSettings = RedisSettings()
     limits: LimitSettings = LimitSettings()
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
@@ -114,7 +157,8 @@ class Settings(BaseSettings):
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
 
     def sqlite_path(self) -> Path:
-        return self.store.path or self.data_dir / "pigeon.db"
+        path = self.store.path if isinstance(self.store, SqliteSettings) else None
+        return path or self.data_dir / "pigeon.db"
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

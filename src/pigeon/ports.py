@@ -219,7 +219,14 @@ class Presence(Protocol):
         """The announced state of each user this registry knows (unknown users are absent)."""
 
     async def refresh(self, sessions: list[tuple[str, str]]) -> None:
-        """Heartbeat: keep these (user, session) pairs alive (registries with expiry need it)."""
+        """Heartbeat of one node: keep these (user, session) pairs alive for another session
+        TTL. Registries shared by several nodes expire sessions nobody refreshes (their node
+        died); a single-process registry may ignore this."""
+
+    async def reap(self, now: int) -> list[str]:
+        """Drop every session whose TTL ran out by `now` (ms). Returns the users left with no
+        session, as `session_down` would have (last seen = the session's last refresh): the
+        caller confirms them offline. A single-process registry has nothing to reap."""
 
     async def open(self) -> None: ...
 
@@ -253,6 +260,11 @@ class Bus(Protocol):
 
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
         """Deliver frames of `channel` to `handler` until cancelled."""
+
+    def on_recovered(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (on the event loop) each time the bus comes back from an outage
+        during which frames may have been lost, once its subscriptions are live again. A node
+        uses it to resync its connections from the durable inbox."""
 
     async def open(self) -> None:
         """Connect."""

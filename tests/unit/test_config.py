@@ -44,3 +44,27 @@ def test_bad_config_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) 
 def test_frame_limits_must_be_ordered() -> None:
     with pytest.raises(ValidationError, match="hard_frame_limit"):
         load_settings(None, gateway={"max_frame_bytes": 10_000, "hard_frame_limit": 5_000})
+
+
+def test_store_type_selects_the_adapter_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(None, store={"synchronous": "NORMAL"}).store.type == "sqlite"
+    monkeypatch.setenv("PIGEON_STORE__TYPE", "postgres")
+    monkeypatch.setenv("PIGEON_STORE__DSN", "postgresql://u@db:5432/chat")
+    store = load_settings(None).store
+    assert (store.type, getattr(store, "dsn", None)) == ("postgres", "postgresql://u@db:5432/chat")
+    with pytest.raises(ValidationError):
+        load_settings(None, store={"type": "postgres", "min_connections": 5, "max_connections": 2})
+
+
+def test_workers_need_shared_state() -> None:
+    from pigeon.supervisor import WorkersNeedSharedState, check_workers
+
+    check_workers(load_settings(None), 1)  # one process: anything goes
+    with pytest.raises(WorkersNeedSharedState) as err:
+        check_workers(load_settings(None, bus={"type": "redis"}), 2)
+    assert "PIGEON_STORE__TYPE=postgres" in str(err.value)
+    assert "PIGEON_BUS__TYPE" not in str(err.value)
+    shared = load_settings(
+        None, store={"type": "postgres"}, bus={"type": "redis"}, presence={"type": "redis"}
+    )
+    check_workers(shared, 2)

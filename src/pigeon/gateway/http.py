@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -100,7 +101,8 @@ async def find_user(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     if not request.app[READY].get("ready"):
         return _json({"status": "starting"}, 503)
-    return _json({"status": "ok", "connections": len(request.app[SERVICES].hub)})
+    hub = request.app[SERVICES].hub
+    return _json({"status": "ok", "connections": len(hub), "pid": os.getpid()})
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from pigeon.config import GatewaySettings
+from pigeon.domain.errors import PigeonError
+from pigeon.domain.ids import new_id
 from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close
 from pigeon.ports import Bus, Subscription
@@ -15,20 +18,33 @@ from pigeon.services.accounts import REVOKED_FRAME
 
 log = logging.getLogger(__name__)
 
+#: Control frame on a device's channel: "a newer connection of this device exists, elsewhere";
+#: followed by the new connection's nonce. Never forwarded to a client.
+_REPLACED = b'{"t":"_replaced","by":"'
+#: Connections resynced at once after a bus outage (each reads its inbox).
+_RESYNC_CONCURRENCY = 32
+
+#: How a node makes one connection catch up from the durable inbox.
+Resync = Callable[[], Awaitable[object]]
+
 
 class Hub:
     """Maps device id -> its one live connection on this node.
 
-    A second connection of the same device replaces the first (`REPLACED`). One ticker task
-    serves every connection's heartbeat: it pings each `ping_interval` and closes any connection
-    that sent nothing (not even a pong) for `idle_timeout`.
+    A second connection of the same device replaces the first (`REPLACED`), on this node or,
+    through a control frame on the device's channel, on any other. One ticker task serves every
+    connection's heartbeat: it pings each `ping_interval` and closes any connection that sent
+    nothing (not even a pong) for `idle_timeout`. When the bus recovers from an outage (frames
+    may have been lost), every connection catches up from its inbox.
     """
 
     def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
         self._bus = bus
         self._settings = settings
         self._conns: dict[str, tuple[Connection, Subscription]] = {}
+        self._resyncs: dict[Connection, Resync] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -37,12 +53,18 @@ class Hub:
         entry = self._conns.get(device_id)
         return None if entry is None else entry[0]
 
-    async def attach(self, conn: Connection) -> None:
-        """Register a connection and route its device's frames to it."""
+    async def attach(self, conn: Connection, resync: Resync) -> None:
+        """Register a connection and route its device's frames to it; `resync` makes it catch
+        up from the inbox after a bus outage."""
         device_id = conn.device.id
+        channel = channels.device(device_id)
+        nonce = new_id().encode()
 
         def on_frame(frame: bytes) -> None:
-            if frame == REVOKED_FRAME:
+            if frame.startswith(_REPLACED):
+                if frame[len(_REPLACED) : len(_REPLACED) + len(nonce)] != nonce:
+                    conn.close(Close.REPLACED, "replaced by a newer connection")
+            elif frame == REVOKED_FRAME:
                 conn.close(Close.REVOKED, "device revoked")
             else:
                 conn.push(frame)
@@ -51,30 +73,57 @@ class Hub:
         if old is not None:
             old[1].cancel()
             old[0].close(Close.REPLACED, "replaced by a newer connection")
-        sub = await self._bus.subscribe(channels.device(device_id), on_frame)
+        try:  # an older connection on another node: best effort, like every bus frame
+            await self._bus.publish(channel, _REPLACED + nonce + b'"}')
+        except PigeonError as exc:
+            log.warning("could not announce the new connection of %s: %s", device_id, exc)
+        sub = await self._bus.subscribe(channel, on_frame)
         self._conns[device_id] = (conn, sub)
+        self._resyncs[conn] = resync
         conn.on_close(self.detach)
 
     def detach(self, conn: Connection) -> None:
         """Forget a connection (if it is still the registered one)."""
+        self._resyncs.pop(conn, None)
         entry = self._conns.get(conn.device.id)
         if entry is not None and entry[0] is conn:
             del self._conns[conn.device.id]
             entry[1].cancel()
 
+    def _bus_recovered(self) -> None:
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+        self._recovery = asyncio.get_running_loop().create_task(self._resync_all())
+
+    async def _resync_all(self) -> None:
+        """Catch every connection up, a few at a time: their inboxes hold what the bus lost."""
+        log.info("bus recovered: resyncing %d connections", len(self._resyncs))
+        gate = asyncio.Semaphore(_RESYNC_CONCURRENCY)
+
+        async def one(conn: Connection, resync: Resync) -> None:
+            async with gate:
+                if not conn.closing:
+                    with contextlib.suppress(Exception):  # a failed sync closes the connection
+                        await resync()
+
+        await asyncio.gather(*(one(c, r) for c, r in list(self._resyncs.items())))
+
     def start(self) -> None:
+        self._bus.on_recovered(self._bus_recovered)
         self._ticker = asyncio.create_task(self._tick_forever(), name="heartbeat")
 
     async def aclose(self) -> None:
         """Close every connection with GOING_AWAY so clients reconnect (elsewhere)."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in (self._ticker, self._recovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for conn, sub in list(self._conns.values()):
             sub.cancel()
             conn.close(Close.GOING_AWAY, "server shutting down")
         self._conns.clear()
+        self._resyncs.clear()
 
     async def _tick_forever(self) -> None:
         s = self._settings

@@ -61,7 +61,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
     session = Session(conn, services.sessions)
     hub = services.hub
-    await hub.attach(conn)
+    await hub.attach(conn, lambda: session.sync(0))  # 0: from what the device acked
     session_key = new_id()
     sync: asyncio.Task[int] | None = None
     try:

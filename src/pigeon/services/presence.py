@@ -5,6 +5,10 @@ at once; going offline only after `grace` seconds without a new connection, so a
 reconnects within the grace period never shows as offline. Announcements travel on the user's
 presence channel of the bus, which each node subscribes to while it has local subscribers of
 that user; a node then hands the frame to those subscribers' connections.
+
+With a registry shared by several nodes, each node refreshes its own sessions every third of
+the session TTL and reaps sessions nobody refreshed: a node that died without saying goodbye
+takes its users offline within the TTL.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class PresenceService:
         *,
         grace: float,
         max_subscriptions: int,
+        session_ttl: float = 30.0,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -50,6 +55,9 @@ class PresenceService:
         self._watchers: dict[str, set[Sink]] = {}
         self._bus_subs: dict[str, Subscription] = {}
         self._watching: dict[Sink, set[str]] = {}
+        self._ttl = session_ttl
+        self._sessions: dict[str, str] = {}  # this node's live sessions -> user
+        self._ticker: asyncio.Task[None] | None = None
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -58,11 +66,13 @@ class PresenceService:
         pending = self._pending.pop(device.user_id, None)
         if pending is not None:
             pending.cancel()
+        self._sessions[session] = device.user_id
         if await self._registry.session_up(device.user_id, session):
             await self._announce(device.user_id, PresenceRecord(online=True))
 
     async def disconnected(self, device: Device, session: str, last_seen: int) -> None:
         """A connection ended; `last_seen` is when it last showed a sign of life."""
+        self._sessions.pop(session, None)
         if not await self._registry.session_down(device.user_id, session, last_seen):
             return
         user_id = device.user_id
@@ -86,8 +96,30 @@ class PresenceService:
         if record.last_seen is not None:
             await self._store.accounts.set_last_seen(user_id, record.last_seen)
 
+    def start(self) -> None:
+        """Begin refreshing this node's sessions and reaping other nodes' dead ones."""
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)  # a period, not synchronisation
+            try:
+                await self.tick()
+            except Exception as exc:  # the registry is down: try again next period
+                log.warning("presence refresh failed: %s", exc)
+
+    async def tick(self) -> None:
+        """One heartbeat: keep this node's sessions alive, confirm expired users offline."""
+        await self._registry.refresh([(u, s) for s, u in self._sessions.items()])
+        for user_id in await self._registry.reap(self._clock.now_ms()):
+            await self._confirm_offline(user_id)
+
     async def aclose(self) -> None:
         """Shutdown: announce pending departures now (the grace timers would die with us)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         pending, self._pending = self._pending, {}
         for user_id, task in pending.items():
             task.cancel()

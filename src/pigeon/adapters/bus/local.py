@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from pigeon.ports import Bus, BusHandler
 
@@ -36,6 +37,9 @@ class LocalBus:
         sub = _LocalSubscription(self, channel, handler)
         self._subs[channel] = sub
         return sub
+
+    def on_recovered(self, callback: Callable[[], None]) -> None:
+        return None  # nothing in between to fail: frames are never lost
 
     async def open(self) -> None:
         return None

@@ -57,6 +57,9 @@ class LocalPresence:
     async def refresh(self, sessions: list[tuple[str, str]]) -> None:
         return None
 
+    async def reap(self, now: int) -> list[str]:
+        return []  # sessions live and die with this process
+
     async def open(self) -> None:
         return None
 

@@ -1,0 +1,78 @@
+"""Fixtures of the multi-node and fault suites: real server processes on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from pigeon.client import PigeonClient, login, register
+from tests.conftest import PASSWORD
+from tests.support.cluster import Node, cluster_env
+from tests.support.postgres import fresh_database
+from tests.support.traffic import Pair
+
+_names = itertools.count(1)
+
+StartNodes = Callable[..., Awaitable[list[Node]]]
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this test's cluster."""
+    async with fresh_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def start_nodes(tmp_path: Path) -> AsyncIterator[StartNodes]:
+    """Start `count` nodes with the given environment (in parallel); all killed at the end."""
+    nodes: list[Node] = []
+
+    async def start(count: int, env: dict[str, str], workers: int = 1) -> list[Node]:
+        new = [Node(env, tmp_path / f"node{len(nodes) + i}", workers=workers) for i in range(count)]
+        nodes.extend(new)
+        await asyncio.gather(*(n.start() for n in new))
+        return new
+
+    yield start
+    await asyncio.gather(*(n.close() for n in nodes))
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[PigeonClient]]:
+    """SDK clients made by a test; closed at the end."""
+    made: list[PigeonClient] = []
+    yield made
+    await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+async def connect(made: list[PigeonClient], url: str, token: str, **kw: object) -> PigeonClient:
+    client = PigeonClient(url, token, **kw)  # type: ignore[arg-type]
+    await client.connect()
+    made.append(client)
+    return client
+
+
+async def make_pairs(
+    made: list[PigeonClient], count: int, sender_url: str, receiver_url: str
+) -> list[Pair]:
+    """`count` sender/receiver pairs with a direct chat each; accounts made on `sender_url`."""
+
+    async def one() -> Pair:
+        a, b = f"s{next(_names)}", f"r{next(_names)}"
+        await register(sender_url, a, PASSWORD)
+        b_id = await register(sender_url, b, PASSWORD)
+        sender = await connect(made, sender_url, (await login(sender_url, a, PASSWORD)).token)
+        receiver = await connect(made, receiver_url, (await login(sender_url, b, PASSWORD)).token)
+        chat = await sender.create_chat([b_id])
+        return Pair(sender, receiver, chat["id"])
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def env_for(dsn: str, redis_url: str, redis_cluster: bool = False, **extra: str) -> dict[str, str]:
+    return {**cluster_env(dsn, redis_url, redis_cluster=redis_cluster), **extra}

@@ -1,0 +1,138 @@
+"""Several nodes form one server: delivery, receipts, presence, typing and device replacement
+across nodes, on a single Redis and on a Redis Cluster (sharded pub/sub); `--workers N`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pigeon.client import login, register
+from pigeon.domain.events import Message, PresenceFrame, Receipt, TypingFrame
+from tests.chaos.conftest import StartNodes, connect, env_for
+from tests.conftest import PASSWORD, next_of
+from tests.support.cluster import wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(url, is_cluster): every multi-node test runs on one Redis and on a Redis Cluster."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url"), False
+    return request.getfixturevalue("redis_cluster").url, True
+
+
+async def signal_of(client: Any, kind: type[Any], timeout: float = 10.0) -> Any:
+    while True:
+        frame = await client.next_signal(timeout)
+        if isinstance(frame, kind):
+            return frame
+
+
+async def test_two_nodes_act_as_one_server(
+    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
+) -> None:
+    url, is_cluster = redis_target
+    n1, n2 = await start_nodes(2, env_for(database, url, is_cluster))
+    await register(n1.url, "alice", PASSWORD)
+    bob_id = await register(n2.url, "bob", PASSWORD)
+    alice = await connect(clients, n1.url, (await login(n1.url, "alice", PASSWORD)).token)
+    bob_token = (await login(n2.url, "bob", PASSWORD)).token
+    bob = await connect(clients, n2.url, bob_token)
+    chat = await alice.create_chat([bob_id])
+    await alice.subscribe_presence([bob_id])
+
+    sent = [await alice.send(chat["id"], f"hello {i}") for i in range(20)]
+    got = [await next_of(bob, Message) for _ in range(20)]
+    assert [m.id for m in got] == [s.id for s in sent]  # pushed across nodes, in order
+    await bob.read(chat["id"], got[-1].seq)
+    receipt = await next_of(alice, Receipt)
+    while receipt.kind != "read":
+        receipt = await next_of(alice, Receipt)
+    assert receipt.seq == got[-1].seq
+
+    await bob.typing(chat["id"])
+    assert (await signal_of(alice, TypingFrame)).user == bob_id
+
+    # the same device connecting on the other node replaces its first connection
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(
+            f"{n1.url}/v1/ws", headers={"Authorization": f"Bearer {bob_token}"}
+        )
+        closed = await asyncio.wait_for(_close_code_of(bob), 10)
+        assert closed == 4503
+        await ws.close()
+
+
+async def _close_code_of(client: Any) -> int | None:
+    """Wait for the SDK's socket to be closed by the server; its close code."""
+    ws = client._ws
+    while not ws.closed:  # noqa: ASYNC110 - the SDK exposes no close event
+        await asyncio.sleep(0.01)
+    return int(ws.close_code) if ws.close_code is not None else None
+
+
+async def test_a_crashed_nodes_users_go_offline_within_the_session_ttl(
+    database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
+) -> None:
+    env = env_for(
+        database, redis_url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="0.2"
+    )
+    n1, n2 = await start_nodes(2, env)
+    await register(n1.url, "watcher", PASSWORD)
+    user_id = await register(n1.url, "victim", PASSWORD)
+    watcher = await connect(clients, n1.url, (await login(n1.url, "watcher", PASSWORD)).token)
+    await watcher.create_chat([user_id])
+    await watcher.subscribe_presence([user_id])
+    account = await login(n1.url, "victim", PASSWORD)
+    await connect(clients, n2.url, account.token, reconnect=False)
+    assert (await signal_of(watcher, PresenceFrame)).status == "online"
+    killed_at = asyncio.get_running_loop().time()
+    n2.kill()
+    offline = await signal_of(watcher, PresenceFrame, timeout=10)
+    assert offline.status == "offline"
+    # within the TTL, plus one refresh period of the surviving node's reaper
+    assert asyncio.get_running_loop().time() - killed_at < 1.5 + 0.5 + 1.0
+
+
+async def test_workers_share_one_port_and_are_restarted(
+    database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
+) -> None:
+    (node,) = await start_nodes(1, env_for(database, redis_url), workers=2)
+    pids = await _pids_behind(node.url, want=2)
+    assert len(pids) == 2
+    os.kill(next(iter(pids)), signal.SIGKILL)  # the supervisor starts a new worker
+    replaced = await _pids_behind(node.url, want=1, exclude=pids)
+    assert replaced
+
+    await register(node.url, "w1", PASSWORD)
+    w2 = await register(node.url, "w2", PASSWORD)
+    a = await connect(clients, node.url, (await login(node.url, "w1", PASSWORD)).token)
+    b = await connect(clients, node.url, (await login(node.url, "w2", PASSWORD)).token)
+    chat = await a.create_chat([w2])
+    sent = await a.send(chat["id"], "through either worker")
+    assert (await next_of(b, Message)).id == sent.id
+    for c in (a, b):
+        await c.close()
+    assert await node.terminate() == 0
+
+
+async def _pids_behind(url: str, want: int, exclude: frozenset[int] | set[int] = frozenset()) -> set[int]:
+    """Worker pids seen through fresh connections until `want` distinct ones (not excluded)."""
+    seen: set[int] = set()
+    async with asyncio.timeout(30):
+        while len(seen) < want:
+            try:
+                body = await wait_healthy(url)
+            except TimeoutError:
+                continue
+            pid = int(body["pid"])  # type: ignore[call-overload]
+            if pid not in exclude:
+                seen.add(pid)
+    return seen

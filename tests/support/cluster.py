@@ -1,0 +1,143 @@
+"""Several real `pigeon serve` processes sharing PostgreSQL and Redis, and HAProxy in front.
+
+Multi-node and fault tests start these: every node is a separate OS process on its own port
+(or, with `workers`, several processes on one port), exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cluster_env(dsn: str, redis_url: str, *, redis_cluster: bool = False) -> dict[str, str]:
+    """Environment of a node that shares state with its peers (PostgreSQL + Redis)."""
+    return {
+        "PIGEON_STORE__TYPE": "postgres",
+        "PIGEON_STORE__DSN": dsn,
+        "PIGEON_BUS__TYPE": "redis",
+        "PIGEON_PRESENCE__TYPE": "redis",
+        "PIGEON_REDIS__URL": redis_url,
+        "PIGEON_REDIS__CLUSTER": "true" if redis_cluster else "false",
+        "PIGEON_ARGON2_TIME_COST": "1",
+        "PIGEON_ARGON2_MEMORY_KIB": "8",
+        "PIGEON_LOG_JSON": "false",
+    }
+
+
+async def wait_healthy(url: str, timeout: float = 30.0) -> dict[str, object]:
+    """Poll /healthz until it answers 200 (a starting process has no event to wait on)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+        while True:
+            try:
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        body: dict[str, object] = await resp.json()
+                        return body
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+class Node:
+    """One `pigeon serve` (possibly `--workers N`) on its own port."""
+
+    def __init__(
+        self, env: dict[str, str], data_dir: Path, *, workers: int = 1, port: int | None = None
+    ) -> None:
+        self.env = env
+        self.data_dir = data_dir
+        self.workers = workers
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log = data_dir / f"node-{self.port}.log"
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pigeon.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--workers",
+                str(self.workers),
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
+            )
+        await wait_healthy(self.url)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no flush."""
+        assert self.proc is not None
+        self.proc.kill()
+
+    async def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class HAProxy:
+    """deploy/haproxy.cfg in front of three nodes, on its own port."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        assert len(nodes) == 3, "deploy/haproxy.cfg names three nodes"
+        self.nodes = nodes
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        if shutil.which("haproxy") is None:
+            pytest.skip("haproxy is not installed (.ci/run installs it: apt-get install haproxy)")
+        env = {
+            **os.environ,
+            "PIGEON_LB_BIND": f"127.0.0.1:{self.port}",
+            **{f"PIGEON_NODE{i + 1}": n.address for i, n in enumerate(self.nodes)},
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            "haproxy",
+            "-db",
+            "-f",
+            str(REPO / "deploy" / "haproxy.cfg"),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_healthy(self.url)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
