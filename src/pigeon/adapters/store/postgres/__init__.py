@@ -1,0 +1,35 @@
+"""PostgreSQL store: the shared store of a cluster of nodes.
+
+Every node opens its own asyncpg pool on the same database; correctness under concurrent writers
+on many nodes comes from row locks taken in one global order (see `functions.py`), not from any
+coordination between nodes. Schema migrations are versioned and run under an advisory lock at
+start-up, so nodes may start together.
+"""
+
+from __future__ import annotations
+
+from pigeon.adapters.store.postgres.accounts import PgAccounts
+from pigeon.adapters.store.postgres.chats import PgChats
+from pigeon.adapters.store.postgres.db import PgDb
+from pigeon.adapters.store.postgres.messages import PgMessages
+from pigeon.adapters.store.postgres.schema import migrate
+from pigeon.ports import AccountStore, ChatStore, MessageStore, Store
+
+
+class PostgresStore:
+    """The three sub-stores over one PostgreSQL database, through a connection pool."""
+
+    def __init__(self, dsn: str, *, min_connections: int, max_connections: int) -> None:
+        self.db = PgDb(dsn, min_connections=min_connections, max_connections=max_connections)
+        self.accounts: AccountStore = PgAccounts(self.db)
+        self.chats: ChatStore = PgChats(self.db)
+        self.messages: MessageStore = PgMessages(self.db)
+
+    async def open(self) -> None:
+        await self.db.open(migrate)
+
+    async def aclose(self) -> None:
+        await self.db.aclose()
+
+
+_check: type[Store] = PostgresStore

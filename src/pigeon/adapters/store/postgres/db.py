@@ -1,0 +1,158 @@
+"""PostgreSQL access from asyncio: one asyncpg pool per node, and the adapter's error boundary.
+
+Every store call runs through `PgDb.run`, which borrows a pooled connection, retries transactions
+that PostgreSQL aborted to resolve a conflict (deadlock, serialization failure, a duplicate key
+raced in by a concurrent idempotent retry), and turns whatever the driver raises into a domain
+error: a database that is down, restarting, unreachable, too slow or out of connections becomes
+`Unavailable` (temporary: the SDK retries), so no asyncpg exception ever leaves the adapter.
+
+The pool heals by itself: a connection that broke is dropped and the next borrower opens a new
+one, so once the server is back calls succeed again on the same store object. Connections keep no
+session state (no LISTEN, no session advisory locks, no SET), so returning one to the pool skips
+asyncpg's reset query, which would be one more round trip per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from asyncpg import exceptions as pgerr
+
+from pigeon.domain.errors import BadRequest, Conflict, PigeonError, Unavailable
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: Attempts of a transaction PostgreSQL rolled back to break a deadlock or a serialization
+#: conflict (with a short random backoff), before answering `Unavailable`.
+ATTEMPTS = 5
+#: Seconds to open a connection, to wait for a free pooled one, and for one statement.
+CONNECT_TIMEOUT = 5.0
+ACQUIRE_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 15.0
+
+# Errors that mean "the database, or the way to it, is not working right now".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    pgerr.PostgresConnectionError,  # 08xxx, incl. connection does not exist / failure
+    pgerr.OperatorInterventionError,  # 57xxx: admin/crash shutdown, cannot connect now, cancel
+    pgerr.InsufficientResourcesError,  # 53xxx: too many connections, disk full, out of memory
+    pgerr.ReadOnlySQLTransactionError,  # 25006: a standby (mid failover)
+    pgerr.PostgresSystemError,  # 58xxx: I/O error
+    pgerr.InterfaceError,  # connection closed, pool closed/closing
+    pgerr.InternalClientError,  # protocol errors on a broken connection
+    OSError,  # refused, reset, unreachable
+    TimeoutError,  # connect, acquire or command timeout
+)
+
+
+def translate(exc: Exception) -> PigeonError:
+    """The domain error for a driver exception (the adapter's only exit for them)."""
+    if isinstance(exc, PigeonError):
+        return exc
+    if isinstance(exc, pgerr.IntegrityConstraintViolationError):
+        return Conflict(f"constraint violated: {exc}")
+    if isinstance(exc, pgerr.DataError) or (
+        isinstance(exc, pgerr.InterfaceError) and isinstance(exc, ValueError)
+    ):
+        # e.g. a NUL character in a name (PostgreSQL's text cannot hold it), or an argument
+        # the driver could not encode
+        return BadRequest(f"invalid value: {exc}")
+    if isinstance(exc, pgerr.TransactionRollbackError):
+        return Unavailable("store is busy (transaction conflict); retry")
+    if isinstance(exc, _UNAVAILABLE):
+        return Unavailable(f"store unavailable: {type(exc).__name__}: {exc}")
+    log.error("unexpected store error", exc_info=exc)
+    return PigeonError(f"store error: {type(exc).__name__}")
+
+
+def _retriable(exc: Exception, retry_unique: bool) -> bool:
+    if isinstance(exc, pgerr.TransactionRollbackError):
+        return True  # deadlock_detected, serialization_failure: nothing was committed
+    return retry_unique and isinstance(exc, pgerr.UniqueViolationError)
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo (see the module docstring)."""
+
+
+class PgDb:
+    """Owns the connection pool of one node."""
+
+    def __init__(self, dsn: str, *, min_connections: int, max_connections: int) -> None:
+        self._dsn = dsn
+        self._min = min_connections
+        self._max = max_connections
+        self._pool: asyncpg.Pool | None = None
+        #: Transactions run again after a conflict, for metrics and tests of the lock order.
+        self.retries = 0
+
+    async def open(self, migrate: Callable[[asyncpg.Connection], Awaitable[Any]]) -> None:
+        """Create the pool and run `migrate` on one of its connections."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min,
+                max_size=self._max,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                reset=_no_reset,
+                server_settings={"application_name": "pigeon", "jit": "off"},
+            )
+            await self.run(migrate)
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, Exception):
+                raise translate(exc) from exc
+            raise
+
+    async def aclose(self) -> None:
+        """Wait for borrowed connections to come back, then close them all."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT)
+            except Exception:  # a broken server: nothing left to finish
+                pool.terminate()
+
+    async def run(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, retry_unique: bool = False
+    ) -> T:
+        """Run `fn` with a pooled connection. `fn` makes its own transaction when it runs more
+        than one statement; it is run again if PostgreSQL rolled it back to resolve a conflict
+        (and on a unique violation if `retry_unique`: an idempotent write that lost a race)."""
+        for attempt in range(1, ATTEMPTS + 1):
+            pool = self._pool
+            if pool is None:
+                raise Unavailable("store is closed")
+            try:
+                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    return await fn(conn)
+            except Exception as exc:
+                if attempt < ATTEMPTS and _retriable(exc, retry_unique):
+                    self.retries += 1
+                    log.debug("store transaction retried after %s", type(exc).__name__)
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                    continue
+                raise translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """One statement, all rows (autocommit)."""
+        return await self.run(lambda conn: conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any, retry_unique: bool = False) -> Any:
+        """One statement, its first row or None (autocommit)."""
+        return await self.run(lambda conn: conn.fetchrow(sql, *args), retry_unique=retry_unique)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """One statement, the first column of its first row (autocommit)."""
+        return await self.run(lambda conn: conn.fetchval(sql, *args))
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        """One statement, no result (autocommit)."""
+        await self.run(lambda conn: conn.execute(sql, *args))

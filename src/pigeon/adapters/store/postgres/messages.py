@@ -1,0 +1,271 @@
+"""PostgreSQL implementation of `MessageStore`: the message path.
+
+`send`, `ack` and `mark_read` are one call each of a server-side function (functions.py): one
+network round trip, committed when it returns. Reads are one statement each (one snapshot).
+
+Sends of one device commit in the order they were made (the gateway relies on it: a connection's
+messages keep the order it issued them in). The SQLite store gets that from its single writer
+queue; here concurrent calls would race on separate pooled connections, so the sends of one
+device run one after the other, in call order (a device has one connection, on one node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from pigeon.adapters.store.postgres.db import PgDb
+from pigeon.domain.errors import Forbidden, NotFound
+from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
+from pigeon.domain.models import Attachment, Device, MemberReceipt
+from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
+
+#: Rows per table and per statement of a retention sweep (sends interleave between chunks).
+SWEEP_CHUNK = 2000
+
+_decode_message = msgspec.json.Decoder(Message).decode
+_SEQ_PLACEHOLDER = b'"seq":0,'
+
+# o_status of pigeon_send / pigeon_mark_read
+_DUPLICATE, _NO_CHAT, _NOT_MEMBER = 1, 2, 3
+
+_SEND = "SELECT * FROM pigeon_send($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_ACK = "SELECT o_device, o_iseq, o_payload FROM pigeon_ack($1, $2, $3)"
+_MARK_READ = "SELECT * FROM pigeon_mark_read($1, $2, $3, $4, $5)"
+_READ_INBOX = """
+SELECT d.next_iseq - 1 AS head, d.acked_iseq AS acked, e.iseq, e.raw
+FROM devices d
+LEFT JOIN LATERAL (
+    SELECT i.iseq, coalesce(i.payload, m.raw) AS raw
+    FROM inbox i LEFT JOIN messages m ON m.id = i.message_id
+    WHERE i.device_id = d.id AND i.iseq > $2 AND coalesce(i.payload, m.raw) IS NOT NULL
+    ORDER BY i.iseq
+    LIMIT $3
+) e ON true
+WHERE d.id = $1
+ORDER BY e.iseq
+"""
+_RECEIPTS_MESSAGE = """
+SELECT m.id, m.chat_id, m.seq, m.sender, m.sender_device, m.cmid, m.at, m.raw,
+       EXISTS (SELECT 1 FROM members WHERE chat_id = $2 AND user_id = $3) AS member
+FROM (SELECT 1) AS one LEFT JOIN messages m ON m.id = $1 AND m.chat_id = $2
+"""
+_RECEIPTS_MEMBERS = """
+SELECT mb.user_id,
+    (SELECT min(r.at) FROM receipt_log r WHERE r.chat_id = $1 AND r.user_id = mb.user_id
+        AND r.kind = 'delivered' AND r.seq >= $3) AS delivered_at,
+    (SELECT min(r.at) FROM receipt_log r WHERE r.chat_id = $1 AND r.user_id = mb.user_id
+        AND r.kind = 'read' AND r.seq >= $3) AS read_at
+FROM members mb WHERE mb.chat_id = $1 AND mb.user_id <> $2
+ORDER BY mb.pos
+"""
+# One chunk per table: the oldest rows by the `at` index, locked with SKIP LOCKED (the sweep
+# never waits for, nor deadlocks with, the message path: a row locked right now is left for the
+# next chunk or sweep), then deleted by their tuple ids (a TID scan: no second index lookup, and
+# no plan that scans the whole table to join the chunk back).
+_SWEEP = """
+WITH e AS (
+    DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM inbox WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+), m AS (
+    DELETE FROM messages WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM messages WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+), r AS (
+    DELETE FROM receipt_log WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM receipt_log WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM e), (SELECT count(*) FROM r)
+"""
+
+
+def split_at_seq(draft: Message) -> tuple[bytes, bytes]:
+    """The message's JSON around its `seq` value (encoded with seq 0): the database puts the
+    seq it assigns in between, so the body is encoded once, here."""
+    head, mark, tail = encode_event(draft).partition(_SEQ_PLACEHOLDER)
+    assert mark and draft.seq == 0, "seq follows type, id and chat, which are plain strings"
+    return head + b'"seq":', b"," + tail
+
+
+def _message_from_row(row: Any, sender: str, sender_device: str, cmid: str) -> Message:
+    raw: bytes | None = row["o_dup_raw"]
+    if raw is not None:
+        return _decode_message(raw)
+    return Message(
+        id=row["o_dup_id"],
+        chat=row["o_dup_chat"],
+        seq=row["o_seq"],
+        sender=sender,
+        sender_device=sender_device,
+        cmid=cmid,
+        at=row["o_dup_at"],
+    )
+
+
+def _deliveries(devices: list[str] | None, iseqs: list[int] | None, raws: Any) -> list[Delivery]:
+    if not devices or not iseqs:
+        return []
+    if isinstance(raws, bytes):
+        return [Delivery(d, i, raws) for d, i in zip(devices, iseqs, strict=True)]
+    return [Delivery(d, i, r) for d, i, r in zip(devices, iseqs, raws, strict=True)]
+
+
+class InOrder:
+    """Runs the calls made with one key one at a time, in the order they were made
+    (`asyncio.Lock` wakes its waiters first come, first served)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        """Wait for the earlier calls of `key` to finish; the lock is dropped with its last
+        user, so idle keys cost nothing."""
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+
+class PgMessages:
+    """Messages, inboxes and receipts in PostgreSQL."""
+
+    def __init__(self, db: PgDb) -> None:
+        self._db = db
+        self._senders = InOrder()
+
+    async def send(self, req: SendRequest) -> SendResult:
+        async with self._senders.turn(req.sender_device):
+            return await self._send(req)
+
+    async def _send(self, req: SendRequest) -> SendResult:
+        attachment = Attachment(id=req.attachment_id) if req.attachment_id else None
+        draft = Message(
+            id=req.message_id,
+            chat=req.chat,
+            seq=0,
+            sender=req.sender,
+            sender_device=req.sender_device,
+            cmid=req.cmid,
+            at=req.at,
+            body=req.body,
+            attachment=attachment,
+        )
+        head, tail = split_at_seq(draft)
+        # PostgreSQL text cannot hold NUL; the preview is only a display aid (the body, in
+        # JSON, keeps it as \u0000).
+        preview = req.preview.replace("\x00", "\ufffd") if req.preview else req.preview
+        # A unique violation means a concurrent retry of the same (device, cmid) committed
+        # first: run again to find it and answer `duplicate`.
+        row = await self._db.fetchrow(
+            _SEND,
+            req.message_id,
+            req.chat,
+            req.sender,
+            req.sender_device,
+            req.cmid,
+            req.at,
+            head,
+            tail,
+            preview,
+            retry_unique=True,
+        )
+        status = row["o_status"]
+        if status == _DUPLICATE:
+            original = _message_from_row(row, req.sender, req.sender_device, req.cmid)
+            return SendResult(original, True, [])
+        if status == _NO_CHAT:
+            raise NotFound("no such chat")
+        if status == _NOT_MEMBER:
+            raise Forbidden("not a participant of this chat")
+        seq: int = row["o_seq"]
+        raw = b"%s%d%s" % (head, seq, tail)
+        deliveries = _deliveries(row["o_devices"], row["o_iseqs"], raw)
+        deliveries += _deliveries(
+            row["o_extra_devices"], row["o_extra_iseqs"], row["o_extra_payloads"]
+        )
+        return SendResult(msgspec.structs.replace(draft, seq=seq), False, deliveries)
+
+    async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
+        rows = await self._db.fetch(_ACK, device.id, upto, at)
+        return [Delivery(r[0], r[1], r[2]) for r in rows]
+
+    async def mark_read(self, device: Device, chat_id: str, seq: int, at: int) -> list[Delivery]:
+        row = await self._db.fetchrow(_MARK_READ, device.id, device.user_id, chat_id, seq, at)
+        if row["o_status"] == _NO_CHAT:
+            raise NotFound("no such chat")
+        if row["o_status"] == _NOT_MEMBER:
+            raise Forbidden("not a participant of this chat")
+        return _deliveries(row["o_devices"], row["o_iseqs"], row["o_payloads"])
+
+    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
+        rows = await self._db.fetch(_READ_INBOX, device_id, after, limit)
+        if not rows:
+            return InboxPage([], 0, 0)
+        entries = [InboxEntry(r["iseq"], r["raw"]) for r in rows if r["iseq"] is not None]
+        return InboxPage(entries, rows[0]["head"], rows[0]["acked"])
+
+    async def acked_iseq(self, device_id: str) -> int:
+        value = await self._db.fetchval("SELECT acked_iseq FROM devices WHERE id = $1", device_id)
+        return 0 if value is None else int(value)
+
+    async def receipts(
+        self, user_id: str, chat_id: str, message_id: str
+    ) -> tuple[Message, list[MemberReceipt]]:
+        async def q(conn: asyncpg.Connection) -> tuple[Message, list[MemberReceipt]]:
+            row = await conn.fetchrow(_RECEIPTS_MESSAGE, message_id, chat_id, user_id)
+            # Its sender may always ask (also after leaving); anyone else must be a member,
+            # checked before telling whether the message exists.
+            if (row["id"] is None or row["sender"] != user_id) and not row["member"]:
+                raise Forbidden("not a participant of this chat")
+            if row["id"] is None:
+                raise NotFound("no such message in this chat")
+            raw: bytes | None = row["raw"]
+            message = (
+                _decode_message(raw)
+                if raw is not None
+                else Message(
+                    id=row["id"],
+                    chat=row["chat_id"],
+                    seq=row["seq"],
+                    sender=row["sender"],
+                    sender_device=row["sender_device"],
+                    cmid=row["cmid"],
+                    at=row["at"],
+                )
+            )
+            out = []
+            for user, delivered_at, read_at in await conn.fetch(
+                _RECEIPTS_MEMBERS, chat_id, message.sender, message.seq
+            ):
+                if read_at is not None and (delivered_at is None or read_at < delivered_at):
+                    delivered_at = read_at
+                out.append(MemberReceipt(user=user, delivered_at=delivered_at, read_at=read_at))
+            return message, out
+
+        return await self._db.run(q)
+
+    async def sweep(self, before: int) -> SweepStats:
+        messages = entries = 0
+        while True:
+            row = await self._db.fetchrow(_SWEEP, before, SWEEP_CHUNK)
+            n_messages, n_entries, n_other = row[0], row[1], row[2]
+            messages += n_messages
+            entries += n_entries
+            if n_messages == n_entries == n_other == 0:
+                return SweepStats(messages, entries)
+
+
+_check: type[MessageStore] = PgMessages

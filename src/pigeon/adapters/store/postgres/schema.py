@@ -1,0 +1,142 @@
+"""Versioned PostgreSQL schema. Migrations only ever append; each runs once, in order, on start.
+
+Several nodes may start at once: `migrate` holds a transaction-level advisory lock while it reads
+`schema_version` and applies what is missing, so exactly one of them migrates and the others then
+find nothing to do. Every migration runs in that one transaction: all or nothing.
+
+Identifiers are ULIDs (ASCII) and compare bytewise (`COLLATE "C"`): cheaper than the database's
+linguistic collation, and the same order as SQLite's. Times are integer milliseconds (`bigint`).
+Rows updated on every message (a device's counters, a chat's last seq, a member's marks, a
+message's pending count) leave free space in their pages (`fillfactor`) so that those updates,
+which touch no indexed column, stay HOT: no index writes, and pages clean themselves.
+
+Large installations would partition `messages`, `inbox` and `receipt_log` by time (`PARTITION BY
+RANGE (at)`, one partition per day or week): retention then drops whole partitions instead of
+deleting rows, and the sweeper's chunked deletes (`at` indexes) are only the fallback for the
+partition that straddles the cut-off. The primary keys would have to include `at`, which is why it
+is not done at this size; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from pigeon.adapters.store.postgres import functions
+
+#: Key of the advisory lock that serialises migrations across nodes ("pigeon" in ASCII).
+MIGRATION_LOCK = 0x706967656F6E
+
+_TABLES = """
+CREATE TABLE users (
+    id text COLLATE "C" PRIMARY KEY,
+    username text NOT NULL,
+    username_key text NOT NULL UNIQUE,
+    password_hash text NOT NULL,
+    created_at bigint NOT NULL,
+    visibility text NOT NULL DEFAULT 'chats',
+    last_seen_at bigint
+);
+CREATE TABLE devices (
+    id text COLLATE "C" PRIMARY KEY,
+    user_id text COLLATE "C" NOT NULL REFERENCES users(id),
+    name text NOT NULL,
+    token_hash bytea NOT NULL UNIQUE,
+    created_at bigint NOT NULL,
+    next_iseq bigint NOT NULL DEFAULT 1,
+    acked_iseq bigint NOT NULL DEFAULT 0
+) WITH (fillfactor = 70);
+-- list_devices and every "devices of these users" lookup, in their stable order
+CREATE INDEX devices_by_user ON devices (user_id, created_at, id);
+CREATE TABLE chats (
+    id text COLLATE "C" PRIMARY KEY,
+    kind text NOT NULL,
+    name text,
+    created_by text COLLATE "C" NOT NULL,
+    created_at bigint NOT NULL,
+    -- "<user>:<user>" sorted, for direct chats only: one direct chat per pair, race-free
+    direct_key text COLLATE "C" UNIQUE,
+    version bigint NOT NULL DEFAULT 0,
+    next_pos integer NOT NULL DEFAULT 0,
+    last_seq bigint NOT NULL DEFAULT 0,
+    last_activity_at bigint NOT NULL,
+    last_sender text COLLATE "C"
+) WITH (fillfactor = 70);
+CREATE TABLE members (
+    chat_id text COLLATE "C" NOT NULL REFERENCES chats(id),
+    user_id text COLLATE "C" NOT NULL REFERENCES users(id),
+    role text NOT NULL,
+    pos integer NOT NULL,
+    delivered_seq bigint NOT NULL DEFAULT 0,
+    read_seq bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (chat_id, user_id)
+) WITH (fillfactor = 70);
+CREATE INDEX members_by_user ON members (user_id);
+-- The chat-list preview lives on the message row (not on the chat, as in SQLite) so that
+-- erasing a body on ack never has to lock the chat row: see functions.py, lock order.
+CREATE TABLE messages (
+    id text COLLATE "C" PRIMARY KEY,
+    chat_id text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    sender text COLLATE "C" NOT NULL,
+    sender_device text COLLATE "C" NOT NULL,
+    cmid text COLLATE "C" NOT NULL,
+    at bigint NOT NULL,
+    raw bytea,
+    preview text,
+    pending integer NOT NULL
+) WITH (fillfactor = 85);
+CREATE UNIQUE INDEX messages_by_chat_seq ON messages (chat_id, seq);
+CREATE UNIQUE INDEX messages_by_cmid ON messages (sender_device, cmid);
+CREATE INDEX messages_by_at ON messages (at);
+CREATE TABLE inbox (
+    device_id text COLLATE "C" NOT NULL,
+    iseq bigint NOT NULL,
+    message_id text COLLATE "C",
+    payload bytea,
+    at bigint NOT NULL,
+    PRIMARY KEY (device_id, iseq)
+);
+CREATE INDEX inbox_by_at ON inbox (at);
+CREATE TABLE receipt_log (
+    chat_id text COLLATE "C" NOT NULL,
+    user_id text COLLATE "C" NOT NULL,
+    kind text NOT NULL,
+    seq bigint NOT NULL,
+    at bigint NOT NULL,
+    PRIMARY KEY (chat_id, user_id, kind, seq)
+);
+CREATE INDEX receipt_log_by_at ON receipt_log (at);
+"""
+
+#: (version, SQL). Never edit a released migration: append a new one (functions included, with
+#: CREATE OR REPLACE).
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, _TABLES),
+    (2, functions.V2),
+]
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply every migration newer than the database's recorded version, under the migration
+    lock, in one transaction. Returns the versions applied (empty when up to date)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (version integer PRIMARY KEY, applied_at bigint NOT NULL)"
+        )
+        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+                version,
+                int(time.time() * 1000),
+            )
+            applied.append(version)
+    return applied

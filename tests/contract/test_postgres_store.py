@@ -1,0 +1,142 @@
+"""What the PostgreSQL store does beyond the shared contract: events built by the database are
+the bytes msgspec would encode, migrations and idempotent writes are race-free, sweeps chunk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from pigeon.adapters.store.postgres import PostgresStore, messages
+from pigeon.domain.events import Message, ReadState, Receipt, decode_event, encode_event
+from pigeon.domain.ids import new_id
+from pigeon.domain.models import ChatInfo, Member
+from tests.contract.test_store import T0, chat, device, events, send_req, user
+from tests.support.postgres import fresh_database
+
+
+async def test_events_built_by_the_database_are_the_canonical_encoding(
+    pg_store: PostgresStore,
+) -> None:
+    a, b, c_ = await user(pg_store, "a"), await user(pg_store, "b"), await user(pg_store, "c")
+    da, db = await device(pg_store, a), await device(pg_store, b)
+    dc1, dc2 = await device(pg_store, c_), await device(pg_store, c_)
+    g = await chat(pg_store, a, b, c_)
+    sent = [await pg_store.messages.send(send_req(g, da, f"m{i}")) for i in range(2)]
+    out = list(sent[1].deliveries)
+    out += await pg_store.messages.ack(db, 3, T0 + 5)  # delivered receipt to a
+    out += await pg_store.messages.mark_read(dc1, g.id, 2, T0 + 6)  # read receipt, read state
+    reply = await pg_store.messages.send(send_req(g, db, "reply"))  # quick reply: read receipt
+    out += reply.deliveries
+    kinds = {type(decode_event(d.raw)) for d in out}
+    assert kinds == {Message, Receipt, ReadState}
+    for d in out:
+        assert encode_event(decode_event(d.raw)) == d.raw
+    stored = [
+        e.raw
+        for dev in (da, db, dc1, dc2)
+        for e in (await pg_store.messages.read_inbox(dev.id, 0, 100)).entries
+    ]
+    assert {d.raw for d in out} <= set(stored)
+    assert all(encode_event(decode_event(raw)) == raw for raw in stored)
+
+
+async def test_nodes_starting_together_migrate_once() -> None:
+    async with fresh_database() as dsn:
+        stores = [PostgresStore(dsn, min_connections=1, max_connections=2) for _ in range(4)]
+        await asyncio.gather(*(s.open() for s in stores))
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_version")]
+            finally:
+                await conn.close()
+            assert sorted(versions) == [1, 2]
+            for i, s in enumerate(stores):  # each node works
+                await user(s, f"node{i}")
+        finally:
+            await asyncio.gather(*(s.aclose() for s in stores))
+
+
+async def test_concurrent_resends_of_a_cmid_commit_once(pg_store: PostgresStore) -> None:
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    da, db = await device(pg_store, a), await device(pg_store, b)
+    c = await chat(pg_store, a, b)
+    results = await asyncio.gather(
+        *(pg_store.messages.send(send_req(c, da, cmid="same")) for _ in range(10))
+    )
+    assert sum(not r.duplicate for r in results) == 1
+    assert {(r.message.id, r.message.seq) for r in results} == {(results[0].message.id, 1)}
+    assert len([e for _, e in await events(pg_store, db) if isinstance(e, Message)]) == 1
+
+
+async def test_concurrent_creation_of_a_direct_chat_yields_one(pg_store: PostgresStore) -> None:
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    await device(pg_store, a)
+    await device(pg_store, b)
+
+    def direct(first: str, second: str) -> ChatInfo:
+        return ChatInfo(
+            id=new_id(),
+            kind="direct",
+            name=None,
+            created_by=first,
+            created_at=T0,
+            members=[Member(user=first), Member(user=second)],
+        )
+
+    results = await asyncio.gather(
+        *(pg_store.chats.create_chat(direct(*((a.id, b.id) if i % 2 else (b.id, a.id))))
+        for i in range(8))
+    )  # fmt: skip
+    assert len({info.id for info, _ in results}) == 1
+    assert sum(bool(deliveries) for _, deliveries in results) == 1
+
+
+async def test_sweep_deletes_in_chunks_until_empty(
+    pg_store: PostgresStore, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(messages, "SWEEP_CHUNK", 2)
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    da, db = await device(pg_store, a), await device(pg_store, b)
+    c = await chat(pg_store, a, b)
+    for i in range(5):
+        await pg_store.messages.send(send_req(c, da, f"m{i}"))
+        await pg_store.messages.mark_read(db, c.id, i + 1, T0 + 1)
+    stats = await pg_store.messages.sweep(T0 + 10)
+    assert stats.messages == 5 and stats.inbox_entries >= 5
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for table in ("messages", "inbox", "receipt_log"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await conn.close()
+
+
+async def test_previews_keep_nul_characters_out_of_text(pg_store: PostgresStore) -> None:
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    da, db = await device(pg_store, a), await device(pg_store, b)
+    c = await chat(pg_store, a, b)
+    sent = await pg_store.messages.send(send_req(c, da, "nul\x00inside"))
+    (summary,) = await pg_store.chats.list_chats(b.id)
+    assert summary.last_preview == "nul\ufffdinside"
+    (_, _), (_, message) = await events(pg_store, db)
+    assert isinstance(message, Message) and message.body == "nul\x00inside"
+    # once every device acked it, body and preview are gone
+    await pg_store.messages.ack(db, 2, T0 + 2)
+    (summary,) = await pg_store.chats.list_chats(b.id)
+    assert summary.last_preview is None
+    stored, _ = await pg_store.messages.receipts(a.id, c.id, sent.message.id)
+    assert stored.body is None and stored.seq == 1
+
+
+async def test_sends_of_one_device_commit_in_call_order(pg_store: PostgresStore) -> None:
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    da = await device(pg_store, a)
+    await device(pg_store, b)
+    c = await chat(pg_store, a, b)
+    results = await asyncio.gather(
+        *(pg_store.messages.send(send_req(c, da, str(i))) for i in range(40))
+    )
+    assert [r.message.seq for r in results] == list(range(1, 41))
