@@ -63,7 +63,7 @@ async def make_pairs(
     """`count` sender/receiver pairs with a direct chat each; accounts made on `sender_url`."""
 
     async def one() -> Pair:
-        a, b = f"s{next(_names)}", f"r{next(_names)}"
+        a, b = f"sender{next(_names)}", f"receiver{next(_names)}"
         await register(sender_url, a, PASSWORD)
         b_id = await register(sender_url, b, PASSWORD)
         sender = await connect(made, sender_url, (await login(sender_url, a, PASSWORD)).token)

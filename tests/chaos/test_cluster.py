@@ -111,10 +111,10 @@ async def test_workers_share_one_port_and_are_restarted(
     replaced = await _pids_behind(node.url, want=1, exclude=pids)
     assert replaced
 
-    await register(node.url, "w1", PASSWORD)
-    w2 = await register(node.url, "w2", PASSWORD)
-    a = await connect(clients, node.url, (await login(node.url, "w1", PASSWORD)).token)
-    b = await connect(clients, node.url, (await login(node.url, "w2", PASSWORD)).token)
+    await register(node.url, "worker_a", PASSWORD)
+    w2 = await register(node.url, "worker_b", PASSWORD)
+    a = await connect(clients, node.url, (await login(node.url, "worker_a", PASSWORD)).token)
+    b = await connect(clients, node.url, (await login(node.url, "worker_b", PASSWORD)).token)
     chat = await a.create_chat([w2])
     sent = await a.send(chat["id"], "through either worker")
     assert (await next_of(b, Message)).id == sent.id
@@ -123,7 +123,9 @@ async def test_workers_share_one_port_and_are_restarted(
     assert await node.terminate() == 0
 
 
-async def _pids_behind(url: str, want: int, exclude: frozenset[int] | set[int] = frozenset()) -> set[int]:
+async def _pids_behind(
+    url: str, want: int, exclude: frozenset[int] | set[int] = frozenset()
+) -> set[int]:
     """Worker pids seen through fresh connections until `want` distinct ones (not excluded)."""
     seen: set[int] = set()
     async with asyncio.timeout(30):

@@ -4,7 +4,6 @@ duplicate surfaced by the SDK (tests.support.traffic)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -90,5 +89,3 @@ async def test_postgres_stopped_briefly(
         await traffic.close()
     finally:
         await pg.close()
-
-
