@@ -18,7 +18,7 @@ from pigeon.config import Settings, load_settings
 from pigeon.ports import Clock
 from pigeon.services.clock import SystemClock
 
-pytest_plugins = ["tests.support.postgres", "tests.support.redis"]
+pytest_plugins = ["tests.support.postgres", "tests.support.redis", "tests.support.s3"]
 
 _names = itertools.count(1)
 E = TypeVar("E")

@@ -8,20 +8,23 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from argon2 import PasswordHasher
 
+from pigeon.adapters.blobs.local import LocalBlobStore, load_or_create_secret
 from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.presence.local import LocalPresence
 from pigeon.adapters.store.sqlite import SqliteStore
-from pigeon.config import PostgresSettings, Settings
+from pigeon.config import PostgresSettings, S3BlobSettings, Settings
+from pigeon.gateway.blobs import add_blob_routes
 from pigeon.gateway.http import READY, add_routes, error_middleware
 from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
-from pigeon.ports import Bus, Clock, Presence, Store
+from pigeon.ports import BlobStore, Bus, Clock, Presence, Store
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.clock import SystemClock
 from pigeon.services.fanout import Fanout
+from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
 from pigeon.services.retention import RetentionSweeper
@@ -31,6 +34,7 @@ STORE = web.AppKey("store", Store)
 BUS = web.AppKey("bus", Bus)
 SWEEPER = web.AppKey("sweeper", RetentionSweeper)
 PRESENCE = web.AppKey("presence", Presence)
+BLOBS = web.AppKey("blobs", BlobStore)
 
 
 def build_store(settings: Settings) -> Store:
@@ -68,18 +72,50 @@ def build_presence(settings: Settings, clock: Clock) -> Presence:
     return LocalPresence()
 
 
+def build_blobs(settings: Settings, clock: Clock) -> BlobStore:
+    """The configured blob store (media)."""
+    b = settings.blobs
+    if isinstance(b, S3BlobSettings):
+        from pigeon.adapters.blobs.s3 import S3BlobStore
+
+        return S3BlobStore(
+            b.bucket,
+            endpoint_url=b.endpoint_url,
+            public_endpoint_url=b.public_endpoint_url,
+            region=b.region,
+            access_key=b.access_key,
+            secret_key=b.secret_key.get_secret_value() if b.secret_key else None,
+            retention_days=settings.limits.retention_days,
+            prefix=b.prefix,
+            trust_store_checksum=b.trust_store_checksum,
+            manage_lifecycle=b.manage_lifecycle,
+            addressing_style=b.addressing_style,
+            clock=clock,
+        )
+    return LocalBlobStore(
+        settings.blob_dir(),
+        load_or_create_secret(settings.blob_secret_file()),
+        b.base_url,
+        clock=clock,
+        cdn_cacheable=b.cdn_cacheable,
+        fsync=b.fsync,
+    )
+
+
 def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
     store, bus = build_store(settings), build_bus(settings)
     presence = build_presence(settings, clock)
+    blobs = build_blobs(settings, clock)
+    media = MediaService(store, blobs, clock, settings.media, limits.retention_seconds)
     fanout = Fanout(bus)
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
     )
     chats = ChatService(store, fanout, clock, limits)
-    messaging = MessagingService(store.messages, fanout, clock, limits)
+    messaging = MessagingService(store.messages, fanout, clock, limits, media)
     presence_service = PresenceService(
         presence,
         store,
@@ -110,6 +146,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             typing=typing,
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
+            media=media,
         ),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
@@ -118,11 +155,14 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[STORE] = store
     app[BUS] = bus
     app[PRESENCE] = presence
+    app[BLOBS] = blobs
     app[SWEEPER] = RetentionSweeper(
-        store.messages, clock, limits.retention_seconds, settings.sweep_interval
+        store.messages, clock, limits.retention_seconds, settings.sweep_interval, media
     )
     app[READY] = {"ready": False}
     add_routes(app)
+    if isinstance(blobs, LocalBlobStore):  # its signed URLs point at pigeon's own HTTP
+        add_blob_routes(app, blobs)
     app.router.add_get("/v1/ws", websocket_handler)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
@@ -132,6 +172,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, bus, sweeper = app[STORE], app[BUS], app[SWEEPER]
     await store.open()
+    await app[BLOBS].open()
     await bus.open()
     await app[PRESENCE].open()
     app[SERVICES].hub.start()
@@ -147,6 +188,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[SERVICES].presence.aclose()
         await app[PRESENCE].aclose()
         await bus.aclose()
+        await app[BLOBS].aclose()
         await store.aclose()
 
 

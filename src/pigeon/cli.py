@@ -83,8 +83,11 @@ def _install_uvloop() -> None:
 def main() -> None:
     """Entry point of the `pigeon` script."""
     from pigeon.bench.cli import bench_app
+    from pigeon.cli_client import login_cmd, send_cmd
 
     app.add_typer(bench_app, name="bench")
+    app.command("login")(login_cmd)
+    app.command("send")(send_cmd)
     app()
 
 

@@ -6,11 +6,12 @@ Components receive their own section, never `os.environ`.
 
 from __future__ import annotations
 
+import fnmatch
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, Discriminator, Field, SecretStr, Tag, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pigeon.domain.limits import Limits
@@ -51,6 +52,101 @@ StoreSettings = Annotated[
     Annotated[SqliteSettings, Tag("sqlite")] | Annotated[PostgresSettings, Tag("postgres")],
     Discriminator(_store_type),
 ]
+
+
+class LocalBlobSettings(BaseModel):
+    """Media on this machine's disk, served by pigeon's own HTTP through HMAC-signed URLs."""
+
+    type: Literal["local"] = "local"
+    #: Default `<data_dir>/blobs`. Every node serving it must see the same directory.
+    path: Path | None = None
+    #: The URL-signing secret (created on first start); default `<data_dir>/blob-secret`.
+    secret_file: Path | None = None
+    #: Public base URL of pigeon for signed URLs; None gives relative `/v1/blobs/...` URLs.
+    base_url: str | None = None
+    #: Let shared caches (a CDN in front) keep downloads (`public`) rather than `private`.
+    cdn_cacheable: bool = False
+    fsync: bool = True
+
+
+class S3BlobSettings(BaseModel):
+    """Media in an S3 bucket (or an S3-compatible store), moved with S3 pre-signed URLs."""
+
+    type: Literal["s3"] = "s3"
+    bucket: str = "pigeon-media"
+    endpoint_url: str | None = None
+    #: The endpoint clients reach, when it differs from the one pigeon talks to.
+    public_endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key: str | None = None
+    #: None: the usual AWS credential chain (env, profile, instance role).
+    secret_key: SecretStr | None = None
+    prefix: str = ""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    #: Trust the checksum S3 verified on upload instead of reading the object back.
+    trust_store_checksum: bool = True
+    #: Keep a lifecycle rule expiring objects after the retention.
+    manage_lifecycle: bool = True
+
+
+def _blob_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "local"))
+    return str(getattr(value, "type", "local"))
+
+
+BlobSettings = Annotated[
+    Annotated[LocalBlobSettings, Tag("local")] | Annotated[S3BlobSettings, Tag("s3")],
+    Discriminator(_blob_type),
+]
+
+#: Content types accepted by default (shell-style patterns).
+DEFAULT_MEDIA_TYPES = [
+    "image/*",
+    "video/*",
+    "audio/*",
+    "text/plain",
+    "application/pdf",
+    "application/zip",
+    "application/octet-stream",
+    "application/msword",
+    "application/vnd.openxmlformats-officedocument.*",
+    "application/vnd.oasis.opendocument.*",
+]
+
+
+class MediaSettings(BaseModel):
+    """Attachments: what may be uploaded, how big, how often, and how URLs and thumbnails work."""
+
+    upload_url_ttl: float = Field(900.0, gt=0, le=7 * 86400)
+    download_url_ttl: float = Field(3600.0, gt=0, le=7 * 86400)
+    #: Accepted content types (shell-style patterns, matched on the type without parameters).
+    allowed_types: list[str] = Field(default_factory=lambda: list(DEFAULT_MEDIA_TYPES))
+    #: Size limit by content type pattern; the most specific match wins ("*" is the fallback).
+    max_bytes: dict[str, int] = Field(
+        default_factory=lambda: {"image/*": 16 * 1024 * 1024, "*": 100 * 1024 * 1024}
+    )
+    #: Attachments one user may create per hour (seed 002 suggests 50).
+    uploads_per_hour: int = Field(50, ge=1)
+    thumbnail_max_side: int = Field(320, ge=16, le=2048)
+    thumbnail_format: Literal["jpeg", "webp"] = "jpeg"
+    thumbnail_max_pixels: int = Field(50_000_000, ge=1)
+    #: Larger sources get no thumbnail (decoding them would be slow).
+    thumbnail_max_source_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    #: Attachments never sent in any chat are deleted after this many seconds.
+    unreferenced_after: float = Field(86400.0, gt=0)
+
+    def limit_for(self, content_type: str) -> int:
+        """The size limit of `content_type`: the longest matching pattern wins."""
+        base = content_type.split(";", 1)[0].strip().lower()
+        matches = [p for p in self.max_bytes if fnmatch.fnmatchcase(base, p)]
+        if not matches:
+            return 0
+        return self.max_bytes[max(matches, key=len)]
+
+    def allows(self, content_type: str) -> bool:
+        base = content_type.split(";", 1)[0].strip().lower()
+        return any(fnmatch.fnmatchcase(base, p) for p in self.allowed_types)
 
 
 class BusSettings(BaseModel):
@@ -144,6 +240,8 @@ class Settings(BaseSettings):
     store: StoreSettings = SqliteSettings()
     bus: BusSettings = BusSettings()
     redis: RedisSettings = RedisSettings()
+    blobs: BlobSettings = LocalBlobSettings()
+    media: MediaSettings = MediaSettings()
     limits: LimitSettings = LimitSettings()
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
@@ -155,6 +253,14 @@ class Settings(BaseSettings):
     #: argon2id cost: time cost and memory in KiB (lower only for tests).
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
+
+    def blob_dir(self) -> Path:
+        path = self.blobs.path if isinstance(self.blobs, LocalBlobSettings) else None
+        return path or self.data_dir / "blobs"
+
+    def blob_secret_file(self) -> Path:
+        path = self.blobs.secret_file if isinstance(self.blobs, LocalBlobSettings) else None
+        return path or self.data_dir / "blob-secret"
 
     def sqlite_path(self) -> Path:
         path = self.store.path if isinstance(self.store, SqliteSettings) else None

@@ -6,13 +6,16 @@ The contract suites in tests/contract run every adapter against these words.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import msgspec
 
 from pigeon.domain.events import Delivery, InboxPage, Message
+from pigeon.domain.media import AttachmentRecord, BlobInfo, DownloadGrant, UploadGrant, UploadTicket
 from pigeon.domain.models import (
+    Attachment,
     ChatInfo,
     ChatSummary,
     Credentials,
@@ -121,7 +124,7 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
     cmid: str
     at: int
     body: str | None
-    attachment_id: str | None
+    attachment: Attachment | None
     preview: str | None
 
 
@@ -183,12 +186,47 @@ class MessageStore(Protocol):
         """Delete messages created before `before` (ms) and every inbox entry created before it."""
 
 
+class AttachmentStore(Protocol):
+    """Attachment metadata and who may read it; the bytes live in a `BlobStore` under the
+    attachment's id. An attachment becomes readable by a chat's members when it is shared into
+    that chat (before the message that carries it is sent), and stays readable by its owner."""
+
+    async def create(
+        self, record: AttachmentRecord, *, max_per_window: int, window_start: int
+    ) -> None:
+        """Insert `record`. Atomically refuses with `RateLimited` if its owner already created
+        `max_per_window` attachments at or after `window_start` (ms)."""
+
+    async def get(self, attachment_id: str) -> AttachmentRecord | None:
+        """The attachment, or None."""
+
+    async def mark_uploaded(
+        self, attachment_id: str, at: int, meta: dict[str, Any]
+    ) -> AttachmentRecord | None:
+        """Record that the upload was verified (`uploaded_at` is set the first time only) and
+        replace `meta`. Returns the updated record, None if there is no such attachment."""
+
+    async def share(self, attachment_id: str, chat_id: str) -> None:
+        """Let the members of `chat_id` read the attachment (idempotent; `NotFound` if there is
+        no such attachment). The caller checked that the sharer may read it and belongs to
+        the chat."""
+
+    async def may_read(self, user_id: str, attachment_id: str) -> bool:
+        """True if `user_id` owns the attachment or is a member of a chat it was shared into."""
+
+    async def sweep(self, before: int, unshared_before: int) -> list[str]:
+        """Delete attachments created before `before` (retention), and those created before
+        `unshared_before` that were never shared (abandoned uploads). Returns their ids, whose
+        blobs (and thumbnails) the caller deletes."""
+
+
 class Store(Protocol):
     """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
 
     accounts: AccountStore
     chats: ChatStore
     messages: MessageStore
+    attachments: AttachmentStore
 
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
@@ -271,3 +309,116 @@ class Bus(Protocol):
 
     async def aclose(self) -> None:
         """Disconnect; subscriptions end."""
+
+
+# --- Blob storage (media messages) -----------------------------------------------------------
+
+
+class BlobStore(Protocol):
+    """Attachment bytes and their thumbnails, moved by clients straight to and from storage
+    through pre-signed URLs, so that no upload or download is relayed by pigeon's event loop.
+
+    Keys are server-generated (`pigeon.domain.media.check_key`: a ULID, optionally `.thumb`).
+    Every method raises `BadRequest` for any other key before it touches storage, which makes
+    path traversal impossible by construction. Bytes are opaque: an end-to-end encrypted blob is
+    stored, verified and served exactly like any other. Digests are lowercase hex SHA-256, sizes
+    bytes, times integer milliseconds since the epoch. Engine failures raise `Unavailable`.
+
+    Upload, in three steps, and the guarantee they give together:
+      1. `upload_url` signs *one* PUT of exactly `size` bytes whose SHA-256 is `sha256`, sent
+         with `content_type`, to `key`, valid until `expires_at`.
+      2. The client sends that PUT. A wrong method, an altered URL or header, or an expired
+         URL is refused (HTTP 403). Wherever the engine can check the bytes as they arrive, a
+         wrong size or digest is refused too and nothing is kept (pigeon's own endpoint streams
+         to a temporary file while hashing and renames it into place only on a match; S3 checks
+         the signed Content-Length and x-amz-checksum-sha256).
+      3. Once the client says it uploaded, the service calls `verify`. It raises `NotFound` if
+         nothing is stored (never uploaded, or refused), and `SizeMismatch` /
+         `ChecksumMismatch` *after deleting the blob* if an engine that could not check during
+         the upload (e.g. an S3-compatible store that ignores checksums) holds other bytes.
+      So: after `verify` returns, the key holds exactly the declared bytes; a message may only
+      reference a blob once `verify` has returned for it.
+
+    Download: `download_url` signs GET (and HEAD on pigeon's own endpoint) of `key` until
+    `expires_at`. Responses carry the stored Content-Type, Content-Length, an ETag and
+    `Accept-Ranges: bytes`; a single `Range` gives 206 with Content-Range, an unsatisfiable one
+    416. Cache-Control lets a cache (or a CDN in front) keep the response no longer than the URL
+    is valid. A missing blob is 404 (the URL does not prove the blob still exists).
+
+    Stored blobs are immutable: a key is written once (a repeated, identical upload is
+    harmless) and then only deleted.
+    """
+
+    async def upload_url(
+        self, key: str, *, size: int, sha256: str, content_type: str, expires_at: int
+    ) -> UploadTicket:
+        """Sign an upload of exactly these bytes to `key`. `BadRequest` on a malformed key, size,
+        digest or content type; `ValueError` if `expires_at` is not in the future or beyond what
+        the engine can sign (S3: 7 days). Signing needs no round trip to storage."""
+
+    async def download_url(self, key: str, *, expires_at: int, filename: str | None = None) -> str:
+        """Sign a download of `key` until `expires_at`. With `filename`, responses carry
+        `Content-Disposition: attachment` with that name (made header-safe). Does not check
+        that the blob exists."""
+
+    async def verify(self, key: str, *, size: int, sha256: str) -> BlobInfo:
+        """Confirm `key` holds exactly `size` bytes with digest `sha256` (see step 3 above).
+        Raises `NotFound`, or deletes the blob and raises `SizeMismatch` / `ChecksumMismatch`.
+        May read the whole blob back (streamed) when the engine kept no verified digest."""
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """Size and content type of a stored blob, or None."""
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Stream bytes `start` (inclusive) to `end` (exclusive; None: to the end) of a blob
+        in chunks of bounded size, never the whole blob at once (thumbnail generation reads
+        through this). Raises `NotFound` on first iteration if there is no such blob; a
+        `start` at or past the end yields nothing. Close it (`contextlib.aclosing`) when
+        stopping early, to release the file or connection at once."""
+
+    async def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
+        """Store a small server-made blob (a thumbnail: tens of KiB, generated whole in memory
+        anyway) at `key`, replacing any previous one atomically."""
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete these blobs (in batches where the engine has them). Idempotent: missing keys
+        are not an error. All keys are checked before anything is deleted."""
+
+    async def sweep(self, before: int) -> int:
+        """Delete every blob stored before `before` (ms) and abandoned partial uploads, and
+        return how many blobs were removed. An engine whose own expiry enforces the retention
+        (an S3 lifecycle rule, set by `open`) may leave this to the engine and return 0."""
+
+    async def open(self) -> None:
+        """Prepare storage (directories; the bucket and its lifecycle rule). Idempotent."""
+
+    async def aclose(self) -> None:
+        """Release connections. Signed URLs stay valid: they do not depend on this process."""
+
+
+class BlobEndpoint(Protocol):
+    """The serving half of a blob store whose signed URLs point at pigeon's own HTTP
+    (`/v1/blobs/{key}`, see `pigeon.gateway.blobs`): the local adapter. The gateway checks each
+    request here before it reads a byte of the body, and needs no database: everything an
+    upload must satisfy (size, digest, content type, expiry) is in the signed URL.
+
+    `params` are the request's query parameters. Both `authorize_*` raise `BadRequest` for a
+    malformed key, `SignatureInvalid` for an altered or incomplete URL or one signed for
+    another method, and `UrlExpired` for a genuine URL past its expiry (signature first, so a
+    forged URL never learns whether it has expired).
+    """
+
+    def authorize_upload(self, key: str, params: Mapping[str, str]) -> UploadGrant:
+        """What this signed PUT allows."""
+
+    def authorize_download(self, key: str, params: Mapping[str, str]) -> DownloadGrant:
+        """What this signed GET (or HEAD) allows."""
+
+    async def receive(self, grant: UploadGrant, chunks: AsyncIterable[bytes]) -> BlobInfo:
+        """Stream an upload to storage while hashing it, in bounded memory. Keeps the blob only
+        if it is exactly `grant.size` bytes with digest `grant.sha256`; otherwise deletes
+        everything written and raises `SizeMismatch` (as soon as too many bytes arrive) or
+        `ChecksumMismatch`. An interrupted upload leaves nothing behind either."""
+
+    async def locate(self, key: str) -> tuple[Path, BlobInfo] | None:
+        """The file holding a stored blob (to be sent with sendfile) and its info, or None."""

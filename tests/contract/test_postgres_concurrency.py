@@ -120,7 +120,7 @@ async def main(dsn, chat, user, device, count):
     async def one(i):
         r = await store.messages.send(SendRequest(
             message_id=new_id(), chat=chat, sender=user, sender_device=device, cmid=str(i),
-            at=1, body=str(i), attachment_id=None, preview=None))
+            at=1, body=str(i), attachment=None, preview=None))
         page = await store.messages.read_inbox(device, 0, 1000)
         if page.entries:
             await store.messages.ack(me, page.entries[-1].iseq, 2)

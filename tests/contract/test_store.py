@@ -53,7 +53,7 @@ def send_req(c: ChatInfo, sender: Device, body: str = "hi", cmid: str | None = N
         cmid=cmid or new_id(),
         at=T0 + 1,
         body=body,
-        attachment_id=None,
+        attachment=None,
         preview=body,
     )
 
@@ -147,7 +147,7 @@ async def test_send_checks_membership(store: Store) -> None:
                 cmid="x",
                 at=T0,
                 body="x",
-                attachment_id=None,
+                attachment=None,
                 preview=None,
             )
         )

@@ -25,7 +25,7 @@ async def test_connections_resync_when_the_bus_recovers(server: Server) -> None:
             cmid=new_id(),
             at=1,
             body="lost in transit",
-            attachment_id=None,
+            attachment=None,
             preview=None,
         )
     )

@@ -19,11 +19,13 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from pigeon.client import media
 from pigeon.domain.events import Event, Message, PresenceFrame, TypingFrame, decode_event
 from pigeon.domain.ids import new_id
 
@@ -314,6 +316,52 @@ class PigeonClient:
     async def typing(self, chat: str, typing: bool = True) -> bool:
         """Tell the chat's online members this user is (not) typing; False if throttled."""
         return bool((await self.request("typing", chat=chat, typing=typing))["forwarded"])
+
+    # -- media ---------------------------------------------------------------------------
+
+    async def upload_file(
+        self, path: Path, *, content_type: str | None = None, encrypted: bool = False
+    ) -> dict[str, Any]:
+        """Upload a file as an attachment (streamed) and return it as messages carry it."""
+        size, sha256, ctype = await asyncio.to_thread(media.describe, path, content_type)
+        created = await self.request(
+            "create_attachment",
+            content_type=ctype,
+            size=size,
+            sha256=sha256,
+            filename=path.name,
+            encrypted=encrypted,
+        )
+        await media.upload(self.url, created["upload"], path)
+        done = await self.request("attachment_uploaded", attachment=created["id"])
+        return dict(done["attachment"])
+
+    async def send_file(
+        self,
+        chat: str,
+        path: Path | str,
+        body: str | None = None,
+        *,
+        content_type: str | None = None,
+        encrypted: bool = False,
+    ) -> SendResult:
+        """Upload a file and send it to `chat` (with an optional caption `body`)."""
+        attachment = await self.upload_file(
+            Path(path), content_type=content_type, encrypted=encrypted
+        )
+        return await self.send(chat, body, attachment=attachment["id"])
+
+    async def attachment_url(self, attachment: str, *, thumbnail: bool = False) -> str:
+        """A signed download URL of an attachment (or its thumbnail) shared with this user."""
+        r = await self.request("attachment_url", attachment=attachment, thumbnail=thumbnail)
+        return str(r["url"])
+
+    async def download(
+        self, attachment: str, target: Path | str, *, thumbnail: bool = False
+    ) -> int:
+        """Download an attachment (streamed) into `target`; returns the bytes written."""
+        url = await self.attachment_url(attachment, thumbnail=thumbnail)
+        return await media.download(self.url, url, Path(target))
 
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""

@@ -105,3 +105,49 @@ ALL_ERRORS: tuple[type[PigeonError], ...] = (
     RateLimited,
     Unavailable,
 )
+
+
+# --- Blob storage (media messages) -----------------------------------------------------------
+# Subclasses of BadRequest / Forbidden so that generic handlers still classify them, each with
+# its own stable code so that a client can tell what to fix.
+
+
+class SignatureInvalid(Forbidden):
+    """A signed blob URL was altered, or used for another method, key or set of headers than
+    the one it was signed for."""
+
+    code = "signature_invalid"
+
+
+class UrlExpired(Forbidden):
+    """A correctly signed blob URL was used after its expiry; ask for a new one."""
+
+    code = "url_expired"
+
+
+class SizeMismatch(BadRequest):
+    """The uploaded bytes are not the declared size; nothing was kept."""
+
+    code = "size_mismatch"
+
+
+class ChecksumMismatch(BadRequest):
+    """The uploaded bytes do not have the declared SHA-256; nothing was kept."""
+
+    code = "checksum_mismatch"
+
+
+class UnsupportedMediaType(BadRequest):
+    """The attachment's content type is not among the accepted ones (`media.allowed_types`)."""
+
+    code = "unsupported_media_type"
+
+
+BLOB_ERRORS: tuple[type[PigeonError], ...] = (
+    SignatureInvalid,
+    UrlExpired,
+    SizeMismatch,
+    ChecksumMismatch,
+    UnsupportedMediaType,
+)
+ALL_ERRORS += BLOB_ERRORS

@@ -6,7 +6,7 @@ guesses a unit or a time zone. Structs are msgspec structs: cheap to build and t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -87,12 +87,17 @@ class ChatSummary(msgspec.Struct, frozen=True, kw_only=True):
     unread: int
 
 
-class Attachment(msgspec.Struct, frozen=True, kw_only=True):
-    """A reference to media stored elsewhere (the media issue fills this in)."""
+class Attachment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Media a message carries, as recipients see it: enough to show a placeholder (type, size,
+    dimensions, whether a thumbnail exists) before asking for a download URL by `id`."""
 
     id: str
     content_type: str | None = None
     size: int | None = None
+    sha256: str | None = None
+    filename: str | None = None
+    encrypted: bool = False
+    meta: dict[str, Any] = {}
 
 
 class MemberReceipt(msgspec.Struct, frozen=True, kw_only=True):

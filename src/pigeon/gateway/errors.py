@@ -22,6 +22,11 @@ HTTP_STATUS: dict[type[e.PigeonError], int] = {
     e.TooLarge: 413,
     e.RateLimited: 429,
     e.Unavailable: 503,
+    e.SignatureInvalid: 403,
+    e.UrlExpired: 403,
+    e.SizeMismatch: 400,
+    e.ChecksumMismatch: 400,
+    e.UnsupportedMediaType: 415,
 }
 
 

@@ -94,6 +94,30 @@ class Typing(Command, tag="typing"):
     typing: bool = True
 
 
+class CreateAttachment(Command, tag="create_attachment"):
+    """Declare an upload: exactly `size` bytes with this SHA-256 (lowercase hex)."""
+
+    content_type: str
+    size: Count
+    sha256: str
+    filename: str | None = None
+    #: Client-side encrypted bytes: stored and served the same, no server thumbnail.
+    encrypted: bool = False
+
+
+class AttachmentUploaded(Command, tag="attachment_uploaded"):
+    """The bytes are uploaded: verify them and make the attachment sendable."""
+
+    attachment: str
+
+
+class AttachmentUrl(Command, tag="attachment_url"):
+    """A signed download URL of an attachment (or its thumbnail)."""
+
+    attachment: str
+    thumbnail: bool = False
+
+
 AnyCommand = (
     Auth
     | CreateChat
@@ -110,6 +134,9 @@ AnyCommand = (
     | PresenceUnsubscribe
     | SetVisibility
     | Typing
+    | CreateAttachment
+    | AttachmentUploaded
+    | AttachmentUrl
 )
 COMMAND_NAMES = frozenset(c.__struct_config__.tag for c in get_args(AnyCommand))
 

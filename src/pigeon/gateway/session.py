@@ -21,6 +21,7 @@ from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection, frame_iseq
 from pigeon.gateway.errors import Close, to_error
 from pigeon.services.chats import ChatService
+from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
 from pigeon.services.typing import TypingService
@@ -38,6 +39,7 @@ class SessionServices:
     typing: TypingService
     max_frame_bytes: int
     max_inflight: int
+    media: MediaService | None = None
 
 
 class Session:
@@ -205,6 +207,22 @@ class Session:
             "forwarded": await self.services.typing.typing(self.conn.device, cmd.chat, cmd.typing)
         }
 
+    async def _create_attachment(self, cmd: p.CreateAttachment) -> Any:
+        return await self._media().create(
+            self.conn.device, cmd.content_type, cmd.size, cmd.sha256, cmd.filename, cmd.encrypted
+        )
+
+    async def _attachment_uploaded(self, cmd: p.AttachmentUploaded) -> Any:
+        return {"attachment": await self._media().uploaded(self.conn.device, cmd.attachment)}
+
+    async def _attachment_url(self, cmd: p.AttachmentUrl) -> Any:
+        return await self._media().download_url(self.conn.device, cmd.attachment, cmd.thumbnail)
+
+    def _media(self) -> MediaService:
+        if self.services.media is None:
+            raise BadRequest("this server does not accept attachments")
+        return self.services.media
+
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")
 
@@ -225,6 +243,9 @@ _HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
     p.PresenceUnsubscribe: Session._presence_unsubscribe,
     p.SetVisibility: Session._set_visibility,
     p.Typing: Session._typing,
+    p.CreateAttachment: Session._create_attachment,
+    p.AttachmentUploaded: Session._attachment_uploaded,
+    p.AttachmentUrl: Session._attachment_url,
 }
 assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
 

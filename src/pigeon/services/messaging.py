@@ -6,13 +6,20 @@ group-committed with its neighbours) before anyone is answered; only then is it 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
 from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
 from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
-from pigeon.domain.models import Device, MemberReceipt
+from pigeon.domain.models import Attachment, Device, MemberReceipt
 from pigeon.ports import Clock, MessageStore, SendRequest
 from pigeon.services.fanout import Fanout
+
+if TYPE_CHECKING:
+    from pigeon.services.media import MediaService
 
 MAX_CMID_CHARS = 64
 
@@ -24,11 +31,22 @@ def _same(deliveries: list[Delivery]) -> list[Delivery]:
 class MessagingService:
     """Validates message commands and runs them against the store, then pushes the outcome."""
 
-    def __init__(self, store: MessageStore, fanout: Fanout, clock: Clock, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        fanout: Fanout,
+        clock: Clock,
+        limits: Limits,
+        media: MediaService | None = None,
+    ) -> None:
         self._store = store
         self._fanout = fanout
         self._clock = clock
         self._limits = limits
+        self._media = media
+        #: Per device: the last send that had to await something before committing (a media
+        #: check); later sends of that device wait for it, so commit order stays call order.
+        self._tails: dict[str, asyncio.Future[None]] = {}
 
     async def send(
         self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
@@ -36,9 +54,10 @@ class MessagingService:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
 
-        No await precedes handing the change to the store (the shielded commit task starts in
-        FIFO order), so sends from one connection commit in the order the connection issued
-        them."""
+        Sends from one connection commit in the order the connection issued them: a text send
+        hands its change to the store before any await (the shielded commit tasks start in
+        FIFO order); a media send first checks the attachment, so it and any send of the same
+        device behind it run one after the other."""
         if not 1 <= len(cmid) <= MAX_CMID_CHARS:
             raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
         if body is None and attachment is None:
@@ -47,9 +66,44 @@ class MessagingService:
             raise TooLarge(f"body exceeds {self._limits.max_body_bytes} bytes")
         if not is_id(chat_id) or (attachment is not None and not is_id(attachment)):
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
+        if attachment is None and device.id not in self._tails:
+            return await self._commit(device, chat_id, cmid, body, None)
+        return await self._ordered(device, chat_id, cmid, body, attachment)
+
+    async def _ordered(
+        self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
+    ) -> tuple[Message, bool]:
+        before = self._tails.get(device.id)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[device.id] = mine
+        try:
+            if before is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(before)
+            media = None
+            if attachment is not None:
+                if self._media is None:
+                    raise BadRequest("this server does not accept attachments")
+                media = await self._media.for_message(device, chat_id, attachment)
+            return await self._commit(device, chat_id, cmid, body, media)
+        finally:
+            mine.set_result(None)
+            if self._tails.get(device.id) is mine:
+                del self._tails[device.id]
+
+    async def _commit(
+        self,
+        device: Device,
+        chat_id: str,
+        cmid: str,
+        body: str | None,
+        attachment: Attachment | None,
+    ) -> tuple[Message, bool]:
         preview = (
             body[: self._limits.preview_chars] if body and self._limits.preview_chars else None
         )
+        if preview is None and attachment is not None:
+            preview = f"[{(attachment.content_type or 'file').split('/', 1)[0]}]"
         req = SendRequest(
             message_id=new_id(),
             chat=chat_id,
@@ -58,7 +112,7 @@ class MessagingService:
             cmid=cmid,
             at=self._clock.now_ms(),
             body=body,
-            attachment_id=attachment,
+            attachment=attachment,
             preview=preview,
         )
         result = await self._fanout.commit(self._store.send(req), lambda r: r.deliveries)

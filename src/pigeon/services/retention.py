@@ -5,20 +5,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from pigeon.domain.errors import PigeonError
 from pigeon.ports import Clock, MessageStore, SweepStats
+
+
+class MediaSweep(Protocol):
+    """The media part of a sweep (`MediaService.sweep`): attachments and their blobs."""
+
+    async def sweep(self, now: int) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
 
 class RetentionSweeper:
-    """Every `interval` seconds, delete messages and inbox entries older than `retention`."""
+    """Every `interval` seconds, delete messages and inbox entries older than `retention`, and
+    attachments past the retention or never sent (with their blobs)."""
 
     def __init__(
-        self, store: MessageStore, clock: Clock, retention_seconds: float, interval: float
+        self,
+        store: MessageStore,
+        clock: Clock,
+        retention_seconds: float,
+        interval: float,
+        media: MediaSweep | None = None,
     ) -> None:
         self._store = store
+        self._media = media
         self._clock = clock
         self._retention_ms = int(retention_seconds * 1000)
         self._interval = interval
@@ -33,12 +48,15 @@ class RetentionSweeper:
 
     async def sweep_once(self) -> SweepStats:
         """One full sweep, in bounded chunks."""
-        stats = await self._store.sweep(self._clock.now_ms() - self._retention_ms)
-        if stats.messages or stats.inbox_entries:
+        now = self._clock.now_ms()
+        stats = await self._store.sweep(now - self._retention_ms)
+        attachments = await self._media.sweep(now) if self._media is not None else 0
+        if stats.messages or stats.inbox_entries or attachments:
             log.info(
-                "retention sweep removed %d messages, %d inbox entries",
+                "retention sweep removed %d messages, %d inbox entries, %d attachments",
                 stats.messages,
                 stats.inbox_entries,
+                attachments,
             )
         return stats
 

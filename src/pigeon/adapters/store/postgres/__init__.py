@@ -9,21 +9,23 @@ start-up, so nodes may start together.
 from __future__ import annotations
 
 from pigeon.adapters.store.postgres.accounts import PgAccounts
+from pigeon.adapters.store.postgres.attachments import PgAttachments
 from pigeon.adapters.store.postgres.chats import PgChats
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.adapters.store.postgres.messages import PgMessages
 from pigeon.adapters.store.postgres.schema import migrate
-from pigeon.ports import AccountStore, ChatStore, MessageStore, Store
+from pigeon.ports import AccountStore, AttachmentStore, ChatStore, MessageStore, Store
 
 
 class PostgresStore:
-    """The three sub-stores over one PostgreSQL database, through a connection pool."""
+    """The sub-stores over one PostgreSQL database, through a connection pool."""
 
     def __init__(self, dsn: str, *, min_connections: int, max_connections: int) -> None:
         self.db = PgDb(dsn, min_connections=min_connections, max_connections=max_connections)
         self.accounts: AccountStore = PgAccounts(self.db)
         self.chats: ChatStore = PgChats(self.db)
         self.messages: MessageStore = PgMessages(self.db)
+        self.attachments: AttachmentStore = PgAttachments(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

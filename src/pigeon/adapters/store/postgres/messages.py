@@ -22,7 +22,7 @@ import msgspec
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.domain.errors import Forbidden, NotFound
 from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
-from pigeon.domain.models import Attachment, Device, MemberReceipt
+from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
 
 #: Rows per table and per statement of a retention sweep (sends interleave between chunks).
@@ -151,7 +151,7 @@ class PgMessages:
             return await self._send(req)
 
     async def _send(self, req: SendRequest) -> SendResult:
-        attachment = Attachment(id=req.attachment_id) if req.attachment_id else None
+        attachment = req.attachment
         draft = Message(
             id=req.message_id,
             chat=req.chat,

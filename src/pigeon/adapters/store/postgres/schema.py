@@ -110,11 +110,38 @@ CREATE TABLE receipt_log (
 CREATE INDEX receipt_log_by_at ON receipt_log (at);
 """
 
+# Attachment metadata (the bytes are in a BlobStore under the id) and the chats each one was
+# shared into. `meta` is what the server learnt after the upload (thumbnail, dimensions).
+_ATTACHMENTS = """
+CREATE TABLE attachments (
+    id text COLLATE "C" PRIMARY KEY,
+    owner text COLLATE "C" NOT NULL REFERENCES users(id),
+    content_type text NOT NULL,
+    size bigint NOT NULL,
+    sha256 text NOT NULL,
+    filename text,
+    encrypted boolean NOT NULL,
+    created_at bigint NOT NULL,
+    uploaded_at bigint,
+    meta jsonb NOT NULL DEFAULT '{}'
+);
+-- the upload quota: an owner's newest attachments
+CREATE INDEX attachments_by_owner ON attachments (owner, created_at);
+-- the sweep, in (created_at, id) order
+CREATE INDEX attachments_by_created ON attachments (created_at, id);
+CREATE TABLE attachment_chats (
+    attachment_id text COLLATE "C" NOT NULL REFERENCES attachments(id),
+    chat_id text COLLATE "C" NOT NULL REFERENCES chats(id),
+    PRIMARY KEY (attachment_id, chat_id)
+);
+"""
+
 #: (version, SQL). Never edit a released migration: append a new one (functions included, with
 #: CREATE OR REPLACE).
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _TABLES),
     (2, functions.V2),
+    (3, _ATTACHMENTS),
 ]
 
 

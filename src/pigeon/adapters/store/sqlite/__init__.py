@@ -5,21 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from pigeon.adapters.store.sqlite.accounts import SqliteAccounts
+from pigeon.adapters.store.sqlite.attachments import SqliteAttachments
 from pigeon.adapters.store.sqlite.chats import SqliteChats
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.adapters.store.sqlite.messages import SqliteMessages
 from pigeon.adapters.store.sqlite.schema import migrate
-from pigeon.ports import AccountStore, ChatStore, MessageStore, Store
+from pigeon.ports import AccountStore, AttachmentStore, ChatStore, MessageStore, Store
 
 
 class SqliteStore:
-    """The three sub-stores over one SQLite database with group commit."""
+    """The sub-stores over one SQLite database with group commit."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512) -> None:
         self.db = SqliteDb(path, synchronous=synchronous, max_batch=max_batch)
         self.accounts: AccountStore = SqliteAccounts(self.db)
         self.chats: ChatStore = SqliteChats(self.db)
         self.messages: MessageStore = SqliteMessages(self.db)
+        self.attachments: AttachmentStore = SqliteAttachments(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

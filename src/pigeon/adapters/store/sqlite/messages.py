@@ -20,7 +20,7 @@ from pigeon.domain.events import (
     ReceiptKind,
     encode_event,
 )
-from pigeon.domain.models import Attachment, Device, MemberReceipt
+from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import SendRequest, SendResult, SweepStats
 
 _SWEEP_CHUNK = 2000
@@ -122,7 +122,7 @@ class SqliteMessages:
             " last_preview = ? WHERE id = ? RETURNING last_seq",
             (req.at, req.sender, req.preview, req.chat),
         ).fetchone()
-        attachment = Attachment(id=req.attachment_id) if req.attachment_id else None
+        attachment = req.attachment
         message = Message(
             id=req.message_id,
             chat=req.chat,

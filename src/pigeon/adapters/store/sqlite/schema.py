@@ -91,6 +91,30 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE users ADD COLUMN last_seen_at INTEGER;
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE attachments (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL REFERENCES users(id),
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            filename TEXT,
+            encrypted INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            uploaded_at INTEGER,
+            meta TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX attachments_by_owner ON attachments(owner, created_at);
+        CREATE INDEX attachments_by_created ON attachments(created_at, id);
+        CREATE TABLE attachment_chats (
+            attachment_id TEXT NOT NULL REFERENCES attachments(id),
+            chat_id TEXT NOT NULL REFERENCES chats(id),
+            PRIMARY KEY (attachment_id, chat_id)
+        ) WITHOUT ROWID;
+        """,
+    ),
 ]
 
 

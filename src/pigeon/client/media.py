@@ -1,0 +1,88 @@
+"""Files in and out of blob storage for the SDK: hash, upload and download, streamed.
+
+The WebSocket carries only the small control commands (`create_attachment`,
+`attachment_uploaded`, `attachment_url`); the bytes go straight between this process and the
+signed URL, in chunks, so a 100 MiB video never sits in memory on either side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import mimetypes
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+from yarl import URL
+
+CHUNK = 1024 * 1024
+
+
+def describe(path: Path, content_type: str | None = None) -> tuple[int, str, str]:
+    """(size, sha256 hex, content type) of a file, read once in chunks (blocking: use a thread)."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    guessed = mimetypes.guess_type(path.name)[0]
+    return size, digest.hexdigest(), content_type or guessed or "application/octet-stream"
+
+
+async def _chunks(path: Path) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+def resolve(base: str, url: str) -> URL:
+    """A signed URL as given (never re-encoded: that would break its signature), made absolute
+    against the server's URL when it is relative (pigeon's own blob endpoint)."""
+    return URL(urljoin(base, url), encoded=True)
+
+
+async def upload(base: str, ticket: dict[str, Any], path: Path) -> None:
+    """PUT the file to a signed upload URL with exactly the signed headers."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(
+            ticket["method"],
+            resolve(base, ticket["url"]),
+            data=_chunks(path),
+            headers=ticket["headers"],
+        ) as resp,
+    ):
+        if resp.status >= 300:
+            raise UploadFailed(resp.status, await resp.text())
+
+
+async def download(base: str, url: str, target: Path) -> int:
+    """GET a signed download URL into `target`; returns the bytes written."""
+    written = 0
+    async with aiohttp.ClientSession() as http, http.get(resolve(base, url)) as resp:
+        if resp.status != 200:
+            raise UploadFailed(resp.status, await resp.text())
+        f = await asyncio.to_thread(target.open, "wb")
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                await asyncio.to_thread(f.write, chunk)
+                written += len(chunk)
+        finally:
+            await asyncio.to_thread(f.close)
+    return written
+
+
+class UploadFailed(Exception):
+    """Blob storage refused a transfer (the body says why, e.g. `checksum_mismatch`)."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+        self.body = body
