@@ -1,18 +1,17 @@
-"""Uploads are streamed to storage, never held whole in memory: a 100 MiB upload (and its
-download) through pigeon's blob route grows the serving process's RSS by less than 20 MiB.
+"""Uploads are streamed to storage, never held whole in memory: a 100 MiB attachment uploaded
+to a real `pigeon serve` (and downloaded back) grows the server's RSS by less than 20 MiB.
 
-The server is a separate process (a tiny script serving only the blob routes) so that its RSS
-is its own; the test streams generated data (1 MiB at a time, never 100 MiB in the test either)
-and samples the server's RSS with psutil after every MiB sent or received. It also prints the
+The server is its own process so that its RSS is its own; the test declares the attachment over
+the WebSocket, streams generated data (1 MiB at a time, never 100 MiB in the test either) to the
+signed URL, confirms the upload (the server verifies size and digest), downloads it through a
+signed URL, and samples the server's RSS with psutil after every MiB. It also prints the
 throughput of both directions (run with `-s` to see it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,37 +19,15 @@ from pathlib import Path
 import aiohttp
 import psutil
 import pytest
-from yarl import URL
 
-from pigeon.adapters.blobs.local import LocalBlobStore
-from pigeon.domain.ids import new_id
+from pigeon.client import PigeonClient, login, register
+from pigeon.client.media import resolve
+from tests.conftest import PASSWORD
+from tests.support.cluster import Node
 
-REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 TOTAL_MIB = 100
 LIMIT = 20 * MIB
-
-SERVER = """
-import asyncio, sys
-from pathlib import Path
-from aiohttp import web
-from pigeon.adapters.blobs.local import LocalBlobStore
-from pigeon.gateway.blobs import add_blob_routes
-
-async def main() -> None:
-    store = LocalBlobStore(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]))
-    await store.open()
-    app = web.Application()
-    add_blob_routes(app, store)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    print(runner.addresses[0][1], flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
-    await runner.cleanup()
-
-asyncio.run(main())
-"""
 
 
 class Peak:
@@ -69,21 +46,18 @@ def _chunk(i: int, block: bytes) -> bytes:
 
 
 async def _transfer(
-    http: aiohttp.ClientSession, signer: LocalBlobStore, size: int, peak: Peak
+    http: aiohttp.ClientSession, client: PigeonClient, size: int, peak: Peak
 ) -> tuple[float, float]:
     """Upload then download `size` MiB; returns (upload, download) seconds."""
     block = os.urandom(MIB)
     digest = hashlib.sha256()
     for i in range(size):
         digest.update(_chunk(i, block))
-    key, total = new_id(), size * MIB
-    ticket = await signer.upload_url(
-        key,
-        size=total,
-        sha256=digest.hexdigest(),
-        content_type="video/mp4",
-        expires_at=time.time_ns() // 1_000_000 + 600_000,
+    total = size * MIB
+    created = await client.request(
+        "create_attachment", content_type="video/mp4", size=total, sha256=digest.hexdigest()
     )
+    ticket = created["upload"]
 
     async def body() -> AsyncIterator[bytes]:
         for i in range(size):
@@ -91,15 +65,18 @@ async def _transfer(
             peak.sample()
 
     started = time.perf_counter()
-    async with http.put(URL(ticket.url, encoded=True), data=body(), headers=ticket.headers) as r:
+    async with http.put(
+        resolve(client.url, ticket["url"]), data=body(), headers=ticket["headers"]
+    ) as r:
         assert r.status == 200, await r.text()
+    await client.request("attachment_uploaded", attachment=created["id"])
     upload = time.perf_counter() - started
     peak.sample()
 
-    url = await signer.download_url(key, expires_at=time.time_ns() // 1_000_000 + 600_000)
+    url = resolve(client.url, await client.attachment_url(created["id"]))
     received, check = 0, hashlib.sha256()
     started = time.perf_counter()
-    async with http.get(URL(url, encoded=True)) as r:
+    async with http.get(url) as r:
         assert r.status == 200 and r.headers["Content-Length"] == str(total)
         async for data in r.content.iter_chunked(MIB):
             received += len(data)
@@ -111,39 +88,25 @@ async def _transfer(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
-async def test_100_mib_through_the_blob_route_in_bounded_memory(tmp_path: Path) -> None:
-    root, secret = tmp_path / "blobs", os.urandom(32)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        SERVER,
-        str(root),
-        secret.hex(),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
+@pytest.mark.timeout(90)
+async def test_100_mib_attachment_in_bounded_server_memory(tmp_path: Path) -> None:
+    node = Node({"PIGEON_ARGON2_TIME_COST": "1", "PIGEON_ARGON2_MEMORY_KIB": "8"}, tmp_path)
+    await node.start()
     try:
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-        signer = LocalBlobStore(root, secret, f"http://127.0.0.1:{port}")
-        async with aiohttp.ClientSession() as http:
-            await _transfer(http, signer, 2, Peak(proc.pid))  # warm-up: buffers, threads
-            peak = Peak(proc.pid)
-            upload, download = await _transfer(http, signer, TOTAL_MIB, peak)
+        await register(node.url, "uploader", PASSWORD)
+        account = await login(node.url, "uploader", PASSWORD)
+        assert node.proc is not None
+        async with PigeonClient(node.url, account.token) as client, aiohttp.ClientSession() as http:
+            await _transfer(http, client, 2, Peak(node.proc.pid))  # warm-up: buffers, threads
+            peak = Peak(node.proc.pid)
+            upload, download = await _transfer(http, client, TOTAL_MIB, peak)
         growth = peak.value - peak.base
         print(
-            f"\n100 MiB through /v1/blobs: upload {TOTAL_MIB / upload:.0f} MiB/s ({upload:.2f} s,"
-            f" incl. hashing and fsync), download {TOTAL_MIB / download:.0f} MiB/s"
+            f"\n100 MiB attachment: upload {TOTAL_MIB / upload:.0f} MiB/s ({upload:.2f} s, incl."
+            f" hashing, fsync and verification), download {TOTAL_MIB / download:.0f} MiB/s"
             f" ({download:.2f} s); server RSS {peak.base / MIB:.1f} MiB,"
             f" peak growth {growth / MIB:.1f} MiB"
         )
         assert growth < LIMIT
     finally:
-        proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await node.close()
