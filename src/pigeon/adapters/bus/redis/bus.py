@@ -1,0 +1,299 @@
+"""`RedisBus`: the `Bus` port over Redis Pub/Sub, on one server or a Redis Cluster.
+
+Why it exists: this is the adapter the node sees. It routes each channel to the shard that
+owns it (the server, or the master owning the channel's key slot), spreads publishes over the
+shards, keeps the cluster slot map current (on MOVED, slot-migration notices and reconnects,
+moving channels whose slot changed owner) and runs the `on_recovered` callbacks once frames may
+have been lost. The connections themselves live in `shard.py`, `listener.py` and `publisher.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from redis.crc import key_slot
+from redis.exceptions import MovedError, ResponseError
+
+from pigeon.adapters.bus.redis.listener import Listener
+from pigeon.adapters.bus.redis.shard import Shard
+from pigeon.adapters.bus.redis.slots import REFRESH_MIN_INTERVAL, Owner, fetch_slots
+from pigeon.adapters.bus.redis.wire import Dialer, Verbs, log, settle
+from pigeon.domain.errors import Unavailable
+from pigeon.ports import Bus, BusHandler
+
+_Item = tuple[str, bytes]  # (channel, frame)
+_Failed = tuple[_Item, Exception]
+
+
+class _RedisSubscription:
+    """A live subscription; `cancel()` stops delivery at once (the UNSUBSCRIBE follows)."""
+
+    __slots__ = ("_bus", "channel", "handler")
+
+    def __init__(self, bus: RedisBus, channel: str, handler: BusHandler) -> None:
+        self._bus = bus
+        self.channel = channel
+        self.handler = handler
+
+    def cancel(self) -> None:
+        self._bus._cancel(self)
+
+
+class RedisBus:
+    """The `Bus` over Redis Pub/Sub; `cluster=True` for sharded Pub/Sub on a Redis Cluster
+    (`url` names any node). `timeout` bounds every network wait (seconds); a lost connection
+    is retried with backoff up to `max_backoff`; connections are probed every
+    `ping_interval`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cluster: bool,
+        timeout: float = 2.0,
+        ping_interval: float = 5.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._cluster = cluster
+        self._timeout = timeout
+        self._ping_interval = ping_interval
+        self._max_backoff = max_backoff
+        self._dialer = Dialer(url, timeout, "pigeon-bus")
+        self._verbs = Verbs(sharded=cluster)
+        self._subs: dict[str, _RedisSubscription] = {}
+        self._homes: dict[str, Shard] = {}  # subscribed channel -> the shard it lives on
+        self._shards: dict[str, Shard] = {}  # "host:port" (or "" for one server) -> shard
+        self._slots: list[str] = []  # cluster: owner of each slot, as a `_shards` key
+        self._callbacks: list[Callable[[], None]] = []
+        self._recover_scheduled = False
+        self._refresh_lock = asyncio.Lock()
+        self._refresher: asyncio.Task[None] | None = None
+        self._refresh_again = False
+        self._retiring: set[asyncio.Task[None]] = set()  # shards being closed
+        self._opened = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            if self._cluster:
+                await self._refresh_topology()
+            else:
+                self._add_shard("", None, None)
+            async with asyncio.timeout(self._timeout * 2):
+                await asyncio.gather(*(s.listener.wait_up() for s in self._shards.values()))
+        except (TimeoutError, Unavailable) as exc:
+            await self.aclose()
+            raise Unavailable(f"redis bus: cannot connect: {str(exc) or 'timed out'}") from None
+        self._opened = True
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        shards = list(self._shards.values())
+        self._shards.clear()
+        for shard in shards:
+            await shard.aclose()
+        await asyncio.gather(*self._retiring)
+        self._subs.clear()
+        self._homes.clear()
+
+    def on_recovered(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    # -- publish ---------------------------------------------------------------------------
+
+    async def publish(self, channel: str, frame: bytes) -> None:
+        await self.publish_many([(channel, frame)])
+
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        if not items:
+            return
+        if self._closed:
+            raise Unavailable("redis bus is closed")
+        failed, moved = await self._publish_grouped(items)
+        if moved:  # the slot map is stale: re-read it and try those frames once more
+            log.info(
+                "redis bus: %d frames met MOVED (%s); re-reading slots", len(moved), moved[0][1]
+            )
+            await self._refresh_topology()
+            failed2, moved2 = await self._publish_grouped([item for item, _ in moved])
+            failed += failed2 + moved2
+        if failed:
+            _, first = failed[0]
+            raise Unavailable(f"redis bus: {len(failed)} of {len(items)} frames not sent: {first}")
+
+    async def _publish_grouped(self, items: list[_Item]) -> tuple[list[_Failed], list[_Failed]]:
+        """Publish on each shard (concurrently; in order within a shard). Returns the frames
+        that failed and those answered with MOVED, each with its error."""
+        groups: dict[Shard | None, list[_Item]] = {}
+        for item in items:
+            groups.setdefault(self._shard_for(item[0]), []).append(item)
+        batches = list(groups.items())
+        results: list[list[ResponseError | None] | BaseException]
+        if len(batches) == 1:  # the common case: no task to spawn
+            try:
+                results = [await self._publish_on(*batches[0])]
+            except Unavailable as exc:
+                results = [exc]
+        else:
+            calls = (self._publish_on(shard, batch) for shard, batch in batches)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        failed: list[_Failed] = []
+        moved: list[_Failed] = []
+        for (_, batch), result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                failed += [(item, result) for item in batch]
+                continue
+            for item, error in zip(batch, result, strict=True):
+                if isinstance(error, MovedError):
+                    moved.append((item, error))
+                elif error is not None:
+                    failed.append((item, error))
+        return failed, moved
+
+    async def _publish_on(
+        self, shard: Shard | None, batch: list[_Item]
+    ) -> list[ResponseError | None]:
+        if shard is None:
+            raise Unavailable("no master owns the channel's slot")
+        if not shard.listener.up:
+            raise Unavailable(f"{shard.listener.name} is unreachable")
+        return await shard.publisher.send(batch)
+
+    # -- subscribe -------------------------------------------------------------------------
+
+    async def subscribe(self, channel: str, handler: BusHandler) -> _RedisSubscription:
+        if self._closed:
+            raise Unavailable("redis bus is closed")
+        shard = self._homes.get(channel) or self._shard_for(channel)
+        if shard is None:
+            raise Unavailable("redis bus: no master owns this channel's slot")
+        sub = _RedisSubscription(self, channel, handler)
+        self._subs[channel] = sub
+        if channel not in self._homes:
+            self._homes[channel] = shard
+            shard.listener.add(channel)
+        barrier = shard.listener.barrier()
+        if barrier is not None:
+            await settle(barrier, self._timeout)
+        return sub
+
+    def _cancel(self, sub: _RedisSubscription) -> None:
+        if self._subs.get(sub.channel) is not sub:
+            return  # cancelled already, or replaced by a newer subscription
+        del self._subs[sub.channel]
+        shard = self._homes.pop(sub.channel, None)
+        if shard is not None:
+            shard.listener.remove(sub.channel)
+
+    # -- shards and slots ------------------------------------------------------------------
+
+    def _shard_for(self, channel: str) -> Shard | None:
+        if not self._cluster:
+            return self._shards.get("")
+        if not self._slots:
+            return None  # not opened yet
+        return self._shards.get(self._slots[key_slot(channel.encode())])
+
+    def _add_shard(self, key: str, host: str | None, port: int | None) -> Shard:
+        shard = Shard(self, host, port)
+        self._shards[key] = shard
+        shard.start()
+        return shard
+
+    def _request_refresh(self) -> None:
+        """Re-read the cluster's slot map soon (requests coalesce; at most every 0.2 s)."""
+        if not self._cluster or self._closed:
+            return
+        if self._refresher is not None and not self._refresher.done():
+            self._refresh_again = True
+            return
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            self._refresh_again = False
+            try:
+                await self._refresh_topology()
+            except Unavailable as exc:
+                log.debug("redis bus: slot map refresh failed: %s", exc)
+            await asyncio.sleep(REFRESH_MIN_INTERVAL)  # a rate limit, not synchronisation
+            if not self._refresh_again:
+                return
+
+    async def _refresh_topology(self) -> None:
+        async with self._refresh_lock:
+            slots = await self._fetch_slots()
+            same = [owner[0] if owner else "" for owner in slots] == self._slots
+            touched = set() if same else self._apply_slots(slots)
+            touched |= {s.listener for s in self._shards.values() if s.listener.resync()}
+            if self._opened:
+                for listener in touched:
+                    # Frames for the moved channels may have been lost: once they are live
+                    # again, the node resyncs (a shard that is down does it when it is up).
+                    barrier = listener.barrier()
+                    if barrier is not None:
+                        barrier.add_done_callback(lambda _: self._recovered())
+
+    async def _fetch_slots(self) -> list[Owner | None]:
+        """Owner of each slot (key, host, port) per CLUSTER SLOTS, from the first node that
+        answers: the known masters, then the URL's node."""
+        known = sorted(self._shards.values(), key=lambda s: not s.listener.up)  # live ones first
+        candidates = [(s.listener.host, s.listener.port) for s in known if s.listener.host]
+        candidates.append((self._dialer.host, self._dialer.port))
+        return await fetch_slots(self._dialer, candidates, self._timeout)
+
+    def _apply_slots(self, slots: list[Owner | None]) -> set[Listener]:
+        """Adopt a new slot map: start new masters, move channels whose slot changed owner,
+        retire masters that own nothing. Returns the listeners that received channels."""
+        for owner in set(slots):
+            if owner is not None and owner[0] not in self._shards:
+                self._add_shard(*owner)
+        self._slots = [owner[0] if owner else "" for owner in slots]
+        touched: set[Listener] = set()
+        for channel, home in list(self._homes.items()):
+            shard = self._shard_for(channel)
+            if shard is None or shard is home:
+                continue  # an uncovered slot stays where it was until the map heals
+            home.listener.remove(channel)
+            self._homes[channel] = shard
+            shard.listener.add(channel)
+            touched.add(shard.listener)
+        masters = set(self._slots)
+        for key, shard in list(self._shards.items()):
+            if key not in masters and not shard.listener.channels:
+                del self._shards[key]
+                task = asyncio.get_running_loop().create_task(shard.aclose())
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+        return touched
+
+    def _recovered(self) -> None:
+        """Run the `on_recovered` callbacks soon (once, however many shards recovered)."""
+        if self._closed or self._recover_scheduled:
+            return
+        self._recover_scheduled = True
+        asyncio.get_running_loop().call_soon(self._run_recovered)
+
+    def _run_recovered(self) -> None:
+        self._recover_scheduled = False
+        if self._closed:
+            return
+        log.info("redis bus recovered: %d channels live again", len(self._subs))
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("bus recovery callback failed")
+
+
+_check: type[Bus] = RedisBus
