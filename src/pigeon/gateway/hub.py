@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 
 from pigeon.config import GatewaySettings
 from pigeon.domain.errors import PigeonError
-from pigeon.domain.ids import new_id
 from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close
 from pigeon.ports import Bus, Subscription
@@ -28,6 +29,16 @@ _RESYNC_CONCURRENCY = 32
 Resync = Callable[[], Awaitable[object]]
 
 
+class _Gate:
+    """Serialises the attaches of one device on this node (and counts who waits for it)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Hub:
     """Maps device id -> its one live connection on this node.
 
@@ -43,6 +54,7 @@ class Hub:
         self._settings = settings
         self._conns: dict[str, tuple[Connection, Subscription]] = {}
         self._resyncs: dict[Connection, Resync] = {}
+        self._attaching: dict[str, _Gate] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
 
@@ -55,14 +67,32 @@ class Hub:
 
     async def attach(self, conn: Connection, resync: Resync) -> None:
         """Register a connection and route its device's frames to it; `resync` makes it catch
-        up from the inbox after a bus outage."""
+        up from the inbox after a bus outage. Attaches of one device run one at a time, so the
+        last one to start is the one left registered and subscribed."""
+        device_id = conn.device.id
+        gate = self._attaching.get(device_id)
+        if gate is None:
+            gate = self._attaching[device_id] = _Gate()
+        gate.users += 1
+        try:
+            async with gate.lock:
+                await self._attach(conn, resync)
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._attaching[device_id]
+
+    async def _attach(self, conn: Connection, resync: Resync) -> None:
         device_id = conn.device.id
         channel = channels.device(device_id)
-        nonce = new_id().encode()
+        # Wall-clock nanoseconds (fixed width, then a random tail against ties): newer
+        # connections carry greater stamps, so a late control frame of an older connection (a
+        # slow publish) never closes a newer one, on any node whose clock is in step.
+        stamp = f"{time.time_ns():020d}{random.getrandbits(16):04x}".encode()
 
         def on_frame(frame: bytes) -> None:
             if frame.startswith(_REPLACED):
-                if frame[len(_REPLACED) : len(_REPLACED) + len(nonce)] != nonce:
+                if frame[len(_REPLACED) : len(_REPLACED) + len(stamp)] > stamp:
                     conn.close(Close.REPLACED, "replaced by a newer connection")
             elif frame == REVOKED_FRAME:
                 conn.close(Close.REVOKED, "device revoked")
@@ -73,11 +103,16 @@ class Hub:
         if old is not None:
             old[1].cancel()
             old[0].close(Close.REPLACED, "replaced by a newer connection")
+        if conn.closing:
+            return
         try:  # an older connection on another node: best effort, like every bus frame
-            await self._bus.publish(channel, _REPLACED + nonce + b'"}')
+            await self._bus.publish(channel, _REPLACED + stamp + b'"}')
         except PigeonError as exc:
             log.warning("could not announce the new connection of %s: %s", device_id, exc)
         sub = await self._bus.subscribe(channel, on_frame)
+        if conn.closing:  # the client went away while we subscribed
+            sub.cancel()
+            return
         self._conns[device_id] = (conn, sub)
         self._resyncs[conn] = resync
         conn.on_close(self.detach)
