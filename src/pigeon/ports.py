@@ -256,15 +256,20 @@ class Presence(Protocol):
     async def lookup(self, user_ids: list[str]) -> dict[str, PresenceRecord]:
         """The announced state of each user this registry knows (unknown users are absent)."""
 
-    async def refresh(self, sessions: list[tuple[str, str]]) -> None:
+    async def refresh(self, sessions: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Heartbeat of one node: keep these (user, session) pairs alive for another session
-        TTL. Registries shared by several nodes expire sessions nobody refreshes (their node
-        died); a single-process registry may ignore this."""
+        TTL. Returns the pairs the registry no longer knew (reaped while this node could not
+        refresh them, or lost with the registry's own state): the caller registers them again
+        with `session_up`. Registries shared by several nodes expire sessions nobody refreshes
+        (their node died); a single-process registry may ignore this and return []."""
 
     async def reap(self, now: int) -> list[str]:
         """Drop every session whose TTL ran out by `now` (ms). Returns the users left with no
-        session, as `session_down` would have (last seen = the session's last refresh): the
-        caller confirms them offline. A single-process registry has nothing to reap."""
+        session, as `session_down` would have (last seen = the session's last refresh), and
+        users whose last session ended a session TTL ago and who are still announced online
+        (the node that would have confirmed them after the grace period died): the caller
+        confirms them offline. A user the caller failed to confirm is returned again by a
+        later reap. A single-process registry has nothing to reap."""
 
     async def open(self) -> None: ...
 

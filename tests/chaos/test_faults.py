@@ -4,14 +4,16 @@ duplicate surfaced by the SDK (tests.support.traffic)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pigeon.client import ClientError, login, register
+from pigeon.domain.events import Message
 from tests.chaos.conftest import StartNodes, connect, env_for, make_pairs
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, next_of
 from tests.support.cluster import HAProxy
 from tests.support.postgres import PgCluster
 from tests.support.redis import RedisServer
@@ -89,3 +91,30 @@ async def test_postgres_stopped_briefly(
         await traffic.close()
     finally:
         await pg.close()
+
+
+async def test_a_push_lost_in_a_redis_outage_arrives_when_redis_is_back(
+    database: str, tmp_path: Path, start_nodes: StartNodes, clients: list[Any]
+) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    await redis.start()
+    try:
+        env = env_for(database, redis.url, PIGEON_PRESENCE__SESSION_TTL="1.5")
+        n1, n2 = await start_nodes(2, env)
+        (pair,) = await make_pairs(clients, 1, n1.url, n2.url)
+        await redis.stop()
+        sent = await pair.sender.send(pair.chat, "during the outage")  # committed, push lost
+        await redis.start()  # empty: no sessions, no subscriptions survive
+        # Nothing later reveals a gap to the receiver: only the node's resync delivers it.
+        got = await next_of(pair.receiver, Message, timeout=20)
+        assert (got.id, got.body) == (sent.id, "during the outage")
+        # The receiver's node registers its live session again: it shows online, not offline.
+        assert pair.receiver.user is not None
+        async with asyncio.timeout(20):
+            while True:
+                (state,) = await pair.sender.subscribe_presence([pair.receiver.user])
+                if state["status"] == "online":
+                    break
+                await asyncio.sleep(0.1)  # polling another process's heartbeat
+    finally:
+        await redis.close()

@@ -174,9 +174,23 @@ async def test_a_refreshed_session_stays_an_abandoned_one_is_reaped(
 async def test_refresh_does_not_revive_a_session(shared: Presence, clock: FakeClock) -> None:
     await shared.session_up("u", "s")
     assert await shared.session_down("u", "s", clock.now)
-    await shared.refresh([("u", "s"), ("stranger", "x")])
-    assert await shared.reap(clock.now + 10 * TTL_MS) == []  # nothing was brought back
+    lost = await shared.refresh([("u", "s"), ("stranger", "x")])
+    assert lost == [("u", "s"), ("stranger", "x")]  # reported, not brought back
     assert await shared.lookup(["stranger"]) == {}
+    # Nobody confirmed u offline (its node died in the grace period?): a reaper offers it.
+    assert await shared.reap(clock.now + 10 * TTL_MS) == ["u"]
+    assert await shared.confirm_offline("u") == PresenceRecord(online=False, last_seen=clock.now)
+
+
+async def test_a_user_whose_confirmation_failed_is_offered_again(
+    shared: Presence, clock: FakeClock
+) -> None:
+    await shared.session_up("u", "s")
+    start = clock.now
+    assert await shared.reap(start + TTL_MS) == ["u"]  # the caller then fails to confirm
+    assert await shared.reap(start + TTL_MS + 1) == []  # not at once
+    assert await shared.reap(start + 2 * TTL_MS) == ["u"]  # but a TTL later
+    assert await shared.confirm_offline("u") is not None
 
 
 async def test_a_session_refreshed_while_it_is_reaped_stays(
@@ -224,8 +238,10 @@ async def test_keys_expire_when_the_user_is_gone(
         ttls = [await client.pttl(key) for key in (state, sessions, registry._index)]
         assert all(0 < ttl <= 600_000 for ttl in ttls)
         await registry.session_down("u", "s", 5)
-        # The state (last seen) stays for `retain`; no empty hash or index is left behind.
+        # The state (last seen) stays for `retain`; no empty hash is left behind; the index
+        # holds only the pending confirmation, and expires too.
         ttls = [await client.pttl(key) for key in (state, sessions, registry._index)]
-        assert 0 < ttls[0] <= 600_000 and ttls[1:] == [-2, -2]
+        assert 0 < ttls[0] <= 600_000 and ttls[1] == -2 and 0 < ttls[2] <= 600_000
+        assert await client.zrange(registry._index, 0, -1) == [b"u|"]
     finally:
         await client.aclose()

@@ -109,10 +109,19 @@ class PresenceService:
                 log.warning("presence refresh failed: %s", exc)
 
     async def tick(self) -> None:
-        """One heartbeat: keep this node's sessions alive, confirm expired users offline."""
-        await self._registry.refresh([(u, s) for s, u in self._sessions.items()])
+        """One heartbeat: keep this node's sessions alive (registering again those the
+        registry lost), then confirm offline the users whose sessions expired elsewhere."""
+        lost = await self._registry.refresh([(u, s) for s, u in self._sessions.items()])
+        for user_id, session in lost:
+            if self._sessions.get(session) == user_id:  # still connected here
+                log.info("presence session of %s was lost by the registry; registering", user_id)
+                if await self._registry.session_up(user_id, session):
+                    await self._announce(user_id, PresenceRecord(online=True))
         for user_id in await self._registry.reap(self._clock.now_ms()):
-            await self._confirm_offline(user_id)
+            try:
+                await self._confirm_offline(user_id)
+            except Exception as exc:  # the registry offers the user again on a later reap
+                log.warning("confirming %s offline failed: %s", user_id, exc)
 
     async def aclose(self) -> None:
         """Shutdown: announce pending departures now (the grace timers would die with us)."""

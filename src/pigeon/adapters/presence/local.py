@@ -54,8 +54,8 @@ class LocalPresence:
                 out[uid] = PresenceRecord(online=user.announced_online, last_seen=user.last_seen)
         return out
 
-    async def refresh(self, sessions: list[tuple[str, str]]) -> None:
-        return None
+    async def refresh(self, sessions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return []  # nothing expires here
 
     async def reap(self, now: int) -> list[str]:
         return []  # sessions live and die with this process

@@ -240,7 +240,19 @@ class RedisPresence:
                 ["ZREM", self._index, _member(user_id, session)],
             ]
         )
-        return bool(replies[0])
+        last = bool(replies[0])
+        if last:  # should this node die within the grace period, a reaper confirms instead
+            await self._mark_pending(self._clock.now_ms() + self._ttl_ms, user_id)
+        return last
+
+    async def _mark_pending(self, due: int, *user_ids: str) -> None:
+        """Index users as "left, to be confirmed offline" at `due` (ms)."""
+        await self._pipeline(
+            [
+                ["ZADD", self._index, *_scored(due, [_member(u, "") for u in user_ids])],
+                ["PEXPIRE", self._index, self._retain_ms],
+            ]
+        )
 
     async def confirm_offline(self, user_id: str) -> PresenceRecord | None:
         (reply,) = await self._pipeline([self._eval(CONFIRM_OFFLINE, user_id)])
@@ -260,9 +272,9 @@ class RedisPresence:
                 out[user_id] = PresenceRecord(online=on == b"1", last_seen=_int(seen))
         return out
 
-    async def refresh(self, sessions: list[tuple[str, str]]) -> None:
+    async def refresh(self, sessions: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not sessions:
-            return
+            return []
         by_user: dict[str, list[str]] = {}
         for user_id, session in sessions:
             by_user.setdefault(user_id, []).append(session)
@@ -284,6 +296,8 @@ class RedisPresence:
                     ["PEXPIRE", self._index, self._retain_ms],
                 ]
             )
+        known = set(alive)
+        return [(u, s) for u, s in sessions if _member(u, s) not in known]
 
     async def reap(self, now: int) -> list[str]:
         gone: list[str] = []
@@ -302,17 +316,25 @@ class RedisPresence:
         the index (drop what is gone, re-score what was refreshed meanwhile)."""
         by_user: dict[str, list[str]] = {}
         stray: list[bytes] = []
+        pending: list[str] = []  # "left, to be confirmed": the caller checks and announces
         for member in due:
             user_id, sep, session = member.decode(errors="replace").rpartition("|")
-            if sep:
-                by_user.setdefault(user_id, []).append(session)
-            else:
+            if not sep:
                 stray.append(member)
-        replies = await self._pipeline(
-            [self._eval(REAP, user_id, now, *sessions) for user_id, sessions in by_user.items()]
+            elif not session:
+                pending.append(user_id)
+            else:
+                by_user.setdefault(user_id, []).append(session)
+        replies = (
+            await self._pipeline(
+                [self._eval(REAP, u, now, *sessions) for u, sessions in by_user.items()]
+            )
+            if by_user
+            else []
         )
         gone: list[str] = []
         cleanup: list[list[Any]] = [["ZREM", self._index, *stray]] if stray else []
+        cleanup += [["ZREM", self._index, _member(u, "")] for u in pending]
         for (user_id, sessions), reply in zip(by_user.items(), replies, strict=True):
             if reply[0] == 1:
                 gone.append(user_id)
@@ -324,7 +346,9 @@ class RedisPresence:
                     cleanup.append(["ZADD", self._index, "GT", state, entry])
         if cleanup:
             await self._pipeline(cleanup)
-        return gone
+        if gone:  # if the caller fails to confirm them, a reap a TTL later offers them again
+            await self._mark_pending(now + self._ttl_ms, *gone)
+        return gone + [u for u in dict.fromkeys(pending) if u not in gone]
 
     # -- plumbing --------------------------------------------------------------------------
 
