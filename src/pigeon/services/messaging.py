@@ -7,7 +7,6 @@ group-committed with its neighbours) before anyone is answered; only then is it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
@@ -76,10 +75,10 @@ class MessagingService:
         before = self._tails.get(device.id)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tails[device.id] = mine
+        mine.add_done_callback(lambda done: self._untail(device.id, done))
         try:
             if before is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(before)
+                await asyncio.shield(before)  # only ever resolved, never failed
             media = None
             if attachment is not None:
                 if self._media is None:
@@ -87,9 +86,14 @@ class MessagingService:
                 media = await self._media.for_message(device, chat_id, attachment)
             return await self._commit(device, chat_id, cmid, body, media)
         finally:
-            mine.set_result(None)
-            if self._tails.get(device.id) is mine:
-                del self._tails[device.id]
+            if before is None or before.done():
+                mine.set_result(None)
+            else:  # cancelled while waiting: the sends behind this one still wait for `before`
+                before.add_done_callback(lambda _: mine.set_result(None))
+
+    def _untail(self, device_id: str, done: asyncio.Future[None]) -> None:
+        if self._tails.get(device_id) is done:
+            del self._tails[device_id]
 
     async def _commit(
         self,

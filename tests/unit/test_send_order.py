@@ -1,0 +1,83 @@
+"""Sends of one device commit in the order they were issued, also when a media send must first
+check its attachment (an await before the commit), and a cancelled send commits nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from pigeon.domain.ids import new_id
+from pigeon.domain.limits import Limits
+from pigeon.domain.models import Attachment, Device
+from pigeon.services.messaging import MessagingService
+
+
+class _Store:
+    """Records the order in which sends reach the store."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+
+    async def send(self, req: Any) -> Any:
+        self.committed.append(req.cmid)
+        return SimpleNamespace(message=SimpleNamespace(id=req.message_id), duplicate=False)
+
+
+class _Fanout:
+    async def commit(self, change: Any, deliveries: Any) -> Any:
+        return await asyncio.shield(change)
+
+
+class _Media:
+    """An attachment check that takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def for_message(self, device: Device, chat: str, attachment: str) -> Attachment:
+        await self.gate.wait()
+        return Attachment(id=attachment, content_type="image/png")
+
+
+class _Clock:
+    def now_ms(self) -> int:
+        return 0
+
+
+def _service() -> tuple[MessagingService, _Store, _Media]:
+    store, media = _Store(), _Media()
+    service = MessagingService(store, _Fanout(), _Clock(), Limits(), media)  # type: ignore[arg-type]
+    return service, store, media
+
+
+DEVICE = Device(id=new_id(), user_id=new_id(), name="d", created_at=0)
+
+
+async def test_a_text_behind_a_media_send_waits_for_it() -> None:
+    service, store, media = _service()
+    chat = new_id()
+    first = asyncio.create_task(service.send(DEVICE, chat, "media", None, new_id()))
+    await asyncio.sleep(0)  # one loop turn: the media send starts its check
+    second = asyncio.create_task(service.send(DEVICE, chat, "text", "hi", None))
+    await asyncio.sleep(0)
+    assert store.committed == []  # the text waits behind the media check
+    media.gate.set()
+    await asyncio.gather(first, second)
+    assert store.committed == ["media", "text"]
+    third = await service.send(DEVICE, chat, "later", "hi", None)  # fast path again
+    assert third and store.committed[-1] == "later" and not service._tails
+
+
+async def test_cancelled_sends_commit_nothing_and_leave_no_chain() -> None:
+    service, store, _ = _service()
+    chat = new_id()
+    first = asyncio.create_task(service.send(DEVICE, chat, "media", None, new_id()))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(service.send(DEVICE, chat, "text", "hi", None))
+    await asyncio.sleep(0)
+    first.cancel()
+    second.cancel()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert store.committed == [] and not service._tails
