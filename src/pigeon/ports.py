@@ -348,7 +348,8 @@ class BlobStore(Protocol):
     `expires_at`. Responses carry the stored Content-Type, Content-Length, an ETag and
     `Accept-Ranges: bytes`; a single `Range` gives 206 with Content-Range, an unsatisfiable one
     416. Cache-Control lets a cache (or a CDN in front) keep the response no longer than the URL
-    is valid. A missing blob is 404 (the URL does not prove the blob still exists).
+    is valid. A missing blob is refused: 404 (S3 may say 403 to credentials that cannot list
+    the bucket); the URL does not prove the blob still exists.
 
     Stored blobs are immutable: a key is written once (a repeated, identical upload is
     harmless) and then only deleted.

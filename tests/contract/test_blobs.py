@@ -189,6 +189,11 @@ async def _upload(h: Harness, key: str, data: bytes, content_type: str = "image/
     await h.store.verify(key, size=len(data), sha256=_sha(data))
 
 
+#: What a download URL of a missing blob answers: S3 says 403 rather than 404 to credentials
+#: that may not list the bucket (and moto does whenever response headers are overridden).
+_MISSING = {"local": {404}, "s3": {403, 404}}
+
+
 async def _get(
     h: Harness, url: str, headers: dict[str, str] | None = None, method: str = "GET"
 ) -> tuple[int, CIMultiDict[str], bytes]:
@@ -296,7 +301,7 @@ async def test_download_as_named_attachment(blobs: Harness) -> None:
 async def test_missing_blob_is_404(blobs: Harness) -> None:
     key = new_id()
     status, _, _ = await _get(blobs, await blobs.store.download_url(key, expires_at=_later()))
-    assert status == 404
+    assert status in _MISSING[blobs.kind]
     assert await blobs.store.stat(key) is None
     with pytest.raises(NotFound):
         await _read_all(blobs.store, key)
@@ -489,7 +494,7 @@ async def test_put_and_delete(blobs: Harness) -> None:
     await blobs.store.delete([*keys, thumb, new_id()])  # a missing key is no error
     for key in [*keys, thumb]:
         assert await blobs.store.stat(key) is None
-    assert (await _get(blobs, url))[0] == 404
+    assert (await _get(blobs, url))[0] in _MISSING[blobs.kind]
     await blobs.store.delete(keys)  # idempotent
     await blobs.store.delete([])
 

@@ -271,9 +271,10 @@ class S3BlobStore:
             "Bucket": self.bucket,
             "Key": name,
             "ResponseCacheControl": f"private, max-age={expires_in}, immutable",
+            # Always an attachment: a browser navigating to the URL downloads the bytes instead
+            # of rendering them on the bucket's origin (an uploaded SVG or HTML cannot run).
+            "ResponseContentDisposition": content_disposition(filename),
         }
-        if filename:
-            params["ResponseContentDisposition"] = content_disposition(filename)
         return await self._presign("get_object", params, expires_in, "GET")
 
     async def _head(self, key: str) -> dict[str, Any] | None:
