@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import aiohttp
 import typer
 
 from pigeon.client import ClientError, PigeonClient, login
 from pigeon.client.http import find_user
+from pigeon.client.media import UploadFailed
 
 Server = Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="Base URL of the server.")]
 
@@ -44,7 +46,7 @@ def send_cmd(
         raise typer.BadParameter("give --text, --file or both")
     try:
         asyncio.run(_send(server, token, to, chat, text, file, content_type))
-    except ClientError as exc:
+    except (ClientError, UploadFailed, aiohttp.ClientError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
 

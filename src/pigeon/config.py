@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, SecretStr, Tag, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from pigeon.domain.limits import Limits
 
@@ -273,9 +273,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         with config_file.open("rb") as f:
             file_values = tomllib.load(f)
-    env = Settings()
-    explicit_env = env.model_dump(exclude_unset=True)
-    merged = _deep_merge(_deep_merge(file_values, explicit_env), overrides)
+    # The raw env values (not a validated Settings): a section such as `store` must merge
+    # key by key with the file's, e.g. PIGEON_STORE__DSN over a file that sets type=postgres.
+    env = EnvSettingsSource(Settings)()
+    merged = _deep_merge(_deep_merge(file_values, env), overrides)
     return Settings.model_validate(merged)
 
 

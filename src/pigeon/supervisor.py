@@ -9,6 +9,8 @@ only starts them, restarts one that dies, and passes SIGTERM/SIGINT on for a gra
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -64,7 +66,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         for index in range(self._workers):
-            self._start(index)
+            if not self._stopping:  # a signal during start-up: start no more
+                self._start(index)
         backoff = {index: 1.0 for index in range(self._workers)}
         while self._procs:
             try:
@@ -91,12 +94,23 @@ class Supervisor:
     def _start(self, index: int) -> None:
         env = {**os.environ, "PIGEON_GATEWAY__REUSE_PORT": "true", "PIGEON_WORKER": str(index)}
         cmd = [sys.executable, "-m", "pigeon.cli", "serve", *self._args]
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         self._procs[proc.pid] = (index, proc, time.monotonic())
         log.info("worker %d started (pid %d)", index, proc.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Pass the stop on to every worker started so far (later ones are never started)."""
         self._stopping = True
         for _, proc, _ in list(self._procs.values()):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: get SIGTERM if the supervisor dies (even by SIGKILL), so no
+    worker outlives it holding the port (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # libc, already loaded
+
+
+_PR_SET_PDEATHSIG = 1

@@ -81,7 +81,7 @@ async def test_image_round_trip_with_thumbnail(media_server: Server, tmp_path: P
     assert (att.meta["width"], att.meta["height"]) == (800, 600)
     assert att.meta["thumbnail"]["width"] == 320 and "key" not in att.meta["thumbnail"]
 
-    assert await bob.download(att.id, tmp_path / "copy.png") == att.size
+    assert await bob.download(att.id, tmp_path / "copy.png", sha256=att.sha256) == att.size
     assert (tmp_path / "copy.png").read_bytes() == source.read_bytes()
     await bob.download(att.id, tmp_path / "thumb.jpg", thumbnail=True)
     with Image.open(tmp_path / "thumb.jpg") as thumb:
@@ -158,6 +158,9 @@ async def test_encrypted_and_video_blobs_skip_thumbnails(
     await alice.send_file(chat, sealed, "key:...", encrypted=True)
     att = (await next_of(bob, Message)).attachment
     assert att is not None and att.encrypted and att.meta["thumbnail_skipped"] == "encrypted"
+    with pytest.raises(UploadFailed):  # the SDK checks what the message says it is
+        await bob.download(att.id, tmp_path / "sealed.copy", sha256="0" * 64)
+    assert not (tmp_path / "sealed.copy").exists()
     await bob.download(att.id, tmp_path / "sealed.copy")
     assert (tmp_path / "sealed.copy").read_bytes() == sealed.read_bytes()
 

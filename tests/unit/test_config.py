@@ -68,3 +68,13 @@ def test_workers_need_shared_state() -> None:
         None, store={"type": "postgres"}, bus={"type": "redis"}, presence={"type": "redis"}
     )
     check_workers(shared, 2)
+
+
+def test_env_values_merge_into_file_sections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "pigeon.toml"
+    toml.write_text('[store]\ntype = "postgres"\ndsn = "postgresql://file/db"\n')
+    monkeypatch.setenv("PIGEON_STORE__DSN", "postgresql://env/db")
+    store = load_settings(toml).store
+    assert (store.type, getattr(store, "dsn", None)) == ("postgres", "postgresql://env/db")

@@ -357,11 +357,17 @@ class PigeonClient:
         return str(r["url"])
 
     async def download(
-        self, attachment: str, target: Path | str, *, thumbnail: bool = False
+        self,
+        attachment: str,
+        target: Path | str,
+        *,
+        thumbnail: bool = False,
+        sha256: str | None = None,
     ) -> int:
-        """Download an attachment (streamed) into `target`; returns the bytes written."""
+        """Download an attachment (streamed) into `target`; returns the bytes written. Pass the
+        `sha256` its message carries to have the bytes checked (not for thumbnails)."""
         url = await self.attachment_url(attachment, thumbnail=thumbnail)
-        return await media.download(self.url, url, Path(target))
+        return await media.download(self.url, url, Path(target), sha256)
 
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""

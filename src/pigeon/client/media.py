@@ -63,24 +63,32 @@ async def upload(base: str, ticket: dict[str, Any], path: Path) -> None:
             raise UploadFailed(resp.status, await resp.text())
 
 
-async def download(base: str, url: str, target: Path) -> int:
-    """GET a signed download URL into `target`; returns the bytes written."""
-    written = 0
-    async with aiohttp.ClientSession() as http, http.get(resolve(base, url)) as resp:
-        if resp.status != 200:
-            raise UploadFailed(resp.status, await resp.text())
-        f = await asyncio.to_thread(target.open, "wb")
-        try:
+async def download(base: str, url: str, target: Path, sha256: str | None = None) -> int:
+    """GET a signed download URL into `target`; returns the bytes written. With `sha256`, the
+    bytes are checked against it. On any failure nothing is left at `target`."""
+    written, digest = 0, hashlib.sha256()
+    f = await asyncio.to_thread(target.open, "wb")
+    try:
+        async with aiohttp.ClientSession() as http, http.get(resolve(base, url)) as resp:
+            if resp.status != 200:
+                raise UploadFailed(resp.status, await resp.text())
             async for chunk in resp.content.iter_chunked(CHUNK):
+                digest.update(chunk)
                 await asyncio.to_thread(f.write, chunk)
                 written += len(chunk)
-        finally:
-            await asyncio.to_thread(f.close)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise UploadFailed(200, "checksum_mismatch: the downloaded bytes are not the ones sent")
+    except BaseException:
+        await asyncio.to_thread(f.close)
+        await asyncio.to_thread(target.unlink, True)
+        raise
+    await asyncio.to_thread(f.close)
     return written
 
 
 class UploadFailed(Exception):
-    """Blob storage refused a transfer (the body says why, e.g. `checksum_mismatch`)."""
+    """Blob storage refused a transfer, or it went wrong (the body says why, e.g.
+    `checksum_mismatch`)."""
 
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:300]}")

@@ -77,6 +77,8 @@ class RetentionSweeper:
                 stats = await self.sweep_once()
             except PigeonError as exc:
                 log.warning("retention sweep failed, will retry: %s", exc)
+            except Exception:  # e.g. a blob directory not writable: keep the sweeper alive
+                log.exception("retention sweep failed, will retry")
             else:
                 waiters, self._waiters = self._waiters, []
                 for fut in waiters:

@@ -68,7 +68,7 @@ def make_thumbnail(
             return _video_thumbnail(path, base, max_side, fmt, ffmpeg_timeout)
     except Exception as exc:  # a thumbnail must never take the upload down with it
         log.info("thumbnail of %s failed", path, exc_info=True)
-        return ThumbnailOutcome(failed=f"{type(exc).__name__}: {exc}"[:200])
+        return ThumbnailOutcome(failed=f"thumbnail failed ({type(exc).__name__})")
     return ThumbnailOutcome(skipped="not an image or video")
 
 
@@ -80,7 +80,8 @@ def _image_thumbnail(
     except Image.DecompressionBombError:
         return ThumbnailOutcome(failed="image too large")
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not an image"
-        return ThumbnailOutcome(failed=f"undecodable image: {exc}"[:200])
+        log.info("undecodable image: %s", exc)  # the details name server paths: log only
+        return ThumbnailOutcome(failed="undecodable image")
     with img:
         width, height = img.size
         if width * height > max_pixels:
@@ -93,7 +94,8 @@ def _image_thumbnail(
             oriented.thumbnail((max_side, max_side))
             thumb = _encode(oriented, fmt)
         except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
-            return ThumbnailOutcome(failed=f"undecodable image: {exc}"[:200])
+            log.info("undecodable image: %s", exc)
+            return ThumbnailOutcome(failed="undecodable image")
     return ThumbnailOutcome(thumbnail=thumb, source_width=width, source_height=height)
 
 
@@ -159,10 +161,12 @@ def _video_thumbnail(
     except subprocess.TimeoutExpired:
         return ThumbnailOutcome(failed=f"ffmpeg timed out after {timeout:g} s")
     except OSError as exc:
-        return ThumbnailOutcome(failed=f"ffmpeg could not run: {exc}"[:200])
+        log.warning("ffmpeg could not run: %s", exc)
+        return ThumbnailOutcome(failed="ffmpeg could not run")
     if done.returncode != 0 or not done.stdout:
         detail = done.stderr.decode(errors="replace").strip().splitlines()
         reason = detail[-1] if detail else f"exit status {done.returncode}"
+        reason = reason.replace(str(path), "input")  # chat members must not see server paths
         return ThumbnailOutcome(failed=f"ffmpeg failed: {reason}"[:200])
     # The frame is at most max_side square already; re-encode it in the thumbnail format.
     frame = _image_thumbnail(io.BytesIO(done.stdout), max_side, fmt, max_side * max_side * 4)
@@ -210,7 +214,9 @@ async def thumbnail_blob(
         await blobs.put(thumb, outcome.thumbnail.data, outcome.thumbnail.content_type)
     except (PigeonError, OSError) as exc:
         log.warning("thumbnail of blob %s failed: %s", key, exc)
-        return ThumbnailOutcome(failed=f"{type(exc).__name__}: {exc}"[:200])
+        # Our own errors are worded for clients; an OSError's text names server paths.
+        detail = str(exc) if isinstance(exc, PigeonError) else "storage error"
+        return ThumbnailOutcome(failed=f"{type(exc).__name__}: {detail}"[:200])
     return ThumbnailOutcome(
         thumbnail=outcome.thumbnail,
         key=thumb,
