@@ -8,6 +8,8 @@ and prints a summary.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +18,8 @@ import typer
 
 from pigeon.bench import idle, offline, one_to_one, presence_storm
 from pigeon.bench.report import print_summary, write_result
-from pigeon.bench.server import ServerHandle, Target, pin, raise_nofile, server
+from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
+from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
 from pigeon.bench.workers import run_loop
 
 bench_app = typer.Typer(
@@ -27,8 +30,31 @@ Url = Annotated[str | None, typer.Option(help="Target a running server instead o
 ServerPid = Annotated[
     int | None, typer.Option(help="With --url: the server's pid, to read its RSS and CPU.")
 ]
-ServerCpu = Annotated[int | None, typer.Option(help="Pin the spawned server to this core.")]
+ServerCpu = Annotated[int | None, typer.Option(help="Pin the spawned server(s) to this core.")]
 ClientCpu = Annotated[int | None, typer.Option(help="Pin the load generators to this core.")]
+Workers = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Processes per server (`pigeon serve --workers N`; with --url: how many answer"
+        " /healthz). Above 1 implies --store postgres.",
+    ),
+]
+Nodes = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Spawn N servers on their own ports sharing one store; one-to-one then sends every"
+        " message across nodes. Above 1 implies --store postgres.",
+    ),
+]
+StoreOption = Annotated[
+    Store | None,
+    typer.Option(
+        help="Spawned server's store: sqlite, or postgres (a fresh database on"
+        f" ${ADMIN_DSN_ENV}, dropped after, with Redis bus and presence on ${REDIS_URL_ENV}).",
+    ),
+]
 Out = Annotated[Path, typer.Option(help="Directory for the JSON result files.")]
 DataDir = Annotated[Path | None, typer.Option(help="Parent of the spawned server's temp data dir.")]
 Synchronous = Annotated[str, typer.Option(help="Spawned server's SQLite synchronous mode.")]
@@ -37,26 +63,64 @@ ServerEnv = Annotated[
 ]
 DEFAULT_OUT = Path("bench-results")
 
-Runner = Callable[[ServerHandle], Awaitable[dict[str, Any]]]
+Runner = Callable[[ServerHandle, int | None], Awaitable[dict[str, Any]]]
 Summary = Callable[[dict[str, Any]], list[tuple[str, Any]]]
 
 
 def _target(
-    url: str | None,
-    server_pid: int | None,
-    server_cpu: int | None,
-    client_cpu: int | None,
-    data_dir: Path | None,
-    synchronous: str,
-    server_env: list[str] | None,
+    url: Url = None,
+    server_pid: ServerPid = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    workers: Workers = 1,
+    nodes: Nodes = 1,
+    store: StoreOption = None,
+    data_dir: DataDir = None,
+    synchronous: Synchronous = "FULL",
+    server_env: ServerEnv = None,
 ) -> Target:
-    env = {"PIGEON_STORE__SYNCHRONOUS": synchronous.upper()}
+    """The options every scenario shares (see `with_target`): where the load goes."""
+    if url is not None and (nodes > 1 or store is not None):
+        raise typer.BadParameter("--nodes and --store apply to a spawned server, not --url")
+    shared = workers > 1 or nodes > 1
+    store = store or (Store.postgres if shared else Store.sqlite)
+    if shared and store is not Store.postgres:
+        raise typer.BadParameter("--workers/--nodes > 1 need shared state: --store postgres")
+    env = {"PIGEON_STORE__SYNCHRONOUS": synchronous.upper()} if store is Store.sqlite else {}
     for item in server_env or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
         env[key] = value
-    return Target(url, server_pid, server_cpu, client_cpu, data_dir, env)
+    return Target(url, server_pid, server_cpu, client_cpu, data_dir, env, workers, nodes, store)
+
+
+def with_target(command: Callable[..., None]) -> Callable[..., None]:
+    """Declare `command(<own options>, *, target: Target, out: Path)` as a command that takes
+    its own options plus the shared ones (those of `_target`, and `--out`), so each scenario
+    does not repeat them."""
+    shared = inspect.signature(_target, eval_str=True).parameters
+    own = inspect.signature(command, eval_str=True).parameters
+    out = inspect.Parameter(
+        "out", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_OUT, annotation=Out
+    )
+    params = [p for name, p in own.items() if name not in ("target", "out")]
+    params += [*shared.values(), out]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> None:
+        target = _target(**{name: options.pop(name) for name in shared})
+        command(target=target, **options)
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def _single_node(target: Target, scenario: str) -> Target:
+    if target.nodes > 1:
+        raise typer.BadParameter(f"{scenario} talks to one node: only one-to-one takes --nodes")
+    return target
 
 
 GRACE_ENV = "PIGEON_PRESENCE__GRACE"
@@ -82,18 +146,17 @@ def _execute(
         async with server(target, nofile=nofile) as handle:
             if target.client_cpu is not None:
                 pin(target.client_cpu)  # after spawning, so the server does not inherit it
-            return await runner(handle)
+            return await runner(handle, target.client_cpu)
 
     doc = run_loop(main())
-    doc["params"]["server_cpu"] = target.server_cpu
-    doc["params"]["server_env"] = target.server_env
-    doc["params"]["spawned"] = target.url is None
+    doc["params"] |= target.describe()
     path = write_result(out, doc)
     print_summary(title, [*summary(doc), ("result file", str(path))], doc["problems"])
     return doc
 
 
 @bench_app.command("one-to-one")
+@with_target
 def one_to_one_cmd(
     devices: Annotated[int, typer.Option(help="Connected devices (N/2 direct chats).")] = 200,
     inflight: Annotated[int, typer.Option(help="Sends outstanding per sender.")] = 10,
@@ -128,17 +191,11 @@ def one_to_one_cmd(
             " stay offline longer than it."
         ),
     ] = 0.5,
-    url: Url = None,
-    server_pid: ServerPid = None,
-    server_cpu: ServerCpu = None,
-    client_cpu: ClientCpu = None,
-    out: Out = DEFAULT_OUT,
-    data_dir: DataDir = None,
-    synchronous: Synchronous = "FULL",
-    server_env: ServerEnv = None,
+    *,
+    target: Target,
+    out: Path,
 ) -> None:
     """1:1 chats between online devices: delivered msgs/s and send-to-receive latency."""
-    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
     if presence_churn > 0:
         target = _with_grace(target, presence_grace)
     p = one_to_one.Params(
@@ -158,35 +215,32 @@ def one_to_one_cmd(
         "one-to-one",
         target,
         out,
-        lambda h: one_to_one.run(h, p, client_cpu=client_cpu),
+        lambda h, cpu: one_to_one.run(h, p, client_cpu=cpu),
         one_to_one.summary,
     )
 
 
 @bench_app.command("offline")
+@with_target
 def offline_cmd(
     count: Annotated[int, typer.Option(help="Messages sent to the offline device.")] = 10_000,
     inflight: Annotated[int, typer.Option(help="Sends outstanding.")] = 200,
     size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 64,
     timeout: Annotated[float, typer.Option(help="Give up on the drain after this.")] = 300.0,
-    url: Url = None,
-    server_pid: ServerPid = None,
-    server_cpu: ServerCpu = None,
-    client_cpu: ClientCpu = None,
-    out: Out = DEFAULT_OUT,
-    data_dir: DataDir = None,
-    synchronous: Synchronous = "FULL",
-    server_env: ServerEnv = None,
+    *,
+    target: Target,
+    out: Path,
 ) -> None:
     """A backlog for an offline device: time to store it, then to deliver it on connect."""
-    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    target = _single_node(target, "offline")
     p = offline.Params(count, inflight, size, timeout)
     _execute(
-        "offline", target, out, lambda h: offline.run(h, p, client_cpu=client_cpu), offline.summary
+        "offline", target, out, lambda h, cpu: offline.run(h, p, client_cpu=cpu), offline.summary
     )
 
 
 @bench_app.command("idle")
+@with_target
 def idle_cmd(
     connections: Annotated[int, typer.Option(help="Idle connections to open.")] = 10_000,
     devices_per_user: Annotated[
@@ -195,29 +249,25 @@ def idle_cmd(
     procs: Annotated[int, typer.Option(help="Generator processes.")] = 2,
     hold: Annotated[float, typer.Option(help="Idle seconds before reading the RSS.")] = 3.0,
     concurrency: Annotated[int, typer.Option(help="Connects in flight per generator.")] = 50,
-    url: Url = None,
-    server_pid: ServerPid = None,
-    server_cpu: ServerCpu = None,
-    client_cpu: ClientCpu = None,
-    out: Out = DEFAULT_OUT,
-    data_dir: DataDir = None,
-    synchronous: Synchronous = "FULL",
-    server_env: ServerEnv = None,
+    *,
+    target: Target,
+    out: Path,
 ) -> None:
     """Memory per idle authenticated connection (server RSS delta / connections)."""
-    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    target = _single_node(target, "idle")
     p = idle.Params(connections, devices_per_user, procs, hold, concurrency)
     _execute(
         "idle",
         target,
         out,
-        lambda h: idle.run(h, p, client_cpu=client_cpu),
+        lambda h, cpu: idle.run(h, p, client_cpu=cpu),
         idle.summary,
         nofile=connections + 4096,
     )
 
 
 @bench_app.command("presence-storm")
+@with_target
 def presence_storm_cmd(
     churners: Annotated[int, typer.Option(help="Users (one device each) that churn.")] = 2000,
     subscribers: Annotated[int, typer.Option(help="Users (one device each) that watch.")] = 200,
@@ -244,19 +294,13 @@ def presence_storm_cmd(
     tail_timeout: Annotated[
         float, typer.Option(help="After the last wave, wait this long for missing frames.")
     ] = 10.0,
-    url: Url = None,
-    server_pid: ServerPid = None,
-    server_cpu: ServerCpu = None,
-    client_cpu: ClientCpu = None,
-    out: Out = DEFAULT_OUT,
-    data_dir: DataDir = None,
-    synchronous: Synchronous = "FULL",
-    server_env: ServerEnv = None,
+    *,
+    target: Target,
+    out: Path,
 ) -> None:
     """Churners connect and disconnect in waves while subscribers watch: presence events/s and
     change-to-notification delays."""
-    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
-    target = _with_grace(target, grace)
+    target = _with_grace(_single_node(target, "presence-storm"), grace)
     p = presence_storm.Params(
         churners,
         subscribers,
@@ -275,41 +319,33 @@ def presence_storm_cmd(
         "presence-storm",
         target,
         out,
-        lambda h: presence_storm.run(h, p, client_cpu=client_cpu),
+        lambda h, cpu: presence_storm.run(h, p, client_cpu=cpu),
         presence_storm.summary,
         nofile=churners + subscribers + 4096,
     )
 
 
 @bench_app.command("all")
-def all_cmd(
-    url: Url = None,
-    server_pid: ServerPid = None,
-    server_cpu: ServerCpu = None,
-    client_cpu: ClientCpu = None,
-    out: Out = DEFAULT_OUT,
-    data_dir: DataDir = None,
-    synchronous: Synchronous = "FULL",
-    server_env: ServerEnv = None,
-) -> None:
+@with_target
+def all_cmd(*, target: Target, out: Path) -> None:
     """The four scenarios with their defaults, each against a fresh server when spawning."""
-    target = _target(url, server_pid, server_cpu, client_cpu, data_dir, synchronous, server_env)
+    target = _single_node(target, "all")
     p1, p2, p3, p4 = one_to_one.Params(), offline.Params(), idle.Params(), presence_storm.Params()
     _execute(
         "one-to-one",
         target,
         out,
-        lambda h: one_to_one.run(h, p1, client_cpu=client_cpu),
+        lambda h, cpu: one_to_one.run(h, p1, client_cpu=cpu),
         one_to_one.summary,
     )
     _execute(
-        "offline", target, out, lambda h: offline.run(h, p2, client_cpu=client_cpu), offline.summary
+        "offline", target, out, lambda h, cpu: offline.run(h, p2, client_cpu=cpu), offline.summary
     )
     _execute(
         "idle",
         target,
         out,
-        lambda h: idle.run(h, p3, client_cpu=client_cpu),
+        lambda h, cpu: idle.run(h, p3, client_cpu=cpu),
         idle.summary,
         nofile=p3.connections + 4096,
     )
@@ -317,7 +353,7 @@ def all_cmd(
         "presence-storm",
         _with_grace(target, p4.grace),
         out,
-        lambda h: presence_storm.run(h, p4, client_cpu=client_cpu),
+        lambda h, cpu: presence_storm.run(h, p4, client_cpu=cpu),
         presence_storm.summary,
         nofile=p4.churners + p4.subscribers + 4096,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from pigeon.bench.accounts import bounded
@@ -18,15 +19,21 @@ from pigeon.client.client import PigeonClient
 CLOSE_TIMEOUT = 10.0
 
 
-async def connect_all(url: str, tokens: list[str], concurrency: int = 100) -> list[PigeonClient]:
-    """One connected client per token (in order)."""
+async def connect_all(
+    url: str | list[str], tokens: list[str], concurrency: int = 100
+) -> list[PigeonClient]:
+    """One connected client per token (in order), to `url` or to the node `url[i]` of each."""
+    urls = [url] * len(tokens) if isinstance(url, str) else url
 
-    async def connect(token: str) -> PigeonClient:
-        client = PigeonClient(url, token)
+    async def connect(node: str, token: str) -> PigeonClient:
+        client = PigeonClient(node, token)
         await client.connect(timeout=60)
         return client
 
-    return await bounded(concurrency, [partial(connect, t) for t in tokens])
+    jobs: list[Callable[[], Awaitable[PigeonClient]]] = [
+        partial(connect, u, t) for u, t in zip(urls, tokens, strict=True)
+    ]
+    return await bounded(concurrency, jobs)
 
 
 async def close_all(clients: list[PigeonClient], concurrency: int = 200) -> int:

@@ -139,7 +139,7 @@ async def run(
     accounts, accounts_s = await make_devices(
         handle.url, users, p.devices_per_user, total=p.connections
     )
-    base = int((await handle.health()).get("connections", 0))
+    base = await handle.connections()
     rss_before = handle.rss_kib()
     specs = [
         Spec(handle.url, [a.token for a in s], p.concurrency) for s in split(accounts, p.procs)
@@ -152,7 +152,7 @@ async def run(
         seen = await handle.wait_connections(base + connected, 60)
         await asyncio.sleep(p.hold)  # the idle period being measured
         rss_after = handle.rss_kib()
-        after_hold = int((await handle.health()).get("connections", -1)) - base
+        after_hold = await handle.connections() - base
         gens.go()
         outcomes = await gens.results(300)
     finally:

@@ -8,6 +8,10 @@ the receiver, which consumes every event so the SDK acks it, takes the differenc
 the messages received in the measured window divided by its length. After the window every
 receiver must catch up with its sender's last committed seq: what never arrives is reported lost.
 
+Against a cluster of N nodes (`ServerHandle.nodes`), pair k's sender connects to node k % N and
+its receiver to node (k + 1) % N, so with N > 1 every delivery crosses nodes (through the bus);
+the `cross_node` figures count those deliveries alone. Accounts and chats are made on node 0.
+
 With presence (`presence_watchers` K > 0), before the measurement every device subscribes to
 the presence of its pair partner (they share the direct chat) and, for K > 1, of the other
 members of its block: the generator's devices, in pair order, are cut in blocks of K + 1 that
@@ -35,10 +39,12 @@ import psutil
 
 from pigeon.bench.accounts import bounded, make_devices
 from pigeon.bench.clients import CLOSE_TIMEOUT, close_all, connect_all
-from pigeon.bench.report import Run, fmt_latency, latency_summary, rate
+from pigeon.bench.report import Run, fmt_latency, latency_summary, rate, total
 from pigeon.bench.server import ServerHandle, server_section
+from pigeon.bench.store import cpu_percent
 from pigeon.bench.workers import Gate, Generators, split
 from pigeon.client.client import ClientError, PigeonClient
+from pigeon.client.http import Account
 from pigeon.domain.events import Message, PresenceFrame
 
 STAMP_DIGITS = 20
@@ -61,11 +67,22 @@ class Params:
 
 
 @dataclass
+class PairSpec:
+    """A direct chat's two ends: the sender's token and node, the receiver's id, token, node."""
+
+    tx_token: str
+    rx_user: str
+    rx_token: str
+    tx_url: str
+    rx_url: str
+
+
+@dataclass
 class Spec:
-    """One generator's share: (sender token, receiver user id, receiver token) per pair."""
+    """One generator's share: its pairs, and the node its churners use."""
 
     url: str
-    pairs: list[tuple[str, str, str]]
+    pairs: list[PairSpec]
     params: Params
     rate: float | None = None
     churners: list[tuple[str, str]] = field(default_factory=list)  # (user id, token)
@@ -81,6 +98,9 @@ class Outcome:
     committed: int = 0
     latency_ns: list[int] = field(default_factory=list)
     commit_ns: list[int] = field(default_factory=list)
+    cross_pairs: int = 0
+    cross_delivered: int = 0
+    cross_latency_ns: list[int] = field(default_factory=list)
     committed_total: int = 0
     received_total: int = 0
     missing: int = 0
@@ -118,6 +138,7 @@ class _Pair:
         "caught_up",
         "chat",
         "committed",
+        "crosses",
         "dups",
         "gaps",
         "last_seq",
@@ -127,8 +148,9 @@ class _Pair:
         "tx",
     )
 
-    def __init__(self, tx: PigeonClient, rx: PigeonClient, rx_user: str) -> None:
-        self.tx, self.rx, self.rx_user = tx, rx, rx_user
+    def __init__(self, tx: PigeonClient, rx: PigeonClient, spec: PairSpec) -> None:
+        self.tx, self.rx, self.rx_user = tx, rx, spec.rx_user
+        self.crosses = spec.tx_url != spec.rx_url
         self.chat = ""
         self.committed = self.received = self.last_seq = self.dups = self.gaps = 0
         self.caught_up: asyncio.Event | None = None
@@ -153,10 +175,12 @@ class _Generator:
 
     async def setup(self) -> None:
         start = time.perf_counter()
-        tokens = [t for tx, _, rx in self.spec.pairs for t in (tx, rx)]
-        clients = await connect_all(self.spec.url, tokens)
-        for i, (_, rx_user, _) in enumerate(self.spec.pairs):
-            self.pairs.append(_Pair(clients[2 * i], clients[2 * i + 1], rx_user))
+        pairs = self.spec.pairs
+        tokens = [t for p in pairs for t in (p.tx_token, p.rx_token)]
+        clients = await connect_all([u for p in pairs for u in (p.tx_url, p.rx_url)], tokens)
+        for i, ends in enumerate(pairs):
+            self.pairs.append(_Pair(clients[2 * i], clients[2 * i + 1], ends))
+        self.out.cross_pairs = sum(p.crosses for p in self.pairs)
         for c in clients:
             self.consumers.append(asyncio.create_task(self._consume(c)))
         chats = await bounded(100, [partial(p.tx.create_chat, [p.rx_user]) for p in self.pairs])
@@ -185,8 +209,12 @@ class _Generator:
         pair.last_seq = msg.seq
         pair.received += 1
         if self.win_start <= now < self.win_end:
+            latency = now - body_stamp(msg.body)
             self.out.delivered += 1
-            self.out.latency_ns.append(now - body_stamp(msg.body))
+            self.out.latency_ns.append(latency)
+            if pair.crosses:
+                self.out.cross_delivered += 1
+                self.out.cross_latency_ns.append(latency)
         if pair.caught_up is not None and pair.last_seq >= pair.committed:
             pair.caught_up.set()
 
@@ -426,13 +454,36 @@ async def generate(spec: Spec, gate: Gate) -> Outcome:
     return gen.out
 
 
-async def _sample_server(handle: ServerHandle, p: Params) -> dict[str, Any]:
+async def _sample_server(
+    handle: ServerHandle, p: Params
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Each node's CPU % (of one core, summed over its processes) over the measured window and
+    its RSS at the end of it; the CPU % of the PostgreSQL and Redis they share."""
     await asyncio.sleep(p.warmup)  # measurement timer, aligned with the generators' window
-    cpu0 = handle.cpu_seconds()
-    await asyncio.sleep(p.duration)
-    cpu1 = handle.cpu_seconds()
-    cpu = None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / p.duration, 1)
-    return {"cpu_percent_window": cpu, "rss_kib_end_of_window": handle.rss_kib()}
+    t0, cpu0 = time.perf_counter(), [n.cpu_seconds() for n in handle.nodes]
+    services0 = await handle.service_cpu()
+    await asyncio.sleep(max(0.0, p.duration - (time.perf_counter() - t0)))
+    t1, cpu1 = time.perf_counter(), [n.cpu_seconds() for n in handle.nodes]
+    services = cpu_percent(services0, await handle.service_cpu(), t1 - t0)
+    per_node = [
+        {"cpu_percent_window": _percent(a, b, t1 - t0), "rss_kib_end_of_window": node.rss_kib()}
+        for node, a, b in zip(handle.nodes, cpu0, cpu1, strict=True)
+    ]
+    return per_node, services
+
+
+def _percent(cpu0: float | None, cpu1: float | None, seconds: float) -> float | None:
+    """CPU % of one core between two readings of CPU seconds."""
+    return None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / seconds, 1)
+
+
+def _pair_specs(accounts: list[Account], urls: list[str]) -> list[PairSpec]:
+    """Consecutive accounts paired; pair k's sender on node k % N, receiver on (k + 1) % N."""
+    n = len(urls)
+    return [
+        PairSpec(a.token, b.user, b.token, urls[k % n], urls[(k + 1) % n])
+        for k, (a, b) in enumerate(zip(accounts[::2], accounts[1::2], strict=True))
+    ]
 
 
 async def run(
@@ -445,7 +496,7 @@ async def run(
     if not 0 <= p.presence_watchers <= 99:
         raise ValueError("--presence-watchers must be within 0..99 (a group holds 100)")
     accounts, accounts_s = await make_devices(handle.url, p.devices, 1)
-    pairs = [(a.token, b.user, b.token) for a, b in zip(accounts[::2], accounts[1::2], strict=True)]
+    pairs = _pair_specs(accounts, handle.urls)
     slices = split(pairs, p.procs)
     churners: list[tuple[str, str]] = []
     if p.presence_churn > 0:
@@ -469,10 +520,11 @@ async def run(
         gens.go()
         sampler = asyncio.create_task(_sample_server(handle, p))
         outcomes = await gens.results(p.warmup + p.duration + p.drain_timeout + 120)
-        server_figures = await sampler
+        per_node, services = await sampler
     finally:
         await gens.aclose()
-    return _document(report, handle, p, outcomes, ready, accounts_s, rss_before, server_figures)
+    server_figures = {"rss_kib_before": rss_before, "services_cpu_percent_window": services}
+    return _document(report, handle, p, outcomes, ready, accounts_s, server_figures, per_node)
 
 
 def _document(
@@ -482,8 +534,8 @@ def _document(
     outcomes: list[Outcome],
     ready: list[dict[str, Any]],
     accounts_s: float,
-    rss_before: int | None,
     server_figures: dict[str, Any],
+    per_node: list[dict[str, Any]],
 ) -> dict[str, Any]:
     latency = latency_summary(s for o in outcomes for s in o.latency_ns)
     commit = latency_summary(s for o in outcomes for s in o.commit_ns)
@@ -514,6 +566,7 @@ def _document(
         "generator_setup_s": [r.get("setup_s") for r in ready],
         "accounts_setup_s": round(accounts_s, 2),
         "presence": _presence_results(p, outcomes),
+        "cross_node": _cross_node_results(p, len(handle.nodes), outcomes),
     }
     if results["presence"]["churn_failures"]:
         report.problems.append(f"presence churn failures: {results['presence']['churn_failures']}")
@@ -529,8 +582,29 @@ def _document(
         report.problems.append(
             f"generator saturated (CPU {gen_cpu}%): figures are a lower bound of the server's"
         )
-    server = server_section(handle, rss_kib_before=rss_before, **server_figures)
+    server = server_section(
+        handle,
+        **server_figures,
+        cpu_percent_window=_round(total([n["cpu_percent_window"] for n in per_node])),
+        rss_kib_end_of_window=total([n["rss_kib_end_of_window"] for n in per_node]),
+        per_node=per_node,
+    )
     return report.finish(results=results, server=server)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _cross_node_results(p: Params, nodes: int, outcomes: list[Outcome]) -> dict[str, Any]:
+    delivered = sum(o.cross_delivered for o in outcomes)
+    return {
+        "nodes": nodes,
+        "pairs": sum(o.cross_pairs for o in outcomes),
+        "delivered_in_window": delivered,
+        "delivered_per_s": rate(delivered, p.duration),
+        "latency": latency_summary(s for o in outcomes for s in o.cross_latency_ns),
+    }
 
 
 def _presence_results(p: Params, outcomes: list[Outcome]) -> dict[str, Any]:
@@ -560,6 +634,7 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
         ("delivered", f"{r['delivered_per_s']} msg/s over {p['duration']} s"),
         ("send->receive", fmt_latency(r["latency"])),
         ("send->committed", fmt_latency(r["commit_latency"])),
+        *_cross_node_lines(r.get("cross_node"), s),
         ("lost / dup / gaps", f"{r['missing']} / {r['duplicates']} / {r['seq_gaps']}"),
         ("presence", _presence_line(r.get("presence"))),
         ("generator CPU %", r["generator_cpu_percent"]),
@@ -567,7 +642,27 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
             "server CPU % / RSS",
             f"{s.get('cpu_percent_window')} / {s.get('rss_kib_end_of_window')} KiB",
         ),
+        *_services_line(s.get("services_cpu_percent_window")),
         ("load average", f"{doc['loadavg_start']} -> {doc['loadavg_end']}"),
+    ]
+
+
+def _services_line(cpu: dict[str, float] | None) -> list[tuple[str, Any]]:
+    if not cpu:
+        return []
+    return [("services CPU %", ", ".join(f"{k} {v}" for k, v in cpu.items()))]
+
+
+def _cross_node_lines(cn: dict[str, Any] | None, s: dict[str, Any]) -> list[tuple[str, Any]]:
+    if not cn or cn["nodes"] <= 1:
+        return []
+    per_node = ", ".join(
+        f"{n['cpu_percent_window']}% / {n['rss_kib_end_of_window']} KiB" for n in s["nodes"]
+    )
+    return [
+        ("nodes", f"{cn['nodes']}: {cn['pairs']} pairs send across nodes"),
+        ("cross-node delivery", fmt_latency(cn["latency"])),
+        ("CPU % / RSS by node", per_node),
     ]
 
 

@@ -109,6 +109,7 @@ class ChurnSpec:
     churners: list[tuple[int, str]]
     params: Params
     base_connections: int
+    workers: int = 1
 
 
 @dataclass
@@ -264,7 +265,7 @@ class _Churn:
             close_done=[[0] * n for _ in range(w)],
         )
         self.failures: Counter[str] = Counter()
-        self.health = ServerHandle(spec.url, None)
+        self.health = ServerHandle(spec.url, None, workers=spec.workers)
 
     async def _connect(self, wave: int, i: int, token: str) -> PigeonClient | None:
         start = time.time_ns()
@@ -374,9 +375,9 @@ async def run(
     try:
         await subs.start()
         sub_ready = await subs.wait_ready(300 + p.subscribers)
-        base = int((await handle.health()).get("connections", -1))
+        base = await handle.connections()
         churn_specs = [
-            ChurnSpec(handle.url, part, p, base)
+            ChurnSpec(handle.url, part, p, base, handle.nodes[0].workers)
             for part in split([(i, a.token) for i, a in enumerate(churners)], p.procs)
         ]
         churn_gens = Generators(churn, churn_specs, inline=inline, cpu=client_cpu)
@@ -423,8 +424,8 @@ async def _sample(
 ) -> None:
     """Every half second: (seconds since go, server connections, server RSS KiB)."""
     while True:
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            conns = int((await handle.health()).get("connections", -1))
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, RuntimeError):
+            conns = await handle.connections()
             samples.append((round(time.perf_counter() - t0, 2), conns, handle.rss_kib()))
         await asyncio.sleep(0.5)  # sampling period of an external process
 

@@ -12,11 +12,12 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 PERCENTILES = (50.0, 99.0, 99.9)
+N = TypeVar("N", int, float)
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -48,6 +49,12 @@ def latency_summary(samples_ns: Iterable[int]) -> dict[str, Any]:
 def rate(count: int, seconds: float) -> float:
     """Events per second, 0 when no time passed."""
     return round(count / seconds, 1) if seconds > 0 else 0.0
+
+
+def total(values: Sequence[N | None]) -> N | None:
+    """The sum of figures, None when one is unknown (e.g. a remote server's RSS)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if len(known) == len(values) else None
 
 
 def machine_info() -> dict[str, Any]:
