@@ -45,12 +45,6 @@ RETURNS bytea LANGUAGE sql STABLE AS $$
         to_json(p_chat), p_seq, p_at), 'UTF8')
 $$;
 
--- Lock devices in id order (see the lock order). Missing (revoked) devices are skipped.
-CREATE FUNCTION pigeon_lock_devices(p_devices text[]) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM 1 FROM devices d WHERE d.id = ANY(p_devices) ORDER BY d.id FOR NO KEY UPDATE;
-END $$;
-
 -- Append one entry to each device's inbox: entry k goes to p_devices[k] with p_payloads[k]
 -- (NULL when shorter: a message entry, whose body lives in `messages`). Takes each device's
 -- next iseq. Returns the entries written, by device id.
@@ -61,7 +55,9 @@ BEGIN
     IF coalesce(cardinality(p_devices), 0) = 0 THEN
         RETURN;
     END IF;
-    PERFORM pigeon_lock_devices(p_devices);
+    IF cardinality(p_devices) > 1 THEN
+        PERFORM 1 FROM devices d WHERE d.id = ANY(p_devices) ORDER BY d.id FOR NO KEY UPDATE;
+    END IF;
     RETURN QUERY
     WITH t AS (
         SELECT u.device, u.payload FROM unnest(p_devices, p_payloads) AS u(device, payload)
@@ -83,7 +79,9 @@ BEGIN
     IF coalesce(cardinality(p_ids), 0) = 0 THEN
         RETURN;
     END IF;
-    PERFORM 1 FROM messages m WHERE m.id = ANY(p_ids) ORDER BY m.id FOR NO KEY UPDATE;
+    IF cardinality(p_ids) > 1 THEN
+        PERFORM 1 FROM messages m WHERE m.id = ANY(p_ids) ORDER BY m.id FOR NO KEY UPDATE;
+    END IF;
     UPDATE messages m SET
         pending = m.pending - c.n,
         raw = CASE WHEN m.pending - c.n <= 0 THEN NULL ELSE m.raw END,
@@ -146,7 +144,8 @@ BEGIN
 END $$;
 
 -- MessageStore.send. o_status: 0 sent, 1 duplicate (o_dup_* and o_seq describe the original),
--- 2 no such chat, 3 not a participant.
+-- 2 no such chat, 3 not a participant. pigeon_append is inlined (a nested call costs more than
+-- the statements it runs).
 CREATE FUNCTION pigeon_send(
     p_id text, p_chat text, p_sender text, p_device text, p_cmid text, p_at bigint,
     p_head bytea, p_tail bytea, p_preview text,
@@ -173,12 +172,15 @@ BEGIN
         o_status := 2;
         RETURN;
     END IF;
-    -- after the lock: membership as of the last change committed before us
+    -- after the lock: membership as of the last change committed before us. The members'
+    -- devices by one probe of devices_by_user per member (a join may hash a scan of devices).
     SELECT coalesce(bool_or(m.user_id = p_sender), false),
            max(m.read_seq) FILTER (WHERE m.user_id = p_sender),
-           array_agg(d.id ORDER BY d.id) FILTER (WHERE d.id IS NOT NULL AND d.id <> p_device)
+           ARRAY(SELECT d.id FROM devices d
+                 WHERE d.user_id = ANY(array_agg(m.user_id)) AND d.id <> p_device
+                 ORDER BY d.id)
     INTO v_member, v_read, v_targets
-    FROM members m LEFT JOIN devices d ON d.user_id = m.user_id
+    FROM members m
     WHERE m.chat_id = p_chat;
     IF NOT v_member THEN
         o_status := 3;
@@ -186,10 +188,23 @@ BEGIN
     END IF;
     UPDATE chats c SET last_seq = c.last_seq + 1, last_activity_at = p_at, last_sender = p_sender
     WHERE c.id = p_chat RETURNING c.last_seq INTO o_seq;
-    SELECT array_agg(a.o_device ORDER BY a.o_device), array_agg(a.o_iseq ORDER BY a.o_device)
-    INTO o_devices, o_iseqs
-    FROM pigeon_append(v_targets, '{}', p_id, p_at) a;
-    v_count := coalesce(cardinality(o_devices), 0);
+    v_count := cardinality(v_targets);
+    IF v_count > 0 THEN
+        IF v_count > 1 THEN
+            PERFORM 1 FROM devices d WHERE d.id = ANY(v_targets) ORDER BY d.id FOR NO KEY UPDATE;
+        END IF;
+        WITH b AS (
+            UPDATE devices d SET next_iseq = d.next_iseq + 1 WHERE d.id = ANY(v_targets)
+            RETURNING d.id, d.next_iseq - 1 AS iseq
+        ), i AS (
+            INSERT INTO inbox (device_id, iseq, message_id, payload, at)
+            SELECT b.id, b.iseq, p_id, NULL, p_at FROM b
+        )
+        SELECT array_agg(b.id ORDER BY b.id), array_agg(b.iseq ORDER BY b.id)
+        INTO o_devices, o_iseqs
+        FROM b;
+        v_count := coalesce(cardinality(o_devices), 0);
+    END IF;
     INSERT INTO messages (id, chat_id, seq, sender, sender_device, cmid, at, raw, preview, pending)
     VALUES (p_id, p_chat, o_seq, p_sender, p_device, p_cmid, p_at,
             CASE WHEN v_count > 0 THEN p_head || convert_to(o_seq::text, 'UTF8') || p_tail END,
@@ -209,7 +224,9 @@ BEGIN
 END $$;
 
 -- MessageStore.ack: drop the device's entries up to p_upto, advance the user's delivered marks,
--- write receipts, release bodies. See the lock order above.
+-- write receipts, release bodies. See the lock order above. pigeon_advance ('delivered'),
+-- pigeon_append and pigeon_release are inlined here: this runs twice per message (the
+-- recipient's ack, then the sender's ack of the receipt).
 CREATE FUNCTION pigeon_ack(p_device text, p_upto bigint, p_at bigint)
 RETURNS TABLE (o_device text, o_iseq bigint, o_payload bytea) LANGUAGE plpgsql AS $$
 DECLARE
@@ -220,7 +237,13 @@ DECLARE
     v_devices text[];
     v_ids text[];
     v_counts integer[];
-    v_chat record;
+    v_mchats text[];
+    v_mseqs bigint[];
+    v_chat text;
+    v_seq bigint;
+    v_delivered bigint;
+    v_rdevices text[];
+    v_payloads bytea[];
 BEGIN
     SELECT d.user_id, d.acked_iseq INTO v_user, v_acked FROM devices d WHERE d.id = p_device;
     IF NOT FOUND OR p_upto <= v_acked THEN
@@ -247,39 +270,118 @@ BEGIN
             WHERE x.sender <> v_user)
     INTO v_chats, v_devices;
     v_chats := coalesce(v_chats, '{}');
-    PERFORM 1 FROM chats c WHERE c.id = ANY(v_chats) ORDER BY c.id FOR NO KEY UPDATE;
-    PERFORM pigeon_lock_devices(array_append(v_devices, p_device));
-    SELECT d.acked_iseq, d.next_iseq INTO v_acked, v_next FROM devices d WHERE d.id = p_device;
-    IF NOT FOUND OR p_upto <= v_acked THEN
+    IF cardinality(v_chats) > 0 THEN
+        PERFORM 1 FROM chats c WHERE c.id = ANY(v_chats) ORDER BY c.id FOR NO KEY UPDATE;
+    END IF;
+    -- Lock the devices (sorted; the subquery is not flattened, so all of them are locked) and
+    -- read the acking one's counters as of the lock.
+    SELECT max(x.acked_iseq) FILTER (WHERE x.id = p_device),
+           max(x.next_iseq) FILTER (WHERE x.id = p_device)
+    INTO v_acked, v_next
+    FROM (
+        SELECT d.id, d.acked_iseq, d.next_iseq FROM devices d
+        WHERE d.id = ANY(array_append(v_devices, p_device)) ORDER BY d.id FOR NO KEY UPDATE
+    ) x;
+    IF v_next IS NULL OR p_upto <= v_acked THEN
         RETURN;  -- revoked meanwhile, or a concurrent ack of the same range did it
     END IF;
+    -- Drop the entries, move the ack, and collect the messages released (with their counts)
+    -- and the highest seq reached per chat.
     WITH gone AS (
         DELETE FROM inbox i WHERE i.device_id = p_device AND i.iseq <= p_upto
         RETURNING i.message_id
-    )
-    SELECT array_agg(g.message_id ORDER BY g.message_id), array_agg(g.n ORDER BY g.message_id)
-    INTO v_ids, v_counts
-    FROM (
+    ), moved AS (
+        UPDATE devices d SET acked_iseq = least(p_upto, v_next - 1) WHERE d.id = p_device
+    ), g AS (
         SELECT gone.message_id, count(*)::integer AS n FROM gone
         WHERE gone.message_id IS NOT NULL GROUP BY gone.message_id
-    ) g;
-    UPDATE devices d SET acked_iseq = least(p_upto, v_next - 1) WHERE d.id = p_device;
-    FOR v_chat IN
-        SELECT m.chat_id, max(m.seq) AS seq FROM messages m WHERE m.id = ANY(v_ids)
-        GROUP BY m.chat_id ORDER BY m.chat_id
-    LOOP
-        IF NOT v_chat.chat_id = ANY(v_chats) AND EXISTS (
-            SELECT 1 FROM members me
-            WHERE me.chat_id = v_chat.chat_id AND me.user_id = v_user
-              AND me.delivered_seq < v_chat.seq
-        ) THEN
+    ), c AS (
+        SELECT m.chat_id, max(m.seq) AS seq FROM g JOIN messages m ON m.id = g.message_id
+        GROUP BY m.chat_id
+    )
+    -- (v_ids unsorted: the release below locks them sorted)
+    SELECT x.ids, x.counts, y.chats, y.seqs
+    INTO v_ids, v_counts, v_mchats, v_mseqs
+    FROM (SELECT array_agg(g.message_id) AS ids, array_agg(g.n) AS counts FROM g) x,
+         (SELECT array_agg(c.chat_id ORDER BY c.chat_id) AS chats,
+                 array_agg(c.seq ORDER BY c.chat_id) AS seqs FROM c) y;
+    IF v_ids IS NULL THEN
+        RETURN;  -- receipts and other payload entries only
+    END IF;
+    FOR k IN 1 .. coalesce(cardinality(v_mchats), 0) LOOP
+        v_chat := v_mchats[k];
+        v_seq := v_mseqs[k];
+        -- pigeon_advance(v_chat, v_user, 'delivered', v_seq, p_at), inlined
+        SELECT me.delivered_seq INTO v_delivered
+        FROM members me WHERE me.chat_id = v_chat AND me.user_id = v_user;
+        CONTINUE WHEN NOT FOUND OR v_seq <= v_delivered;
+        IF NOT v_chat = ANY(v_chats) THEN
             RAISE EXCEPTION 'ack found a chat it did not lock; retry'
                 USING ERRCODE = 'serialization_failure';
         END IF;
-        RETURN QUERY
-        SELECT * FROM pigeon_advance(v_chat.chat_id, v_user, 'delivered', v_chat.seq, p_at);
+        UPDATE members me SET delivered_seq = v_seq
+        WHERE me.chat_id = v_chat AND me.user_id = v_user;
+        INSERT INTO receipt_log (chat_id, user_id, kind, seq, at)
+        VALUES (v_chat, v_user, 'delivered', v_seq, p_at)
+        ON CONFLICT (chat_id, user_id, kind, seq) DO UPDATE SET at = excluded.at;
+        -- one receipt per sender still in the chat; all_seq: the lowest mark of the others
+        SELECT array_agg(d.id ORDER BY d.id),
+               array_agg(pigeon_receipt_json(v_chat, v_user, 'delivered', v_seq, r.all_seq, p_at)
+                         ORDER BY d.id)
+        INTO v_rdevices, v_payloads
+        FROM (
+            SELECT s.sender, (
+                SELECT coalesce(min(o.delivered_seq), v_seq)
+                FROM members o WHERE o.chat_id = v_chat AND o.user_id <> s.sender
+            ) AS all_seq
+            FROM (
+                SELECT DISTINCT x.sender FROM messages x
+                WHERE x.chat_id = v_chat AND x.seq > v_delivered AND x.seq <= v_seq
+                  AND x.sender <> v_user
+            ) s
+            WHERE EXISTS (
+                SELECT 1 FROM members sm WHERE sm.chat_id = v_chat AND sm.user_id = s.sender
+            )
+        ) r
+        JOIN devices d ON d.user_id = r.sender;
+        CONTINUE WHEN v_rdevices IS NULL;
+        -- pigeon_append(v_rdevices, v_payloads, NULL, p_at), inlined
+        IF cardinality(v_rdevices) = 1 THEN
+            RETURN QUERY
+            WITH b AS (
+                UPDATE devices d SET next_iseq = d.next_iseq + 1 WHERE d.id = v_rdevices[1]
+                RETURNING d.id, d.next_iseq - 1 AS iseq
+            ), i AS (
+                INSERT INTO inbox (device_id, iseq, message_id, payload, at)
+                SELECT b.id, b.iseq, NULL, v_payloads[1], p_at FROM b
+            )
+            SELECT b.id, b.iseq, v_payloads[1] FROM b;
+        ELSE
+            PERFORM 1 FROM devices d WHERE d.id = ANY(v_rdevices) ORDER BY d.id
+            FOR NO KEY UPDATE;
+            RETURN QUERY
+            WITH t AS (
+                SELECT u.device, u.payload FROM unnest(v_rdevices, v_payloads) AS u(device, payload)
+            ), b AS (
+                UPDATE devices d SET next_iseq = d.next_iseq + 1 FROM t WHERE d.id = t.device
+                RETURNING d.id, d.next_iseq - 1 AS iseq, t.payload
+            ), i AS (
+                INSERT INTO inbox (device_id, iseq, message_id, payload, at)
+                SELECT b.id, b.iseq, NULL, b.payload, p_at FROM b
+            )
+            SELECT b.id, b.iseq, b.payload FROM b ORDER BY b.id;
+        END IF;
     END LOOP;
-    PERFORM pigeon_release(v_ids, v_counts);
+    -- pigeon_release(v_ids, v_counts), inlined
+    IF cardinality(v_ids) > 1 THEN
+        PERFORM 1 FROM messages m WHERE m.id = ANY(v_ids) ORDER BY m.id FOR NO KEY UPDATE;
+    END IF;
+    UPDATE messages m SET
+        pending = m.pending - c.n,
+        raw = CASE WHEN m.pending - c.n <= 0 THEN NULL ELSE m.raw END,
+        preview = CASE WHEN m.pending - c.n <= 0 THEN NULL ELSE m.preview END
+    FROM unnest(v_ids, v_counts) AS c(id, n)
+    WHERE m.id = c.id;
 END $$;
 
 -- MessageStore.mark_read. o_status: 0 done (possibly nothing to do), 2 no such chat,
@@ -319,7 +421,8 @@ BEGIN
         SELECT x.sender FROM messages x
         WHERE x.chat_id = p_chat AND x.seq > v_read AND x.seq <= v_upto AND x.sender <> p_user
     );
-    PERFORM pigeon_lock_devices(v_others || v_senders);
+    PERFORM 1 FROM devices d WHERE d.id = ANY(v_others || v_senders)
+    ORDER BY d.id FOR NO KEY UPDATE;
     v_state := pigeon_read_state_json(p_chat, v_upto, p_at);
     SELECT array_agg(a.o_device), array_agg(a.o_iseq), array_agg(a.o_payload)
     INTO o_devices, o_iseqs, o_payloads
