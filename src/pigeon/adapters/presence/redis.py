@@ -234,16 +234,19 @@ class RedisPresence:
         return bool(replies[2])
 
     async def session_down(self, user_id: str, session: str, at: int) -> bool:
+        due = self._clock.now_ms() + self._ttl_ms
         replies = await self._pipeline(
             [
+                # First, in the same round trip: "confirm this user a TTL from now", so that if
+                # this node dies within the grace period (or right now), a reaper confirms the
+                # user offline instead. Harmless when other sessions remain (nothing to confirm).
+                ["ZADD", self._index, due, _member(user_id, "")],
+                ["PEXPIRE", self._index, self._retain_ms],
                 self._eval(SESSION_DOWN, user_id, session, at),
                 ["ZREM", self._index, _member(user_id, session)],
             ]
         )
-        last = bool(replies[0])
-        if last:  # should this node die within the grace period, a reaper confirms instead
-            await self._mark_pending(self._clock.now_ms() + self._ttl_ms, user_id)
-        return last
+        return bool(replies[2])
 
     async def _mark_pending(self, due: int, *user_ids: str) -> None:
         """Index users as "left, to be confirmed offline" at `due` (ms)."""
