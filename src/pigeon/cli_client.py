@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,12 +20,20 @@ Server = Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="Base URL of t
 
 def login_cmd(
     username: Annotated[str, typer.Option(help="Account to log in.")],
-    password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+    password: Annotated[
+        str | None, typer.Option(help="Asked on the terminal when not given.")
+    ] = None,
     server: Server = "http://127.0.0.1:8080",
     device_name: Annotated[str, typer.Option(help="Name of the new device.")] = "cli",
 ) -> None:
     """Log a new device in and print its token (use it as PIGEON_TOKEN for `pigeon send`)."""
-    account = asyncio.run(login(server, username, password, device_name))
+    if password is None:  # prompt on the terminal, so that $(pigeon login ...) is the token
+        password = getpass.getpass("Password: ")
+    try:
+        account = asyncio.run(login(server, username, password, device_name))
+    except (ClientError, aiohttp.ClientError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(account.token)
 
 

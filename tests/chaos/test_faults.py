@@ -83,11 +83,16 @@ async def test_postgres_stopped_briefly(
         with pytest.raises(ClientError) as err:
             await probe.send(chat["id"], "while the database is down")
         assert (err.value.code, err.value.temporary) == ("unavailable", True)
+        # A device reconnecting now cannot be authenticated: it must be told to come back
+        # later (503), not that its token is bad (401: the SDK would give up for good).
+        dropped = traffic.pairs[0].receiver
+        await dropped.drop_connection()
         await pg.start()
         await traffic.wait_acked(100)  # the SDK retried what failed meanwhile
         await traffic.stop_sending()
-        await traffic.drain()
+        await traffic.drain()  # includes what the reconnected receiver got
         traffic.verify()
+        assert dropped.connects >= 2
         await traffic.close()
     finally:
         await pg.close()

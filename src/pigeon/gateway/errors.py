@@ -34,6 +34,7 @@ class Close(IntEnum):
     """WebSocket close codes. 4000-4499: reconnect (with backoff); 4500-4999: do not."""
 
     GOING_AWAY = 1001
+    TRY_AGAIN_LATER = 1013
     SLOW_CONSUMER = 4000
     HEARTBEAT_TIMEOUT = 4001
     SYNC_FAILED = 4002

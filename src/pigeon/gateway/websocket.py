@@ -44,8 +44,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if token is not None:
         try:
             device = await services.accounts.authenticate(token)
-        except PigeonError as exc:
-            return web.json_response({"code": exc.code, "message": exc.message}, status=401)
+        except PigeonError as exc:  # 401 for a bad token; 503 while the store is down (retry)
+            body = {"code": exc.code, "message": exc.message}
+            return web.json_response(body, status=503 if exc.temporary else 401)
     ws = web.WebSocketResponse(
         timeout=gw.close_timeout,
         autoping=False,
@@ -76,8 +77,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )
         conn.send(p.encode(ready))
         sync = asyncio.create_task(session.sync(acked))
-        await services.presence.connected(device, session_key)  # after `ready`: watchers
-        await _read_loop(ws, conn, session)  # never learn of a device before it does itself
+        try:  # after `ready`: watchers never learn of a device before it does itself
+            await services.presence.connected(device, session_key)
+        except PigeonError as exc:  # registry down: messaging goes on; the next presence
+            log.warning("presence of device %s not registered: %s", device.id, exc)  # tick retries
+        await _read_loop(ws, conn, session)
     finally:
         # Each step runs whatever the one before did: a user must never stay "online" because
         # a cleanup step failed.
@@ -137,7 +141,10 @@ async def _auth_frame(
         err = exc if isinstance(exc, PigeonError) else Unauthorized("no auth frame in time")
         with contextlib.suppress(Exception):
             await ws.send_frame(p.encode(to_error(rid, err)), WSMsgType.TEXT)
-        await ws.close(code=Close.UNAUTHORIZED, message=b"unauthorized")
+        if err.temporary:  # the store is down: come back later, this is not a bad token
+            await ws.close(code=Close.TRY_AGAIN_LATER, message=b"try again later")
+        else:
+            await ws.close(code=Close.UNAUTHORIZED, message=b"unauthorized")
         return None
     await ws.send_frame(p.encode(p.Ok(rid=cmd.rid, result={"device": device.id})), WSMsgType.TEXT)
     return device
