@@ -240,6 +240,21 @@ def owner_of(cluster: RedisCluster, slot: int) -> RedisServer:
     raise AssertionError(f"slot {slot} has no owner")
 
 
+def empty_slot_channel(cluster: RedisCluster) -> str:
+    """A channel whose slot holds no key: SETSLOT alone may move only an empty slot, and other
+    tests of the session leave keys (presence) in the shared cluster."""
+    while True:
+        ch = channel()
+        slot = key_slot(ch.encode())
+        owner = owner_of(cluster, slot)
+        client = redis.Redis(host=owner.host, port=owner.port)
+        try:
+            if client.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0:
+                return ch
+        finally:
+            client.close()
+
+
 def node_id(node: RedisServer) -> str:
     client = redis.Redis(host=node.host, port=node.port)
     try:
@@ -272,7 +287,7 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
     redis_cluster: RedisCluster, cluster_bus: tuple[RedisBus, Recoveries]
 ) -> None:
     b, recoveries = cluster_bus
-    ch, inbox = channel(), Inbox()
+    ch, inbox = empty_slot_channel(redis_cluster), Inbox()
     await b.subscribe(ch, inbox)
     slot = key_slot(ch.encode())
     source = owner_of(redis_cluster, slot)
