@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from pigeon.domain.errors import BadRequest
+from pigeon.domain.errors import BadRequest, RateLimited
 
 #: A ULID in canonical form, optionally `.thumb`: no dots, slashes or percent signs otherwise.
 _KEY = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}(?:\.thumb)?")
@@ -191,3 +191,17 @@ class AttachmentRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: int
     uploaded_at: int | None = None
     meta: dict[str, Any] = {}
+
+
+def refuse_if_over_quota(blocking_at: int | None, max_per_window: int, window_start: int) -> None:
+    """Raise `RateLimited` if an owner's attachment quota is used up. `blocking_at` is the
+    creation time of the owner's `max_per_window`-th newest attachment in the window (None if
+    they have fewer): a new one fits once the window has moved past it. Every store adapter
+    finds `blocking_at` in its own transaction and decides with this."""
+    if max_per_window > 0 and blocking_at is None:
+        return
+    wait_ms = 1 if blocking_at is None else max(1, blocking_at - window_start + 1)
+    raise RateLimited(
+        f"at most {max_per_window} attachments per window; retry later",
+        retry_after=wait_ms / 1000,
+    )

@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 
 from pigeon.adapters.store.sqlite.db import SqliteDb
-from pigeon.domain.errors import NotFound, RateLimited
-from pigeon.domain.media import AttachmentRecord
+from pigeon.domain.errors import NotFound
+from pigeon.domain.media import AttachmentRecord, refuse_if_over_quota
 from pigeon.ports import AttachmentStore
 
 #: Attachments examined per write job of a sweep (other writes interleave between chunks).
@@ -61,19 +61,6 @@ def _encode_meta(meta: dict[str, Any]) -> str:
     return msgspec.json.encode(meta).decode()
 
 
-def _refuse_if_full(blocking_at: int | None, max_per_window: int, window_start: int) -> None:
-    """Raise `RateLimited` if the owner's quota is used up. `blocking_at` is the creation time
-    of the owner's `max_per_window`-th newest attachment in the window (None if they have
-    fewer): a new one fits once the window has moved past it."""
-    if max_per_window > 0 and blocking_at is None:
-        return
-    wait_ms = 1 if blocking_at is None else max(1, blocking_at - window_start + 1)
-    raise RateLimited(
-        f"at most {max_per_window} attachments per window; retry later",
-        retry_after=wait_ms / 1000,
-    )
-
-
 class SqliteAttachments:
     """Attachment records and their shares into chats, in SQLite."""
 
@@ -91,7 +78,7 @@ class SqliteAttachments:
                     " ORDER BY created_at DESC LIMIT 1 OFFSET ?",
                     (record.owner, window_start, max_per_window - 1),
                 ).fetchone()
-            _refuse_if_full(None if row is None else row[0], max_per_window, window_start)
+            refuse_if_over_quota(None if row is None else row[0], max_per_window, window_start)
             conn.execute(
                 f"INSERT INTO attachments ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
