@@ -226,6 +226,14 @@ class PresenceSettings(BaseModel):
     typing_ttl: float = Field(6.0, gt=0)
     typing_min_interval: float = Field(2.0, ge=0)
 
+    @model_validator(mode="after")
+    def _ttl_covers_grace(self) -> PresenceSettings:
+        # A user whose node dies within the grace period is confirmed offline by another
+        # node a session TTL later: a TTL shorter than the grace would cut the grace short.
+        if self.session_ttl < self.grace:
+            raise ValueError("presence.session_ttl must be >= presence.grace")
+        return self
+
 
 class Settings(BaseSettings):
     """Everything `pigeon serve` needs."""

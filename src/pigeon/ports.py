@@ -251,7 +251,8 @@ class Presence(Protocol):
 
     async def confirm_offline(self, user_id: str) -> PresenceRecord | None:
         """If the user still has no session and is announced online, mark them announced
-        offline and return the record to announce; else None."""
+        offline and return the record to announce; else None. Either way the user is no
+        longer pending: `reap` stops offering them."""
 
     async def lookup(self, user_ids: list[str]) -> dict[str, PresenceRecord]:
         """The announced state of each user this registry knows (unknown users are absent)."""

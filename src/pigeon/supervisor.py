@@ -96,6 +96,8 @@ class Supervisor:
         cmd = [sys.executable, "-m", "pigeon.cli", "serve", *self._args]
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
         self._procs[proc.pid] = (index, proc, time.monotonic())
+        if self._stopping:  # the signal came while it was starting: pass it on too
+            proc.send_signal(signal.SIGTERM)
         log.info("worker %d started (pid %d)", index, proc.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -111,6 +113,8 @@ def _die_with_parent() -> None:
     worker outlives it holding the port (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # libc, already loaded
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(0)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -144,7 +144,7 @@ async def test_a_node_dying_within_the_grace_period_still_gets_its_user_offline(
     database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
 ) -> None:
     env = env_for(
-        database, redis_url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="60"
+        database, redis_url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="1.5"
     )
     n1, n2 = await start_nodes(2, env)
     await register(n1.url, "watcher", PASSWORD)
@@ -155,7 +155,7 @@ async def test_a_node_dying_within_the_grace_period_still_gets_its_user_offline(
     account = await login(n1.url, "leaver", PASSWORD)
     leaver = await connect(clients, n2.url, account.token, reconnect=False)
     assert (await signal_of(watcher, PresenceFrame)).status == "online"
-    await leaver.close()  # n2 starts its 60 s grace timer...
+    await leaver.close()  # n2 starts its grace timer...
     n2.kill()  # ...and dies with it
     offline = await signal_of(watcher, PresenceFrame, timeout=15)
     assert offline.status == "offline" and offline.last_seen is not None

@@ -104,7 +104,9 @@ async def test_a_push_lost_in_a_redis_outage_arrives_when_redis_is_back(
     redis = RedisServer(tmp_path / "redis")
     await redis.start()
     try:
-        env = env_for(database, redis.url, PIGEON_PRESENCE__SESSION_TTL="1.5")
+        env = env_for(
+            database, redis.url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="0.5"
+        )
         n1, n2 = await start_nodes(2, env)
         (pair,) = await make_pairs(clients, 1, n1.url, n2.url)
         await redis.stop()

@@ -158,9 +158,11 @@ async def test_encrypted_and_video_blobs_skip_thumbnails(
     await alice.send_file(chat, sealed, "key:...", encrypted=True)
     att = (await next_of(bob, Message)).attachment
     assert att is not None and att.encrypted and att.meta["thumbnail_skipped"] == "encrypted"
+    (tmp_path / "sealed.copy").write_bytes(b"kept")
     with pytest.raises(UploadFailed):  # the SDK checks what the message says it is
         await bob.download(att.id, tmp_path / "sealed.copy", sha256="0" * 64)
-    assert not (tmp_path / "sealed.copy").exists()
+    assert (tmp_path / "sealed.copy").read_bytes() == b"kept"  # a failed download changes nothing
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
     await bob.download(att.id, tmp_path / "sealed.copy")
     assert (tmp_path / "sealed.copy").read_bytes() == sealed.read_bytes()
 

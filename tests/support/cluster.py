@@ -89,7 +89,16 @@ class Node:
                 stderr=log,
                 cwd=REPO,
             )
-        await wait_healthy(self.url)
+        healthy = asyncio.ensure_future(wait_healthy(self.url))
+        exited = asyncio.ensure_future(self.proc.wait())
+        await asyncio.wait([healthy, exited], return_when=asyncio.FIRST_COMPLETED)
+        if not healthy.done():  # it died starting: say why instead of waiting for a timeout
+            healthy.cancel()
+            raise RuntimeError(
+                f"pigeon serve exited {exited.result()}:\n{self.log.read_text()[-2000:]}"
+            )
+        exited.cancel()
+        await healthy
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no flush."""

@@ -78,3 +78,8 @@ def test_env_values_merge_into_file_sections(
     monkeypatch.setenv("PIGEON_STORE__DSN", "postgresql://env/db")
     store = load_settings(toml).store
     assert (store.type, getattr(store, "dsn", None)) == ("postgres", "postgresql://env/db")
+
+
+def test_session_ttl_must_cover_the_grace() -> None:
+    with pytest.raises(ValidationError, match="session_ttl"):
+        load_settings(None, presence={"grace": 10, "session_ttl": 5})

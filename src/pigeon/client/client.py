@@ -376,7 +376,7 @@ class PigeonClient:
     # -- internals -------------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
-        base: float = min(self.max_backoff, 0.05 * 2**attempt)
+        base: float = min(self.max_backoff, 0.05 * 2 ** min(attempt, 16))
         return base * (0.5 + random.random() / 2)
 
     async def _run(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import mimetypes
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,11 @@ async def upload(base: str, ticket: dict[str, Any], path: Path) -> None:
 
 async def download(base: str, url: str, target: Path, sha256: str | None = None) -> int:
     """GET a signed download URL into `target`; returns the bytes written. With `sha256`, the
-    bytes are checked against it. On any failure nothing is left at `target`."""
+    bytes are checked against it. The file is written aside and renamed into place only when
+    complete (and correct): on any failure `target` is left as it was."""
     written, digest = 0, hashlib.sha256()
-    f = await asyncio.to_thread(target.open, "wb")
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    f = await asyncio.to_thread(part.open, "wb")
     try:
         async with aiohttp.ClientSession() as http, http.get(resolve(base, url)) as resp:
             if resp.status != 200:
@@ -78,11 +81,12 @@ async def download(base: str, url: str, target: Path, sha256: str | None = None)
                 written += len(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise UploadFailed(200, "checksum_mismatch: the downloaded bytes are not the ones sent")
+        await asyncio.to_thread(f.close)
+        await asyncio.to_thread(os.replace, part, target)
     except BaseException:
         await asyncio.to_thread(f.close)
-        await asyncio.to_thread(target.unlink, True)
+        await asyncio.to_thread(part.unlink, True)
         raise
-    await asyncio.to_thread(f.close)
     return written
 
 

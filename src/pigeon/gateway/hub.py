@@ -99,23 +99,25 @@ class Hub:
             else:
                 conn.push(frame)
 
-        old = self._conns.pop(device_id, None)
-        if old is not None:
-            old[1].cancel()
-            old[0].close(Close.REPLACED, "replaced by a newer connection")
         if conn.closing:
             return
-        try:  # an older connection on another node: best effort, like every bus frame
-            await self._bus.publish(channel, _REPLACED + stamp + b'"}')
-        except PigeonError as exc:
-            log.warning("could not announce the new connection of %s: %s", device_id, exc)
+        # Subscribe first: if that fails, the older connection is left as it was. On this node
+        # the new subscription takes the channel over from the older one's (bus contract).
         sub = await self._bus.subscribe(channel, on_frame)
         if conn.closing:  # the client went away while we subscribed
             sub.cancel()
             return
+        old = self._conns.pop(device_id, None)
         self._conns[device_id] = (conn, sub)
         self._resyncs[conn] = resync
         conn.on_close(self.detach)
+        if old is not None:
+            old[1].cancel()  # a no-op for the bus: the channel is the new subscription's now
+            old[0].close(Close.REPLACED, "replaced by a newer connection")
+        try:  # an older connection on another node: best effort, like every bus frame
+            await self._bus.publish(channel, _REPLACED + stamp + b'"}')
+        except PigeonError as exc:
+            log.warning("could not announce the new connection of %s: %s", device_id, exc)
 
     def detach(self, conn: Connection) -> None:
         """Forget a connection (if it is still the registered one)."""

@@ -19,7 +19,7 @@ from pigeon.domain.models import Device
 from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close, to_error
-from pigeon.gateway.keys import SERVICES, SETTINGS
+from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import Session
 from pigeon.gateway.transport import AiohttpTransport
 from pigeon.services.accounts import AccountService
@@ -62,16 +62,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
     session = Session(conn, services.sessions)
     hub = services.hub
-    await hub.attach(conn, lambda: session.sync(0))  # 0: from what the device acked
     session_key = new_id()
     sync: asyncio.Task[int] | None = None
     try:
-        # A revocation committed between authentication and attach published its close frame
-        # to nobody: check again now that the hub routes this device's frames here.
-        if not await services.accounts.still_valid(device):
-            conn.close(Close.REVOKED, "device revoked")
+        acked = await _attach(services, conn, session)
+        if acked is None:
             return ws
-        acked = await services.messaging.acked(device)
         ready = p.Ready(
             user=device.user_id, device=device.id, acked=acked, server_time=services.clock.now_ms()
         )
@@ -102,6 +98,28 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             log.exception("presence cleanup of device %s failed", device.id)
         await conn.wait_closed()
     return ws
+
+
+async def _attach(services: Services, conn: Connection, session: Session) -> int | None:
+    """Route the device's frames to this connection and read what it acked; None if the
+    connection must end instead (replaced meanwhile, revoked, or the store is down)."""
+    device = conn.device
+    try:
+        await services.hub.attach(conn, lambda: session.sync(0))  # 0: from what it acked
+        if conn.closing:  # replaced by a newer connection meanwhile
+            return None
+        # A revocation committed between authentication and attach published its close frame
+        # to nobody: check again now that the hub routes this device's frames here.
+        if not await services.accounts.still_valid(device):
+            conn.close(Close.REVOKED, "device revoked")
+            return None
+        return await services.messaging.acked(device)
+    except PigeonError as exc:
+        if not exc.temporary:
+            raise
+        log.warning("device %s could not be set up: %s", device.id, exc)
+        conn.close(Close.TRY_AGAIN_LATER, "try again later")
+        return None
 
 
 async def _read_loop(ws: web.WebSocketResponse, conn: Connection, session: Session) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from pigeon.domain.errors import BadRequest, Forbidden
+from pigeon.domain.errors import BadRequest, Forbidden, PigeonError
 from pigeon.domain.events import PresenceFrame, encode_frame
 from pigeon.domain.ids import is_id
 from pigeon.domain.models import Device, PresenceRecord, Visibility
@@ -26,6 +26,9 @@ from pigeon.ports import Bus, Clock, Presence, Store, Subscription
 from pigeon.services import channels
 
 log = logging.getLogger(__name__)
+
+#: Attempts to announce a recorded change while the store or the bus is down (about 4 min).
+_ANNOUNCE_RETRIES = 12
 
 #: Where a node hands presence frames for one subscribing connection.
 Sink = Callable[[bytes], None]
@@ -58,6 +61,7 @@ class PresenceService:
         self._ttl = session_ttl
         self._sessions: dict[str, str] = {}  # this node's live sessions -> user
         self._ticker: asyncio.Task[None] | None = None
+        self._retries: set[asyncio.Task[None]] = set()
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -68,7 +72,7 @@ class PresenceService:
             pending.cancel()
         self._sessions[session] = device.user_id
         if await self._registry.session_up(device.user_id, session):
-            await self._announce(device.user_id, PresenceRecord(online=True))
+            await self._announce_surely(device.user_id, PresenceRecord(online=True))
 
     async def disconnected(self, device: Device, session: str, last_seen: int) -> None:
         """A connection ended; `last_seen` is when it last showed a sign of life."""
@@ -90,11 +94,34 @@ class PresenceService:
 
     async def _confirm_offline(self, user_id: str) -> None:
         record = await self._registry.confirm_offline(user_id)
-        if record is None:
-            return
+        if record is not None:
+            await self._announce_surely(user_id, record)
+
+    async def _announce_surely(self, user_id: str, record: PresenceRecord) -> None:
+        """Announce a change the registry already recorded (and persist last seen). The
+        registry will not report it again, so a failure (store or bus down) is retried here,
+        in the background, with backoff."""
+        try:
+            await self._publish_change(user_id, record)
+        except PigeonError as exc:
+            log.warning("presence change of %s not announced yet: %s", user_id, exc)
+            task = asyncio.get_running_loop().create_task(self._retry_change(user_id, record))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _publish_change(self, user_id: str, record: PresenceRecord) -> None:
         await self._announce(user_id, record)
-        if record.last_seen is not None:
+        if not record.online and record.last_seen is not None:
             await self._store.accounts.set_last_seen(user_id, record.last_seen)
+
+    async def _retry_change(self, user_id: str, record: PresenceRecord) -> None:
+        for attempt in range(_ANNOUNCE_RETRIES):
+            await asyncio.sleep(min(30.0, 0.5 * 2**attempt))  # backoff, not synchronisation
+            try:
+                await self._publish_change(user_id, record)
+                return
+            except PigeonError as exc:
+                log.warning("presence change of %s still not announced: %s", user_id, exc)
 
     def start(self) -> None:
         """Begin refreshing this node's sessions and reaping other nodes' dead ones."""
@@ -115,8 +142,11 @@ class PresenceService:
         for user_id, session in lost:
             if self._sessions.get(session) == user_id:  # still connected here
                 log.info("presence session of %s was lost by the registry; registering", user_id)
-                if await self._registry.session_up(user_id, session):
-                    await self._announce(user_id, PresenceRecord(online=True))
+                try:
+                    if await self._registry.session_up(user_id, session):
+                        await self._announce_surely(user_id, PresenceRecord(online=True))
+                except PigeonError as exc:  # the next tick finds it lost again
+                    log.warning("re-registering %s failed: %s", user_id, exc)
         for user_id in await self._registry.reap(self._clock.now_ms()):
             try:
                 await self._confirm_offline(user_id)
@@ -125,10 +155,11 @@ class PresenceService:
 
     async def aclose(self) -> None:
         """Shutdown: announce pending departures now (the grace timers would die with us)."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        for task in [self._ticker, *self._retries]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         pending, self._pending = self._pending, {}
         for user_id, task in pending.items():
             task.cancel()

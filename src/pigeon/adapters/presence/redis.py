@@ -258,7 +258,13 @@ class RedisPresence:
         )
 
     async def confirm_offline(self, user_id: str) -> PresenceRecord | None:
-        (reply,) = await self._pipeline([self._eval(CONFIRM_OFFLINE, user_id)])
+        reply, _ = await self._pipeline(
+            [
+                self._eval(CONFIRM_OFFLINE, user_id),
+                # Decided (offline now, or still online with sessions): nothing left pending.
+                ["ZREM", self._index, _member(user_id, "")],
+            ]
+        )
         if reply is None:
             return None
         return PresenceRecord(online=False, last_seen=_int(reply[0]))
@@ -337,7 +343,9 @@ class RedisPresence:
         )
         gone: list[str] = []
         cleanup: list[list[Any]] = [["ZREM", self._index, *stray]] if stray else []
-        cleanup += [["ZREM", self._index, _member(u, "")] for u in pending]
+        if pending:  # offered again a TTL later, until a `confirm_offline` removes them
+            retry = [_member(u, "") for u in dict.fromkeys(pending)]
+            cleanup.append(["ZADD", self._index, *_scored(now + self._ttl_ms, retry)])
         for (user_id, sessions), reply in zip(by_user.items(), replies, strict=True):
             if reply[0] == 1:
                 gone.append(user_id)
