@@ -35,6 +35,7 @@ BUS = web.AppKey("bus", Bus)
 SWEEPER = web.AppKey("sweeper", RetentionSweeper)
 PRESENCE = web.AppKey("presence", Presence)
 BLOBS = web.AppKey("blobs", BlobStore)
+FANOUT = web.AppKey("fanout", Fanout)
 
 
 def build_store(settings: Settings) -> Store:
@@ -156,6 +157,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[BUS] = bus
     app[PRESENCE] = presence
     app[BLOBS] = blobs
+    app[FANOUT] = fanout
     app[SWEEPER] = RetentionSweeper(
         store.messages, clock, limits.retention_seconds, settings.sweep_interval, media
     )
@@ -186,6 +188,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await sweeper.aclose()
         await app[SERVICES].hub.aclose()
         await app[SERVICES].presence.aclose()
+        await app[FANOUT].aclose()
         await app[PRESENCE].aclose()
         await bus.aclose()
         await app[BLOBS].aclose()

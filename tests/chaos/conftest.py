@@ -20,6 +20,15 @@ _names = itertools.count(1)
 StartNodes = Callable[..., Awaitable[list[Node]]]
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_target(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(url, is_cluster): multi-node tests run on one Redis and on a Redis Cluster (3 masters,
+    sharded pub/sub) that the test session starts."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url"), False
+    return request.getfixturevalue("redis_cluster").url, True
+
+
 @pytest.fixture
 async def database() -> AsyncIterator[str]:
     """A fresh PostgreSQL database for this test's cluster."""

@@ -20,14 +20,6 @@ from tests.support.cluster import wait_healthy
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def redis_target(request: pytest.FixtureRequest) -> tuple[str, bool]:
-    """(url, is_cluster): every multi-node test runs on one Redis and on a Redis Cluster."""
-    if request.param == "redis":
-        return request.getfixturevalue("redis_url"), False
-    return request.getfixturevalue("redis_cluster").url, True
-
-
 async def signal_of(client: Any, kind: type[Any], timeout: float = 10.0) -> Any:
     while True:
         frame = await client.next_signal(timeout)
@@ -79,10 +71,15 @@ async def _close_code_of(client: Any) -> int | None:
 
 
 async def test_a_crashed_nodes_users_go_offline_within_the_session_ttl(
-    database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
+    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
 ) -> None:
+    url, is_cluster = redis_target
     env = env_for(
-        database, redis_url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="0.2"
+        database,
+        url,
+        is_cluster,
+        PIGEON_PRESENCE__SESSION_TTL="1.5",
+        PIGEON_PRESENCE__GRACE="0.2",
     )
     n1, n2 = await start_nodes(2, env)
     await register(n1.url, "watcher", PASSWORD)
@@ -141,10 +138,15 @@ async def _pids_behind(
 
 
 async def test_a_node_dying_within_the_grace_period_still_gets_its_user_offline(
-    database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
+    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
 ) -> None:
+    url, is_cluster = redis_target
     env = env_for(
-        database, redis_url, PIGEON_PRESENCE__SESSION_TTL="1.5", PIGEON_PRESENCE__GRACE="1.5"
+        database,
+        url,
+        is_cluster,
+        PIGEON_PRESENCE__SESSION_TTL="1.5",
+        PIGEON_PRESENCE__GRACE="1.5",
     )
     n1, n2 = await start_nodes(2, env)
     await register(n1.url, "watcher", PASSWORD)

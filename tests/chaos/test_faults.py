@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 
 
 async def test_sigkill_one_of_three_nodes_behind_haproxy(
-    database: str, redis_url: str, start_nodes: StartNodes, clients: list[Any]
+    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
 ) -> None:
-    nodes = await start_nodes(3, env_for(database, redis_url))
+    url, is_cluster = redis_target
+    nodes = await start_nodes(3, env_for(database, url, is_cluster))
     lb = HAProxy(nodes)
     await lb.start()
     try:

@@ -1,4 +1,5 @@
-"""A committed change is pushed even when the command that made it is cancelled."""
+"""A committed change is pushed even when the command that made it is cancelled, and again
+when its publish failed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.store.sqlite import SqliteStore
+from pigeon.domain.errors import Unavailable
+from pigeon.domain.events import Delivery
 from pigeon.domain.limits import Limits
 from pigeon.services import channels
 from pigeon.services.clock import SystemClock
@@ -33,3 +36,43 @@ async def test_push_survives_the_cancelled_sender(tmp_path: Path) -> None:
     assert b'"body":"hello"' in frame
     assert sending.cancelled()
     await store.aclose()
+
+
+class _FlakyBus(LocalBus):
+    """The in-process bus, whose publishes fail while `down` (a Redis outage as seen by the
+    publishing node only: subscribers keep their subscriptions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.attempts = 0
+        self.retried = asyncio.Event()
+
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        self.attempts += 1
+        if self.down:
+            if self.attempts >= 3:
+                self.retried.set()
+            raise Unavailable("bus down")
+        await super().publish_many(items)
+
+
+async def test_frames_whose_publish_failed_are_published_again() -> None:
+    bus = _FlakyBus()
+    fanout = Fanout(bus, retry_delays=(0.0,) * 20)
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def receive(frame: bytes) -> None:
+        got.append(frame)
+        if len(got) == 2:
+            arrived.set()
+
+    await bus.subscribe(channels.device("D"), receive)
+    await fanout.push([Delivery("D", 1, b'{"a":1}'), Delivery("D", 2, b'{"a":2}')])
+    assert got == [] and bus.attempts == 1
+    await asyncio.wait_for(bus.retried.wait(), 5)  # the retrier tried again, and failed
+    bus.down = False
+    await asyncio.wait_for(arrived.wait(), 5)
+    assert [f.split(b'"iseq":')[1][:1] for f in got] == [b"1", b"2"]  # in order, once
+    await fanout.aclose()

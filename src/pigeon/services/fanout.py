@@ -1,12 +1,16 @@
 """Pushes just-committed inbox entries to the devices' connections over the bus (fast path).
 
 Losing a push is harmless: the entry is already in the device's durable inbox, and the device
-heals the gap (by `iseq`) with a resync, or gets it on its next connect.
+heals the gap (by `iseq`) with a resync, or gets it on its next connect. Still, a push whose
+publish failed here (the bus was down) is published again, with backoff, once the bus answers:
+the receiving node may never have noticed the outage, and the device may receive nothing else
+that would reveal the gap. A frame that arrives twice is dropped by the client (by `iseq`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -20,11 +24,27 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: Pauses between attempts to publish again what failed (about 2.5 minutes in all).
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0)
+#: Frames kept for another attempt; beyond this the oldest are dropped (their devices still
+#: get them from the inbox: by gap healing or on their next connect).
+MAX_HELD = 100_000
+
+
 class Fanout:
     """Turns deliveries into device frames and publishes them."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+        max_held: int = MAX_HELD,
+    ) -> None:
         self._bus = bus
+        self._delays = retry_delays
+        self._max_held = max_held
+        self._held: list[tuple[str, bytes]] = []
+        self._retrier: asyncio.Task[None] | None = None
 
     async def commit(
         self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
@@ -50,3 +70,35 @@ class Fanout:
             await self._bus.publish_many(frames)
         except PigeonError as exc:
             log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)
+            self._hold(frames)
+
+    def _hold(self, frames: list[tuple[str, bytes]]) -> None:
+        self._held.extend(frames)
+        if len(self._held) > self._max_held:
+            dropped = len(self._held) - self._max_held
+            del self._held[:dropped]
+            log.warning("dropped %d held frames (their inboxes keep them)", dropped)
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._publish_held())
+
+    async def _publish_held(self) -> None:
+        for delay in self._delays:
+            await asyncio.sleep(delay)  # backoff while the bus is down, not synchronisation
+            batch, self._held = self._held, []
+            try:
+                await self._bus.publish_many(batch)
+            except PigeonError:
+                self._held[:0] = batch  # keep the order: older frames first
+                continue
+            log.info("published %d frames held during a bus outage", len(batch))
+            if not self._held:
+                return
+        log.warning("gave up publishing %d held frames (inboxes keep them)", len(self._held))
+        self._held.clear()
+
+    async def aclose(self) -> None:
+        """Stop retrying (shutdown): what is held is in the inboxes anyway."""
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
