@@ -441,6 +441,7 @@ class PigeonClient:
         elif f.t == "ready":
             self.user, self.device = f.user, f.device
             self._next_iseq = max(self._next_iseq, f.acked + 1)
+            self._release_held()  # events that overtook `ready` may be next now
             self._acked = max(self._acked, f.acked)
             self._handled = max(self._handled, f.acked)
             if self._handled > self._acked:

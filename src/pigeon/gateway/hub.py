@@ -20,7 +20,7 @@ from pigeon.services.accounts import REVOKED_FRAME
 log = logging.getLogger(__name__)
 
 #: Control frame on a device's channel: "a newer connection of this device exists, elsewhere";
-#: followed by the new connection's nonce. Never forwarded to a client.
+#: followed by the new connection's stamp. Never forwarded to a client.
 _REPLACED = b'{"t":"_replaced","by":"'
 #: Connections resynced at once after a bus outage (each reads its inbox).
 _RESYNC_CONCURRENCY = 32

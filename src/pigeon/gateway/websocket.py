@@ -60,6 +60,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if device is None:
             return ws
     conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
+    conn.hold()  # live events wait for `ready` and the inbox sync, which releases them in order
     session = Session(conn, services.sessions)
     hub = services.hub
     session_key = new_id()

@@ -1,0 +1,34 @@
+"""The SDK delivers each inbox event once and in order, also when a live event overtakes the
+connection's `ready` frame and turns out to be exactly the next one expected."""
+
+from __future__ import annotations
+
+import msgspec
+
+from pigeon.client import PigeonClient
+from pigeon.domain.events import ReadState, encode_event
+
+
+def _event(iseq: int) -> bytes:
+    raw = encode_event(ReadState(chat="C", seq=iseq, at=0)).decode()
+    return f'{{"t":"event","iseq":{iseq},"event":{raw}}}'.encode()
+
+
+def _ready(acked: int) -> bytes:
+    frame = {"t": "ready", "user": "U", "device": "D", "acked": acked, "server_time": 0}
+    return msgspec.json.encode(frame)
+
+
+async def test_an_event_that_overtook_ready_is_delivered_once() -> None:
+    client = PigeonClient("http://127.0.0.1:1", "token", auto_ack=False)
+    client._on_frame(_event(57))  # a live push before `ready` (a fresh client expects 1)
+    client._on_frame(_ready(56))  # the device acked up to 56 on an earlier connection
+    client._on_frame(_event(57))  # the inbox sync replays it
+    client._on_frame(_event(58))
+    first = await client.next_event(1)
+    second = await client.next_event(1)
+    assert isinstance(first, ReadState) and isinstance(second, ReadState)
+    assert (first.seq, second.seq) == (57, 58)
+    assert client.pending_events() == 0
+    if client._gap_timer is not None:
+        client._gap_timer.cancel()
