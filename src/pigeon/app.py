@@ -145,9 +145,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             messaging=messaging,
             presence=presence_service,
             typing=typing,
+            media=media,
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
-            media=media,
         ),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)

@@ -86,7 +86,7 @@ async def test_a_late_announcement_of_an_older_connection_closes_nothing() -> No
     old, new = _conn(), _conn()
     bus.slow[channels.device(DEVICE.id)] = 0.1  # node A's announcement is slow
     slow_attach = asyncio.create_task(node_a.attach(old, _nothing))
-    await asyncio.sleep(0.01)  # let A take its stamp first
+    await asyncio.sleep(0)  # one loop turn: A starts its attach (and takes its stamp) first
     await node_b.attach(new, _nothing)
     await slow_attach
     assert not new.closing  # A's late frame carries an older stamp

@@ -143,11 +143,10 @@ class UnsupportedMediaType(BadRequest):
     code = "unsupported_media_type"
 
 
-BLOB_ERRORS: tuple[type[PigeonError], ...] = (
+ALL_ERRORS += (
     SignatureInvalid,
     UrlExpired,
     SizeMismatch,
     ChecksumMismatch,
     UnsupportedMediaType,
 )
-ALL_ERRORS += BLOB_ERRORS

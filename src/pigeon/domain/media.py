@@ -37,11 +37,6 @@ def check_key(key: str) -> str:
     return key
 
 
-def is_key(key: object) -> bool:
-    """True when `key` is a well-formed blob key."""
-    return isinstance(key, str) and _KEY.fullmatch(key) is not None
-
-
 def thumbnail_key(key: str) -> str:
     """The key of the thumbnail of the blob at `key`."""
     check_key(key)

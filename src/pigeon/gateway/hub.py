@@ -16,6 +16,7 @@ from pigeon.gateway.errors import Close
 from pigeon.ports import Bus, Subscription
 from pigeon.services import channels
 from pigeon.services.accounts import REVOKED_FRAME
+from pigeon.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ _RESYNC_CONCURRENCY = 32
 
 #: How a node makes one connection catch up from the durable inbox.
 Resync = Callable[[], Awaitable[object]]
-
-
-class _Gate:
-    """Serialises the attaches of one device on this node (and counts who waits for it)."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
 
 
 class Hub:
@@ -54,7 +45,7 @@ class Hub:
         self._settings = settings
         self._conns: dict[str, tuple[Connection, Subscription]] = {}
         self._resyncs: dict[Connection, Resync] = {}
-        self._attaching: dict[str, _Gate] = {}
+        self._attaching = Turns()
         self._ticker: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
 
@@ -69,18 +60,8 @@ class Hub:
         """Register a connection and route its device's frames to it; `resync` makes it catch
         up from the inbox after a bus outage. Attaches of one device run one at a time, so the
         last one to start is the one left registered and subscribed."""
-        device_id = conn.device.id
-        gate = self._attaching.get(device_id)
-        if gate is None:
-            gate = self._attaching[device_id] = _Gate()
-        gate.users += 1
-        try:
-            async with gate.lock:
-                await self._attach(conn, resync)
-        finally:
-            gate.users -= 1
-            if gate.users == 0:
-                del self._attaching[device_id]
+        async with self._attaching.turn(conn.device.id):
+            await self._attach(conn, resync)
 
     async def _attach(self, conn: Connection, resync: Resync) -> None:
         device_id = conn.device.id

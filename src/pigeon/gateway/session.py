@@ -37,9 +37,9 @@ class SessionServices:
     messaging: MessagingService
     presence: PresenceService
     typing: TypingService
+    media: MediaService
     max_frame_bytes: int
     max_inflight: int
-    media: MediaService | None = None
 
 
 class Session:
@@ -208,20 +208,17 @@ class Session:
         }
 
     async def _create_attachment(self, cmd: p.CreateAttachment) -> Any:
-        return await self._media().create(
+        return await self.services.media.create(
             self.conn.device, cmd.content_type, cmd.size, cmd.sha256, cmd.filename, cmd.encrypted
         )
 
     async def _attachment_uploaded(self, cmd: p.AttachmentUploaded) -> Any:
-        return {"attachment": await self._media().uploaded(self.conn.device, cmd.attachment)}
+        return {"attachment": await self.services.media.uploaded(self.conn.device, cmd.attachment)}
 
     async def _attachment_url(self, cmd: p.AttachmentUrl) -> Any:
-        return await self._media().download_url(self.conn.device, cmd.attachment, cmd.thumbnail)
-
-    def _media(self) -> MediaService:
-        if self.services.media is None:
-            raise BadRequest("this server does not accept attachments")
-        return self.services.media
+        return await self.services.media.download_url(
+            self.conn.device, cmd.attachment, cmd.thumbnail
+        )
 
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")

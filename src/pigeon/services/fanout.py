@@ -34,15 +34,9 @@ MAX_HELD = 100_000
 class Fanout:
     """Turns deliveries into device frames and publishes them."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        retry_delays: tuple[float, ...] = RETRY_DELAYS,
-        max_held: int = MAX_HELD,
-    ) -> None:
+    def __init__(self, bus: Bus, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self._bus = bus
         self._delays = retry_delays
-        self._max_held = max_held
         self._held: list[tuple[str, bytes]] = []
         self._retrier: asyncio.Task[None] | None = None
 
@@ -74,8 +68,8 @@ class Fanout:
 
     def _hold(self, frames: list[tuple[str, bytes]]) -> None:
         self._held.extend(frames)
-        if len(self._held) > self._max_held:
-            dropped = len(self._held) - self._max_held
+        if len(self._held) > MAX_HELD:
+            dropped = len(self._held) - MAX_HELD
             del self._held[:dropped]
             log.warning("dropped %d held frames (their inboxes keep them)", dropped)
         if self._retrier is None or self._retrier.done():

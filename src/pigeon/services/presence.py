@@ -27,7 +27,7 @@ from pigeon.services import channels
 
 log = logging.getLogger(__name__)
 
-#: Attempts to announce a recorded change while the store or the bus is down (about 4 min).
+#: Attempts to announce a recorded change while the store or the bus is down (about 3.5 min).
 _ANNOUNCE_RETRIES = 12
 
 #: Where a node hands presence frames for one subscribing connection.
@@ -46,7 +46,7 @@ class PresenceService:
         *,
         grace: float,
         max_subscriptions: int,
-        session_ttl: float = 30.0,
+        session_ttl: float,
     ) -> None:
         self._registry = registry
         self._store = store

@@ -36,6 +36,5 @@ helpers over redis-py's `Connection`).
 from __future__ import annotations
 
 from pigeon.adapters.bus.redis.bus import RedisBus
-from pigeon.adapters.bus.redis.slots import REFRESH_MIN_INTERVAL, SLOTS, SUBSCRIBE_CHUNK
 
-__all__ = ["REFRESH_MIN_INTERVAL", "SLOTS", "SUBSCRIBE_CHUNK", "RedisBus"]
+__all__ = ["RedisBus"]

@@ -11,9 +11,6 @@ device run one after the other, in call order (a device has one connection, on o
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -24,6 +21,7 @@ from pigeon.domain.errors import Forbidden, NotFound
 from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
 from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
+from pigeon.turns import Turns
 
 #: Rows per table and per statement of a retention sweep (sends interleave between chunks).
 SWEEP_CHUNK = 2000
@@ -117,34 +115,12 @@ def _deliveries(devices: list[str] | None, iseqs: list[int] | None, raws: Any) -
     return [Delivery(d, i, r) for d, i, r in zip(devices, iseqs, raws, strict=True)]
 
 
-class InOrder:
-    """Runs the calls made with one key one at a time, in the order they were made
-    (`asyncio.Lock` wakes its waiters first come, first served)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[None]:
-        """Wait for the earlier calls of `key` to finish; the lock is dropped with its last
-        user, so idle keys cost nothing."""
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[key]
-
-
 class PgMessages:
     """Messages, inboxes and receipts in PostgreSQL."""
 
     def __init__(self, db: PgDb) -> None:
         self._db = db
-        self._senders = InOrder()
+        self._senders = Turns()
 
     async def send(self, req: SendRequest) -> SendResult:
         async with self._senders.turn(req.sender_device):
