@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-import msgspec
 
+from pigeon.adapters.store import attachment_rows as rows
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.domain.errors import NotFound
 from pigeon.domain.media import AttachmentRecord, refuse_if_over_quota
@@ -32,10 +32,6 @@ SWEEP_CHUNK = 2000
 #: another use of advisory locks (the migration lock is a one-key lock: another key space).
 QUOTA_LOCK_CLASS = 0x6174
 
-#: A (created_at, id) cursor before every attachment.
-_BEFORE_ALL = (-(2**63), "")
-_COLS = "id, owner, content_type, size, sha256, filename, encrypted, created_at, uploaded_at, meta"
-_decode_meta = msgspec.json.Decoder(dict[str, Any]).decode
 
 _LOCK_OWNER = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 # The owner's `max_per_window`-th newest attachment in the window: if there is one, the quota is
@@ -45,12 +41,12 @@ SELECT created_at FROM attachments WHERE owner = $1 AND created_at >= $2
 ORDER BY created_at DESC LIMIT 1 OFFSET $3
 """
 _INSERT = f"""
-INSERT INTO attachments ({_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+INSERT INTO attachments ({rows.COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
 """
-_GET = f"SELECT {_COLS} FROM attachments WHERE id = $1"
+_GET = f"SELECT {rows.COLS} FROM attachments WHERE id = $1"
 _MARK_UPLOADED = f"""
 UPDATE attachments SET uploaded_at = coalesce(uploaded_at, $2), meta = $3::jsonb
-WHERE id = $1 RETURNING {_COLS}
+WHERE id = $1 RETURNING {rows.COLS}
 """
 # True if the attachment exists (shared now or before), False if not (nothing inserted).
 _SHARE = """
@@ -92,25 +88,6 @@ SELECT array(SELECT id FROM d) AS ids, (SELECT count(*) FROM c) AS examined,
 """
 
 
-def _record(row: asyncpg.Record) -> AttachmentRecord:
-    return AttachmentRecord(
-        id=row["id"],
-        owner=row["owner"],
-        content_type=row["content_type"],
-        size=row["size"],
-        sha256=row["sha256"],
-        filename=row["filename"],
-        encrypted=row["encrypted"],
-        created_at=row["created_at"],
-        uploaded_at=row["uploaded_at"],
-        meta=_decode_meta(row["meta"]),
-    )
-
-
-def _encode_meta(meta: dict[str, Any]) -> str:
-    return msgspec.json.encode(meta).decode()
-
-
 class PgAttachments:
     """Attachment records and their shares into chats, in PostgreSQL."""
 
@@ -140,20 +117,20 @@ class PgAttachments:
                     record.encrypted,
                     record.created_at,
                     record.uploaded_at,
-                    _encode_meta(record.meta),
+                    rows.encode_meta(record.meta),
                 )
 
         await self._db.run(tx)
 
     async def get(self, attachment_id: str) -> AttachmentRecord | None:
         row = await self._db.fetchrow(_GET, attachment_id)
-        return None if row is None else _record(row)
+        return None if row is None else rows.record(row)
 
     async def mark_uploaded(
         self, attachment_id: str, at: int, meta: dict[str, Any]
     ) -> AttachmentRecord | None:
-        row = await self._db.fetchrow(_MARK_UPLOADED, attachment_id, at, _encode_meta(meta))
-        return None if row is None else _record(row)
+        row = await self._db.fetchrow(_MARK_UPLOADED, attachment_id, at, rows.encode_meta(meta))
+        return None if row is None else rows.record(row)
 
     async def share(self, attachment_id: str, chat_id: str) -> None:
         if not await self._db.fetchval(_SHARE, attachment_id, chat_id):
@@ -165,7 +142,7 @@ class PgAttachments:
     async def sweep(self, before: int, unshared_before: int) -> list[str]:
         deleted: list[str] = []
         cut_off = max(before, unshared_before)
-        after = _BEFORE_ALL
+        after = rows.BEFORE_ALL
         while True:
             row = await self._db.fetchrow(_SWEEP, cut_off, before, *after, SWEEP_CHUNK)
             deleted += row["ids"]

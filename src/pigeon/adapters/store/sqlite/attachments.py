@@ -12,8 +12,7 @@ import functools
 import sqlite3
 from typing import Any
 
-import msgspec
-
+from pigeon.adapters.store import attachment_rows as rows
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.domain.errors import NotFound
 from pigeon.domain.media import AttachmentRecord, refuse_if_over_quota
@@ -22,10 +21,6 @@ from pigeon.ports import AttachmentStore
 #: Attachments examined per write job of a sweep (other writes interleave between chunks).
 SWEEP_CHUNK = 2000
 
-#: A (created_at, id) cursor before every attachment.
-_BEFORE_ALL = (-(2**63), "")
-_COLS = "id, owner, content_type, size, sha256, filename, encrypted, created_at, uploaded_at, meta"
-_decode_meta = msgspec.json.Decoder(dict[str, Any]).decode
 _MAY_READ = """
 SELECT EXISTS (SELECT 1 FROM attachments WHERE id = ?1 AND owner = ?2)
     OR EXISTS (SELECT 1 FROM attachment_chats s JOIN members m ON m.chat_id = s.chat_id
@@ -40,25 +35,6 @@ FROM attachments a
 WHERE created_at < ?1 AND (created_at, id) > (?3, ?4)
 ORDER BY created_at, id LIMIT ?5
 """
-
-
-def _record(row: tuple[Any, ...]) -> AttachmentRecord:
-    return AttachmentRecord(
-        id=row[0],
-        owner=row[1],
-        content_type=row[2],
-        size=row[3],
-        sha256=row[4],
-        filename=row[5],
-        encrypted=bool(row[6]),
-        created_at=row[7],
-        uploaded_at=row[8],
-        meta=_decode_meta(row[9]),
-    )
-
-
-def _encode_meta(meta: dict[str, Any]) -> str:
-    return msgspec.json.encode(meta).decode()
 
 
 class SqliteAttachments:
@@ -80,7 +56,7 @@ class SqliteAttachments:
                 ).fetchone()
             refuse_if_over_quota(None if row is None else row[0], max_per_window, window_start)
             conn.execute(
-                f"INSERT INTO attachments ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO attachments ({rows.COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.owner,
@@ -91,7 +67,7 @@ class SqliteAttachments:
                     int(record.encrypted),
                     record.created_at,
                     record.uploaded_at,
-                    _encode_meta(record.meta),
+                    rows.encode_meta(record.meta),
                 ),
             )
 
@@ -100,9 +76,9 @@ class SqliteAttachments:
     async def get(self, attachment_id: str) -> AttachmentRecord | None:
         def q(conn: sqlite3.Connection) -> AttachmentRecord | None:
             row = conn.execute(
-                f"SELECT {_COLS} FROM attachments WHERE id = ?", (attachment_id,)
+                f"SELECT {rows.COLS} FROM attachments WHERE id = ?", (attachment_id,)
             ).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else rows.record(row)
 
         return await self._db.read(q)
 
@@ -112,10 +88,10 @@ class SqliteAttachments:
         def tx(conn: sqlite3.Connection) -> AttachmentRecord | None:
             row = conn.execute(
                 "UPDATE attachments SET uploaded_at = coalesce(uploaded_at, ?), meta = ?"
-                f" WHERE id = ? RETURNING {_COLS}",
-                (at, _encode_meta(meta), attachment_id),
+                f" WHERE id = ? RETURNING {rows.COLS}",
+                (at, rows.encode_meta(meta), attachment_id),
             ).fetchone()
-            return None if row is None else _record(row)
+            return None if row is None else rows.record(row)
 
         return await self._db.write(tx)
 
@@ -140,7 +116,7 @@ class SqliteAttachments:
 
     async def sweep(self, before: int, unshared_before: int) -> list[str]:
         deleted: list[str] = []
-        after: tuple[int, str] | None = _BEFORE_ALL
+        after: tuple[int, str] | None = rows.BEFORE_ALL
         while after is not None:
             ids, after = await self._db.write(
                 functools.partial(
