@@ -15,7 +15,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from graphlib import TopologicalSorter
@@ -25,6 +24,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+
+from pigeon.bench.server import free_port
 
 ADMIN_DSN = os.environ.get(
     "PIGEON_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -127,13 +128,6 @@ def postgres_dsn() -> Iterator[str]:
         _run_sync(drop_database(name))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PgCluster:
     """A throw-away PostgreSQL cluster on a spare port, for tests that stop and start the
     server: `await start()`, `await stop(mode)`, `dsn`, and `await close()` to stop it and remove
@@ -161,7 +155,7 @@ class PgCluster:
             directory.mkdir(parents=True, exist_ok=True)
             self.dir = directory
         self._data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
 
     @property
     def dsn(self) -> str:

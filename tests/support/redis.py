@@ -13,7 +13,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,16 +21,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from pigeon.bench.server import free_port
+
 ENV_URL = "PIGEON_TEST_REDIS_URL"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 START_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def answers_ping(url: str) -> bool:
