@@ -39,6 +39,7 @@ from pigeon.domain.ids import new_id
 from pigeon.domain.media import BlobInfo, UploadGrant, thumbnail_key
 from pigeon.gateway.blobs import add_blob_routes
 from pigeon.ports import BlobStore
+from pigeon.services.clock import SystemClock
 from tests.support.s3 import MotoS3, SigV4Gate, moto_s3  # noqa: F401  (fixture)
 
 ADAPTERS = ["local", "s3"]
@@ -106,6 +107,7 @@ async def _s3(moto: MotoS3, **kw: Any) -> AsyncIterator[Harness]:
     await gate.start()
     store = S3BlobStore(
         f"pigeon-{uuid.uuid4().hex[:16]}",
+        clock=SystemClock(),
         endpoint_url=moto.endpoint,
         public_endpoint_url=gate.url,
         region=moto.region,
@@ -728,6 +730,7 @@ async def test_s3_open_creates_the_bucket_with_a_lifecycle_rule(moto_s3: MotoS3)
         )
         store = S3BlobStore(
             bucket,
+            clock=SystemClock(),
             endpoint_url=moto_s3.endpoint,
             region=moto_s3.region,
             access_key=moto_s3.access_key,
@@ -753,6 +756,7 @@ async def test_s3_open_creates_the_bucket_with_a_lifecycle_rule(moto_s3: MotoS3)
 
     fresh = S3BlobStore(
         f"pigeon-{uuid.uuid4().hex[:16]}",
+        clock=SystemClock(),
         endpoint_url=moto_s3.endpoint,
         region=moto_s3.region,
         access_key=moto_s3.access_key,
@@ -781,6 +785,7 @@ async def test_s3_verify_reads_back_unless_the_store_checked(moto_s3: MotoS3) ->
         # adds x-amz-sdk-checksum-algorithm) must not be trusted: verify reads the bytes back.
         careful = S3BlobStore(
             h.store.bucket,
+            clock=SystemClock(),
             endpoint_url=moto_s3.endpoint,
             region=moto_s3.region,
             access_key=moto_s3.access_key,

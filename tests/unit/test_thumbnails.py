@@ -16,6 +16,7 @@ from pigeon.adapters.blobs.local import LocalBlobStore
 from pigeon.domain.errors import Unavailable
 from pigeon.domain.ids import new_id
 from pigeon.domain.media import BlobInfo, thumbnail_key
+from pigeon.services.clock import SystemClock
 from pigeon.services.thumbnails import FFMPEG_NOT_INSTALLED, make_thumbnail, thumbnail_blob
 
 
@@ -149,7 +150,7 @@ def _work_files(path: Path) -> list[str]:
 
 
 async def test_thumbnail_blob_stores_the_thumbnail_next_to_the_blob(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path / "blobs", b"s" * 32)
+    store = LocalBlobStore(tmp_path / "blobs", b"s" * 32, clock=SystemClock())
     await store.open()
     buf = io.BytesIO()
     Image.new("RGB", (1000, 1000), (5, 5, 5)).save(buf, "PNG")
@@ -174,7 +175,7 @@ async def test_thumbnail_failures_never_lose_the_upload(tmp_path: Path) -> None:
         async def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
             raise Unavailable("disk full")
 
-    store = FailingPut(tmp_path / "blobs", b"s" * 32)
+    store = FailingPut(tmp_path / "blobs", b"s" * 32, clock=SystemClock())
     await store.open()
     key = new_id()
     buf = io.BytesIO()

@@ -66,11 +66,6 @@ class _Meta(msgspec.Struct, frozen=True):
     stored_at: int
 
 
-class _WallClock:
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-
 class LocalBlobStore:
     """Files under `root`, URLs signed with `secret` (at least 32 random bytes, the same on every
     process serving the directory). `base_url` is how clients reach pigeon (e.g.
@@ -84,7 +79,7 @@ class LocalBlobStore:
         secret: bytes,
         base_url: str | None = None,
         *,
-        clock: Clock | None = None,
+        clock: Clock,
         cdn_cacheable: bool = False,
         fsync: bool = True,
         write_buffer: int = _MIB,
@@ -98,7 +93,7 @@ class LocalBlobStore:
         self._partial = root / "partial"
         self._secret = secret
         self._base = (base_url or "").rstrip("/")
-        self._clock: Clock = clock or _WallClock()
+        self._clock = clock
         self.cdn_cacheable = cdn_cacheable
         self._fsync = fsync
         self._write_buffer = write_buffer

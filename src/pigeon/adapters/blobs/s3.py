@@ -20,7 +20,6 @@ import binascii
 import contextlib
 import hashlib
 import math
-import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal
 
@@ -53,11 +52,6 @@ _MISSING = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 _MIB = 1024 * 1024
 
 
-class _WallClock:
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
-
-
 class S3BlobStore:
     """A bucket (created on `open` if missing) holding blobs under `prefix` + key.
 
@@ -88,7 +82,7 @@ class S3BlobStore:
         trust_store_checksum: bool = True,
         manage_lifecycle: bool = True,
         addressing_style: Literal["auto", "path", "virtual"] = "auto",
-        clock: Clock | None = None,
+        clock: Clock,
         delete_batch: int = 1000,
         read_chunk: int = 256 * 1024,
         connect_timeout: float = 5.0,
@@ -112,7 +106,7 @@ class S3BlobStore:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
-        self._clock: Clock = clock or _WallClock()
+        self._clock = clock
         self._delete_batch = delete_batch
         self._read_chunk = read_chunk
         self._stack: contextlib.AsyncExitStack | None = None
