@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench clean
+.PHONY: run test install lint typecheck pytest pytest-shared bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,11 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# The end-to-end suite once more, with the test servers on PostgreSQL + Redis (as in a cluster).
+pytest-shared: install
+	PIGEON_TEST_STACK=shared $(BIN)/pytest -q tests/e2e
+
+test: lint typecheck pytest pytest-shared
 
 bench: install
 	$(BIN)/pigeon bench all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,27 @@ E = TypeVar("E")
 PASSWORD = "correct horse battery"
 
 
-def test_settings(data_dir: Path, **overrides: Any) -> Settings:
+#: `embedded` (default): SQLite and in-process bus and presence. `shared`: the same end-to-end
+#: tests on PostgreSQL and Redis (the test database of the session, the shared Redis), as the
+#: nodes of a cluster run them. `make test` runs tests/e2e both ways.
+STACK = os.environ.get("PIGEON_TEST_STACK", "embedded")
+
+
+def shared_stack(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings overrides that put a test server on PostgreSQL + Redis (with STACK=shared)."""
+    if STACK != "shared":
+        return {}
+    return {
+        "store": {"type": "postgres", "dsn": request.getfixturevalue("postgres_dsn")},
+        "bus": {"type": "redis"},
+        "presence": {"type": "redis"},
+        "redis": {"url": request.getfixturevalue("redis_url")},
+    }
+
+
+def test_settings(
+    data_dir: Path, stack: dict[str, Any] | None = None, **overrides: Any
+) -> Settings:
     """Settings for a test server: cheap password hashing, short timeouts where asked."""
     base: dict[str, Any] = {
         "host": "127.0.0.1",
@@ -36,6 +57,7 @@ def test_settings(data_dir: Path, **overrides: Any) -> Settings:
         "argon2_memory_kib": 8,
         "store": {"synchronous": "NORMAL"},
         "sweep_interval": 3600.0,
+        **(stack or {}),
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -132,12 +154,15 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+async def make_server(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServerFactory]:
     """Start servers with settings overrides; all are stopped at the end of the test."""
     servers: list[Server] = []
+    stack = shared_stack(request)
 
     async def make(clock: Clock | None = None, **overrides: Any) -> Server:
-        settings = test_settings(tmp_path / f"s{len(servers)}", **overrides)
+        settings = test_settings(tmp_path / f"s{len(servers)}", stack, **overrides)
         server = await start_server(settings, clock)
         servers.append(server)
         return server
