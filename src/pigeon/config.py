@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,16 +42,21 @@ class PostgresSettings(BaseModel):
         return self
 
 
-def _store_type(value: Any) -> str:
-    """`type` picks the store; without one it is the embedded default (sqlite)."""
-    if isinstance(value, dict):
-        return str(value.get("type", "sqlite"))
-    return str(getattr(value, "type", "sqlite"))
+def _type_or(default: str) -> Callable[[Any], str]:
+    """A discriminator: a section's `type` picks its settings class; without one, `default`
+    (the embedded engine), so `[store]` with only `path` still means SQLite."""
+
+    def discriminate(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("type", default))
+        return str(getattr(value, "type", default))
+
+    return discriminate
 
 
 StoreSettings = Annotated[
     Annotated[SqliteSettings, Tag("sqlite")] | Annotated[PostgresSettings, Tag("postgres")],
-    Discriminator(_store_type),
+    Discriminator(_type_or("sqlite")),
 ]
 
 
@@ -89,15 +95,9 @@ class S3BlobSettings(BaseModel):
     manage_lifecycle: bool = True
 
 
-def _blob_type(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("type", "local"))
-    return str(getattr(value, "type", "local"))
-
-
 BlobSettings = Annotated[
     Annotated[LocalBlobSettings, Tag("local")] | Annotated[S3BlobSettings, Tag("s3")],
-    Discriminator(_blob_type),
+    Discriminator(_type_or("local")),
 ]
 
 #: Content types accepted by default (shell-style patterns).
