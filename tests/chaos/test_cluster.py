@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pigeon.client import login, register
+from pigeon.client import PigeonClient, login, register
 from pigeon.domain.events import Message, PresenceFrame, Receipt, TypingFrame
 from tests.chaos.conftest import StartNodes, connect, env_for
 from tests.conftest import PASSWORD, next_of
-from tests.support.cluster import wait_healthy
+from tests.support.cluster import Node, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -68,26 +68,41 @@ async def test_two_nodes_act_as_one_server(
         await second.close()
 
 
-async def test_a_crashed_nodes_users_go_offline_within_the_session_ttl(
-    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
-) -> None:
+async def watched_on_second_node(
+    database: str,
+    redis_target: tuple[str, bool],
+    start_nodes: StartNodes,
+    clients: list[Any],
+    grace: str,
+) -> tuple[Node, PigeonClient, PigeonClient]:
+    """Two nodes with a 1.5 s session TTL; a watcher on the first subscribed to a user whose
+    device is online on the second. Returns (second node, watcher, watched device)."""
     url, is_cluster = redis_target
     env = env_for(
         database,
         url,
         is_cluster,
         PIGEON_PRESENCE__SESSION_TTL="1.5",
-        PIGEON_PRESENCE__GRACE="0.2",
+        PIGEON_PRESENCE__GRACE=grace,
     )
     n1, n2 = await start_nodes(2, env)
     await register(n1.url, "watcher", PASSWORD)
-    user_id = await register(n1.url, "victim", PASSWORD)
+    user_id = await register(n1.url, "watched", PASSWORD)
     watcher = await connect(clients, n1.url, (await login(n1.url, "watcher", PASSWORD)).token)
     await watcher.create_chat([user_id])
     await watcher.subscribe_presence([user_id])
-    account = await login(n1.url, "victim", PASSWORD)
-    await connect(clients, n2.url, account.token, reconnect=False)
+    account = await login(n1.url, "watched", PASSWORD)
+    watched = await connect(clients, n2.url, account.token, reconnect=False)
     assert (await signal_of(watcher, PresenceFrame)).status == "online"
+    return n2, watcher, watched
+
+
+async def test_a_crashed_nodes_users_go_offline_within_the_session_ttl(
+    database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
+) -> None:
+    n2, watcher, _ = await watched_on_second_node(
+        database, redis_target, start_nodes, clients, grace="0.2"
+    )
     killed_at = asyncio.get_running_loop().time()
     n2.kill()
     offline = await signal_of(watcher, PresenceFrame, timeout=10)
@@ -138,24 +153,10 @@ async def _pids_behind(
 async def test_a_node_dying_within_the_grace_period_still_gets_its_user_offline(
     database: str, redis_target: tuple[str, bool], start_nodes: StartNodes, clients: list[Any]
 ) -> None:
-    url, is_cluster = redis_target
-    env = env_for(
-        database,
-        url,
-        is_cluster,
-        PIGEON_PRESENCE__SESSION_TTL="1.5",
-        PIGEON_PRESENCE__GRACE="1.5",
+    n2, watcher, watched = await watched_on_second_node(
+        database, redis_target, start_nodes, clients, grace="1.5"
     )
-    n1, n2 = await start_nodes(2, env)
-    await register(n1.url, "watcher", PASSWORD)
-    user_id = await register(n1.url, "leaver", PASSWORD)
-    watcher = await connect(clients, n1.url, (await login(n1.url, "watcher", PASSWORD)).token)
-    await watcher.create_chat([user_id])
-    await watcher.subscribe_presence([user_id])
-    account = await login(n1.url, "leaver", PASSWORD)
-    leaver = await connect(clients, n2.url, account.token, reconnect=False)
-    assert (await signal_of(watcher, PresenceFrame)).status == "online"
-    await leaver.close()  # n2 starts its grace timer...
+    await watched.close()  # n2 starts its grace timer...
     n2.kill()  # ...and dies with it
     offline = await signal_of(watcher, PresenceFrame, timeout=15)
     assert offline.status == "offline" and offline.last_seen is not None

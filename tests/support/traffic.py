@@ -97,6 +97,14 @@ class Traffic:
             with contextlib.suppress(asyncio.CancelledError, ClientError):
                 await task
 
+    async def finish(self) -> None:
+        """Stop sending, wait until every acked message arrived, check the three promises,
+        stop receiving."""
+        await self.stop_sending()
+        await self.drain()
+        self.verify()
+        await self.close()
+
     def verify(self) -> None:
         """Zero acked-message loss, zero order violations, zero surfaced duplicates."""
         for chat, messages in self.received.items():
