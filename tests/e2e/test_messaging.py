@@ -10,7 +10,7 @@ import pytest
 from pigeon.client import ClientError, PigeonClient
 from pigeon.client.http import login
 from pigeon.domain.events import ChatUpdate, Message
-from tests.conftest import PASSWORD, Server, next_of
+from tests.conftest import PASSWORD, ManualClock, Server, next_of
 
 
 async def test_offline_recipient_gets_messages_in_order_on_connect(server: Server) -> None:
@@ -154,7 +154,9 @@ async def test_membership_changes_reach_every_device(server: Server) -> None:
     assert left.chat.members[0].user == newcomer.user and left.chat.members[0].role == "admin"
 
 
-async def test_list_chats_newest_first_with_unread(server: Server) -> None:
+async def test_list_chats_newest_first_with_unread(make_server) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()  # activity times are milliseconds: keep the two sends apart
+    server: Server = await make_server(clock=clock)
     alice = await server.new_client("alice")
     bob = await server.new_client("bob")
     carol = await server.new_client("carol")
@@ -165,6 +167,7 @@ async def test_list_chats_newest_first_with_unread(server: Server) -> None:
     assert again["id"] == with_bob["id"]  # one direct chat per pair
     await bob.send(with_bob["id"], "one")
     await bob.send(with_bob["id"], "two")
+    clock.offset_ms += 1
     await carol.send(with_carol["id"], "newest")
     chats = await alice.list_chats()
     assert [c["id"] for c in chats] == [with_carol["id"], with_bob["id"]]
