@@ -7,6 +7,7 @@ Multi-node and fault tests start these: every node is a separate OS process on i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -87,12 +88,15 @@ class Node:
         healthy = asyncio.ensure_future(wait_healthy(self.url))
         exited = asyncio.ensure_future(self.proc.wait())
         await asyncio.wait([healthy, exited], return_when=asyncio.FIRST_COMPLETED)
-        if not healthy.done():  # it died starting: say why instead of waiting for a timeout
-            healthy.cancel()
+        for task in (healthy, exited):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await task
+        if exited.done() and not exited.cancelled():  # it died starting: say why
             raise RuntimeError(
                 f"pigeon serve exited {exited.result()}:\n{self.log.read_text()[-2000:]}"
             )
-        exited.cancel()
         await healthy
 
     def kill(self) -> None:
