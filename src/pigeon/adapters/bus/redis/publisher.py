@@ -89,7 +89,7 @@ class Publisher:
 
     async def _round_trip(self, items: list[tuple[str, bytes]]) -> list[ResponseError | None]:
         conn = self._conn
-        if conn is not None and (not conn.is_connected or await conn.can_read()):
+        if conn is not None and not await _still_open(conn):
             await hang_up(conn)  # closed by the server (restart) while idle: start afresh
             conn = None
         if conn is None:
@@ -106,3 +106,14 @@ class Publisher:
             except ResponseError as exc:
                 out.append(exc)
         return out
+
+
+async def _still_open(conn: Wire) -> bool:
+    """False if the server closed an idle connection: readable data on an idle publishing
+    connection means EOF (redis-py reports it as True or, since 8.2, as ConnectionError)."""
+    if not conn.is_connected:
+        return False
+    try:
+        return not await conn.can_read()
+    except (RedisError, OSError):
+        return False
