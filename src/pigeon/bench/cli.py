@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pigeon.bench import idle, offline, one_to_one, presence_storm
+from pigeon.bench import compare, idle, offline, one_to_one, presence_storm
 from pigeon.bench.report import print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
 from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
@@ -357,3 +357,54 @@ def all_cmd(*, target: Target, out: Path) -> None:
         presence_storm.summary,
         nofile=p4.churners + p4.subscribers + 4096,
     )
+
+
+@bench_app.command("compare")
+@with_target
+def compare_cmd(
+    pairs: Annotated[int, typer.Option(help="Sender/receiver pairs (one direct chat each).")] = 100,
+    inflight: Annotated[
+        int, typer.Option(help="Saturation: sends outstanding per pair (0: no saturation run).")
+    ] = 10,
+    rates: Annotated[
+        str, typer.Option(help="Open-loop runs: total offered msgs/s, comma-separated.")
+    ] = "1000,2000",
+    duration: Annotated[float, typer.Option(help="Measured seconds per run.")] = 8.0,
+    warmup: Annotated[float, typer.Option(help="Seconds before measuring.")] = 2.0,
+    size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 100,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; the table shows medians.")] = 1,
+    targets: Annotated[str, typer.Option(help="Comma-separated: pigeon, relay.")] = "relay,pigeon",
+    *,
+    target: Target,
+    out: Path,
+) -> None:
+    """Pigeon against the bare relay on one workload, with a light generator: msgs/s, latency
+    and server CPU per message as ratios (pin with --server-cpu 0 --client-cpu 1)."""
+    target = _single_node(target, "compare")
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = set(names) - set(compare.RUNNERS)
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown targets {sorted(unknown)}; known: {list(compare.RUNNERS)}"
+        )
+    base = compare.Workload(pairs, inflight, None, duration, warmup, size)
+    workloads = ([base] if inflight > 0 else []) + [
+        dataclasses.replace(base, rate=float(r)) for r in rates.split(",") if r.strip()
+    ]
+
+    async def main() -> list[compare.Result]:
+        if target.client_cpu is not None:
+            pin(target.client_cpu)
+        return await compare.compare(names, workloads, target, rounds)
+
+    results = run_loop(main())
+    doc = {
+        "scenario": "compare",
+        "params": dataclasses.asdict(base) | {"rates": rates, "rounds": rounds} | target.describe(),
+        "results": [dataclasses.asdict(r) for r in results],
+        "problems": [],
+    }
+    path = write_result(out, doc)
+    for line in compare.table(results, names):
+        print(line)
+    print(f"result file {path}")

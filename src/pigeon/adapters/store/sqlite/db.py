@@ -31,7 +31,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,13 +84,13 @@ class SqliteDb:
         synchronous: str = "FULL",
         readers: int = 2,
         max_batch: int = 512,
-        sync_interval: float = 0.001,
+        commit_interval: float = 0.001,
     ) -> None:
         self._path = path
         self._durable_commits = synchronous == "FULL"
         self._readers = readers
         self._max_batch = max_batch
-        self._sync_interval = sync_interval
+        self._commit_interval = commit_interval
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._queue: deque[_Job] = deque()
@@ -104,8 +103,9 @@ class SqliteDb:
         self._durable_gen = 0
         self._waiting: deque[tuple[int, list[Outcome]]] = deque()
         self._wal_fd: int | None = None
-        self._sync_wanted = threading.Event()
-        self._syncer: threading.Thread | None = None
+        self._syncing = False
+        self._sync_pool: ThreadPoolExecutor | None = None
+        self._last_flush = 0.0
         self._commits_since_checkpoint = 0
         self._checkpoint_wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -133,8 +133,7 @@ class SqliteDb:
         self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         if self._durable_commits:
             self._wal_fd = os.open(f"{self._path}-wal", os.O_RDONLY | os.O_CREAT, 0o600)
-            self._syncer = threading.Thread(target=self._sync_loop, name="sqlite-sync", daemon=True)
-            self._syncer.start()
+            self._sync_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-sync")
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
         )
@@ -152,16 +151,14 @@ class SqliteDb:
             await self._drained
         await self.durable(self._gen)
         self._stop_threads = True
-        self._sync_wanted.set()
         self._checkpoint_wanted.set()
-        for thread in (self._syncer, self._checkpointer):
-            if thread is not None:
-                await asyncio.to_thread(thread.join)
-        self._syncer = self._checkpointer = None
-        for pool in (self._pool, self._apart_pool):
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
+        for pool in (self._pool, self._apart_pool, self._sync_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._pool = self._apart_pool = None
+        self._pool = self._apart_pool = self._sync_pool = None
         for rc in self._read_conns:
             rc.close()
         self._read_conns.clear()
@@ -199,7 +196,7 @@ class SqliteDb:
             return
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append((gen, [(fut, None, None)]))
-        self._sync_wanted.set()
+        self._want_sync()
         await fut
 
     # -- the write path, on the loop -------------------------------------------------------
@@ -207,10 +204,16 @@ class SqliteDb:
     def _schedule_flush(self) -> None:
         assert self._loop is not None
         self._flush_scheduled = True
-        self._loop.call_soon(self._flush)
+        delay = self._last_flush + self._commit_interval - self._loop.time()
+        if delay > 0:  # paces commits: jobs until then join this one
+            self._loop.call_later(delay, self._flush)
+        else:
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        assert self._loop is not None
         self._flush_scheduled = False
+        self._last_flush = self._loop.time()
         queue = self._queue
         if self._apart_running:
             return
@@ -248,8 +251,7 @@ class SqliteDb:
             _resolve(outcomes)
             return
         self._waiting.append((self._gen, outcomes))
-        if not self._sync_wanted.is_set():
-            self._sync_wanted.set()
+        self._want_sync()
 
     def _start_apart(self, job: _Job) -> None:
         assert self._loop is not None and self._apart_pool is not None and self._conn is not None
@@ -278,28 +280,23 @@ class SqliteDb:
 
     # -- durability and checkpoints, on their threads --------------------------------------
 
-    def _sync_loop(self) -> None:
+    def _want_sync(self) -> None:
+        """Start an fsync of the WAL on the sync thread, unless one is in flight (then the
+        commits made meanwhile get the next one, started as soon as it returns)."""
+        if self._syncing or self._gen <= self._durable_gen or self._sync_pool is None:
+            return
         assert self._loop is not None and self._wal_fd is not None
-        loop = self._loop
-        while True:
-            self._sync_wanted.wait()
-            if self._stop_threads:
-                return
-            self._sync_wanted.clear()
-            gen = self._gen  # every batch up to here has returned from COMMIT
-            started = time.monotonic()
-            error: OSError | None = None
-            try:
-                os.fdatasync(self._wal_fd)
-                if os.fstat(self._wal_fd).st_nlink == 0:  # never while we hold the database
-                    error = OSError("the WAL file was unlinked under the store")
-            except OSError as exc:
-                error = exc
-            self.syncs += 1
-            loop.call_soon_threadsafe(self._synced, gen, error)
-            pause = self._sync_interval - (time.monotonic() - started)
-            if pause > 0:
-                time.sleep(pause)  # paces fsyncs: later commits gather for the next one
+        self._syncing = True
+        gen = self._gen  # every batch up to here has returned from COMMIT
+        done = self._loop.run_in_executor(self._sync_pool, _fdatasync, self._wal_fd)
+        done.add_done_callback(lambda f: self._sync_done(gen, f))
+
+    def _sync_done(self, gen: int, done: asyncio.Future[None]) -> None:
+        self._syncing = False
+        self.syncs += 1
+        error = None if done.cancelled() else done.exception()
+        self._synced(gen, error if isinstance(error, OSError) or error is None else OSError(error))
+        self._want_sync()
 
     def _synced(self, gen: int, error: OSError | None) -> None:
         if error is not None:
@@ -347,6 +344,12 @@ class SqliteDb:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
+
+
+def _fdatasync(fd: int) -> None:
+    os.fdatasync(fd)
+    if os.fstat(fd).st_nlink == 0:  # never while we hold the database
+        raise OSError("the WAL file was unlinked under the store")
 
 
 def _commit_batch(conn: sqlite3.Connection, batch: list[_Job]) -> list[Outcome] | None:

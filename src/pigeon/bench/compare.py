@@ -1,0 +1,431 @@
+"""`pigeon bench compare`: one 1:1 workload against Pigeon and against the bare relay, with
+a generator light enough not to be the limit (`bench/wire.py`), reported as ratios.
+
+Workloads, each run against a freshly spawned target pinned to `server_cpu`, the generator
+pinned to `client_cpu`:
+- saturation: `pairs` closed-loop pairs with `inflight` sends outstanding each;
+- open loop at each of `rates` msgs/s: sends leave on a 1 ms schedule whatever the replies do
+  (the generator stays far from saturation, so a stalled server cannot slow its sends), and
+  latency counts from the moment a send left, not from its slot in the schedule, so the
+  schedule's granularity does not add to every figure.
+
+Per run: delivered msgs/s, send-to-receive latency (the body starts with the send time,
+CLOCK_MONOTONIC, comparable across processes), the server's CPU per delivered message, and for
+Pigeon the messages committed but never received (must be 0). The receiver and sender ack
+events as the SDK does (cumulatively, 5 ms after the first unacked one), so Pigeon does the work
+a real client causes: send, recipient ack, delivered receipt, sender ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import msgspec
+import psutil
+
+from pigeon.bench.accounts import bounded, make_devices
+from pigeon.bench.report import latency_summary, loadavg
+from pigeon.bench.server import Target, free_port, pin, raise_nofile, server
+from pigeon.bench.wire import WireSocket
+
+_EVENT = b'{"t":"event","iseq":'
+_OK = b'{"t":"ok","rid":'
+_BODY = b'"body":"'
+STAMP_DIGITS = 20
+ACK_DELAY = 0.005  # as the SDK's ack window
+TICK = 0.001  # open-loop scheduling granularity
+
+
+@dataclass
+class Workload:
+    """One run's load: closed loop (`rate` None) or open loop at `rate` msgs/s in total."""
+
+    pairs: int = 100
+    inflight: int = 10
+    rate: float | None = None
+    duration: float = 8.0
+    warmup: float = 2.0
+    size: int = 100
+
+    @property
+    def name(self) -> str:
+        return "saturation" if self.rate is None else f"{self.rate:g} msgs/s"
+
+
+@dataclass
+class Result:
+    """What one run measured."""
+
+    target: str
+    workload: str
+    delivered_per_s: float
+    latency_ms: dict[str, Any]
+    server_cpu_pct: float | None
+    cpu_us_per_msg: float | None
+    committed: int
+    lost: int
+    generator_cpu_pct: float
+    load: list[float] = field(default_factory=list)
+
+
+class _Socket:
+    """One generator socket: counts what arrives and acks Pigeon events like the SDK."""
+
+    __slots__ = ("ack_at", "acked", "gen", "last_iseq", "rid", "sock")
+
+    def __init__(self, gen: _Generator) -> None:
+        self.gen = gen
+        self.sock: WireSocket | None = None
+        self.last_iseq = 0
+        self.acked = 0
+        self.ack_at: asyncio.TimerHandle | None = None
+        self.rid = 0
+
+    def on_frame(self, frame: bytes) -> None:
+        if frame.startswith(_EVENT):
+            start = len(_EVENT)
+            self.last_iseq = int(frame[start : frame.index(b",", start)])
+            if self.ack_at is None:
+                self.ack_at = self.gen.loop.call_later(ACK_DELAY, self._ack)
+            self.gen.on_event(frame)
+        elif frame.startswith(_OK):
+            if frame[len(_OK)] != 0x22:  # a numeric rid: a send's reply (acks use "a<n>")
+                self.gen.on_sent(self)
+        elif self.gen.relay:  # the relay forwards the sender's frame as it is
+            self.gen.on_event(frame)
+
+    def _ack(self) -> None:
+        self.ack_at = None
+        if self.last_iseq > self.acked and self.sock is not None:
+            self.acked = self.last_iseq
+            self.rid += 1
+            self.sock.send(b'{"t":"ack","rid":"a%d","upto":%d}' % (self.rid, self.acked))
+
+
+@dataclass
+class _Pair:
+    tx: _Socket
+    rx: _Socket
+    chat: bytes
+    sent: int = 0
+
+
+class _Generator:
+    """Drives the pairs and gathers the figures of the measured window."""
+
+    def __init__(self, w: Workload, relay: bool) -> None:
+        self.w = w
+        self.relay = relay
+        self.loop = asyncio.get_running_loop()
+        self.pairs: list[_Pair] = []
+        self.by_tx: dict[_Socket, _Pair] = {}
+        self.pad = b"x" * max(0, w.size - STAMP_DIGITS)
+        self.sending = False
+        self.measuring = False
+        self.samples: list[int] = []
+        self.received = 0
+        self.received_in_window = 0
+        self.committed = 0
+        self.rid = 0
+        self.drained = asyncio.Event()
+
+    def frame(self, pair: _Pair, stamp: int) -> bytes:
+        self.rid += 1
+        pair.sent += 1
+        return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d","body":"%020d%s"}' % (
+            self.rid,
+            pair.chat,
+            self.rid,
+            stamp,
+            self.pad,
+        )
+
+    def on_sent(self, tx: _Socket) -> None:
+        self.committed += 1
+        if self.sending and self.w.rate is None:
+            pair = self.by_tx[tx]
+            assert pair.tx.sock is not None
+            pair.tx.sock.send(self.frame(pair, time.perf_counter_ns()))
+
+    def on_event(self, frame: bytes) -> None:
+        i = frame.find(_BODY)
+        if i < 0:
+            return  # a receipt (to the sender)
+        now = time.perf_counter_ns()
+        i += len(_BODY)
+        self.received += 1
+        if self.measuring:
+            self.received_in_window += 1
+            self.samples.append(now - int(frame[i : i + STAMP_DIGITS]))
+        if not self.sending and self.received >= self.committed:
+            self.drained.set()
+
+    def start(self) -> None:
+        self.sending = True
+        if self.w.rate is None:
+            for pair in self.pairs:
+                assert pair.tx.sock is not None
+                now = time.perf_counter_ns()
+                pair.tx.sock.send_many([self.frame(pair, now) for _ in range(self.w.inflight)])
+        else:
+            self.loop.create_task(self._open_loop(self.w.rate))
+
+    async def _open_loop(self, rate: float) -> None:
+        t0 = time.perf_counter_ns()
+        k = 0
+        n = len(self.pairs)
+        interval_ns = 1e9 / rate
+        while self.sending:
+            now = time.perf_counter_ns()
+            due = int((now - t0) / interval_ns)
+            batches: dict[int, list[bytes]] = {}
+            while k < due:
+                pair_index = k % n
+                batches.setdefault(pair_index, []).append(self.frame(self.pairs[pair_index], now))
+                k += 1
+            for index, frames in batches.items():
+                sock = self.pairs[index].tx.sock
+                assert sock is not None
+                sock.send_many(frames)
+            await asyncio.sleep(TICK)  # the schedule's clock tick, not synchronisation
+
+
+async def _connect(url: str, s: _Socket) -> None:
+    s.sock = await WireSocket.connect(url, s.on_frame)
+
+
+async def _run_pigeon(w: Workload, target: Target) -> Result:
+    async with server(target) as handle:
+        accounts, _ = await make_devices(handle.url, 2 * w.pairs, 1)
+        gen = _Generator(w, relay=False)
+        ws = handle.url.replace("http://", "ws://") + "/v1/ws?token="
+        socks = [_Socket(gen) for _ in accounts]
+        await bounded(
+            100, [partial(_connect, ws + a.token, s) for a, s in zip(accounts, socks, strict=True)]
+        )
+        chats = await bounded(
+            50,
+            [partial(_create_chat, socks[2 * i], accounts[2 * i + 1].user) for i in range(w.pairs)],
+        )
+        for i, chat in enumerate(chats):
+            pair = _Pair(socks[2 * i], socks[2 * i + 1], chat.encode())
+            gen.pairs.append(pair)
+            gen.by_tx[pair.tx] = pair
+        pid = handle.pid
+        result = await _measure(gen, w, "pigeon", pid)
+        for s in socks:
+            if s.sock is not None:
+                s.sock.close()
+        return result
+
+
+async def _create_chat(s: _Socket, peer: str) -> str:
+    """create_chat through the raw socket (set-up only, so a plain decode is fine)."""
+    assert s.sock is not None
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[bytes] = loop.create_future()
+    previous = s.sock.on_frame
+
+    def on_frame(frame: bytes) -> None:
+        if frame.startswith(b'{"t":"ok","rid":"c"') or frame.startswith(b'{"t":"error"'):
+            if not reply.done():
+                reply.set_result(frame)
+        else:
+            previous(frame)
+
+    s.sock.on_frame = on_frame
+    body = msgspec.json.encode(
+        {"t": "create_chat", "rid": "c", "participants": [peer], "kind": "direct"}
+    )
+    s.sock.send(body)
+    async with asyncio.timeout(30):
+        frame = await reply
+    s.sock.on_frame = previous
+    decoded = msgspec.json.decode(frame)
+    if decoded.get("t") != "ok":
+        raise RuntimeError(f"create_chat failed: {frame!r}")
+    return str(decoded["result"]["id"])
+
+
+def _spawn_relay(port: int, cpu: int | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "pigeon.bench.relay", "--port", str(port)]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=lambda: pin(cpu))
+
+
+@contextlib.asynccontextmanager
+async def _relay(target: Target) -> AsyncIterator[tuple[str, int]]:
+    port = free_port()
+    proc = _spawn_relay(port, target.server_cpu)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the relay did not start") from None
+                await asyncio.sleep(0.05)  # polling an external process: nothing to await
+        yield f"ws://127.0.0.1:{port}/ws", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:  # it waits for sockets the generator dropped
+            proc.kill()
+            proc.wait()
+
+
+async def _run_relay(w: Workload, target: Target) -> Result:
+    async with _relay(target) as (url, pid):
+        gen = _Generator(w, relay=True)
+        socks = [_Socket(gen) for _ in range(2 * w.pairs)]
+        jobs: list[Callable[[], Awaitable[None]]] = []
+        for i in range(w.pairs):
+            jobs.append(partial(_connect, url, socks[2 * i]))
+            jobs.append(partial(_connect, f"{url}?chat=p{i}", socks[2 * i + 1]))
+        await bounded(100, jobs)
+        for i in range(w.pairs):
+            pair = _Pair(socks[2 * i], socks[2 * i + 1], b"p%d" % i)
+            gen.pairs.append(pair)
+            gen.by_tx[pair.tx] = pair
+        result = await _measure(gen, w, "relay", pid)
+        for s in socks:
+            if s.sock is not None:
+                s.sock.close()
+        return result
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    proc = psutil.Process(pid)
+    procs = [proc, *proc.children(recursive=True)]
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def _measure(gen: _Generator, w: Workload, name: str, pid: int | None) -> Result:
+    me = psutil.Process()
+    gen.start()
+    await asyncio.sleep(w.warmup)  # the warm-up period itself, not synchronisation
+    cpu0, mine0, t0 = _cpu_seconds(pid), me.cpu_times(), time.perf_counter()
+    load0 = loadavg()
+    gen.measuring = True
+    await asyncio.sleep(w.duration)  # the measured window
+    gen.measuring = False
+    elapsed = time.perf_counter() - t0
+    cpu1, mine1 = _cpu_seconds(pid), me.cpu_times()
+    gen.sending = False
+    if gen.received >= gen.committed:
+        gen.drained.set()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(20):
+            await gen.drained.wait()
+    delivered = gen.received_in_window
+    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    mine = (mine1.user + mine1.system) - (mine0.user + mine0.system)
+    return Result(
+        target=name,
+        workload=w.name,
+        delivered_per_s=delivered / elapsed,
+        latency_ms=latency_summary(gen.samples),
+        server_cpu_pct=None if server_cpu is None else 100 * server_cpu / elapsed,
+        cpu_us_per_msg=None
+        if server_cpu is None or not delivered
+        else 1e6 * server_cpu / delivered,
+        committed=gen.committed,
+        lost=max(0, gen.committed - gen.received),
+        generator_cpu_pct=100 * mine / elapsed,
+        load=load0,
+    )
+
+
+RUNNERS: dict[str, Callable[[Workload, Target], Any]] = {
+    "relay": _run_relay,
+    "pigeon": _run_pigeon,
+}
+
+
+async def compare(
+    targets: list[str], workloads: list[Workload], target: Target, rounds: int
+) -> list[Result]:
+    """Every workload against every target, `rounds` times, interleaved within a round."""
+    raise_nofile(65536)
+    results: list[Result] = []
+    for _ in range(rounds):
+        for w in workloads:
+            for name in targets:
+                results.append(await RUNNERS[name](w, target))
+    return results
+
+
+def table(results: list[Result], targets: list[str]) -> list[str]:
+    """Medians per (workload, target), with Pigeon's ratio to each other target."""
+    lines = []
+    by: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        by.setdefault((r.workload, r.target), []).append(r)
+    workloads = list(dict.fromkeys(r.workload for r in results))
+    header = f"{'workload':<16}{'target':<8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+    header += f"{'cpu %':>8}{'us/msg':>8}{'lost':>6}{'gen %':>7}"
+    lines.append(header)
+    for wname in workloads:
+        med: dict[str, dict[str, float | None]] = {}
+        for t in targets:
+            runs = by.get((wname, t), [])
+            if not runs:
+                continue
+            m = {
+                "rate": statistics.median(r.delivered_per_s for r in runs),
+                "p50": _median([r.latency_ms.get("p50_ms") for r in runs]),
+                "p99": _median([r.latency_ms.get("p99_ms") for r in runs]),
+                "cpu": _median([r.server_cpu_pct for r in runs]),
+                "us": _median([r.cpu_us_per_msg for r in runs]),
+                "gen": statistics.median(r.generator_cpu_pct for r in runs),
+            }
+            med[t] = m
+            lost = sum(r.lost for r in runs)
+            lines.append(
+                f"{wname:<16}{t:<8}{m['rate']:>10.0f}{_f(m['p50']):>9}{_f(m['p99']):>9}"
+                f"{_f(m['cpu'], 0):>8}{_f(m['us'], 0):>8}{lost:>6}{_f(m['gen'], 0):>7}"
+            )
+        if "pigeon" in med:
+            for other, m in med.items():
+                if other == "pigeon":
+                    continue
+                p = med["pigeon"]
+                ratios = [
+                    f"msgs/s {_ratio(p['rate'], m['rate'])}",
+                    f"p99 {_ratio(p['p99'], m['p99'])}",
+                    f"us/msg {_ratio(p['us'], m['us'])}",
+                ]
+                lines.append(f"{'':<16}pigeon/{other}: " + ", ".join(ratios))
+    return lines
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
