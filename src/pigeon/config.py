@@ -27,7 +27,7 @@ class SqliteSettings(BaseModel):
     max_batch: int = Field(512, ge=1, le=10_000)
     #: Group commit window: a commit (and its fsync) at most this often; jobs queued meanwhile
     #: share it. 0 commits whatever is queued at once, every loop iteration.
-    commit_interval_ms: float = Field(1.0, ge=0.0, le=100.0)
+    commit_interval_ms: float = Field(2.0, ge=0.0, le=100.0)
 
 
 class PostgresSettings(BaseModel):

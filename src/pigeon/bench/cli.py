@@ -374,6 +374,9 @@ def compare_cmd(
     size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 100,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; the table shows medians.")] = 1,
     targets: Annotated[str, typer.Option(help="Comma-separated: pigeon, relay.")] = "relay,pigeon",
+    ride_acks: Annotated[
+        bool, typer.Option(help="Senders' acks ride on their next send (off: separate acks).")
+    ] = True,
     *,
     target: Target,
     out: Path,
@@ -387,7 +390,7 @@ def compare_cmd(
         raise typer.BadParameter(
             f"unknown targets {sorted(unknown)}; known: {list(compare.RUNNERS)}"
         )
-    base = compare.Workload(pairs, inflight, None, duration, warmup, size)
+    base = compare.Workload(pairs, inflight, None, duration, warmup, size, ride_acks)
     workloads = ([base] if inflight > 0 else []) + [
         dataclasses.replace(base, rate=float(r)) for r in rates.split(",") if r.strip()
     ]

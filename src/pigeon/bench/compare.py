@@ -55,6 +55,8 @@ class Workload:
     duration: float = 8.0
     warmup: float = 2.0
     size: int = 100
+    #: Senders' acks ride on their next `send` (as the SDK does); off for servers before it.
+    ride_acks: bool = True
 
     @property
     def name(self) -> str:
@@ -141,12 +143,18 @@ class _Generator:
     def frame(self, pair: _Pair, stamp: int) -> bytes:
         self.rid += 1
         pair.sent += 1
-        return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d","body":"%020d%s"}' % (
+        tx = pair.tx
+        ack = b""
+        if self.w.ride_acks and tx.last_iseq > tx.acked:  # the ack rides along, as in the SDK
+            tx.acked = tx.last_iseq
+            ack = b',"ack":%d' % tx.acked
+        return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d","body":"%020d%s"%s}' % (
             self.rid,
             pair.chat,
             self.rid,
             stamp,
             self.pad,
+            ack,
         )
 
     def on_sent(self, tx: _Socket) -> None:

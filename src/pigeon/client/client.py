@@ -127,6 +127,8 @@ class PigeonClient:
         self._gap_timer: asyncio.TimerHandle | None = None
         self._handled = 0
         self._acked = 0
+        #: Highest ack sent along with a `send` whose reply is still awaited.
+        self._riding = 0
         self._ack_wanted = asyncio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._signals: asyncio.Queue[PresenceFrame | TypingFrame | ClientError] = asyncio.Queue()
@@ -230,10 +232,20 @@ class PigeonClient:
         if attachment is not None:
             fields["attachment"] = attachment
         for attempt in itertools.count():
+            upto = self._handled if self.auto_ack else 0
+            if upto > max(self._acked, self._riding):
+                fields["ack"] = self._riding = upto  # the pending ack rides along
+            else:
+                fields.pop("ack", None)
             try:
                 r = await self.request("send", **fields)
+                if "ack" in fields:
+                    self._acked = max(self._acked, fields["ack"])
                 return SendResult(r["id"], r["seq"], r["at"], r["duplicate"], cmid)
             except ClientError as exc:
+                if "ack" in fields:  # not known to be applied: the ack loop sends it again
+                    self._riding = self._acked
+                    self._ack_wanted.set()
                 if not exc.temporary or attempt >= self.send_retries or self._fatal is not None:
                     raise
                 await asyncio.sleep(self._backoff(attempt))
@@ -522,7 +534,7 @@ class PigeonClient:
             self._ack_wanted.clear()
             await asyncio.sleep(self.ack_interval)  # batching window, not synchronisation
             upto = self._handled
-            if upto > self._acked:
+            if upto > max(self._acked, self._riding):
                 try:
                     await self.ack(upto)
                 except ClientError:

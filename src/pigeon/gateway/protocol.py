@@ -53,6 +53,7 @@ class Send(Command, tag="send"):
     cmid: str
     body: str | None = None
     attachment: str | None = None
+    ack: Count | None = None  # an `ack` riding along (saves a command per received batch)
 
 
 class Ack(Command, tag="ack"):

@@ -48,10 +48,21 @@ class MessagingService:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
     async def send(
-        self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
+        self,
+        device: Device,
+        chat_id: str,
+        cmid: str,
+        body: str | None,
+        attachment: str | None,
+        *,
+        ack: int | None = None,
     ) -> tuple[Message, bool]:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
+
+        `ack`: an ack of the device's inbox riding along (as if sent just before); it joins the
+        same group commit as the message, and a failure of either fails the call (both are
+        idempotent, so the client retries both).
 
         Sends from one connection commit in the order the connection issued them: a text send
         hands its change to the store before any await (the shielded commit tasks start in
@@ -65,9 +76,16 @@ class MessagingService:
             raise TooLarge(f"body exceeds {self._limits.max_body_bytes} bytes")
         if not is_id(chat_id) or (attachment is not None and not is_id(attachment)):
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
+        if ack is not None and ack < 0:
+            raise BadRequest("ack must be >= 0")
         if attachment is None and device.id not in self._tails:
-            return await self._commit(device, chat_id, cmid, body, None)
-        return await self._ordered(device, chat_id, cmid, body, attachment)
+            sending = self._commit(device, chat_id, cmid, body, None)
+        else:
+            sending = self._ordered(device, chat_id, cmid, body, attachment)
+        if ack is None:
+            return await sending
+        _, sent = await asyncio.gather(self.ack(device, ack), sending)
+        return sent
 
     async def _ordered(
         self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None

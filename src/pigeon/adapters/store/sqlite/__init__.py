@@ -22,7 +22,7 @@ class SqliteStore:
         *,
         synchronous: str = "FULL",
         max_batch: int = 512,
-        commit_interval: float = 0.001,
+        commit_interval: float = 0.002,
     ) -> None:
         self.db = SqliteDb(
             path, synchronous=synchronous, max_batch=max_batch, commit_interval=commit_interval

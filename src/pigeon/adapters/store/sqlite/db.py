@@ -84,7 +84,7 @@ class SqliteDb:
         synchronous: str = "FULL",
         readers: int = 2,
         max_batch: int = 512,
-        commit_interval: float = 0.001,
+        commit_interval: float = 0.002,
     ) -> None:
         self._path = path
         self._durable_commits = synchronous == "FULL"
