@@ -47,12 +47,7 @@ def build_store(settings: Settings) -> Store:
         return PostgresStore(
             s.dsn, min_connections=s.min_connections, max_connections=s.max_connections
         )
-    return SqliteStore(
-        settings.sqlite_path(),
-        synchronous=s.synchronous,
-        max_batch=s.max_batch,
-        commit_interval=s.commit_interval_ms / 1000,
-    )
+    return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
 
 
 def build_bus(settings: Settings) -> Bus:

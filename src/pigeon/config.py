@@ -25,9 +25,6 @@ class SqliteSettings(BaseModel):
     path: Path | None = None
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_batch: int = Field(512, ge=1, le=10_000)
-    #: Group commit window: a commit (and its fsync) at most this often; jobs queued meanwhile
-    #: share it. 0 commits whatever is queued at once, every loop iteration.
-    commit_interval_ms: float = Field(2.0, ge=0.0, le=100.0)
 
 
 class PostgresSettings(BaseModel):

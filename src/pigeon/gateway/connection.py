@@ -40,10 +40,8 @@ class Connection:
     __slots__ = (
         "_closer",
         "_closing",
-        "_flush_pending",
         "_held",
         "_held_overflow",
-        "_loop",
         "_max",
         "_on_close",
         "_out",
@@ -57,9 +55,7 @@ class Connection:
     def __init__(self, transport: Transport, device: Device, max_frames: int) -> None:
         self.transport = transport
         self.device = device
-        self._loop = asyncio.get_running_loop()
-        self.last_recv = self._loop.time()
-        self._flush_pending = False
+        self.last_recv = asyncio.get_running_loop().time()
         self._out: deque[bytes | object] = deque()
         self._max = max_frames
         self._writer: asyncio.Task[None] | None = None
@@ -149,7 +145,7 @@ class Connection:
             self._space.set()
         if self._writer is not None:
             self._writer.cancel()
-        self._closer = self._loop.create_task(self._close(code, reason))
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def wait_closed(self) -> None:
         """Finish the close handshake (started by `close`, or a normal one if none was)."""
@@ -164,63 +160,26 @@ class Connection:
 
     def _enqueue(self, item: bytes | object) -> None:
         self._out.append(item)
-        if self._writer is None and not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Write what is queued now, without a task: one callback per loop iteration writes
-        every frame queued during it (one syscall). Only a ping or a peer that cannot take
-        more right now hands over to the writer task, which waits."""
-        self._flush_pending = False
-        if self._writer is not None or self._closing:
-            return
-        out = self._out
-        try:
-            while out:
-                batch = _head(out)
-                if not batch or not self.transport.try_write(batch):
-                    self._writer = self._loop.create_task(self._drain())
-                    return
-                for _ in batch:
-                    out.popleft()
-                self._wake_space()
-        except (ConnectionError, RuntimeError) as exc:
-            self._write_failed(exc)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         out = self._out
         try:
             while out:
-                if out[0] is _PING:
-                    out.popleft()
+                item = out.popleft()
+                if item is _PING:
                     await self.transport.ping()
                     continue
-                batch = _head(out)
-                for _ in batch:
-                    out.popleft()
-                await self.transport.send_texts(batch)
-                self._wake_space()
+                batch = [item]
+                while out and out[0] is not _PING and len(batch) < _WRITE_BATCH:
+                    batch.append(out.popleft())
+                await self.transport.send_texts(batch)  # type: ignore[arg-type]
+                if self._space is not None and len(out) < self._max // 2:
+                    self._space.set()
+                    self._space = None
         except (ConnectionError, RuntimeError) as exc:
-            self._write_failed(exc)
+            log.debug("write to device %s failed: %s", self.device.id, exc)
+            self.close(Close.GOING_AWAY, "write failed")
         finally:
             self._writer = None
-
-    def _wake_space(self) -> None:
-        if self._space is not None and len(self._out) < self._max // 2:
-            self._space.set()
-            self._space = None
-
-    def _write_failed(self, exc: Exception) -> None:
-        log.debug("write to device %s failed: %s", self.device.id, exc)
-        self.close(Close.GOING_AWAY, "write failed")
-
-
-def _head(out: deque[bytes | object]) -> list[bytes]:
-    """The text frames at the head of `out`, up to a ping and at most `_WRITE_BATCH`."""
-    batch: list[bytes] = []
-    for item in out:
-        if item is _PING or len(batch) >= _WRITE_BATCH:
-            break
-        batch.append(item)  # type: ignore[arg-type]
-    return batch

@@ -24,25 +24,11 @@ def text_frame_header(length: int) -> bytes:
     return _LEN3(_TEXT_FIN, 127, length)
 
 
-def _framed(frames: list[bytes]) -> bytes:
-    if len(frames) == 1:
-        return text_frame_header(len(frames[0])) + frames[0]
-    parts: list[bytes] = []
-    for frame in frames:
-        parts.append(text_frame_header(len(frame)))
-        parts.append(frame)
-    return b"".join(parts)
-
-
 class Transport(Protocol):
     """The writing half of one server-side WebSocket."""
 
     async def send_texts(self, frames: list[bytes]) -> None:
         """Send text frames (UTF-8 JSON) in order; may wait while the peer's buffer is full."""
-
-    def try_write(self, frames: list[bytes]) -> bool:
-        """Write text frames now if the socket takes them without waiting; False (nothing
-        written) if it cannot, e.g. while the peer's buffer is full: then use `send_texts`."""
 
     async def ping(self) -> None:
         """Send a ping control frame."""
@@ -78,18 +64,13 @@ class AiohttpTransport:
             return
         if raw.is_closing() or self._ws.closed:
             raise ConnectionResetError("connection is closing")
-        raw.write(_framed(frames))
+        parts: list[bytes] = []
+        for frame in frames:
+            parts.append(text_frame_header(len(frame)))
+            parts.append(frame)
+        raw.write(b"".join(parts))
         if self._protocol.writing_paused:
             await drain()
-
-    def try_write(self, frames: list[bytes]) -> bool:
-        raw = self._raw
-        if raw is None or self._drain is None or self._protocol.writing_paused:
-            return False
-        if raw.is_closing() or self._ws.closed:
-            raise ConnectionResetError("connection is closing")
-        raw.write(_framed(frames))
-        return True
 
     async def ping(self) -> None:
         await self._ws.ping()

@@ -16,17 +16,8 @@ from pigeon.ports import AccountStore, AttachmentStore, ChatStore, MessageStore,
 class SqliteStore:
     """The sub-stores over one SQLite database with group commit."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        synchronous: str = "FULL",
-        max_batch: int = 512,
-        commit_interval: float = 0.002,
-    ) -> None:
-        self.db = SqliteDb(
-            path, synchronous=synchronous, max_batch=max_batch, commit_interval=commit_interval
-        )
+    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512) -> None:
+        self.db = SqliteDb(path, synchronous=synchronous, max_batch=max_batch)
         self.accounts: AccountStore = SqliteAccounts(self.db)
         self.chats: ChatStore = SqliteChats(self.db)
         self.messages: MessageStore = SqliteMessages(self.db)

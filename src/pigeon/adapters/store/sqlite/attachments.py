@@ -121,8 +121,7 @@ class SqliteAttachments:
             ids, after = await self._db.write(
                 functools.partial(
                     _sweep_chunk, before=before, unshared=unshared_before, after=after
-                ),
-                apart=True,
+                )
             )
             deleted += ids
         return deleted

@@ -287,7 +287,7 @@ class SqliteMessages:
         messages = entries = 0
         while True:
             n_messages, n_entries, n_other = await self._db.write(
-                lambda conn: _sweep_chunk(conn, before), apart=True
+                lambda conn: _sweep_chunk(conn, before)
             )
             messages += n_messages
             entries += n_entries
