@@ -100,3 +100,33 @@ async def test_read_state_syncs_to_own_devices(server: Server) -> None:
     await phone.read(chat["id"], sent.seq)
     state = await next_of(laptop, ReadState)
     assert (state.chat, state.seq) == (chat["id"], sent.seq)
+
+
+async def test_an_ack_riding_on_a_send_counts_as_an_ack(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob_account = await server.device(bob_name)
+    # The ack timer never fires: only the ack riding on bob's reply can deliver alice's receipt.
+    bob = await server.client(bob_account, ack_interval=3600)
+    chat = await alice.create_chat([bob_id])
+    sent = await alice.send(chat["id"], "ping")
+    assert (await next_of(bob, Message)).id == sent.id
+
+    await bob.send(chat["id"], "pong")
+    delivered = await next_of(alice, Receipt)
+    assert (delivered.kind, delivered.user, delivered.seq) == ("delivered", bob_id, 1)
+    await bob.close()
+    again = await server.client(bob_account)
+    later = await alice.send(chat["id"], "after the reconnect")
+    # Events come in inbox order: had "ping" not been acked, it would come back first.
+    assert (await next_of(again, Message)).id == later.id
+
+
+async def test_a_bad_riding_ack_fails_the_send(server: Server) -> None:
+    alice = await server.new_client("alice")
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    with pytest.raises(ClientError) as err:
+        await alice.request("send", chat=chat["id"], cmid="c1", body="x", ack=-1)
+    assert err.value.code == "bad_request"

@@ -1,0 +1,22 @@
+"""`pigeon bench compare` with tiny parameters: Pigeon (the test server) and a spawned relay."""
+
+from __future__ import annotations
+
+from pigeon.bench import compare
+from pigeon.bench.server import Target
+from tests.conftest import Server
+
+
+async def test_compare_smoke(server: Server) -> None:
+    closed = compare.Workload(pairs=2, inflight=2, duration=0.5, warmup=0.2)
+    opened = compare.Workload(pairs=2, rate=200, duration=0.5, warmup=0.2)
+    pigeon = await compare.compare(["pigeon"], [closed, opened], Target(url=server.url), 1)
+    relay = await compare.compare(["relay"], [closed], Target(), 1)
+    for r in [*pigeon, *relay]:
+        assert r.delivered_per_s > 0 and r.lost == 0
+        assert r.latency_ms["count"] > 0
+        assert 0 < r.latency_ms["p50_ms"] <= r.latency_ms["p99_ms"]
+    assert relay[0].cpu_us_per_msg is not None  # spawned: its CPU is read
+    assert pigeon[1].workload == "200 msgs/s" and 150 < pigeon[1].delivered_per_s < 250
+    lines = compare.table([*pigeon, *relay], ["relay", "pigeon"])
+    assert any("pigeon/relay" in line for line in lines)
