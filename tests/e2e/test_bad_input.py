@@ -193,3 +193,43 @@ async def test_sdk_surfaces_a_permanent_close_to_every_reader(server: Server) ->
         with pytest.raises(ClientError) as err:
             await reader(5)
         assert err.value.code == "closed"
+
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+async def test_frames_nested_too_deep_are_bad_requests(server: Server) -> None:
+    name, _ = await server.user()
+    account = await server.device(name)
+    ws = await server.raw_ws(account)
+    for frame in (_nested(5000), '{"t":"send","rid":1,"chat":' + _nested(5000) + "}"):
+        await ws.send_str(frame)
+        err = await reply(ws)
+        assert (err["t"], err["code"]) == ("error", "bad_request")
+    await still_alive(ws)
+
+    http = aiohttp.ClientSession()  # before authentication: refused, not a crash
+    try:
+        first = await http.ws_connect(f"{server.url}/v1/ws")
+        await first.send_str(_nested(5000))
+        assert (await reply(first))["code"] == "unauthorized"
+        assert (await first.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        assert first.close_code == 4501
+    finally:
+        await http.close()
+
+
+async def test_bearer_scheme_is_case_insensitive(server: Server) -> None:
+    name, _ = await server.user()
+    account = await server.device(name)
+    http = aiohttp.ClientSession()
+    try:
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            ws = await http.ws_connect(
+                f"{server.url}/v1/ws", headers={"Authorization": f"{scheme} {account.token}"}
+            )
+            await still_alive(ws)
+            await ws.close()
+    finally:
+        await http.close()

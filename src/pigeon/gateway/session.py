@@ -60,8 +60,8 @@ class Session:
             if len(frame) > self.services.max_frame_bytes:
                 raise TooLarge(f"frame exceeds {self.services.max_frame_bytes} bytes")
             cmd = p.command_decoder.decode(frame)
-        except (TooLarge, msgspec.DecodeError) as exc:
-            self.conn.send(p.encode(to_error(*_explain(frame, exc))))
+        except Exception as exc:  # anything a hostile frame makes the decoder raise, e.g.
+            self.conn.send(p.encode(to_error(*_explain(frame, exc))))  # RecursionError
             return
         await self._inflight.acquire()
         task = asyncio.get_running_loop().create_task(self._run(cmd))
@@ -251,9 +251,11 @@ def _explain(frame: bytes, exc: Exception) -> tuple[p.Rid | None, Exception]:
     """For a frame that failed to decode: the rid to echo (if readable) and the error to send,
     telling malformed JSON, an unknown command and a badly typed command apart. The frame is
     read again as a bare envelope, once, and only on this error path."""
+    if not isinstance(exc, TooLarge | msgspec.DecodeError):  # nesting too deep, or worse
+        return None, BadRequest("malformed frame")
     try:
         envelope = p.envelope_decoder.decode(frame)
-    except msgspec.DecodeError:
+    except Exception:
         return None, exc if isinstance(exc, TooLarge) else BadRequest("malformed JSON")
     rid = envelope.rid
     if not isinstance(rid, int | str) or isinstance(rid, bool):

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 
-import msgspec
 from aiohttp import WSMsgType, web
 
 from pigeon.domain.errors import PigeonError, Unauthorized
@@ -29,9 +28,9 @@ log = logging.getLogger(__name__)
 
 def bearer_token(request: web.Request) -> str | None:
     """The token of an upgrade or REST request, from the header or the `token` query param."""
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[7:].strip()
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():  # RFC 9110: case-insensitive scheme
+        return credentials.strip()
     return request.query.get("token")
 
 
@@ -150,7 +149,7 @@ async def _auth_frame(
             raise Unauthorized("expected an auth frame")
         try:
             cmd = p.command_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
+        except Exception as exc:  # any decoder failure, RecursionError included
             raise Unauthorized("the first frame must be an auth command") from exc
         if not isinstance(cmd, p.Auth):
             raise Unauthorized("the first frame must be an auth command")
