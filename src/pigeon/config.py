@@ -173,6 +173,7 @@ class LimitSettings(BaseModel):
     preview_chars: int = Field(100, ge=0, le=1000)
     retention_days: float = Field(30.0, gt=0)
     sync_page: int = Field(500, ge=1, le=10_000)
+    sync_page_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     def to_limits(self) -> Limits:
         return Limits(
@@ -183,6 +184,7 @@ class LimitSettings(BaseModel):
             preview_chars=self.preview_chars,
             retention_seconds=self.retention_days * 86400,
             sync_page=self.sync_page,
+            sync_page_bytes=self.sync_page_bytes,
         )
 
 
@@ -192,6 +194,12 @@ class GatewaySettings(BaseModel):
     ping_interval: float = Field(30.0, gt=0)
     idle_timeout: float = Field(60.0, gt=0)
     outbound_queue_frames: int = Field(2048, ge=16)
+    #: Bytes queued for one connection at most (replies, pushes and the inbox sync); above it
+    #: the device is disconnected as too slow (4000). The sync waits at half of it.
+    outbound_queue_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    #: A connection whose queued frames make no progress for this long is closed (4000), even
+    #: if it keeps sending pings: its peer stopped reading.
+    stall_timeout: float = Field(30.0, gt=0)
     max_inflight_commands: int = Field(256, ge=1)
     #: Frames above this get a `too_large` error; the connection lives on.
     max_frame_bytes: int = Field(1024 * 1024, ge=1024)

@@ -168,9 +168,12 @@ class MessageStore(Protocol):
         never backwards). Writes read `Receipt`s to the senders of newly read messages and a
         `ReadState` to the user's other devices. `Forbidden` if not a participant."""
 
-    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
+    async def read_inbox(
+        self, device_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> InboxPage:
         """The device's deliverable inbox entries with iseq > after, in iseq order, at most
-        `limit`, with the device's inbox head and ack in the same snapshot. Iseqs missing
+        `limit` and, with `max_bytes`, no more entries than fit in that many bytes (always at
+        least one), with the device's inbox head and ack in the same snapshot. Iseqs missing
         between `after` and `head` were acked or expired."""
 
     async def acked_iseq(self, device_id: str) -> int:

@@ -291,3 +291,22 @@ async def test_the_sender_may_see_receipts_after_leaving(store: Store) -> None:
     outsider = await user(store, "o13")
     with pytest.raises(Forbidden):  # no existence leak for others
         await store.messages.receipts(outsider.id, g.id, sent.message.id)
+
+
+async def test_an_inbox_page_stops_at_its_byte_budget(store: Store) -> None:
+    a, b = await user(store, "a_pg"), await user(store, "b_pg")
+    da, dbb = await device(store, a), await device(store, b)
+    c = await chat(store, a, b)
+    for i in range(6):
+        await store.messages.send(send_req(c, da, str(i) * 1000))
+    everything = await store.messages.read_inbox(dbb.id, 0, 100)
+    sizes = [len(e.raw) for e in everything.entries]
+    assert len(sizes) == 7  # the chat_update, then 6 messages of ~1 kB
+    budget = sum(sizes[:3]) + 10  # fits three entries, not four
+    page = await store.messages.read_inbox(dbb.id, 0, 100, max_bytes=budget)
+    assert [e.iseq for e in page.entries] == [1, 2, 3]
+    assert (page.head, page.acked) == (everything.head, everything.acked)
+    tiny = await store.messages.read_inbox(dbb.id, 3, 100, max_bytes=1)  # one entry at least
+    assert [e.iseq for e in tiny.entries] == [4]
+    capped = await store.messages.read_inbox(dbb.id, 0, 2, max_bytes=10**9)  # limit still holds
+    assert [e.iseq for e in capped.entries] == [1, 2]

@@ -135,3 +135,72 @@ async def test_sends_in_flight_during_a_drop_are_committed_exactly_once(server: 
     got = [await next_of(bob, Message, timeout=10) for _ in range(50)]
     assert sorted(m.id for m in got) == sorted(r.id for r in results)
     assert [m.seq for m in got] == list(range(1, 51))
+
+
+async def _read_until_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    async with asyncio.timeout(20):
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+    return bytes(data)
+
+
+def _close_code(stream: bytes) -> int | None:
+    """The code of the close frame in a stream of unmasked server frames (None if absent)."""
+    pos = 0
+    while pos + 2 <= len(stream):
+        opcode, n, head = stream[pos] & 0x0F, stream[pos + 1] & 0x7F, 2
+        if n == 126:
+            n, head = int.from_bytes(stream[pos + 2 : pos + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(stream[pos + 2 : pos + 10], "big"), 10
+        if opcode == 0x8:
+            return int.from_bytes(stream[pos + head : pos + head + 2], "big")
+        pos += head + n
+    return None
+
+
+async def test_device_that_stops_reading_during_its_sync_is_closed(make_server) -> None:  # type: ignore[no-untyped-def]
+    budget = 256 * 1024
+    server: Server = await make_server(
+        gateway={"stall_timeout": 0.6, "outbound_queue_bytes": budget, "idle_timeout": 60},
+        limits={"sync_page_bytes": 128 * 1024},
+    )
+    sender = await server.new_client("sender")
+    name, user_id = await server.user("stalled")
+    account = await server.device(name)
+    chat = await sender.create_chat([user_id])
+    for _ in range(60):  # 3.6 MB waiting in its inbox
+        await sender.send(chat["id"], "z" * 60_000)
+
+    sock = await _stalled_socket(server.url, account.token)
+    loop = asyncio.get_running_loop()
+    first = await loop.sock_recv(sock, 2)  # the `ready` frame has started: it is attached
+    assert first[0] == 0x81
+    await loop.sock_sendall(sock, b"\x89\x80\0\0\0\0")  # it still pings now and then
+    hub = server.app[__import__("pigeon.gateway.keys").gateway.keys.SERVICES].hub
+    conn = hub.get(account.device)
+    assert conn is not None
+    closed = asyncio.Event()
+    conn.on_close(lambda c: (closed.set(), hub.detach(c)))
+    queued: list[int] = []
+    tick = loop.call_soon(lambda: None)
+
+    def watch() -> None:  # what the connection holds, each loop iteration until it closes
+        nonlocal tick
+        queued.append(conn._out_bytes)
+        if not closed.is_set():
+            tick = loop.call_soon(watch)
+
+    watch()
+    async with asyncio.timeout(10):
+        await closed.wait()
+    tick.cancel()
+    assert max(queued) <= budget  # the sync waited for space: memory stayed within budget
+    assert _close_code(first + await _read_until_eof(sock)) == 4000
+    sock.close()
+
+    again = await server.client(account)  # and nothing was lost
+    got = [await next_of(again, Message, timeout=10) for _ in range(60)]
+    assert [m.seq for m in got] == list(range(1, 61))

@@ -15,3 +15,6 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     preview_chars: int = 100
     retention_seconds: float = 30 * 24 * 3600.0
     sync_page: int = 500
+    #: A sync page also stops at this many bytes of events (one event at least), so a device
+    #: with a backlog of big messages never costs a page of them in memory at once.
+    sync_page_bytes: int = 1024 * 1024

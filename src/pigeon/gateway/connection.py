@@ -3,7 +3,9 @@
 Nothing on the message path ever awaits a peer: publishers call `send`, which only appends to
 the queue. A device that falls too far behind is disconnected (`SLOW_CONSUMER`); everything it
 missed is in its durable inbox and comes back on reconnect. Only the inbox sync, which produces
-frames for this connection alone, waits for queue space (`send_wait`).
+frames for this connection alone, waits for queue space (`send_wait`). The queue is bounded in
+frames and in bytes (what a connection can pin in memory), and a queue that makes no progress for
+`stall_timeout` marks a peer that stopped reading: the hub closes it, pings or not.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pigeon.gateway.transport import Transport
 log = logging.getLogger(__name__)
 
 _PING = object()
-#: Frames written with one transport write (one syscall) at most.
+#: Frames, and bytes, written with one transport write (one syscall) at most.
 _WRITE_BATCH = 256
+_WRITE_BYTES = 256 * 1024
 _EVENT_PREFIX = b'{"t":"event","iseq":'
 
 
@@ -41,10 +44,14 @@ class Connection:
         "_closer",
         "_closing",
         "_held",
+        "_held_bytes",
         "_held_overflow",
         "_max",
+        "_max_bytes",
         "_on_close",
         "_out",
+        "_out_bytes",
+        "_progress_at",
         "_space",
         "_writer",
         "device",
@@ -52,12 +59,22 @@ class Connection:
         "transport",
     )
 
-    def __init__(self, transport: Transport, device: Device, max_frames: int) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        device: Device,
+        max_frames: int,
+        max_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.transport = transport
         self.device = device
         self.last_recv = asyncio.get_running_loop().time()
         self._out: deque[bytes | object] = deque()
+        self._out_bytes = 0
+        self._progress_at = self.last_recv
         self._max = max_frames
+        self._max_bytes = max_bytes
+        self._held_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._space: asyncio.Event | None = None
         self._closing = False
@@ -78,7 +95,7 @@ class Connection:
         """Queue a frame; never blocks. A full queue means a stalled peer: disconnect it."""
         if self._closing:
             return
-        if len(self._out) >= self._max:
+        if len(self._out) >= self._max or self._out_bytes + len(frame) > self._max_bytes:
             log.info("device %s too slow, disconnecting", self.device.id)
             self.close(Close.SLOW_CONSUMER, "slow consumer")
             return
@@ -87,7 +104,9 @@ class Connection:
     async def send_wait(self, frame: bytes) -> None:
         """Queue a frame, waiting while the queue is half full (inbox sync only): the other
         half is headroom for replies and live frames, which never wait."""
-        while len(self._out) >= self._max // 2 and not self._closing:
+        while not self._closing and (
+            len(self._out) >= self._max // 2 or self._out_bytes >= self._max_bytes // 2
+        ):
             if self._space is None:
                 self._space = asyncio.Event()
             await self._space.wait()
@@ -104,11 +123,13 @@ class Connection:
         released after it (so the device sees its inbox in order)."""
         if self._held is None or not frame.startswith(_EVENT_PREFIX):
             self.send(frame)  # ephemeral frames (presence, typing) are never held back
-        elif len(self._held) < self._max:
+        elif len(self._held) < self._max and self._held_bytes + len(frame) <= self._max_bytes:
             self._held.append(frame)
+            self._held_bytes += len(frame)
         else:
             # Dropping is safe: these frames are committed to the inbox the sync is reading.
             self._held.clear()
+            self._held_bytes = 0
             self._held_overflow = True
 
     def hold(self) -> None:
@@ -127,11 +148,17 @@ class Connection:
         held = self._held or []
         if self._held is not None:
             self._held = []
+            self._held_bytes = 0
         return held
 
     def release(self) -> None:
         """Stop holding: live frames go straight to the queue again."""
         self._held = None
+        self._held_bytes = 0
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """True if frames wait to be written and none was for `timeout` seconds."""
+        return (bool(self._out) or self._writer is not None) and now - self._progress_at > timeout
 
     def close(self, code: int, reason: str) -> None:
         """Close the socket with `code` (see `Close`); queued frames are dropped."""
@@ -141,6 +168,7 @@ class Connection:
         if self._on_close is not None:
             self._on_close(self)
         self._out.clear()
+        self._out_bytes = 0
         if self._space is not None:
             self._space.set()
         if self._writer is not None:
@@ -159,9 +187,13 @@ class Connection:
             await self.transport.close(code, reason)
 
     def _enqueue(self, item: bytes | object) -> None:
+        if isinstance(item, bytes):
+            self._out_bytes += len(item)
         self._out.append(item)
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            loop = asyncio.get_running_loop()
+            self._progress_at = loop.time()  # an idle connection starts the clock afresh
+            self._writer = loop.create_task(self._drain())
 
     async def _drain(self) -> None:
         out = self._out
@@ -171,11 +203,23 @@ class Connection:
                 if item is _PING:
                     await self.transport.ping()
                     continue
-                batch = [item]
-                while out and out[0] is not _PING and len(batch) < _WRITE_BATCH:
-                    batch.append(out.popleft())
-                await self.transport.send_texts(batch)  # type: ignore[arg-type]
-                if self._space is not None and len(out) < self._max // 2:
+                batch: list[bytes] = [item]  # type: ignore[list-item]
+                size = len(batch[0])
+                while (
+                    out
+                    and out[0] is not _PING
+                    and len(batch) < _WRITE_BATCH
+                    and size < _WRITE_BYTES
+                ):
+                    frame: bytes = out.popleft()  # type: ignore[assignment]
+                    batch.append(frame)
+                    size += len(frame)
+                self._out_bytes -= size
+                await self.transport.send_texts(batch)
+                self._progress_at = asyncio.get_running_loop().time()
+                if self._space is not None and (
+                    len(out) < self._max // 2 and self._out_bytes < self._max_bytes // 2
+                ):
                     self._space.set()
                     self._space = None
         except (ConnectionError, RuntimeError) as exc:

@@ -35,9 +35,11 @@ class Hub:
 
     A second connection of the same device replaces the first (`REPLACED`), on this node or,
     through a control frame on the device's channel, on any other. One ticker task serves every
-    connection's heartbeat: it pings each `ping_interval` and closes any connection that sent
-    nothing (not even a pong) for `idle_timeout`. When the bus recovers from an outage (frames
-    may have been lost), every connection catches up from its inbox.
+    connection's heartbeat: it pings each `ping_interval`, closes any connection that sent
+    nothing (not even a pong) for `idle_timeout`, and any whose queued frames made no progress
+    for `stall_timeout` (its peer stopped reading; pings from it do not help). When the bus
+    recovers from an outage (frames may have been lost), every connection catches up from its
+    inbox.
     """
 
     def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
@@ -145,7 +147,7 @@ class Hub:
 
     async def _tick_forever(self) -> None:
         s = self._settings
-        period = min(s.ping_interval, s.idle_timeout) / 3
+        period = min(s.ping_interval, s.idle_timeout, s.stall_timeout) / 3
         loop = asyncio.get_running_loop()
         last_ping = loop.time()
         while True:
@@ -157,5 +159,8 @@ class Hub:
             for conn, _ in list(self._conns.values()):
                 if now - conn.last_recv > s.idle_timeout:
                     conn.close(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                elif conn.stalled(now, s.stall_timeout):
+                    log.info("device %s reads nothing, disconnecting", conn.device.id)
+                    conn.close(Close.SLOW_CONSUMER, "stalled: frames not read")
                 elif ping:
                     conn.ping()

@@ -58,7 +58,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
         if device is None:
             return ws
-    conn = Connection(AiohttpTransport(ws, request), device, gw.outbound_queue_frames)
+    conn = Connection(
+        AiohttpTransport(ws, request), device, gw.outbound_queue_frames, gw.outbound_queue_bytes
+    )
     conn.hold()  # live events wait for `ready` and the inbox sync, which releases them in order
     session = Session(conn, services.sessions)
     hub = services.hub

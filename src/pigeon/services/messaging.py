@@ -169,7 +169,9 @@ class MessagingService:
 
     async def inbox(self, device: Device, after: int) -> InboxPage:
         """One page of the device's inbox after `after`."""
-        return await self._store.read_inbox(device.id, after, self._limits.sync_page)
+        return await self._store.read_inbox(
+            device.id, after, self._limits.sync_page, self._limits.sync_page_bytes
+        )
 
     async def acked(self, device: Device) -> int:
         """The device's cumulative ack (where a fresh connection's sync starts)."""

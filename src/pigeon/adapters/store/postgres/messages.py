@@ -39,11 +39,16 @@ _READ_INBOX = """
 SELECT d.next_iseq - 1 AS head, d.acked_iseq AS acked, e.iseq, e.raw
 FROM devices d
 LEFT JOIN LATERAL (
-    SELECT i.iseq, coalesce(i.payload, m.raw) AS raw
-    FROM inbox i LEFT JOIN messages m ON m.id = i.message_id
-    WHERE i.device_id = d.id AND i.iseq > $2 AND coalesce(i.payload, m.raw) IS NOT NULL
-    ORDER BY i.iseq
-    LIMIT $3
+    SELECT iseq, raw FROM (
+        SELECT i.iseq, coalesce(i.payload, m.raw) AS raw,
+               sum(octet_length(coalesce(i.payload, m.raw))) OVER (ORDER BY i.iseq) AS upto
+        FROM inbox i LEFT JOIN messages m ON m.id = i.message_id
+        WHERE i.device_id = d.id AND i.iseq > $2 AND coalesce(i.payload, m.raw) IS NOT NULL
+        ORDER BY i.iseq
+        LIMIT $3
+    ) page
+    -- what fits in the byte budget, and the first entry whatever its size
+    WHERE upto <= $4 OR upto = octet_length(raw)
 ) e ON true
 WHERE d.id = $1
 ORDER BY e.iseq
@@ -186,8 +191,11 @@ class PgMessages:
             raise Forbidden("not a participant of this chat")
         return _deliveries(row["o_devices"], row["o_iseqs"], row["o_payloads"])
 
-    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
-        rows = await self._db.fetch(_READ_INBOX, device_id, after, limit)
+    async def read_inbox(
+        self, device_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> InboxPage:
+        budget = max_bytes if max_bytes is not None else 2**62
+        rows = await self._db.fetch(_READ_INBOX, device_id, after, limit, budget)
         if not rows:
             return InboxPage([], 0, 0)
         entries = [InboxEntry(r["iseq"], r["raw"]) for r in rows if r["iseq"] is not None]

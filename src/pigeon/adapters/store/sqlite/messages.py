@@ -214,7 +214,9 @@ class SqliteMessages:
 
         return await self._db.write(tx)
 
-    async def read_inbox(self, device_id: str, after: int, limit: int) -> InboxPage:
+    async def read_inbox(
+        self, device_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> InboxPage:
         def q(conn: sqlite3.Connection) -> InboxPage:
             state = conn.execute(
                 "SELECT next_iseq - 1, acked_iseq FROM devices WHERE id = ?", (device_id,)
@@ -230,8 +232,15 @@ class SqliteMessages:
                 " AND coalesce(i.payload, m.raw) IS NOT NULL"
                 " ORDER BY i.iseq LIMIT ?",
                 (device_id, after, limit),
-            ).fetchall()
-            return InboxPage([InboxEntry(i, raw) for i, raw in rows], state[0], state[1])
+            )
+            entries: list[InboxEntry] = []
+            size = 0
+            for iseq, raw in rows:  # row by row: a page over budget is never all in memory
+                if entries and max_bytes is not None and size + len(raw) > max_bytes:
+                    break
+                entries.append(InboxEntry(iseq, raw))
+                size += len(raw)
+            return InboxPage(entries, state[0], state[1])
 
         return await self._db.read(q)
 
