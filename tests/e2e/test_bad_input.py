@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 from typing import Any
@@ -233,3 +234,20 @@ async def test_bearer_scheme_is_case_insensitive(server: Server) -> None:
             await ws.close()
     finally:
         await http.close()
+
+
+async def test_closing_mid_command_leaves_no_unretrieved_errors(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    name, _ = await server.user()
+    ws = await server.raw_ws(await server.device(name))
+    for i in range(200):  # refused by the store (no such chat) after the socket is gone
+        frame = {"t": "send", "rid": i, "chat": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "cmid": f"{i}"}
+        await ws.send_str(json.dumps(frame | {"body": "x"}))
+    await ws.close()
+    alice = await server.new_client("alice")  # store writes run in order: once this one
+    bob = await server.new_client("bob")  # committed, the refused ones are settled
+    assert bob.user
+    await alice.send((await alice.create_chat([bob.user]))["id"], "after")
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []

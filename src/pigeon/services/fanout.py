@@ -31,6 +31,17 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0)
 MAX_HELD = 100_000
 
 
+def _settled(inner: asyncio.Future[Any]) -> None:
+    """Take the outcome of a change whose caller is gone (its connection closed): a refusal
+    then concerns nobody, anything else is logged, and asyncio never reports a task exception
+    "never retrieved"."""
+    if inner.cancelled():
+        return
+    exc = inner.exception()
+    if exc is not None and not isinstance(exc, PigeonError):
+        log.error("store change failed", exc_info=exc)
+
+
 class Fanout:
     """Turns deliveries into device frames and publishes them."""
 
@@ -53,7 +64,12 @@ class Fanout:
             await self.push(deliveries(result))
             return result
 
-        return await asyncio.shield(run())
+        inner = asyncio.ensure_future(run())
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:  # the caller left; shield forgets the outcome then
+            inner.add_done_callback(_settled)
+            raise
 
     async def push(self, deliveries: list[Delivery]) -> None:
         """Best effort: a bus failure is logged, never raised to the committed caller."""
