@@ -310,3 +310,16 @@ async def test_an_inbox_page_stops_at_its_byte_budget(store: Store) -> None:
     assert [e.iseq for e in tiny.entries] == [4]
     capped = await store.messages.read_inbox(dbb.id, 0, 2, max_bytes=10**9)  # limit still holds
     assert [e.iseq for e in capped.entries] == [1, 2]
+
+
+async def test_a_message_nobody_receives_leaves_no_preview(store: Store) -> None:
+    a, b = await user(store, "a_np"), await user(store, "b_np")  # b has no device yet
+    da = await device(store, a)
+    c = await chat(store, a, b, kind="direct")
+    await store.messages.send(send_req(c, da, "secret for nobody"))
+    (summary,) = await store.chats.list_chats(a.id)
+    assert summary.last_preview is None and summary.last_seq == 1
+    await device(store, b)
+    await store.messages.send(send_req(c, da, "now bob has a phone"))
+    (summary,) = await store.chats.list_chats(a.id)
+    assert summary.last_preview == "now bob has a phone"

@@ -136,12 +136,27 @@ CREATE TABLE attachment_chats (
 );
 """
 
+#: A message that reaches no device is never stored (its body is dropped at once): its chat-list
+#: preview must not keep the text either.
+_NO_PREVIEW_WITHOUT_RECIPIENTS = """
+CREATE FUNCTION pigeon_no_orphan_preview() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.pending = 0 THEN
+        NEW.preview := NULL;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER messages_no_orphan_preview BEFORE INSERT ON messages
+FOR EACH ROW EXECUTE FUNCTION pigeon_no_orphan_preview();
+"""
+
 #: (version, SQL). Never edit a released migration: append a new one (functions included, with
 #: CREATE OR REPLACE).
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _TABLES),
     (2, functions.V2),
     (3, _ATTACHMENTS),
+    (4, _NO_PREVIEW_WITHOUT_RECIPIENTS),
 ]
 
 

@@ -37,6 +37,7 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA secure_delete=ON")  # erased bodies are overwritten, not just unlinked
     return conn
 
 
@@ -96,6 +97,22 @@ class SqliteDb:
         if self._write_conn is not None:
             self._write_conn.close()
             self._write_conn = None
+
+    async def truncate_wal(self) -> None:
+        """Checkpoint the whole WAL into the database and truncate it to zero bytes, so that
+        bodies erased since the last checkpoint linger in no file (run after sweeps)."""
+
+        def run() -> None:
+            conn = connect(self._path, self._synchronous)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.close()
+
+        try:
+            await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"store checkpoint failed: {exc}") from exc
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run `fn` inside a write transaction; resolves after the transaction committed."""

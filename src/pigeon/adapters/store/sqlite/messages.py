@@ -120,7 +120,7 @@ class SqliteMessages:
         (seq,) = conn.execute(
             "UPDATE chats SET last_seq = last_seq + 1, last_activity_at = ?, last_sender = ?,"
             " last_preview = ? WHERE id = ? RETURNING last_seq",
-            (req.at, req.sender, req.preview, req.chat),
+            (req.at, req.sender, req.preview if targets else None, req.chat),
         ).fetchone()
         attachment = req.attachment
         message = Message(
@@ -301,6 +301,7 @@ class SqliteMessages:
             messages += n_messages
             entries += n_entries
             if n_messages == n_entries == n_other == 0:
+                await self._db.truncate_wal()
                 return SweepStats(messages, entries)
 
 
