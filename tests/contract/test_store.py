@@ -323,3 +323,16 @@ async def test_a_message_nobody_receives_leaves_no_preview(store: Store) -> None
     await store.messages.send(send_req(c, da, "now bob has a phone"))
     (summary,) = await store.chats.list_chats(a.id)
     assert summary.last_preview == "now bob has a phone"
+
+
+async def test_a_member_added_later_counts_as_having_seen_the_past(store: Store) -> None:
+    a, b, n = await user(store, "a_late"), await user(store, "b_late"), await user(store, "n_late")
+    da, dbb = await device(store, a), await device(store, b)
+    g = await chat(store, a, b)
+    sent = await store.messages.send(send_req(g, da))
+    await store.messages.ack(dbb, 100, T0 + 5)  # b received it at T0 + 5
+    await store.chats.change_members(g.id, g.version, [Member(user=n.id)], [], [], a.id, T0 + 7)
+    _, members = await store.messages.receipts(a.id, g.id, sent.message.id)
+    by_user = {m.user: (m.delivered_at, m.read_at) for m in members}
+    assert by_user[b.id] == (T0 + 5, None)
+    assert by_user[n.id] == (T0 + 7, T0 + 7)  # joined after it: seen as of joining

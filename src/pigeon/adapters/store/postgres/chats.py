@@ -35,6 +35,12 @@ INSERT INTO members (chat_id, user_id, role, pos, delivered_seq, read_seq)
 SELECT $1, m.user_id, m.role, $4 + m.ord - 1, $5, $5
 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS m(user_id, role, ord)
 """
+_LOG_JOINERS = """
+INSERT INTO receipt_log (chat_id, user_id, kind, seq, at)
+SELECT $1, u.user_id, k.kind, $3, $4
+FROM unnest($2::text[]) AS u(user_id), (VALUES ('delivered'), ('read')) AS k(kind)
+ON CONFLICT DO NOTHING
+"""
 _LIST_CHATS = """
 SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_at, c.last_sender, lm.preview,
     (SELECT count(*) FROM messages x
@@ -178,6 +184,10 @@ class PgChats:
                         row["pos"],
                         row["last_seq"],
                     )
+                    if row["last_seq"] > 0:  # marks start at the last seq: the past is seen
+                        await conn.execute(
+                            _LOG_JOINERS, chat_id, [m.user for m in add], row["last_seq"], at
+                        )
                 if remove:
                     await conn.execute(
                         "DELETE FROM members WHERE chat_id = $1 AND user_id = ANY($2::text[])",

@@ -40,6 +40,9 @@ def load_chat(conn: sqlite3.Connection, chat_id: str) -> ChatInfo | None:
     )
 
 
+_KINDS = ("delivered", "read")
+
+
 class SqliteChats:
     """Chats and membership in SQLite."""
 
@@ -125,6 +128,12 @@ class SqliteChats:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(chat_id, m.user, m.role, pos + i, last_seq, last_seq) for i, m in enumerate(add)],
             )
+            if last_seq > 0:  # marks start at the last seq: the past counts as seen on joining
+                conn.executemany(
+                    "INSERT OR IGNORE INTO receipt_log (chat_id, user_id, kind, seq, at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(chat_id, m.user, k, last_seq, at) for m in add for k in _KINDS],
+                )
             conn.executemany(
                 "DELETE FROM members WHERE chat_id = ? AND user_id = ?",
                 [(chat_id, u) for u in remove],
