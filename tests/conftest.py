@@ -57,6 +57,9 @@ def test_settings(
         "argon2_memory_kib": 8,
         "store": {"synchronous": "NORMAL"},
         "sweep_interval": 3600.0,
+        # Suites flood on purpose and register hundreds of users from one address: the limits
+        # are off unless a test turns them on (tests/e2e/test_rate_limits.py).
+        "rate_limits": {"enabled": False},
         **(stack or {}),
     }
     for key, value in overrides.items():

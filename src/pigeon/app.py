@@ -19,7 +19,7 @@ from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
-from pigeon.ports import BlobStore, Bus, Clock, Presence, Store
+from pigeon.ports import BlobStore, Bus, Clock, Presence, RateLimiter, Store
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.clock import SystemClock
@@ -28,6 +28,7 @@ from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
 from pigeon.services.retention import RetentionSweeper
+from pigeon.services.throttle import Throttle
 from pigeon.services.typing import TypingService
 
 STORE = web.AppKey("store", Store)
@@ -36,6 +37,7 @@ SWEEPER = web.AppKey("sweeper", RetentionSweeper)
 PRESENCE = web.AppKey("presence", Presence)
 BLOBS = web.AppKey("blobs", BlobStore)
 FANOUT = web.AppKey("fanout", Fanout)
+LIMITER = web.AppKey("limiter", RateLimiter)
 
 
 def build_store(settings: Settings) -> Store:
@@ -103,6 +105,16 @@ def build_blobs(settings: Settings, clock: Clock) -> BlobStore:
     )
 
 
+def build_rate_limiter(settings: Settings) -> RateLimiter:
+    """Counters in this process, or in Redis when every node must share them."""
+    from pigeon.adapters.ratelimit.windows import WindowRateLimiter
+
+    kind = settings.rate_limits.type or ("redis" if settings.bus.type == "redis" else "local")
+    if kind == "redis":
+        return WindowRateLimiter(settings.redis.url, cluster=settings.redis.cluster)
+    return WindowRateLimiter()
+
+
 def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
@@ -112,11 +124,15 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     blobs = build_blobs(settings, clock)
     media = MediaService(store, blobs, clock, settings.media, limits.retention_seconds)
     fanout = Fanout(bus)
+    limiter = build_rate_limiter(settings)
+    throttle = (
+        Throttle(limiter, settings.rate_limits.to_rules()) if settings.rate_limits.enabled else None
+    )
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
     )
-    chats = ChatService(store, fanout, clock, limits)
-    messaging = MessagingService(store.messages, fanout, clock, limits, media)
+    chats = ChatService(store, fanout, clock, limits, throttle)
+    messaging = MessagingService(store.messages, fanout, clock, limits, media, throttle)
     presence_service = PresenceService(
         presence,
         store,
@@ -125,15 +141,17 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
         grace=settings.presence.grace,
         max_subscriptions=settings.presence.max_subscriptions,
         session_ttl=settings.presence.session_ttl,
+        throttle=throttle,
     )
     typing = TypingService(
         store.chats,
         bus,
         ttl=settings.presence.typing_ttl,
         min_interval=settings.presence.typing_min_interval,
+        throttle=throttle,
     )
     services = Services(
-        accounts=AccountService(store.accounts, bus, clock, limits, hasher),
+        accounts=AccountService(store.accounts, bus, clock, limits, hasher, throttle),
         chats=chats,
         messaging=messaging,
         presence=presence_service,
@@ -158,6 +176,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[PRESENCE] = presence
     app[BLOBS] = blobs
     app[FANOUT] = fanout
+    app[LIMITER] = limiter
     app[SWEEPER] = RetentionSweeper(
         store.messages, clock, limits.retention_seconds, settings.sweep_interval, media
     )
@@ -177,6 +196,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[BLOBS].open()
     await bus.open()
     await app[PRESENCE].open()
+    await app[LIMITER].open()
     app[SERVICES].hub.start()
     app[SERVICES].presence.start()
     sweeper.start()
@@ -190,6 +210,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await app[SERVICES].presence.aclose()
         await app[FANOUT].aclose()
         await app[PRESENCE].aclose()
+        await app[LIMITER].aclose()
         await bus.aclose()
         await app[BLOBS].aclose()
         await store.aclose()

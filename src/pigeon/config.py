@@ -7,15 +7,16 @@ Components receive their own section, never `os.environ`.
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, SecretStr, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from pigeon.domain.limits import Limits
+from pigeon.domain.limits import Limits, Rate, RateRules
 
 
 class SqliteSettings(BaseModel):
@@ -188,6 +189,58 @@ class LimitSettings(BaseModel):
         )
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
+_UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600}
+_UNIT_SECONDS |= {"hour": 3600, "d": 86400, "day": 86400}
+
+
+def parse_rate(text: str) -> Rate:
+    """`"300/10s"`, `"30/minute"`, `"5/hour"`: an amount per (a number of) seconds, minutes,
+    hours or days."""
+    match = _RATE.match(text.lower())
+    if match is None or match.group(3) not in _UNIT_SECONDS:
+        raise ValueError(f"{text!r} is not a rate such as 300/10s, 30/minute or 5/hour")
+    amount, count, unit = match.groups()
+    seconds = int(count or 1) * _UNIT_SECONDS[unit]
+    if int(amount) < 1 or seconds < 1:
+        raise ValueError(f"{text!r}: the amount and the period must be positive")
+    return Rate(int(amount), seconds)
+
+
+class RateLimitSettings(BaseModel):
+    """Abuse limits (`pigeon.domain.limits.RateRules`): "<amount>/<period>" per sliding window;
+    amounts of `*_bytes_*` rules are bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    #: Where the counters live: `local` (this process) or `redis` (shared by every node).
+    #: Unset: `redis` when the bus is Redis (a cluster), else `local`.
+    type: Literal["local", "redis"] | None = None
+    send_per_device: str = "300/10s"
+    send_per_user: str = "600/10s"
+    send_bytes_per_device: str = f"{4 * 1024 * 1024}/10s"
+    fanout_per_chat: str = "20000/10s"
+    create_chat_per_user: str = "30/minute"
+    groups_per_user: str = "50/hour"
+    modify_members_per_user: str = "60/minute"
+    typing_per_device: str = "20/10s"
+    presence_subscribe_per_device: str = "30/minute"
+    sync_per_device: str = "30/minute"
+    register_per_address: str = "20/hour"
+    login_per_address: str = "60/minute"
+    login_per_username: str = "10/minute"
+
+    @model_validator(mode="after")
+    def _rates_parse(self) -> RateLimitSettings:
+        self.to_rules()
+        return self
+
+    def to_rules(self) -> RateRules:
+        names = RateRules.__struct_fields__
+        return RateRules(**{name: parse_rate(getattr(self, name)) for name in names})
+
+
 class GatewaySettings(BaseModel):
     """WebSocket connection behaviour."""
 
@@ -261,6 +314,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
     sweep_interval: float = Field(3600.0, gt=0)
     #: Allocations between young-generation garbage collections (Python's default is 700).
     #: Fewer collections keep the message path's p99 low: at 1000 msg/s on one core, p99 went

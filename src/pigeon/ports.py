@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pigeon.domain.events import Delivery, InboxPage, Message
+from pigeon.domain.limits import Rate
 from pigeon.domain.media import AttachmentRecord, BlobInfo, DownloadGrant, UploadGrant, UploadTicket
 from pigeon.domain.models import (
     Attachment,
@@ -432,3 +433,26 @@ class BlobEndpoint(Protocol):
 
     async def locate(self, key: str) -> tuple[Path, BlobInfo] | None:
         """The file holding a stored blob (to be sent with sendfile) and its info, or None."""
+
+
+class RateLimiter(Protocol):
+    """Counters of what a key (a device, a user, a chat, an address) spent under a `Rate`.
+
+    Sliding windows; `cost` is the units one request spends (1, or its bytes). In a cluster the
+    counters are shared by every node (same semantics as on one node). A limiter whose backing
+    service is down or slow lets requests through (None): abuse limits must never take the
+    message path down with them.
+    """
+
+    async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        """Spend `cost` under `rate` for `key`: None if it fits (and is counted), else the
+        seconds after which it would fit (nothing counted)."""
+
+    async def test(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        """Like `hit`, without spending anything."""
+
+    async def open(self) -> None:
+        """Connect (no-op for in-process counters)."""
+
+    async def aclose(self) -> None:
+        """Disconnect."""

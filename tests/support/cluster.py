@@ -34,6 +34,8 @@ def cluster_env(dsn: str, redis_url: str, *, redis_cluster: bool = False) -> dic
         "PIGEON_ARGON2_TIME_COST": "1",
         "PIGEON_ARGON2_MEMORY_KIB": "8",
         "PIGEON_LOG_JSON": "false",
+        # fault tests flood from one address; limits have their own tests (test_rate_limits.py)
+        "PIGEON_RATE_LIMITS__ENABLED": "false",
     }
 
 

@@ -35,11 +35,19 @@ log = logging.getLogger(__name__)
 class ClientError(Exception):
     """An error reply (or a connection problem) with the server's stable `code`."""
 
-    def __init__(self, code: str, message: str = "", temporary: bool = False) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        temporary: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.temporary = temporary
+        #: `rate_limited`: seconds until the same request would be accepted.
+        self.retry_after = retry_after
 
 
 class ConnectionLost(ClientError):
@@ -66,6 +74,7 @@ class _Frame(msgspec.Struct):
     code: str | None = None
     message: str | None = None
     temporary: bool = False
+    retry_after: float | None = None
     iseq: int = 0
     event: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     acked: int = 0
@@ -93,6 +102,7 @@ class PigeonClient:
         ack_interval: float = 0.005,
         gap_timeout: float = 0.5,
         max_backoff: float = 5.0,
+        max_rate_wait: float = 5.0,
         request_timeout: float = 30.0,
         send_retries: int = 20,
     ) -> None:
@@ -103,6 +113,8 @@ class PigeonClient:
         self.ack_interval = ack_interval
         self.gap_timeout = gap_timeout
         self.max_backoff = max_backoff
+        #: `send` waits out a `rate_limited` reply up to this many seconds, else raises it.
+        self.max_rate_wait = max_rate_wait
         self.request_timeout = request_timeout
         self.send_retries = send_retries
         self.user: str | None = None
@@ -248,6 +260,11 @@ class PigeonClient:
                     self._ack_wanted.set()
                 if not exc.temporary or attempt >= self.send_retries or self._fatal is not None:
                     raise
+                if exc.retry_after is not None:  # rate limited: wait as told, if not too long
+                    if exc.retry_after > self.max_rate_wait:
+                        raise
+                    await asyncio.sleep(exc.retry_after)
+                    continue
                 await asyncio.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
@@ -449,7 +466,9 @@ class PigeonClient:
             if f.t == "ok":
                 fut.set_result(f.result)
             else:
-                fut.set_exception(ClientError(f.code or "error", f.message or "", f.temporary))
+                fut.set_exception(
+                    ClientError(f.code or "error", f.message or "", f.temporary, f.retry_after)
+                )
         elif f.t == "ready":
             self.user, self.device = f.user, f.device
             self._next_iseq = max(self._next_iseq, f.acked + 1)

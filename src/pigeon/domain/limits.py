@@ -18,3 +18,33 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     #: A sync page also stops at this many bytes of events (one event at least), so a device
     #: with a backlog of big messages never costs a page of them in memory at once.
     sync_page_bytes: int = 1024 * 1024
+
+
+class Rate(msgspec.Struct, frozen=True):
+    """At most `amount` units (requests, or bytes) per `seconds`, over a sliding window."""
+
+    amount: int
+    seconds: int
+
+    def __str__(self) -> str:
+        return f"{self.amount}/{self.seconds}s"
+
+
+class RateRules(msgspec.Struct, frozen=True, kw_only=True):
+    """What one device, user, chat or client address may spend (see docs/protocol.md,
+    "Rate limits"). Every rule is configurable (`pigeon.config.RateLimitSettings`)."""
+
+    send_per_device: Rate = Rate(300, 10)
+    send_per_user: Rate = Rate(600, 10)
+    send_bytes_per_device: Rate = Rate(4 * 1024 * 1024, 10)
+    #: Deliveries (messages x recipient devices) one chat may cause: very active groups slow down.
+    fanout_per_chat: Rate = Rate(20_000, 10)
+    create_chat_per_user: Rate = Rate(30, 60)
+    groups_per_user: Rate = Rate(50, 3600)
+    modify_members_per_user: Rate = Rate(60, 60)
+    typing_per_device: Rate = Rate(20, 10)
+    presence_subscribe_per_device: Rate = Rate(30, 60)
+    sync_per_device: Rate = Rate(30, 60)
+    register_per_address: Rate = Rate(20, 3600)
+    login_per_address: Rate = Rate(60, 60)
+    login_per_username: Rate = Rate(10, 60)

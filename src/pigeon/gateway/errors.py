@@ -50,6 +50,9 @@ def should_reconnect(code: int) -> bool:
 
 def to_error(rid: Rid | None, exc: BaseException) -> Error:
     """Any exception as an error reply; unexpected ones become `internal` (and are logged)."""
+    if isinstance(exc, e.RateLimited):
+        wait = round(exc.retry_after, 3)
+        return Error(rid=rid, code=exc.code, message=exc.message, temporary=True, retry_after=wait)
     if isinstance(exc, e.PigeonError):
         return Error(rid=rid, code=exc.code, message=exc.message, temporary=exc.temporary)
     log.error("unexpected error", exc_info=exc)

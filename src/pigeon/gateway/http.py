@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -44,7 +45,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PigeonError as exc:
-        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, RateLimited) else {}
+        headers = (
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+            if isinstance(exc, RateLimited)
+            else {}
+        )
         resp = _json({"code": exc.code, "message": exc.message}, http_status(exc))
         resp.headers.update(headers)
         return resp
@@ -69,14 +74,16 @@ async def _device(request: web.Request) -> Device:
 
 async def register(request: web.Request) -> web.Response:
     body = await _body(request, Register)
-    user = await request.app[SERVICES].accounts.register(body.username, body.password)
+    user = await request.app[SERVICES].accounts.register(
+        body.username, body.password, request.remote
+    )
     return _json({"id": user.id, "username": user.username}, 201)
 
 
 async def login(request: web.Request) -> web.Response:
     body = await _body(request, Login)
     device, token = await request.app[SERVICES].accounts.login(
-        body.username, body.password, body.device_name
+        body.username, body.password, body.device_name, request.remote
     )
     return _json({"user": device.user_id, "device": device.id, "token": token}, 201)
 

@@ -159,6 +159,7 @@ class Error(msgspec.Struct, tag="error", tag_field="t"):
     code: str
     message: str
     temporary: bool = False
+    retry_after: float | msgspec.UnsetType = msgspec.UNSET  # `rate_limited` only: seconds
 
 
 class Ready(msgspec.Struct, tag="ready", tag_field="t"):

@@ -187,6 +187,7 @@ class Session:
     async def _sync_command(self, cmd: p.Sync) -> Any:
         if cmd.after < 0:
             raise BadRequest("after must be >= 0")
+        await self.services.messaging.may_sync(self.conn.device)
         return {"iseq": await self.sync(cmd.after)}
 
     async def _ping(self, cmd: p.Ping) -> None:

@@ -16,6 +16,7 @@ from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, User
 from pigeon.ports import AccountStore, Bus, Clock
 from pigeon.services import channels
+from pigeon.services.throttle import Throttle
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
@@ -37,26 +38,34 @@ class AccountService:
         clock: Clock,
         limits: Limits,
         hasher: PasswordHasher | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
+        self._throttle = throttle
         self._store = store
         self._bus = bus
         self._clock = clock
         self._limits = limits
         self._hasher = hasher or PasswordHasher()
 
-    async def register(self, username: str, password: str) -> User:
+    async def register(self, username: str, password: str, address: str | None = None) -> User:
         """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars."""
         if not USERNAME.match(username):
             raise BadRequest("username must be 3-32 letters, digits, '_', '.' or '-'")
         if not 8 <= len(password) <= 1024:
             raise BadRequest("password must be 8 to 1024 characters")
+        if self._throttle is not None:  # `address`: the client's, to limit sign-ups per address
+            await self._throttle.register(address)
         password_hash = await asyncio.to_thread(self._hasher.hash, password)
         user = User(id=new_id(), username=username, created_at=self._clock.now_ms())
         await self._store.create_user(user, password_hash)
         return user
 
-    async def login(self, username: str, password: str, device_name: str) -> tuple[Device, str]:
+    async def login(
+        self, username: str, password: str, device_name: str, address: str | None = None
+    ) -> tuple[Device, str]:
         """Check the password and register a new device; returns it with its bearer token."""
+        if self._throttle is not None:
+            await self._throttle.login(address, username)
         creds = await self._store.credentials(username)
         if creds is None:
             raise Unauthorized("wrong username or password")

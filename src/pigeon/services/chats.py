@@ -9,6 +9,7 @@ from pigeon.domain.limits import Limits
 from pigeon.domain.models import ChatInfo, ChatKind, ChatSummary, Device, Member
 from pigeon.ports import Clock, Store
 from pigeon.services.fanout import Fanout
+from pigeon.services.throttle import Throttle
 
 _CAS_RETRIES = 5
 
@@ -16,8 +17,16 @@ _CAS_RETRIES = 5
 class ChatService:
     """Enforces who may create, change and leave chats; the store applies changes atomically."""
 
-    def __init__(self, store: Store, fanout: Fanout, clock: Clock, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: Store,
+        fanout: Fanout,
+        clock: Clock,
+        limits: Limits,
+        throttle: Throttle | None = None,
+    ) -> None:
         self._store = store
+        self._throttle = throttle
         self._fanout = fanout
         self._clock = clock
         self._limits = limits
@@ -39,6 +48,8 @@ class ChatService:
             raise BadRequest(f"name must be 1 to {self._limits.max_group_name_chars} characters")
         if kind == "group" and len(others) + 1 > self._limits.group_cap:
             raise GroupFull(f"a group has at most {self._limits.group_cap} participants")
+        if self._throttle is not None:
+            await self._throttle.create_chat(actor.user_id, kind == "group")
         await self._require_users(others)
         members = [Member(user=actor.user_id, role="admin" if kind == "group" else "member")]
         members += [Member(user=u) for u in others]
@@ -62,6 +73,8 @@ class ChatService:
             raise BadRequest("nothing to add or remove")
         if set(add) & set(remove):
             raise BadRequest("a user cannot be both added and removed")
+        if self._throttle is not None:
+            await self._throttle.modify_members(actor.user_id)
         await self._require_users(add)
         for _ in range(_CAS_RETRIES):
             chat = await self._member_chat(actor, chat_id)

@@ -16,6 +16,7 @@ from pigeon.domain.limits import Limits
 from pigeon.domain.models import Attachment, Device, MemberReceipt
 from pigeon.ports import Clock, MessageStore, SendRequest
 from pigeon.services.fanout import Fanout
+from pigeon.services.throttle import Throttle
 
 if TYPE_CHECKING:
     from pigeon.services.media import MediaService
@@ -37,8 +38,10 @@ class MessagingService:
         clock: Clock,
         limits: Limits,
         media: MediaService | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self._store = store
+        self._throttle = throttle
         self._fanout = fanout
         self._clock = clock
         self._limits = limits
@@ -78,6 +81,8 @@ class MessagingService:
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
         if ack is not None and ack < 0:
             raise BadRequest("ack must be >= 0")
+        if self._throttle is not None:
+            await self._throttle.send(device, chat_id, len(body.encode()) if body else 0)
         if attachment is None and device.id not in self._tails:
             sending = self._commit(device, chat_id, cmid, body, None)
         else:
@@ -138,6 +143,8 @@ class MessagingService:
             preview=preview,
         )
         result = await self._fanout.commit(self._store.send(req), lambda r: r.deliveries)
+        if self._throttle is not None and not result.duplicate:
+            await self._throttle.delivered(chat_id, len(result.deliveries))
         return result.message, result.duplicate
 
     async def ack(self, device: Device, upto: int) -> None:
@@ -166,6 +173,11 @@ class MessagingService:
         if message.sender != device.user_id:
             raise Forbidden("only the sender may see a message's receipts")
         return message, members
+
+    async def may_sync(self, device: Device) -> None:
+        """A client-requested sync (the one on connect is free): `RateLimited` when too many."""
+        if self._throttle is not None:
+            await self._throttle.sync(device.id)
 
     async def inbox(self, device: Device, after: int) -> InboxPage:
         """One page of the device's inbox after `after`."""

@@ -24,6 +24,7 @@ from pigeon.domain.ids import is_id
 from pigeon.domain.models import Device, PresenceRecord, Visibility
 from pigeon.ports import Bus, Clock, Presence, Store, Subscription
 from pigeon.services import channels
+from pigeon.services.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class PresenceService:
         grace: float,
         max_subscriptions: int,
         session_ttl: float,
+        throttle: Throttle | None = None,
     ) -> None:
+        self._throttle = throttle
         self._registry = registry
         self._store = store
         self._bus = bus
@@ -186,6 +189,8 @@ class PresenceService:
         users = list(dict.fromkeys(users))
         if not users or not all(is_id(u) for u in users):
             raise BadRequest("users must be a non-empty list of user ids")
+        if self._throttle is not None:
+            await self._throttle.presence_subscribe(watcher.id)
         mine = self._watching.setdefault(sink, set())
         if len(mine | set(users)) > self._max_subs:
             raise BadRequest(f"at most {self._max_subs} presence subscriptions per connection")

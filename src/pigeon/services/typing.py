@@ -17,6 +17,7 @@ from pigeon.domain.ids import is_id
 from pigeon.domain.models import Device
 from pigeon.ports import Bus, ChatStore
 from pigeon.services import channels
+from pigeon.services.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,16 @@ class _Typing:
 class TypingService:
     """Forwards typing state per (device, chat); one per node (state lives with the device)."""
 
-    def __init__(self, chats: ChatStore, bus: Bus, *, ttl: float, min_interval: float) -> None:
+    def __init__(
+        self,
+        chats: ChatStore,
+        bus: Bus,
+        *,
+        ttl: float,
+        min_interval: float,
+        throttle: Throttle | None = None,
+    ) -> None:
+        self._throttle = throttle
         self._chats = chats
         self._bus = bus
         self._ttl = ttl
@@ -43,6 +53,8 @@ class TypingService:
         """Set the device's typing state in the chat; True if it was forwarded."""
         if not is_id(chat_id):
             raise NotFound("no such chat")
+        if self._throttle is not None:
+            await self._throttle.typing(device.id)
         loop = asyncio.get_running_loop()
         key = (device.id, chat_id)
         current = self._active.get(key)

@@ -1,0 +1,73 @@
+"""Abuse limits: what each device, user, chat and client address may spend, per sliding window.
+
+Why a service of its own: the rules (which counter a command spends, and how much) live here
+once, whatever keeps the counters (`RateLimiter`: in-process on one node, Redis in a cluster).
+An over-limit request is refused before it costs anything (`RateLimited`, with the seconds
+after which it would pass); the wire turns that into `rate_limited` + `retry_after`, or HTTP
+429 + Retry-After. Counters are keyed by rule, so one rule's traffic never spends another's.
+"""
+
+from __future__ import annotations
+
+from pigeon.domain.errors import RateLimited
+from pigeon.domain.limits import Rate, RateRules
+from pigeon.domain.models import Device
+from pigeon.ports import RateLimiter
+
+
+class Throttle:
+    """Checks the rate rules for each command that spends server resources."""
+
+    def __init__(self, limiter: RateLimiter, rules: RateRules) -> None:
+        self._limiter = limiter
+        self._rules = rules
+
+    async def send(self, device: Device, chat_id: str, body_bytes: int) -> None:
+        """A message: per device and per user, its bytes per device, and the chat's fan-out."""
+        r = self._rules
+        await self._spend(r.send_per_device, "sd:" + device.id, 1, "messages")
+        await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
+        if body_bytes:
+            await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
+        wait = await self._limiter.test(r.fanout_per_chat, "fc:" + chat_id)
+        if wait is not None:
+            raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
+
+    async def delivered(self, chat_id: str, deliveries: int) -> None:
+        """Count what a committed message fanned out to (later sends to the chat pay for it)."""
+        if deliveries:
+            await self._limiter.hit(self._rules.fanout_per_chat, "fc:" + chat_id, deliveries)
+
+    async def create_chat(self, user_id: str, group: bool) -> None:
+        await self._spend(self._rules.create_chat_per_user, "cc:" + user_id, 1, "new chats")
+        if group:
+            await self._spend(self._rules.groups_per_user, "cg:" + user_id, 1, "new groups")
+
+    async def modify_members(self, user_id: str) -> None:
+        await self._spend(self._rules.modify_members_per_user, "mm:" + user_id, 1, "changes")
+
+    async def typing(self, device_id: str) -> None:
+        await self._spend(self._rules.typing_per_device, "ty:" + device_id, 1, "typing")
+
+    async def presence_subscribe(self, device_id: str) -> None:
+        rule = self._rules.presence_subscribe_per_device
+        await self._spend(rule, "ps:" + device_id, 1, "subscriptions")
+
+    async def sync(self, device_id: str) -> None:
+        await self._spend(self._rules.sync_per_device, "sy:" + device_id, 1, "syncs")
+
+    async def register(self, address: str | None) -> None:
+        if address is not None:
+            rule = self._rules.register_per_address
+            await self._spend(rule, "ra:" + address, 1, "registrations")
+
+    async def login(self, address: str | None, username: str) -> None:
+        if address is not None:
+            await self._spend(self._rules.login_per_address, "la:" + address, 1, "logins")
+        rule = self._rules.login_per_username
+        await self._spend(rule, "lu:" + username.casefold(), 1, "logins")
+
+    async def _spend(self, rate: Rate, key: str, cost: int, what: str) -> None:
+        wait = await self._limiter.hit(rate, key, cost)
+        if wait is not None:
+            raise RateLimited(f"too many {what} (limit {rate}); retry in {wait:.1f} s", wait)

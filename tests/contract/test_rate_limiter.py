@@ -1,0 +1,106 @@
+"""The RateLimiter port on every backing: in-process, one Redis, a Redis Cluster. Two limiters
+on one Redis stand for two nodes of a cluster: they share every counter."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from pigeon.adapters.ratelimit.windows import WindowRateLimiter
+from pigeon.domain.limits import Rate
+from tests.support.redis import RedisServer
+
+Factory = Callable[[], WindowRateLimiter]
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def limiters(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
+    """Makes limiters on one backing (in-process ones share nothing, so one per test)."""
+    made: list[WindowRateLimiter] = []
+    if request.param == "memory":
+        shared = WindowRateLimiter()
+        await shared.open()
+        made.append(shared)
+
+        def factory() -> WindowRateLimiter:
+            return shared
+
+    else:
+        cluster = request.param == "redis-cluster"
+        url = (
+            request.getfixturevalue("redis_cluster").url
+            if cluster
+            else request.getfixturevalue("redis_url")
+        )
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+
+        def factory() -> WindowRateLimiter:
+            limiter = WindowRateLimiter(url, cluster=cluster, prefix=prefix)
+            made.append(limiter)
+            return limiter
+
+    yield factory
+    for limiter in made:
+        await limiter.aclose()
+
+
+async def test_a_rate_lets_its_amount_through_then_says_how_long_to_wait(
+    limiters: Factory,
+) -> None:
+    limiter = limiters()
+    await limiter.open()
+    rate = Rate(5, 60)
+    assert [await limiter.hit(rate, "k1") for _ in range(5)] == [None] * 5
+    wait = await limiter.hit(rate, "k1")
+    assert wait is not None and 0 < wait <= 120  # sliding window: at most two periods
+    assert await limiter.test(rate, "k1") is not None  # a test spends nothing either way
+    assert await limiter.hit(rate, "k2") is None  # keys are counted apart
+    assert await limiter.hit(Rate(6, 60), "k1") is None  # and so are rules
+
+
+async def test_costs_count_in_units(limiters: Factory) -> None:
+    limiter = limiters()
+    await limiter.open()
+    rate = Rate(1000, 60)
+    assert await limiter.hit(rate, "bytes", 600) is None
+    assert await limiter.hit(rate, "bytes", 600) is not None  # 1200 > 1000: refused, uncounted
+    assert await limiter.hit(rate, "bytes", 400) is None
+
+
+async def test_nodes_share_their_counters(limiters: Factory) -> None:
+    a, b = limiters(), limiters()
+    await asyncio.gather(a.open(), b.open())
+    rate = Rate(10, 60)
+    results = await asyncio.gather(*(n.hit(rate, "shared") for n in (a, b) for _ in range(10)))
+    assert results.count(None) == 10  # 20 hits from two nodes, 10 allowed in all
+
+
+async def test_an_unreachable_redis_lets_requests_through() -> None:
+    limiter = WindowRateLimiter("redis://127.0.0.1:1/0", timeout=0.5)  # nothing listens there
+    await limiter.open()
+    rate = Rate(1, 60)
+    assert [await limiter.hit(rate, "x") for _ in range(3)] == [None] * 3
+    await limiter.aclose()
+
+
+async def test_a_hung_redis_does_not_hold_requests(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "hung")
+    await server.start()
+    limiter = WindowRateLimiter(server.url, timeout=0.2)
+    await limiter.open()
+    rate = Rate(1, 60)
+    assert await limiter.hit(rate, "h") is None
+    server.pause()
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await limiter.hit(rate, "h") is None  # over its limit, but Redis cannot say
+        assert loop.time() - start < 1.0
+    finally:
+        server.resume()
+        await limiter.aclose()
+        await server.close()

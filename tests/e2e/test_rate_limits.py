@@ -1,0 +1,122 @@
+"""Abuse limits end to end: each over-limit command gets `rate_limited` with `retry_after` (429
+and Retry-After on REST); others are not slowed; two nodes share the counters through Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pigeon.client import ClientError
+from tests.conftest import PASSWORD, ServerFactory
+
+
+def limits(**rules: str) -> dict[str, Any]:
+    return {"rate_limits": {"enabled": True, "type": "local", **rules}}
+
+
+async def test_sends_per_device_and_bytes(make_server: ServerFactory) -> None:
+    server = await make_server(
+        **limits(send_per_device="5/minute", send_bytes_per_device="3000/minute")
+    )
+    alice = await server.new_client("alice")
+    carol = await server.new_client("carol")
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    for i in range(5):
+        await alice.send(chat["id"], f"m{i}")
+    with pytest.raises(ClientError) as err:
+        await alice.request("send", chat=chat["id"], cmid="over", body="one too many")
+    assert err.value.code == "rate_limited" and err.value.temporary
+    # someone else is not slowed by alice's limit; big bodies spend the byte budget
+    other = await carol.create_chat([bob.user])
+    for _ in range(3):
+        await carol.send(other["id"], "x" * 1000)
+    with pytest.raises(ClientError) as err:
+        await carol.request("send", chat=other["id"], cmid="big", body="x" * 1000)
+    assert err.value.code == "rate_limited" and "bytes" in err.value.message
+
+
+async def test_the_error_frame_says_when_to_retry(make_server: ServerFactory) -> None:
+    server = await make_server(**limits(create_chat_per_user="1/hour"))
+    name, _ = await server.user()
+    _, bob = await server.user("bob")
+    _, carol = await server.user("carol")
+    ws = await server.raw_ws(await server.device(name))
+    await ws.send_json({"t": "create_chat", "rid": 1, "participants": [bob]})
+    await ws.send_json({"t": "create_chat", "rid": 2, "participants": [carol]})
+    while True:
+        frame = await ws.receive_json(timeout=5)
+        if frame.get("rid") == 2:
+            break
+    assert frame["t"] == "error" and frame["code"] == "rate_limited"
+    assert 0 < frame["retry_after"] <= 7200
+
+
+async def test_a_busy_group_slows_down(make_server: ServerFactory) -> None:
+    server = await make_server(**limits(fanout_per_chat="4/minute"))
+    alice = await server.new_client("alice", max_rate_wait=0)  # raise, do not wait it out
+    others = [await server.new_client("m") for _ in range(2)]
+    group = await alice.create_chat([c.user for c in others if c.user], name="busy")
+    await alice.send(group["id"], "one")  # 2 deliveries
+    await alice.send(group["id"], "two")  # 4: the budget is spent
+    with pytest.raises(ClientError) as err:
+        await alice.send(group["id"], "three")
+    assert err.value.code == "rate_limited" and "busy" in err.value.message
+    assert err.value.retry_after is not None and err.value.retry_after > 0
+
+
+async def test_registrations_and_logins_get_429(make_server: ServerFactory) -> None:
+    server = await make_server(
+        **limits(register_per_address="2/hour", login_per_username="2/minute")
+    )
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for i in range(3):
+            body = {"username": f"r_{i}_{id(statuses)}", "password": PASSWORD}
+            async with http.post(f"{server.url}/v1/users", json=body) as resp:
+                statuses.append(resp.status)
+                retry_after = resp.headers.get("Retry-After")
+        assert statuses == [201, 201, 429]
+        assert retry_after is not None and int(retry_after) >= 1
+        name = f"r_0_{id(statuses)}"
+        statuses = []
+        for _ in range(3):
+            body = {"username": name, "password": "wrong password", "device_name": "d"}
+            async with http.post(f"{server.url}/v1/devices", json=body) as resp:
+                statuses.append(resp.status)
+        assert statuses == [401, 401, 429]
+
+
+async def test_two_nodes_share_the_counters(
+    make_server: ServerFactory, postgres_dsn: str, redis_url: str
+) -> None:
+    shared = {
+        "store": {"type": "postgres", "dsn": postgres_dsn},
+        "bus": {"type": "redis"},
+        "presence": {"type": "redis"},
+        "redis": {"url": redis_url},
+        "rate_limits": {  # the counters' type follows the bus: Redis
+            "enabled": True,
+            "send_per_device": "4/minute",
+            "register_per_address": "1000000/minute",  # the session's Redis is shared
+            "login_per_address": "1000000/minute",
+        },
+    }
+    node_a = await make_server(**shared)
+    node_b = await make_server(**shared)
+    alice_name, _ = await node_a.user("alice")
+    alice_account = await node_a.device(alice_name)
+    _, bob = await node_a.user("bob")
+    on_a = await node_a.client(alice_account)
+    chat = await on_a.create_chat([bob])
+    for i in range(3):
+        await on_a.send(chat["id"], f"a{i}")
+    await on_a.close()
+    on_b = await node_b.client(alice_account, max_rate_wait=0)
+    await on_b.send(chat["id"], "b0")  # the fourth, wherever it is sent from
+    with pytest.raises(ClientError) as err:
+        await on_b.send(chat["id"], "b1")
+    assert err.value.code == "rate_limited"
