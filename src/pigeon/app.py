@@ -47,7 +47,10 @@ def build_store(settings: Settings) -> Store:
         from pigeon.adapters.store.postgres import PostgresStore
 
         return PostgresStore(
-            s.dsn, min_connections=s.min_connections, max_connections=s.max_connections
+            s.dsn,
+            min_connections=s.min_connections,
+            max_connections=s.max_connections,
+            command_timeout=s.command_timeout,
         )
     return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
 

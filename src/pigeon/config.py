@@ -35,6 +35,9 @@ class PostgresSettings(BaseModel):
     dsn: str = "postgresql://postgres@127.0.0.1:5432/pigeon"
     min_connections: int = Field(2, ge=1, le=1000)
     max_connections: int = Field(16, ge=1, le=1000)
+    #: Seconds a statement, or the wait for a pooled connection, may take before the command
+    #: fails with `unavailable` (temporary): a hung database must not hold clients for long.
+    command_timeout: float = Field(5.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _pool_ordered(self) -> PostgresSettings:

@@ -50,6 +50,7 @@ class Fanout:
         self._delays = retry_delays
         self._held: list[tuple[str, bytes]] = []
         self._retrier: asyncio.Task[None] | None = None
+        self._pushing: set[asyncio.Task[None]] = set()
 
     async def commit(
         self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
@@ -57,11 +58,13 @@ class Fanout:
         """Run a store change, then push what it committed. Shielded: once started, the push
         happens even if the caller is cancelled (its connection closed mid-command), so nothing
         committed waits for the recipients' next reconnect. Changes started in one order reach
-        the store in that order (the shielding tasks start FIFO)."""
+        the store in that order (the shielding tasks start FIFO). The caller does not wait for
+        the push: a hung bus never holds back a reply, the inbox being the truth; pushes start
+        in commit order (their tasks start FIFO, and a publish queues before its first await)."""
 
         async def run() -> T:
             result = await change
-            await self.push(deliveries(result))
+            self._push_soon(deliveries(result))
             return result
 
         inner = asyncio.ensure_future(run())
@@ -70,6 +73,18 @@ class Fanout:
         except asyncio.CancelledError:  # the caller left; shield forgets the outcome then
             inner.add_done_callback(_settled)
             raise
+
+    def _push_soon(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        task = asyncio.get_running_loop().create_task(self.push(deliveries))
+        self._pushing.add(task)
+        task.add_done_callback(self._pushed)
+
+    def _pushed(self, task: asyncio.Task[None]) -> None:
+        self._pushing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("push failed", exc_info=task.exception())
 
     async def push(self, deliveries: list[Delivery]) -> None:
         """Best effort: a bus failure is logged, never raised to the committed caller."""
@@ -107,7 +122,10 @@ class Fanout:
         self._held.clear()
 
     async def aclose(self) -> None:
-        """Stop retrying (shutdown): what is held is in the inboxes anyway."""
+        """Stop pushing and retrying (shutdown): what is unpublished is in the inboxes anyway."""
+        for task in list(self._pushing):
+            task.cancel()
+        await asyncio.gather(*self._pushing, return_exceptions=True)
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -20,8 +20,20 @@ from pigeon.ports import AccountStore, AttachmentStore, ChatStore, MessageStore,
 class PostgresStore:
     """The sub-stores over one PostgreSQL database, through a connection pool."""
 
-    def __init__(self, dsn: str, *, min_connections: int, max_connections: int) -> None:
-        self.db = PgDb(dsn, min_connections=min_connections, max_connections=max_connections)
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int,
+        max_connections: int,
+        command_timeout: float = 5.0,
+    ) -> None:
+        self.db = PgDb(
+            dsn,
+            min_connections=min_connections,
+            max_connections=max_connections,
+            command_timeout=command_timeout,
+        )
         self.accounts: AccountStore = PgAccounts(self.db)
         self.chats: ChatStore = PgChats(self.db)
         self.messages: MessageStore = PgMessages(self.db)

@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 #: Attempts of a transaction PostgreSQL rolled back to break a deadlock or a serialization
 #: conflict (with a short random backoff), before answering `Unavailable`.
 ATTEMPTS = 5
-#: Seconds to open a connection, to wait for a free pooled one, and for one statement.
+#: Seconds to open a connection, and (by default) to wait for a free pooled one and for one
+#: statement: a hung database answers `unavailable` (temporary) quickly rather than holding
+#: every command.
 CONNECT_TIMEOUT = 5.0
-ACQUIRE_TIMEOUT = 10.0
-COMMAND_TIMEOUT = 15.0
+COMMAND_TIMEOUT = 5.0
 
 # Errors that mean "the database, or the way to it, is not working right now".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -83,8 +84,16 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 class PgDb:
     """Owns the connection pool of one node."""
 
-    def __init__(self, dsn: str, *, min_connections: int, max_connections: int) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int,
+        max_connections: int,
+        command_timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
         self._dsn = dsn
+        self._timeout = command_timeout
         self._min = min_connections
         self._max = max_connections
         self._pool: asyncpg.Pool | None = None
@@ -99,7 +108,7 @@ class PgDb:
                 min_size=self._min,
                 max_size=self._max,
                 timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
+                command_timeout=self._timeout,
                 reset=_no_reset,
                 server_settings={"application_name": "pigeon", "jit": "off"},
             )
@@ -130,7 +139,7 @@ class PgDb:
             if pool is None:
                 raise Unavailable("store is closed")
             try:
-                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                async with pool.acquire(timeout=self._timeout) as conn:
                     return await fn(conn)
             except Exception as exc:
                 if attempt < ATTEMPTS and _retriable(exc, retry_unique):
