@@ -211,6 +211,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await sweeper.aclose()
         await app[SERVICES].hub.aclose()
         await app[SERVICES].presence.aclose()
+        app[SERVICES].accounts.close()
         await app[FANOUT].aclose()
         await app[PRESENCE].aclose()
         await app[LIMITER].aclose()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -21,6 +22,10 @@ from pigeon.services.throttle import Throttle
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
 REVOKED_FRAME = b'{"t":"revoked"}'
+
+
+#: Threads for argon2 (each hash takes ~64 MiB and most of a core for ~100 ms by default).
+HASH_THREADS = 2
 
 
 def hash_token(token: str) -> bytes:
@@ -46,6 +51,11 @@ class AccountService:
         self._clock = clock
         self._limits = limits
         self._hasher = hasher or PasswordHasher()
+        #: argon2 runs here, never on the default executor: a password-guessing flood queues
+        #: behind its own threads and cannot starve blob writes or thumbnails.
+        self._hashing = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2")
+        #: Checked for unknown usernames, so they cost what a known one does (no timing oracle).
+        self._decoy: str | None = None
 
     async def register(self, username: str, password: str, address: str | None = None) -> User:
         """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars."""
@@ -55,7 +65,7 @@ class AccountService:
             raise BadRequest("password must be 8 to 1024 characters")
         if self._throttle is not None:  # `address`: the client's, to limit sign-ups per address
             await self._throttle.register(address)
-        password_hash = await asyncio.to_thread(self._hasher.hash, password)
+        password_hash = await self._hash(password)
         user = User(id=new_id(), username=username, created_at=self._clock.now_ms())
         await self._store.create_user(user, password_hash)
         return user
@@ -68,11 +78,12 @@ class AccountService:
             await self._throttle.login(address, username)
         creds = await self._store.credentials(username)
         if creds is None:
+            if self._decoy is None:
+                self._decoy = await self._hash(secrets.token_urlsafe(16))
+            await self._verify(self._decoy, password)  # fails, after the same work
             raise Unauthorized("wrong username or password")
-        try:
-            await asyncio.to_thread(self._hasher.verify, creds.password_hash, password)
-        except (VerificationError, InvalidHashError) as exc:
-            raise Unauthorized("wrong username or password") from exc
+        if not await self._verify(creds.password_hash, password):
+            raise Unauthorized("wrong username or password")
         name = device_name.strip()[:64] or "device"
         device = Device(
             id=new_id(), user_id=creds.user_id, name=name, created_at=self._clock.now_ms()
@@ -80,6 +91,22 @@ class AccountService:
         token = secrets.token_urlsafe(32)
         await self._store.add_device(device, hash_token(token), self._limits.max_devices_per_user)
         return device, token
+
+    async def _hash(self, password: str) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hashing, self._hasher.hash, password)
+
+    async def _verify(self, password_hash: str, password: str) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._hashing, self._hasher.verify, password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the hashing threads (shutdown)."""
+        self._hashing.shutdown(wait=False, cancel_futures=True)
 
     async def authenticate(self, token: str | None) -> Device:
         """The device a bearer token belongs to; `Unauthorized` when missing, unknown or revoked."""
