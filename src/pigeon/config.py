@@ -256,6 +256,9 @@ class GatewaySettings(BaseModel):
     #: A connection whose queued frames make no progress for this long is closed (4000), even
     #: if it keeps sending pings: its peer stopped reading.
     stall_timeout: float = Field(30.0, gt=0)
+    #: Concurrent WebSockets per client address (0: no cap). Set it where clients connect
+    #: directly; behind a TCP load balancer every client has the balancer's address.
+    max_connections_per_address: int = Field(0, ge=0)
     max_inflight_commands: int = Field(256, ge=1)
     #: Frames above this get a `too_large` error; the connection lives on.
     max_frame_bytes: int = Field(1024 * 1024, ge=1024)

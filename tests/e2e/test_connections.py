@@ -204,3 +204,25 @@ async def test_device_that_stops_reading_during_its_sync_is_closed(make_server) 
     again = await server.client(account)  # and nothing was lost
     got = [await next_of(again, Message, timeout=10) for _ in range(60)]
     assert [m.seq for m in got] == list(range(1, 61))
+
+
+async def test_connections_per_address_are_capped(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(gateway={"max_connections_per_address": 2})
+    accounts = [await server.device((await server.user())[0]) for _ in range(3)]
+    first = await server.raw_ws(accounts[0])
+    await server.raw_ws(accounts[1])
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {accounts[2].token}"}
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{server.url}/v1/ws", headers=headers)
+        assert refused.value.status == 429
+        await first.close()  # a slot frees when the server is done with that connection
+        for _ in range(100):  # each attempt waits for the server's answer to the handshake
+            try:
+                third = await http.ws_connect(f"{server.url}/v1/ws", headers=headers)
+                break
+            except aiohttp.WSServerHandshakeError as exc:
+                assert exc.status == 429
+        else:
+            pytest.fail("the slot was never given back")
+        await third.close()

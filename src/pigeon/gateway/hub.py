@@ -50,9 +50,27 @@ class Hub:
         self._attaching = Turns()
         self._ticker: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._per_address: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def admit(self, address: str) -> bool:
+        """Count one more WebSocket from `address`, unless it holds its maximum already."""
+        cap = self._settings.max_connections_per_address
+        held = self._per_address.get(address, 0)
+        if cap and held >= cap:
+            return False
+        self._per_address[address] = held + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """One WebSocket from `address` ended."""
+        held = self._per_address.get(address, 0) - 1
+        if held > 0:
+            self._per_address[address] = held
+        else:
+            self._per_address.pop(address, None)
 
     def get(self, device_id: str) -> Connection | None:
         entry = self._conns.get(device_id)

@@ -35,7 +35,20 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """Serve one device's WebSocket for as long as it lives."""
+    """Serve one device's WebSocket for as long as it lives (refused with 429 while its client
+    address holds `gateway.max_connections_per_address` of them)."""
+    hub = request.app[SERVICES].hub
+    address = request.remote or ""
+    if not hub.admit(address):
+        body = {"code": "rate_limited", "message": "too many connections from this address"}
+        return web.json_response(body, status=429, headers={"Retry-After": "10"})
+    try:
+        return await _serve(request)
+    finally:
+        hub.release(address)
+
+
+async def _serve(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     gw = request.app[SETTINGS].gateway
     device: Device | None = None
