@@ -154,7 +154,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
         throttle=throttle,
     )
     services = Services(
-        accounts=AccountService(store.accounts, bus, clock, limits, hasher, throttle),
+        accounts=AccountService(
+            store.accounts, bus, clock, limits, hasher, throttle, settings.registration
+        ),
         chats=chats,
         messaging=messaging,
         presence=presence_service,

@@ -80,6 +80,42 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+@app.command()
+def invite(
+    count: Annotated[int, typer.Option(min=1, max=10_000, help="How many codes.")] = 1,
+    valid_days: Annotated[float, typer.Option(min=0.001, help="Days each code stays valid.")] = 7.0,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Optional TOML settings file.")] = None,
+) -> None:
+    """Print new single-use invite codes (for `registration = "invite"`), one per line. Opens
+    the configured store directly: run it where `pigeon serve` runs, with its settings."""
+    import asyncio
+
+    from pigeon.adapters.bus.local import LocalBus
+    from pigeon.app import build_store
+    from pigeon.services.accounts import AccountService
+    from pigeon.services.clock import SystemClock
+
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir is not None else {}
+    settings = load_settings(config, **overrides)
+
+    async def make() -> list[str]:
+        store = build_store(settings)
+        await store.open()
+        try:
+            limits = settings.limits.to_limits()  # the bus is unused: no device changes
+            accounts = AccountService(store.accounts, LocalBus(), SystemClock(), limits)
+            try:
+                return await accounts.create_invites(count, valid_days)
+            finally:
+                accounts.close()
+        finally:
+            await store.aclose()
+
+    for code in asyncio.run(make()):
+        typer.echo(code)
+
+
 def main() -> None:
     """Entry point of the `pigeon` script."""
     from pigeon.bench.cli import bench_app

@@ -321,6 +321,9 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    #: Who may create an account: `open` (anyone), `invite` (with a single-use code made by
+    #: `pigeon invite`), `closed` (nobody; existing accounts keep working).
+    registration: Literal["open", "invite", "closed"] = "open"
     sweep_interval: float = Field(3600.0, gt=0)
     #: Allocations between young-generation garbage collections (Python's default is 700).
     #: Fewer collections keep the message path's p99 low: at 1000 msg/s on one core, p99 went

@@ -38,8 +38,16 @@ class Clock(Protocol):
 class AccountStore(Protocol):
     """Users and their devices."""
 
-    async def create_user(self, user: User, password_hash: str) -> None:
-        """Insert a user. Raises `Conflict` if the username is taken (case-insensitive)."""
+    async def create_user(
+        self, user: User, password_hash: str, invite: bytes | None = None, at: int = 0
+    ) -> None:
+        """Insert a user. Raises `Conflict` if the username is taken (case-insensitive). With
+        `invite` (the SHA-256 of an invite code), the code is spent in the same transaction:
+        `Forbidden` if it is unknown, spent or expired at `at`; a refused registration spends
+        nothing."""
+
+    async def add_invites(self, code_hashes: list[bytes], created_at: int, expires_at: int) -> None:
+        """Store single-use invite codes (their SHA-256), valid until `expires_at` (ms)."""
 
     async def credentials(self, username: str) -> Credentials | None:
         """The stored password hash of `username`, or None."""

@@ -336,3 +336,24 @@ async def test_a_member_added_later_counts_as_having_seen_the_past(store: Store)
     by_user = {m.user: (m.delivered_at, m.read_at) for m in members}
     assert by_user[b.id] == (T0 + 5, None)
     assert by_user[n.id] == (T0 + 7, T0 + 7)  # joined after it: seen as of joining
+
+
+async def test_an_invite_is_spent_once_and_only_by_a_registration_that_succeeds(
+    store: Store,
+) -> None:
+    await store.accounts.add_invites([b"code-1", b"code-old"], T0, T0 + 1000)
+    taken = User(id=new_id(), username="inv_taken", created_at=T0)
+    await store.accounts.create_user(taken, "hash")
+    again = User(id=new_id(), username="inv_taken", created_at=T0)
+    with pytest.raises(Conflict):  # a refused registration spends nothing
+        await store.accounts.create_user(again, "hash", b"code-1", T0 + 1)
+    first = User(id=new_id(), username="inv_first", created_at=T0)
+    await store.accounts.create_user(first, "hash", b"code-1", T0 + 1)
+    second = User(id=new_id(), username="inv_second", created_at=T0)
+    with pytest.raises(Forbidden):  # spent
+        await store.accounts.create_user(second, "hash", b"code-1", T0 + 2)
+    with pytest.raises(Forbidden):  # expired
+        await store.accounts.create_user(second, "hash", b"code-old", T0 + 1000)
+    with pytest.raises(Forbidden):  # unknown
+        await store.accounts.create_user(second, "hash", b"nope", T0 + 2)
+    assert await store.accounts.credentials("inv_second") is None

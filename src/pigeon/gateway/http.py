@@ -25,6 +25,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Register(msgspec.Struct, forbid_unknown_fields=True):
     username: str
     password: str
+    invite: str | None = None
 
 
 class Login(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,7 +76,7 @@ async def _device(request: web.Request) -> Device:
 async def register(request: web.Request) -> web.Response:
     body = await _body(request, Register)
     user = await request.app[SERVICES].accounts.register(
-        body.username, body.password, request.remote
+        body.username, body.password, request.remote, body.invite
     )
     return _json({"id": user.id, "username": user.username}, 201)
 

@@ -7,11 +7,12 @@ import hashlib
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from pigeon.domain.errors import BadRequest, NotFound, Unauthorized
+from pigeon.domain.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from pigeon.domain.ids import new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, User
@@ -23,6 +24,9 @@ USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
 REVOKED_FRAME = b'{"t":"revoked"}'
 
+
+#: `open`: anyone may register; `invite`: with a code from `pigeon invite`; `closed`: nobody.
+Registration = Literal["open", "invite", "closed"]
 
 #: Threads for argon2 (each hash takes ~64 MiB and most of a core for ~100 ms by default).
 HASH_THREADS = 2
@@ -44,8 +48,10 @@ class AccountService:
         limits: Limits,
         hasher: PasswordHasher | None = None,
         throttle: Throttle | None = None,
+        registration: Registration = "open",
     ) -> None:
         self._throttle = throttle
+        self._registration = registration
         self._store = store
         self._bus = bus
         self._clock = clock
@@ -57,17 +63,28 @@ class AccountService:
         #: Checked for unknown usernames, so they cost what a known one does (no timing oracle).
         self._decoy: str | None = None
 
-    async def register(self, username: str, password: str, address: str | None = None) -> User:
+    async def register(
+        self,
+        username: str,
+        password: str,
+        address: str | None = None,
+        invite: str | None = None,
+    ) -> User:
         """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars."""
         if not USERNAME.match(username):
             raise BadRequest("username must be 3-32 letters, digits, '_', '.' or '-'")
         if not 8 <= len(password) <= 1024:
             raise BadRequest("password must be 8 to 1024 characters")
+        if self._registration == "closed":
+            raise Forbidden("registration is closed")
+        if self._registration == "invite" and not invite:
+            raise Forbidden("an invite code is required to register")
         if self._throttle is not None:  # `address`: the client's, to limit sign-ups per address
             await self._throttle.register(address)
         password_hash = await self._hash(password)
         user = User(id=new_id(), username=username, created_at=self._clock.now_ms())
-        await self._store.create_user(user, password_hash)
+        spent = hash_token(invite) if self._registration == "invite" and invite else None
+        await self._store.create_user(user, password_hash, spent, self._clock.now_ms())
         return user
 
     async def login(
@@ -91,6 +108,16 @@ class AccountService:
         token = secrets.token_urlsafe(32)
         await self._store.add_device(device, hash_token(token), self._limits.max_devices_per_user)
         return device, token
+
+    async def create_invites(self, count: int, valid_days: float) -> list[str]:
+        """New single-use invite codes (operator command: `pigeon invite`)."""
+        if not 1 <= count <= 10_000:
+            raise BadRequest("count must be 1 to 10000")
+        codes = [secrets.token_urlsafe(12) for _ in range(count)]
+        now = self._clock.now_ms()
+        expires = now + int(valid_days * 86_400_000)
+        await self._store.add_invites([hash_token(c) for c in codes], now, expires)
+        return codes
 
     async def _hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from pigeon.adapters.store.postgres.db import PgDb
-from pigeon.domain.errors import Conflict, TooManyDevices
+from pigeon.domain.errors import Conflict, Forbidden, TooManyDevices
 from pigeon.domain.models import Credentials, Device, User, Visibility
 from pigeon.ports import AccountStore
 
@@ -22,18 +22,43 @@ class PgAccounts:
     def __init__(self, db: PgDb) -> None:
         self._db = db
 
-    async def create_user(self, user: User, password_hash: str) -> None:
-        created = await self._db.fetchval(
-            "INSERT INTO users (id, username, username_key, password_hash, created_at)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (username_key) DO NOTHING RETURNING true",
-            user.id,
-            user.username,
-            user.username.casefold(),
-            password_hash,
-            user.created_at,
+    async def create_user(
+        self, user: User, password_hash: str, invite: bytes | None = None, at: int = 0
+    ) -> None:
+        async def tx(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await _create(conn)
+
+        async def _create(conn: asyncpg.Connection) -> None:
+            created = await conn.fetchval(
+                "INSERT INTO users (id, username, username_key, password_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (username_key) DO NOTHING"
+                " RETURNING true",
+                user.id,
+                user.username,
+                user.username.casefold(),
+                password_hash,
+                user.created_at,
+            )
+            if not created:
+                raise Conflict(f"username {user.username!r} is taken")
+            if invite is not None and not await conn.fetchval(
+                "DELETE FROM invites WHERE code_hash = $1 AND expires_at > $2 RETURNING true",
+                invite,
+                at,
+            ):
+                raise Forbidden("unknown, used or expired invite code")
+
+        await self._db.run(tx)
+
+    async def add_invites(self, code_hashes: list[bytes], created_at: int, expires_at: int) -> None:
+        await self._db.execute(
+            "INSERT INTO invites (code_hash, created_at, expires_at)"
+            " SELECT h, $2, $3 FROM unnest($1::bytea[]) AS h",
+            code_hashes,
+            created_at,
+            expires_at,
         )
-        if not created:
-            raise Conflict(f"username {user.username!r} is taken")
 
     async def credentials(self, username: str) -> Credentials | None:
         row = await self._db.fetchrow(

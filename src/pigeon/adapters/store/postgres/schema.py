@@ -150,6 +150,15 @@ CREATE TRIGGER messages_no_orphan_preview BEFORE INSERT ON messages
 FOR EACH ROW EXECUTE FUNCTION pigeon_no_orphan_preview();
 """
 
+#: Single-use registration invites (`registration = "invite"`), by the SHA-256 of their code.
+_INVITES = """
+CREATE TABLE invites (
+    code_hash bytea PRIMARY KEY,
+    created_at bigint NOT NULL,
+    expires_at bigint NOT NULL
+);
+"""
+
 #: (version, SQL). Never edit a released migration: append a new one (functions included, with
 #: CREATE OR REPLACE).
 MIGRATIONS: list[tuple[int, str]] = [
@@ -157,6 +166,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (2, functions.V2),
     (3, _ATTACHMENTS),
     (4, _NO_PREVIEW_WITHOUT_RECIPIENTS),
+    (5, _INVITES),
 ]
 
 

@@ -6,7 +6,7 @@ import sqlite3
 
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.adapters.store.sqlite.inbox import release_messages
-from pigeon.domain.errors import Conflict, TooManyDevices
+from pigeon.domain.errors import Conflict, Forbidden, TooManyDevices
 from pigeon.domain.models import Credentials, Device, User, Visibility
 from pigeon.ports import AccountStore
 
@@ -17,15 +17,34 @@ class SqliteAccounts:
     def __init__(self, db: SqliteDb) -> None:
         self._db = db
 
-    async def create_user(self, user: User, password_hash: str) -> None:
+    async def create_user(
+        self, user: User, password_hash: str, invite: bytes | None = None, at: int = 0
+    ) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             key = user.username.casefold()
             if conn.execute("SELECT 1 FROM users WHERE username_key = ?", (key,)).fetchone():
                 raise Conflict(f"username {user.username!r} is taken")
+            if (
+                invite is not None
+                and not conn.execute(
+                    "DELETE FROM invites WHERE code_hash = ? AND expires_at > ? RETURNING 1",
+                    (invite, at),
+                ).fetchone()
+            ):
+                raise Forbidden("unknown, used or expired invite code")
             conn.execute(
                 "INSERT INTO users (id, username, username_key, password_hash, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (user.id, user.username, key, password_hash, user.created_at),
+            )
+
+        await self._db.write(tx)
+
+    async def add_invites(self, code_hashes: list[bytes], created_at: int, expires_at: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO invites (code_hash, created_at, expires_at) VALUES (?, ?, ?)",
+                [(h, created_at, expires_at) for h in code_hashes],
             )
 
         await self._db.write(tx)
