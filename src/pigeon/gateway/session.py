@@ -56,12 +56,9 @@ class Session:
 
     async def handle(self, frame: bytes) -> None:
         """Decode one frame and start its command (returns once it is started)."""
-        try:
-            if len(frame) > self.services.max_frame_bytes:
-                raise TooLarge(f"frame exceeds {self.services.max_frame_bytes} bytes")
-            cmd = p.command_decoder.decode(frame)
-        except Exception as exc:  # anything a hostile frame makes the decoder raise, e.g.
-            self.conn.send(p.encode(to_error(*_explain(frame, exc))))  # RecursionError
+        cmd = decode_command(frame, self.services.max_frame_bytes)
+        if isinstance(cmd, p.Error):
+            self.conn.send(p.encode(cmd))
             return
         await self._inflight.acquire()
         task = asyncio.get_running_loop().create_task(self._run(cmd))
@@ -246,6 +243,18 @@ _HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
     p.AttachmentUrl: Session._attachment_url,
 }
 assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
+
+
+def decode_command(frame: bytes, max_bytes: int) -> p.Command | p.Error:
+    """A client frame as its command, or the error reply it deserves. Never raises, whatever
+    the bytes (deep nesting makes msgspec raise RecursionError, for one)."""
+    try:
+        if len(frame) > max_bytes:
+            raise TooLarge(f"frame exceeds {max_bytes} bytes")
+        cmd: p.Command = p.command_decoder.decode(frame)
+        return cmd
+    except Exception as exc:
+        return to_error(*_explain(frame, exc))
 
 
 def _explain(frame: bytes, exc: Exception) -> tuple[p.Rid | None, Exception]:
