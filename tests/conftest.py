@@ -125,7 +125,12 @@ class ManualClock:
 
 
 async def start_server(settings: Settings, clock: Clock | None = None) -> Server:
-    runner = web.AppRunner(create_app(settings, clock), handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        create_app(settings, clock),
+        handle_signals=False,
+        shutdown_timeout=2.0,
+        keepalive_timeout=settings.gateway.request_timeout,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

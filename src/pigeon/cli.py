@@ -59,6 +59,7 @@ def serve(
         print=None,
         access_log=None,
         shutdown_timeout=10.0,
+        keepalive_timeout=settings.gateway.request_timeout,  # also bounds a half-sent request
         backlog=settings.gateway.backlog,
         reuse_port=settings.gateway.reuse_port or None,
     )

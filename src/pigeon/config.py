@@ -256,6 +256,10 @@ class GatewaySettings(BaseModel):
     #: A connection whose queued frames make no progress for this long is closed (4000), even
     #: if it keeps sending pings: its peer stopped reading.
     stall_timeout: float = Field(30.0, gt=0)
+    #: Seconds a client may take to send a whole HTTP request line and headers (and to stay
+    #: idle between keep-alive requests), and a REST body: half-sent requests (slowloris) are
+    #: closed after it.
+    request_timeout: float = Field(10.0, gt=0)
     #: Concurrent WebSockets per client address (0: no cap). Set it where clients connect
     #: directly; behind a TCP load balancer every client has the balancer's address.
     max_connections_per_address: int = Field(0, ge=0)

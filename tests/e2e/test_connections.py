@@ -226,3 +226,34 @@ async def test_connections_per_address_are_capped(make_server) -> None:  # type:
         else:
             pytest.fail("the slot was never given back")
         await third.close()
+
+
+async def test_half_sent_requests_are_closed(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(gateway={"request_timeout": 0.5})
+    host, port = server.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    for partial in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"", b"POST /v1/users HTTP/1.1\r\n"):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, int(port)))
+        await loop.sock_sendall(sock, partial)  # and never the rest
+        start = loop.time()
+        async with asyncio.timeout(10):
+            assert await loop.sock_recv(sock, 1024) == b""  # the server hung up
+        assert loop.time() - start < 5
+        sock.close()
+
+
+async def test_a_trickled_rest_body_is_refused(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(gateway={"request_timeout": 0.5})
+    host, port = server.url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, int(port)))
+    head = b"POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    await loop.sock_sendall(sock, head + b'{"user')  # then nothing
+    async with asyncio.timeout(10):
+        answer = await loop.sock_recv(sock, 4096)
+    assert answer.startswith(b"HTTP/1.1 400") and b"not received in time" in answer
+    sock.close()

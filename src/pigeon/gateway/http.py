@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from aiohttp import web
 from pigeon.domain.errors import BadRequest, PigeonError, RateLimited
 from pigeon.domain.models import Device
 from pigeon.gateway.errors import http_status
-from pigeon.gateway.keys import SERVICES
+from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.gateway.websocket import bearer_token
 
 T = TypeVar("T")
@@ -62,7 +63,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _body(request: web.Request, kind: type[T]) -> T:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].gateway.request_timeout):
+            raw = await request.read()
+    except TimeoutError as exc:  # a body sent a byte at a time
+        raise BadRequest("request body not received in time") from exc
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.DecodeError as exc:
