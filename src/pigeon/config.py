@@ -232,7 +232,9 @@ class RateLimitSettings(BaseModel):
     sync_per_device: str = "30/minute"
     register_per_address: str = "20/hour"
     login_per_address: str = "60/minute"
-    login_per_username: str = "10/minute"
+    login_failures_per_username: str = "5/minute"
+    login_failures_per_username_hourly: str = "20/hour"
+    login_failures_per_username_daily: str = "50/day"
 
     @model_validator(mode="after")
     def _rates_parse(self) -> RateLimitSettings:

@@ -47,4 +47,8 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     sync_per_device: Rate = Rate(30, 60)
     register_per_address: Rate = Rate(20, 3600)
     login_per_address: Rate = Rate(60, 60)
-    login_per_username: Rate = Rate(10, 60)
+    #: Failed logins per username, in tiers: the wait grows with persistence (a minute, an
+    #: hour, a day). Devices already logged in are not affected.
+    login_failures_per_username: Rate = Rate(5, 60)
+    login_failures_per_username_hourly: Rate = Rate(20, 3600)
+    login_failures_per_username_daily: Rate = Rate(50, 86400)

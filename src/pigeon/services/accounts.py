@@ -98,8 +98,9 @@ class AccountService:
             if self._decoy is None:
                 self._decoy = await self._hash(secrets.token_urlsafe(16))
             await self._verify(self._decoy, password)  # fails, after the same work
-            raise Unauthorized("wrong username or password")
-        if not await self._verify(creds.password_hash, password):
+        if creds is None or not await self._verify(creds.password_hash, password):
+            if self._throttle is not None:
+                await self._throttle.login_failed(username)
             raise Unauthorized("wrong username or password")
         name = device_name.strip()[:64] or "device"
         device = Device(

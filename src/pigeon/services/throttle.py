@@ -62,10 +62,28 @@ class Throttle:
             await self._spend(rule, "ra:" + address, 1, "registrations")
 
     async def login(self, address: str | None, username: str) -> None:
+        """Before checking a password: attempts per address, and the username's failures."""
         if address is not None:
             await self._spend(self._rules.login_per_address, "la:" + address, 1, "logins")
-        rule = self._rules.login_per_username
-        await self._spend(rule, "lu:" + username.casefold(), 1, "logins")
+        key = username.casefold()
+        for tier, rule in enumerate(self._failure_tiers()):
+            wait = await self._limiter.test(rule, f"lf{tier}:{key}")
+            if wait is not None:
+                raise RateLimited(f"too many failed logins; retry in {wait:.0f} s", wait)
+
+    async def login_failed(self, username: str) -> None:
+        """A wrong password (or unknown username) counts against that username in every tier."""
+        key = username.casefold()
+        for tier, rule in enumerate(self._failure_tiers()):
+            await self._limiter.hit(rule, f"lf{tier}:{key}")
+
+    def _failure_tiers(self) -> tuple[Rate, ...]:
+        r = self._rules
+        return (
+            r.login_failures_per_username,
+            r.login_failures_per_username_hourly,
+            r.login_failures_per_username_daily,
+        )
 
     async def _spend(self, rate: Rate, key: str, cost: int, what: str) -> None:
         wait = await self._limiter.hit(rate, key, cost)
