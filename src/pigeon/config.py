@@ -172,6 +172,7 @@ class LimitSettings(BaseModel):
 
     max_devices_per_user: int = Field(3, ge=1, le=100)
     group_cap: int = Field(100, ge=2, le=10_000)
+    max_chats_per_user: int = Field(10_000, ge=1, le=10_000_000)
     max_body_bytes: int = Field(64 * 1024, ge=1, le=16 * 1024 * 1024)
     max_group_name_chars: int = Field(128, ge=1, le=1024)
     preview_chars: int = Field(100, ge=0, le=1000)
@@ -183,6 +184,7 @@ class LimitSettings(BaseModel):
         return Limits(
             max_devices_per_user=self.max_devices_per_user,
             group_cap=self.group_cap,
+            max_chats_per_user=self.max_chats_per_user,
             max_body_bytes=self.max_body_bytes,
             max_group_name_chars=self.max_group_name_chars,
             preview_chars=self.preview_chars,

@@ -118,6 +118,9 @@ class ChatStore(Protocol):
     async def member_devices(self, chat_id: str) -> list[tuple[str, str]]:
         """(user id, device id) of every device of every member of the chat."""
 
+    async def count_chats(self, user_id: str) -> int:
+        """How many chats the user is a member of."""
+
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         """The user's chats, newest activity first, with unread counts (others' messages after
         the user's read mark)."""

@@ -357,3 +357,11 @@ async def test_an_invite_is_spent_once_and_only_by_a_registration_that_succeeds(
     with pytest.raises(Forbidden):  # unknown
         await store.accounts.create_user(second, "hash", b"nope", T0 + 2)
     assert await store.accounts.credentials("inv_second") is None
+
+
+async def test_count_chats_counts_memberships(store: Store) -> None:
+    a, b, c = await user(store, "a_cnt"), await user(store, "b_cnt"), await user(store, "c_cnt")
+    assert await store.chats.count_chats(a.id) == 0
+    await chat(store, a, b)
+    await chat(store, a, c)
+    assert (await store.chats.count_chats(a.id), await store.chats.count_chats(b.id)) == (2, 1)

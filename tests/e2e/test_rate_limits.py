@@ -123,3 +123,14 @@ async def test_two_nodes_share_the_counters(
     with pytest.raises(ClientError) as err:
         await on_b.send(chat["id"], "b1")
     assert err.value.code == "rate_limited"
+
+
+async def test_chats_per_user_are_capped(make_server: ServerFactory) -> None:
+    server = await make_server(limits={"max_chats_per_user": 2})
+    alice = await server.new_client("alice")
+    others = [(await server.user("u"))[1] for _ in range(3)]
+    await alice.create_chat([others[0]])
+    await alice.create_chat([others[1]], name="two")
+    with pytest.raises(ClientError) as err:
+        await alice.create_chat([others[2]])
+    assert err.value.code == "too_many_chats"

@@ -68,6 +68,12 @@ class TooManyDevices(PigeonError):
     code = "too_many_devices"
 
 
+class TooManyChats(PigeonError):
+    """The user is already in the maximum number of chats."""
+
+    code = "too_many_chats"
+
+
 class TooLarge(PigeonError):
     """A frame or message body exceeds its configured limit."""
 

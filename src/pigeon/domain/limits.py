@@ -10,6 +10,8 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
 
     max_devices_per_user: int = 3
     group_cap: int = 100
+    #: Chats a user may create while a member of this many (direct and groups).
+    max_chats_per_user: int = 10_000
     max_body_bytes: int = 64 * 1024
     max_group_name_chars: int = 128
     preview_chars: int = 100

@@ -18,6 +18,7 @@ HTTP_STATUS: dict[type[e.PigeonError], int] = {
     e.NotFound: 404,
     e.Conflict: 409,
     e.TooManyDevices: 409,
+    e.TooManyChats: 409,
     e.GroupFull: 409,
     e.TooLarge: 413,
     e.RateLimited: 429,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from pigeon.domain.errors import BadRequest, Conflict, Forbidden, GroupFull, NotFound
+from pigeon.domain.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GroupFull,
+    NotFound,
+    TooManyChats,
+)
 from pigeon.domain.events import Delivery
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
@@ -50,6 +57,8 @@ class ChatService:
             raise GroupFull(f"a group has at most {self._limits.group_cap} participants")
         if self._throttle is not None:
             await self._throttle.create_chat(actor.user_id, kind == "group")
+        if await self._store.chats.count_chats(actor.user_id) >= self._limits.max_chats_per_user:
+            raise TooManyChats(f"at most {self._limits.max_chats_per_user} chats per user")
         await self._require_users(others)
         members = [Member(user=actor.user_id, role="admin" if kind == "group" else "member")]
         members += [Member(user=u) for u in others]

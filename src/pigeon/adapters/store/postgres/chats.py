@@ -236,6 +236,10 @@ class PgChats:
         )
         return [(r[0], r[1]) for r in rows]
 
+    async def count_chats(self, user_id: str) -> int:
+        sql = "SELECT count(*) FROM members WHERE user_id = $1"
+        return int(await self._db.fetchval(sql, user_id))
+
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         rows = await self._db.fetch(_LIST_CHATS, user_id)
         return [

@@ -183,6 +183,13 @@ class SqliteChats:
 
         return await self._db.read(q)
 
+    async def count_chats(self, user_id: str) -> int:
+        def q(conn: sqlite3.Connection) -> int:
+            sql = "SELECT count(*) FROM members WHERE user_id = ?"
+            return int(conn.execute(sql, (user_id,)).fetchone()[0])
+
+        return await self._db.read(q)
+
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         def q(conn: sqlite3.Connection) -> list[ChatSummary]:
             rows = conn.execute(
