@@ -225,7 +225,7 @@ class RateLimitSettings(BaseModel):
     send_per_device: str = "300/10s"
     send_per_user: str = "600/10s"
     send_bytes_per_device: str = f"{4 * 1024 * 1024}/10s"
-    fanout_per_chat: str = "20000/10s"
+    fanout_per_chat: str = "1000/second"
     create_chat_per_user: str = "30/minute"
     groups_per_user: str = "50/hour"
     modify_members_per_user: str = "60/minute"
@@ -234,9 +234,9 @@ class RateLimitSettings(BaseModel):
     sync_per_device: str = "30/minute"
     register_per_address: str = "20/hour"
     login_per_address: str = "60/minute"
-    login_failures_per_username: str = "5/minute"
-    login_failures_per_username_hourly: str = "20/hour"
-    login_failures_per_username_daily: str = "50/day"
+    login_per_username: str = "5/minute"
+    login_per_username_hourly: str = "20/hour"
+    login_per_username_daily: str = "50/day"
 
     @model_validator(mode="after")
     def _rates_parse(self) -> RateLimitSettings:

@@ -70,7 +70,7 @@ async def test_a_busy_group_slows_down(make_server: ServerFactory) -> None:
 
 async def test_registrations_and_logins_get_429(make_server: ServerFactory) -> None:
     server = await make_server(
-        **limits(register_per_address="2/hour", login_failures_per_username="2/minute")
+        **limits(register_per_address="2/hour", login_per_username="2/minute")
     )
     async with aiohttp.ClientSession() as http:
         statuses = []
@@ -90,7 +90,7 @@ async def test_registrations_and_logins_get_429(make_server: ServerFactory) -> N
         assert statuses == [401, 401, 429]
         body = {"username": name, "password": PASSWORD, "device_name": "d"}
         async with http.post(f"{server.url}/v1/devices", json=body) as resp:
-            assert resp.status == 429  # even the right password waits: failures count per name
+            assert resp.status == 429  # even the right password waits: attempts count per name
 
 
 async def test_two_nodes_share_the_counters(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pigeon.bench import compare, idle, offline, one_to_one, presence_storm
+from pigeon.bench import abuse, compare, idle, offline, one_to_one, presence_storm
 from pigeon.bench.report import print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
 from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
@@ -409,5 +410,50 @@ def compare_cmd(
     }
     path = write_result(out, doc)
     for line in compare.table(results, names):
+        print(line)
+    print(f"result file {path}")
+
+
+@bench_app.command("abuse")
+@with_target
+def abuse_cmd(
+    members: Annotated[int, typer.Option(help="Group flood: members of the flooded group.")] = 100,
+    inflight: Annotated[int, typer.Option(help="Group flood: the flooder's sends in flight.")] = 20,
+    pairs: Annotated[int, typer.Option(help="Bystander 1:1 pairs.")] = 20,
+    rate: Annotated[float, typer.Option(help="Bystanders' msgs/s in all.")] = 40.0,
+    phase: Annotated[float, typer.Option(help="Seconds measured quiet, then under attack.")] = 5.0,
+    guessers: Annotated[int, typer.Option(help="Login brute force: concurrent guessers.")] = 32,
+    upload_mib: Annotated[int, typer.Option(help="Login brute force: upload size, MiB.")] = 4,
+    *,
+    target: Target,
+    out: Path,
+) -> None:
+    """What one abuser does to everyone else: bystanders' latency during a group flood, an
+    upload during a login brute force (server with default limits and real argon2 cost)."""
+    target = _single_node(target, "abuse")
+    target = dataclasses.replace(
+        target,
+        server_env=abuse.DEFAULT_LIMITS_ENV | abuse.REAL_ARGON2_ENV | target.server_env,
+    )
+    p = abuse.Params(members, inflight, pairs, rate, phase, guessers, upload_mib)
+
+    async def main() -> dict[str, Any]:
+        async with server(target) as handle:
+            if target.client_cpu is not None:
+                pin(target.client_cpu)
+            with tempfile.TemporaryDirectory() as tmp:
+                return {
+                    "group_flood": await abuse.group_flood(handle, p),
+                    "login": await abuse.login_brute_force(handle, p, Path(tmp)),
+                }
+
+    doc = run_loop(main())
+    doc |= {
+        "scenario": "abuse",
+        "params": dataclasses.asdict(p) | target.describe(),
+        "problems": [],
+    }
+    path = write_result(out, doc)
+    for line in abuse.summary(doc):
         print(line)
     print(f"result file {path}")

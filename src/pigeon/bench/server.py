@@ -418,6 +418,7 @@ async def server(target: Target, *, nofile: int = 65536) -> AsyncIterator[Server
             database, redis = await stack.enter_async_context(fresh_database()), redis_url()
             env |= shared_state_env(database, redis)
         env |= target.server_env
+        env = {k: v for k, v in env.items() if v != ""}  # KEY= unsets (servers before a setting)
         data_root = Path(tempfile.mkdtemp(prefix="pigeon-bench-", dir=target.data_dir))
         if os.environ.get("PIGEON_BENCH_KEEP_DATA") != "1":
             stack.callback(shutil.rmtree, data_root, ignore_errors=True)

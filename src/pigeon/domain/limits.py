@@ -40,7 +40,7 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     send_per_user: Rate = Rate(600, 10)
     send_bytes_per_device: Rate = Rate(4 * 1024 * 1024, 10)
     #: Deliveries (messages x recipient devices) one chat may cause: very active groups slow down.
-    fanout_per_chat: Rate = Rate(20_000, 10)
+    fanout_per_chat: Rate = Rate(1000, 1)
     create_chat_per_user: Rate = Rate(30, 60)
     groups_per_user: Rate = Rate(50, 3600)
     modify_members_per_user: Rate = Rate(60, 60)
@@ -49,8 +49,9 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     sync_per_device: Rate = Rate(30, 60)
     register_per_address: Rate = Rate(20, 3600)
     login_per_address: Rate = Rate(60, 60)
-    #: Failed logins per username, in tiers: the wait grows with persistence (a minute, an
-    #: hour, a day). Devices already logged in are not affected.
-    login_failures_per_username: Rate = Rate(5, 60)
-    login_failures_per_username_hourly: Rate = Rate(20, 3600)
-    login_failures_per_username_daily: Rate = Rate(50, 86400)
+    #: Login attempts per username, in tiers: the wait grows with persistence (a minute, an
+    #: hour, a day). Counted before the password is checked, so concurrent guesses cannot slip
+    #: through; devices already logged in are not affected.
+    login_per_username: Rate = Rate(5, 60)
+    login_per_username_hourly: Rate = Rate(20, 3600)
+    login_per_username_daily: Rate = Rate(50, 86400)

@@ -99,8 +99,6 @@ class AccountService:
                 self._decoy = await self._hash(secrets.token_urlsafe(16))
             await self._verify(self._decoy, password)  # fails, after the same work
         if creds is None or not await self._verify(creds.password_hash, password):
-            if self._throttle is not None:
-                await self._throttle.login_failed(username)
             raise Unauthorized("wrong username or password")
         name = device_name.strip()[:64] or "device"
         device = Device(

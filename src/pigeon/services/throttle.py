@@ -14,6 +14,9 @@ from pigeon.domain.limits import Rate, RateRules
 from pigeon.domain.models import Device
 from pigeon.ports import RateLimiter
 
+#: Chats whose fan-out estimate is kept (the busiest are relearned after a reset).
+_MAX_REMEMBERED = 100_000
+
 
 class Throttle:
     """Checks the rate rules for each command that spends server resources."""
@@ -21,6 +24,9 @@ class Throttle:
     def __init__(self, limiter: RateLimiter, rules: RateRules) -> None:
         self._limiter = limiter
         self._rules = rules
+        #: Per chat, the deliveries its last message made: what the next send reserves from the
+        #: chat's fan-out budget before it runs, so concurrent sends cannot all slip through.
+        self._fanout: dict[str, int] = {}
 
     async def send(self, device: Device, chat_id: str, body_bytes: int) -> None:
         """A message: per device and per user, its bytes per device, and the chat's fan-out."""
@@ -29,14 +35,24 @@ class Throttle:
         await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
         if body_bytes:
             await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
-        wait = await self._limiter.test(r.fanout_per_chat, "fc:" + chat_id)
+        estimate = self._fanout.get(chat_id, 1)
+        wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
         if wait is not None:
             raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
 
     async def delivered(self, chat_id: str, deliveries: int) -> None:
-        """Count what a committed message fanned out to (later sends to the chat pay for it)."""
-        if deliveries:
-            await self._limiter.hit(self._rules.fanout_per_chat, "fc:" + chat_id, deliveries)
+        """A committed message fanned out to `deliveries` devices: charge what its send's
+        reservation missed, and reserve that much for the chat's next send."""
+        estimate = self._fanout.get(chat_id, 1)
+        if deliveries > 1:
+            if len(self._fanout) >= _MAX_REMEMBERED:
+                self._fanout.clear()  # estimates only: they are learned again at once
+            self._fanout[chat_id] = deliveries
+        else:
+            self._fanout.pop(chat_id, None)
+        if deliveries > estimate:
+            rule = self._rules.fanout_per_chat
+            await self._limiter.hit(rule, "fc:" + chat_id, deliveries - estimate)
 
     async def create_chat(self, user_id: str, group: bool) -> None:
         await self._spend(self._rules.create_chat_per_user, "cc:" + user_id, 1, "new chats")
@@ -62,28 +78,15 @@ class Throttle:
             await self._spend(rule, "ra:" + address, 1, "registrations")
 
     async def login(self, address: str | None, username: str) -> None:
-        """Before checking a password: attempts per address, and the username's failures."""
+        """Before checking a password: attempts per address, and per username in three tiers
+        (a minute, an hour, a day), so the wait grows with a guesser's persistence."""
         if address is not None:
             await self._spend(self._rules.login_per_address, "la:" + address, 1, "logins")
         key = username.casefold()
-        for tier, rule in enumerate(self._failure_tiers()):
-            wait = await self._limiter.test(rule, f"lf{tier}:{key}")
-            if wait is not None:
-                raise RateLimited(f"too many failed logins; retry in {wait:.0f} s", wait)
-
-    async def login_failed(self, username: str) -> None:
-        """A wrong password (or unknown username) counts against that username in every tier."""
-        key = username.casefold()
-        for tier, rule in enumerate(self._failure_tiers()):
-            await self._limiter.hit(rule, f"lf{tier}:{key}")
-
-    def _failure_tiers(self) -> tuple[Rate, ...]:
         r = self._rules
-        return (
-            r.login_failures_per_username,
-            r.login_failures_per_username_hourly,
-            r.login_failures_per_username_daily,
-        )
+        tiers = (r.login_per_username, r.login_per_username_hourly, r.login_per_username_daily)
+        for tier, rule in enumerate(tiers):
+            await self._spend(rule, f"lu{tier}:{key}", 1, "logins for this username")
 
     async def _spend(self, rate: Rate, key: str, cost: int, what: str) -> None:
         wait = await self._limiter.hit(rate, key, cost)
