@@ -107,6 +107,7 @@ ALL_ERRORS: tuple[type[PigeonError], ...] = (
     Conflict,
     GroupFull,
     TooManyDevices,
+    TooManyChats,
     TooLarge,
     RateLimited,
     Unavailable,
