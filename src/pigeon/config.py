@@ -225,7 +225,7 @@ class RateLimitSettings(BaseModel):
     send_per_device: str = "300/10s"
     send_per_user: str = "600/10s"
     send_bytes_per_device: str = f"{4 * 1024 * 1024}/10s"
-    fanout_per_chat: str = "1000/second"
+    fanout_per_chat: str = "500/second"
     create_chat_per_user: str = "30/minute"
     groups_per_user: str = "50/hour"
     modify_members_per_user: str = "60/minute"

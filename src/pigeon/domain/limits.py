@@ -40,7 +40,7 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     send_per_user: Rate = Rate(600, 10)
     send_bytes_per_device: Rate = Rate(4 * 1024 * 1024, 10)
     #: Deliveries (messages x recipient devices) one chat may cause: very active groups slow down.
-    fanout_per_chat: Rate = Rate(1000, 1)
+    fanout_per_chat: Rate = Rate(500, 1)
     create_chat_per_user: Rate = Rate(30, 60)
     groups_per_user: Rate = Rate(50, 3600)
     modify_members_per_user: Rate = Rate(60, 60)
