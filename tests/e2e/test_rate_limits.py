@@ -134,3 +134,21 @@ async def test_chats_per_user_are_capped(make_server: ServerFactory) -> None:
     with pytest.raises(ClientError) as err:
         await alice.create_chat([others[2]])
     assert err.value.code == "too_many_chats"
+
+
+async def test_a_group_larger_than_its_budget_still_gets_messages(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(**limits(fanout_per_chat="2/second"))
+    alice = await server.new_client("alice", max_rate_wait=0)
+    others = [await server.user("m") for _ in range(4)]  # 4 deliveries a message: over 2
+    for name, _ in others:
+        await server.device(name)
+    group = await alice.create_chat([uid for _, uid in others], name="big")
+    await alice.send(group["id"], "one")  # reserves 1, costs 4: the window is full
+    with pytest.raises(ClientError) as err:
+        await alice.send(group["id"], "two")
+    assert err.value.code == "rate_limited"
+    assert err.value.retry_after is not None and err.value.retry_after <= 2.5
+    alice.max_rate_wait = 5.0  # the SDK now waits the window out: the group is not shut
+    assert (await alice.send(group["id"], "two")).seq == 2

@@ -35,7 +35,8 @@ class Throttle:
         await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
         if body_bytes:
             await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
-        estimate = self._fanout.get(chat_id, 1)
+        # at most a whole window: a chat larger than the budget still gets one message per window
+        estimate = min(self._fanout.get(chat_id, 1), r.fanout_per_chat.amount)
         wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
         if wait is not None:
             raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
@@ -43,16 +44,17 @@ class Throttle:
     async def delivered(self, chat_id: str, deliveries: int) -> None:
         """A committed message fanned out to `deliveries` devices: charge what its send's
         reservation missed, and reserve that much for the chat's next send."""
-        estimate = self._fanout.get(chat_id, 1)
+        rule = self._rules.fanout_per_chat
+        estimate = min(self._fanout.get(chat_id, 1), rule.amount)
         if deliveries > 1:
             if len(self._fanout) >= _MAX_REMEMBERED:
                 self._fanout.clear()  # estimates only: they are learned again at once
             self._fanout[chat_id] = deliveries
         else:
             self._fanout.pop(chat_id, None)
-        if deliveries > estimate:
-            rule = self._rules.fanout_per_chat
-            await self._limiter.hit(rule, "fc:" + chat_id, deliveries - estimate)
+        extra = min(deliveries, rule.amount) - estimate
+        if extra > 0:
+            await self._limiter.hit(rule, "fc:" + chat_id, extra)
 
     async def create_chat(self, user_id: str, group: bool) -> None:
         await self._spend(self._rules.create_chat_per_user, "cc:" + user_id, 1, "new chats")
