@@ -21,12 +21,13 @@ class _Store:
 
     async def send(self, req: Any) -> Any:
         self.committed.append(req.cmid)
-        return SimpleNamespace(message=SimpleNamespace(id=req.message_id), duplicate=False)
+        message = SimpleNamespace(id=req.message_id)
+        return SimpleNamespace(message=message, duplicate=False, deliveries=[])
 
 
 class _Fanout:
-    async def commit(self, change: Any, deliveries: Any) -> Any:
-        return await asyncio.shield(change)
+    def start(self, change: Any, deliveries: Any) -> Any:
+        return asyncio.ensure_future(change)
 
 
 class _Media:
@@ -66,7 +67,7 @@ async def test_a_text_behind_a_media_send_waits_for_it() -> None:
     await asyncio.gather(first, second)
     assert store.committed == ["media", "text"]
     third = await service.send(DEVICE, chat, "later", "hi", None)  # fast path again
-    assert third and store.committed[-1] == "later" and not service._tails
+    assert third and store.committed[-1] == "later" and not service._handovers
 
 
 async def test_cancelled_sends_commit_nothing_and_leave_no_chain() -> None:
@@ -80,4 +81,36 @@ async def test_cancelled_sends_commit_nothing_and_leave_no_chain() -> None:
     second.cancel()
     results = await asyncio.gather(first, second, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
-    assert store.committed == [] and not service._tails
+    assert store.committed == [] and not service._handovers
+
+
+class _SlowFirstThrottle:
+    """A rate limiter whose first answer takes as long as the test wants (a Redis round trip
+    that is slower than the next one)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, device: Device, chat: str, body_bytes: int) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.gate.wait()
+
+    async def delivered(self, chat: str, deliveries: int) -> None:
+        return None
+
+
+async def test_a_slow_rate_limit_answer_does_not_reorder_sends() -> None:
+    store, media, throttle = _Store(), _Media(), _SlowFirstThrottle()
+    service = MessagingService(store, _Fanout(), _Clock(), Limits(), media, throttle)  # type: ignore[arg-type]
+    chat = new_id()
+    first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
+    await asyncio.sleep(0)  # one loop turn: the first waits for its rate-limit answer
+    second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert store.committed == []  # the second's answer came, but it waits for the first
+    throttle.gate.set()
+    await asyncio.gather(first, second)
+    assert store.committed == ["first", "second"] and not service._handovers

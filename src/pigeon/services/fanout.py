@@ -32,9 +32,9 @@ MAX_HELD = 100_000
 
 
 def _settled(inner: asyncio.Future[Any]) -> None:
-    """Take the outcome of a change whose caller is gone (its connection closed): a refusal
-    then concerns nobody, anything else is logged, and asyncio never reports a task exception
-    "never retrieved"."""
+    """Take the outcome of every change, so that one whose caller is gone (its connection
+    closed) is never reported as "never retrieved": a refusal then concerns nobody, anything
+    else is logged."""
     if inner.cancelled():
         return
     exc = inner.exception()
@@ -55,12 +55,20 @@ class Fanout:
     async def commit(
         self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
     ) -> T:
-        """Run a store change, then push what it committed. Shielded: once started, the push
-        happens even if the caller is cancelled (its connection closed mid-command), so nothing
-        committed waits for the recipients' next reconnect. Changes started in one order reach
-        the store in that order (the shielding tasks start FIFO). The caller does not wait for
-        the push: a hung bus never holds back a reply, the inbox being the truth; pushes start
-        in commit order (their tasks start FIFO, and a publish queues before its first await)."""
+        """`start` the change and wait for its outcome."""
+        return await asyncio.shield(self.start(change, deliveries))
+
+    def start(
+        self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
+    ) -> asyncio.Future[T]:
+        """Hand a store change over now, then push what it committed. The task returned gives
+        the change's outcome; await it through `asyncio.shield`, since it must outlive its
+        caller. It is created before this returns and tasks start FIFO, so changes started in
+        one order reach the store in that order. Once started, the push happens even if the
+        caller is cancelled (its connection closed mid-command), so nothing committed waits for
+        the recipients' next reconnect. Nobody waits for the push: a hung bus never holds back
+        a reply, the inbox being the truth; pushes start in commit order (their tasks start
+        FIFO, and a publish queues before its first await)."""
 
         async def run() -> T:
             result = await change
@@ -68,11 +76,8 @@ class Fanout:
             return result
 
         inner = asyncio.ensure_future(run())
-        try:
-            return await asyncio.shield(inner)
-        except asyncio.CancelledError:  # the caller left; shield forgets the outcome then
-            inner.add_done_callback(_settled)
-            raise
+        inner.add_done_callback(_settled)
+        return inner
 
     def _push_soon(self, deliveries: list[Delivery]) -> None:
         if not deliveries:

@@ -7,6 +7,7 @@ group-committed with its neighbours) before anyone is answered; only then is it 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
@@ -14,7 +15,7 @@ from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Attachment, Device, MemberReceipt
-from pigeon.ports import Clock, MessageStore, SendRequest
+from pigeon.ports import Clock, MessageStore, SendRequest, SendResult
 from pigeon.services.fanout import Fanout
 from pigeon.services.throttle import Throttle
 
@@ -26,6 +27,11 @@ MAX_CMID_CHARS = 64
 
 def _same(deliveries: list[Delivery]) -> list[Delivery]:
     return deliveries
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class MessagingService:
@@ -46,9 +52,9 @@ class MessagingService:
         self._clock = clock
         self._limits = limits
         self._media = media
-        #: Per device: the last send that had to await something before committing (a media
-        #: check); later sends of that device wait for it, so commit order stays call order.
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        #: Per device: resolved once its latest send has handed its change to the store; the
+        #: next send of the device hands over only after it, so commit order stays call order.
+        self._handovers: dict[str, asyncio.Future[None]] = {}
 
     async def send(
         self,
@@ -67,10 +73,11 @@ class MessagingService:
         same group commit as the message, and a failure of either fails the call (both are
         idempotent, so the client retries both).
 
-        Sends from one connection commit in the order the connection issued them: a text send
-        hands its change to the store before any await (the shielded commit tasks start in
-        FIFO order); a media send first checks the attachment, so it and any send of the same
-        device behind it run one after the other."""
+        Sends from one device reach the store in the order they were issued, whatever they
+        await first (the rate limiter, which may be a Redis round trip; a media send's
+        attachment check): each hands its change over only after the send issued before it
+        did (`_handovers`), and a media send holds the sends behind it until its check is
+        done."""
         if not 1 <= len(cmid) <= MAX_CMID_CHARS:
             raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
         if body is None and attachment is None:
@@ -81,51 +88,55 @@ class MessagingService:
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
         if ack is not None and ack < 0:
             raise BadRequest("ack must be >= 0")
-        if self._throttle is not None:
-            await self._throttle.send(device, chat_id, len(body.encode()) if body else 0)
-        if attachment is None and device.id not in self._tails:
-            sending = self._commit(device, chat_id, cmid, body, None)
-        else:
-            sending = self._ordered(device, chat_id, cmid, body, attachment)
-        if ack is None:
-            return await sending
-        _, sent = await asyncio.gather(self.ack(device, ack), sending)
+        acking = None
+        if ack is not None:  # handed over first: as if sent just before the message
+            change = self._store.ack(device, ack, self._clock.now_ms())
+            acking = self._fanout.start(change, _same)
+        committing = await self._hand_over(device, chat_id, cmid, body, attachment)
+        sent = await committing
+        if acking is not None:
+            await asyncio.shield(acking)
         return sent
 
-    async def _ordered(
+    async def _hand_over(
         self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
-    ) -> tuple[Message, bool]:
-        before = self._tails.get(device.id)
+    ) -> Awaitable[tuple[Message, bool]]:
+        """Check what must be checked, wait for the device's previous send to hand over, hand
+        this one over; returns what to await for its outcome."""
+        before = self._handovers.get(device.id)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tails[device.id] = mine
-        mine.add_done_callback(lambda done: self._untail(device.id, done))
+        self._handovers[device.id] = mine
+        mine.add_done_callback(lambda done: self._forget(device.id, done))
         try:
-            if before is not None:
+            if self._throttle is not None:
+                await self._throttle.send(device, chat_id, len(body.encode()) if body else 0)
+            if before is not None and not before.done():
                 await asyncio.shield(before)  # only ever resolved, never failed
             media = None
             if attachment is not None:
                 if self._media is None:
                     raise BadRequest("this server does not accept attachments")
                 media = await self._media.for_message(device, chat_id, attachment)
-            return await self._commit(device, chat_id, cmid, body, media)
+            return self._commit(device, chat_id, cmid, body, media)
         finally:
             if before is None or before.done():
                 mine.set_result(None)
             else:  # cancelled while waiting: the sends behind this one still wait for `before`
-                before.add_done_callback(lambda _: mine.set_result(None))
+                before.add_done_callback(lambda _: _resolve(mine))
 
-    def _untail(self, device_id: str, done: asyncio.Future[None]) -> None:
-        if self._tails.get(device_id) is done:
-            del self._tails[device_id]
+    def _forget(self, device_id: str, done: asyncio.Future[None]) -> None:
+        if self._handovers.get(device_id) is done:
+            del self._handovers[device_id]
 
-    async def _commit(
+    def _commit(
         self,
         device: Device,
         chat_id: str,
         cmid: str,
         body: str | None,
         attachment: Attachment | None,
-    ) -> tuple[Message, bool]:
+    ) -> Awaitable[tuple[Message, bool]]:
+        """Hand the message over to the store now; returns what to await for the outcome."""
         preview = (
             body[: self._limits.preview_chars] if body and self._limits.preview_chars else None
         )
@@ -142,7 +153,14 @@ class MessagingService:
             attachment=attachment,
             preview=preview,
         )
-        result = await self._fanout.commit(self._store.send(req), lambda r: r.deliveries)
+        return self._committed(
+            chat_id, self._fanout.start(self._store.send(req), lambda r: r.deliveries)
+        )
+
+    async def _committed(
+        self, chat_id: str, outcome: asyncio.Future[SendResult]
+    ) -> tuple[Message, bool]:
+        result = await asyncio.shield(outcome)
         if self._throttle is not None and not result.duplicate:
             await self._throttle.delivered(chat_id, len(result.deliveries))
         return result.message, result.duplicate
