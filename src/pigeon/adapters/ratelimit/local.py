@@ -1,0 +1,78 @@
+"""In-process sliding-window counters: the `limits` library's algorithm, without its storage.
+
+Why not `limits`' MemoryStorage: it schedules an expiry task after almost every hit that
+scans every key, and that cost 40-70 µs per message on the send path at saturation (measured
+with `pigeon bench compare`). Here a hit is a dict lookup and a little arithmetic, and dead
+counters are dropped in one sweep when there are many.
+
+The algorithm (also what `limits`' sliding-window counter computes in Redis, so one node and a
+cluster limit alike): time is cut in fixed windows of `seconds`; the count that matters is the
+current window's plus the previous window's weighted by the part of it still inside the
+sliding window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pigeon.domain.limits import Rate
+
+#: Counters kept before dead ones (two windows old) are swept.
+_SWEEP_AT = 100_000
+
+
+class SlidingWindows:
+    """Counters per (rate, key); `hit` and `test` answer None or the seconds to wait."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now
+        #: (seconds, amount, key) -> [window index, previous window's count, current count]
+        self._counts: dict[tuple[int, int, str], list[int]] = {}
+
+    def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        return self._ask(rate, key, cost, spend=True)
+
+    def test(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        return self._ask(rate, key, cost, spend=False)
+
+    def _ask(self, rate: Rate, key: str, cost: int, *, spend: bool) -> float | None:
+        now = self._now()
+        period = rate.seconds
+        window, into = divmod(now, period)
+        counter = self._counts.get((period, rate.amount, key))
+        if counter is None:
+            counter = [int(window), 0, 0]
+            if spend:
+                if len(self._counts) >= _SWEEP_AT:
+                    self._sweep(now)
+                self._counts[(period, rate.amount, key)] = counter
+        elif counter[0] != window:  # roll over: the current window becomes the previous one
+            counter[1] = counter[2] if counter[0] == window - 1 else 0
+            counter[2] = 0
+            counter[0] = int(window)
+        previous, current = counter[1], counter[2]
+        weight = 1 - into / period
+        if previous * weight + current + cost <= rate.amount:
+            if spend:
+                counter[2] += cost
+            return None
+        return _wait(rate.amount, previous, current, cost, into, period)
+
+    def _sweep(self, now: float) -> None:
+        dead = [k for k, c in self._counts.items() if now // k[0] - c[0] >= 2]
+        for k in dead:
+            del self._counts[k]
+
+
+def _wait(amount: int, previous: int, current: int, cost: int, into: float, period: int) -> float:
+    """Seconds until `cost` fits: while the previous window slides out, or else in the next
+    window, once enough of this one has slid out."""
+    if current + cost <= amount:  # the previous window's weight must fall enough
+        weight = (amount - current - cost) / previous
+        return max(0.001, period * (1 - weight) - into)
+    if cost > amount:
+        return float(period)
+    rest = period - into
+    weight = (amount - cost) / current  # in the next window, this one becomes the previous
+    return max(0.001, rest + period * (1 - weight))
