@@ -171,6 +171,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             media=media,
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
+            max_refusals=settings.gateway.max_refusals,
         ),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)

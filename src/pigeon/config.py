@@ -264,6 +264,9 @@ class GatewaySettings(BaseModel):
     #: idle between keep-alive requests), and a REST body: half-sent requests (slowloris) are
     #: closed after it.
     request_timeout: float = Field(10.0, gt=0)
+    #: `rate_limited` replies a connection may get in 10 s; past that it is closed with 4003
+    #: (its client ignores the limits, and every refusal still costs the server).
+    max_refusals: int = Field(50, ge=1)
     #: Concurrent WebSockets per client address (0: no cap). Set it where clients connect
     #: directly; behind a TCP load balancer every client has the balancer's address.
     max_connections_per_address: int = Field(0, ge=0)

@@ -152,3 +152,22 @@ async def test_a_group_larger_than_its_budget_still_gets_messages(
     assert err.value.retry_after is not None and err.value.retry_after <= 2.5
     alice.max_rate_wait = 5.0  # the SDK now waits the window out: the group is not shut
     assert (await alice.send(group["id"], "two")).seq == 2
+
+
+async def test_a_client_that_ignores_the_limits_is_disconnected(make_server: ServerFactory) -> None:
+    server = await make_server(**limits(send_per_device="1/minute"), gateway={"max_refusals": 5})
+    name, _ = await server.user()
+    _, bob = await server.user("bob")
+    ws = await server.raw_ws(await server.device(name))
+    await ws.send_json({"t": "create_chat", "rid": "c", "participants": [bob]})
+    chat = None
+    while chat is None:
+        frame = await ws.receive_json(timeout=5)
+        if frame.get("rid") == "c":
+            chat = frame["result"]["id"]
+    for i in range(10):  # one passes, then refusals, and it keeps going
+        await ws.send_json({"t": "send", "rid": i, "chat": chat, "cmid": f"m{i}", "body": "x"})
+    msg = await ws.receive(timeout=5)
+    while msg.type == aiohttp.WSMsgType.TEXT:
+        msg = await ws.receive(timeout=5)
+    assert ws.close_code == 4003  # reconnect allowed, with backoff

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import msgspec
 
-from pigeon.domain.errors import BadRequest, TooLarge, UnknownCommand
+from pigeon.domain.errors import BadRequest, RateLimited, TooLarge, UnknownCommand
 from pigeon.domain.events import inbox_frame
 from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection, frame_iseq
@@ -27,6 +27,9 @@ from pigeon.services.presence import PresenceService
 from pigeon.services.typing import TypingService
 
 log = logging.getLogger(__name__)
+
+#: Seconds over which `rate_limited` replies are counted (see `Session._refusal`).
+_REFUSAL_WINDOW = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +43,22 @@ class SessionServices:
     media: MediaService
     max_frame_bytes: int
     max_inflight: int
+    #: `rate_limited` replies a connection may get per `_REFUSAL_WINDOW` before it is closed.
+    max_refusals: int = 50
 
 
 class Session:
     """Runs one connection's commands against the services (kept small: one per connection)."""
 
-    __slots__ = ("_inflight", "_sync_lock", "_tasks", "conn", "services")
+    __slots__ = (
+        "_inflight",
+        "_refused",
+        "_refused_window",
+        "_sync_lock",
+        "_tasks",
+        "conn",
+        "services",
+    )
 
     def __init__(self, conn: Connection, services: SessionServices) -> None:
         self.conn = conn
@@ -53,6 +66,8 @@ class Session:
         self._inflight = asyncio.Semaphore(services.max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sync_lock: asyncio.Lock | None = None
+        self._refused = 0
+        self._refused_window = 0
 
     async def handle(self, frame: bytes) -> None:
         """Decode one frame and start its command (returns once it is started)."""
@@ -71,8 +86,20 @@ class Session:
             self.conn.send(p.encode(p.Ok(rid=cmd.rid, result=result)))
         except Exception as exc:
             self.conn.send(p.encode(to_error(cmd.rid, exc)))
+            if isinstance(exc, RateLimited):
+                self._refusal()
         finally:
             self._inflight.release()
+
+    def _refusal(self) -> None:
+        """Count a `rate_limited` reply: a client that keeps sending through them (each still
+        costs a decode, the checks and a reply) is disconnected, to come back with backoff."""
+        window = int(asyncio.get_running_loop().time() // _REFUSAL_WINDOW)
+        if window != self._refused_window:
+            self._refused_window, self._refused = window, 0
+        self._refused += 1
+        if self._refused > self.services.max_refusals:
+            self.conn.close(Close.RATE_LIMITS_IGNORED, "rate limits ignored; back off")
 
     async def aclose(self) -> None:
         """Cancel commands still running (their effects are committed or not, atomically) and
