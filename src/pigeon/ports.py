@@ -459,9 +459,6 @@ class RateLimiter(Protocol):
         """Spend `cost` under `rate` for `key`: None if it fits (and is counted), else the
         seconds after which it would fit (nothing counted)."""
 
-    async def test(self, rate: Rate, key: str, cost: int = 1) -> float | None:
-        """Like `hit`, without spending anything."""
-
     async def open(self) -> None:
         """Connect (no-op for in-process counters)."""
 

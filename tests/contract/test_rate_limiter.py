@@ -57,7 +57,6 @@ async def test_a_rate_lets_its_amount_through_then_says_how_long_to_wait(
     assert [await limiter.hit(rate, "k1") for _ in range(5)] == [None] * 5
     wait = await limiter.hit(rate, "k1")
     assert wait is not None and 0 < wait <= 120  # sliding window: at most two periods
-    assert await limiter.test(rate, "k1") is not None  # a test spends nothing either way
     assert await limiter.hit(rate, "k2") is None  # keys are counted apart
     assert await limiter.hit(Rate(6, 60), "k1") is None  # and so are rules
 

@@ -44,11 +44,10 @@ def test_the_previous_window_counts_by_its_remaining_weight() -> None:
     assert windows.hit(rate, "k") is None
 
 
-def test_costs_and_tests() -> None:
+def test_costs_count_in_units() -> None:
     windows = SlidingWindows(Clock())
     rate = Rate(1000, 60)
     assert windows.hit(rate, "b", 600) is None
-    assert windows.test(rate, "b", 600) is not None
     assert windows.hit(rate, "b", 600) is not None  # refused: nothing counted
     assert windows.hit(rate, "b", 400) is None
     assert windows.hit(rate, "b", 2000) == 60.0  # can never fit: a whole period

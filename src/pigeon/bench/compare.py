@@ -118,7 +118,6 @@ class _Pair:
     tx: _Socket
     rx: _Socket
     chat: bytes
-    sent: int = 0
 
 
 class _Generator:
@@ -139,10 +138,10 @@ class _Generator:
         self.committed = 0
         self.rid = 0
         self.drained = asyncio.Event()
+        self._schedule: asyncio.Task[None] | None = None
 
     def frame(self, pair: _Pair, stamp: int) -> bytes:
         self.rid += 1
-        pair.sent += 1
         tx = pair.tx
         ack = b""
         if self.w.ride_acks and tx.last_iseq > tx.acked:  # the ack rides along, as in the SDK
@@ -185,7 +184,7 @@ class _Generator:
                 now = time.perf_counter_ns()
                 pair.tx.sock.send_many([self.frame(pair, now) for _ in range(self.w.inflight)])
         else:
-            self.loop.create_task(self._open_loop(self.w.rate))
+            self._schedule = self.loop.create_task(self._open_loop(self.w.rate))
 
     async def _open_loop(self, rate: float) -> None:
         t0 = time.perf_counter_ns()

@@ -44,7 +44,7 @@ class SessionServices:
     max_frame_bytes: int
     max_inflight: int
     #: `rate_limited` replies a connection may get per `_REFUSAL_WINDOW` before it is closed.
-    max_refusals: int = 50
+    max_refusals: int
 
 
 class Session:

@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from pigeon.domain.errors import PigeonError, Unauthorized
+from pigeon.domain.errors import PigeonError, RateLimited, Unauthorized
 from pigeon.domain.ids import new_id
 from pigeon.domain.models import Device
 from pigeon.gateway import protocol as p
@@ -39,9 +39,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     address holds `gateway.max_connections_per_address` of them)."""
     hub = request.app[SERVICES].hub
     address = request.remote or ""
-    if not hub.admit(address):
-        body = {"code": "rate_limited", "message": "too many connections from this address"}
-        return web.json_response(body, status=429, headers={"Retry-After": "10"})
+    if not hub.admit(address):  # 429 + Retry-After through the error middleware
+        raise RateLimited("too many connections from this address", retry_after=10)
     try:
         return await _serve(request)
     finally:

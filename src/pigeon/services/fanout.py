@@ -50,7 +50,7 @@ class Fanout:
         self._delays = retry_delays
         self._held: list[tuple[str, bytes]] = []
         self._retrier: asyncio.Task[None] | None = None
-        self._pushing: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()
 
     async def commit(
         self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
@@ -61,35 +61,44 @@ class Fanout:
     def start(
         self, change: Coroutine[Any, Any, T], deliveries: Callable[[T], list[Delivery]]
     ) -> asyncio.Future[T]:
-        """Hand a store change over now, then push what it committed. The task returned gives
-        the change's outcome; await it through `asyncio.shield`, since it must outlive its
-        caller. It is created before this returns and tasks start FIFO, so changes started in
-        one order reach the store in that order. Once started, the push happens even if the
-        caller is cancelled (its connection closed mid-command), so nothing committed waits for
-        the recipients' next reconnect. Nobody waits for the push: a hung bus never holds back
-        a reply, the inbox being the truth; pushes start in commit order (their tasks start
-        FIFO, and a publish queues before its first await)."""
+        """Hand a store change over now, then push what it committed. The future returned
+        gives the change's outcome; await it through `asyncio.shield`, since it must outlive
+        its caller. The change's task is created before this returns and tasks start FIFO, so
+        changes started in one order reach the store in that order. Once started, the push
+        happens even if the caller is cancelled (its connection closed mid-command), so
+        nothing committed waits for the recipients' next reconnect. Nobody waits for the push:
+        a hung bus never holds back a reply, the inbox being the truth; the same task pushes
+        after answering, so pushes start in commit order (a publish queues before its first
+        await)."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[T] = loop.create_future()
+        outcome.add_done_callback(_settled)
+        task = loop.create_task(self._run(change, deliveries, outcome))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return outcome
 
-        async def run() -> T:
+    async def _run(
+        self,
+        change: Coroutine[Any, Any, T],
+        deliveries: Callable[[T], list[Delivery]],
+        outcome: asyncio.Future[T],
+    ) -> None:
+        try:
             result = await change
-            self._push_soon(deliveries(result))
-            return result
-
-        inner = asyncio.ensure_future(run())
-        inner.add_done_callback(_settled)
-        return inner
-
-    def _push_soon(self, deliveries: list[Delivery]) -> None:
-        if not deliveries:
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except Exception as exc:
+            if not outcome.done():
+                outcome.set_exception(exc)
             return
-        task = asyncio.get_running_loop().create_task(self.push(deliveries))
-        self._pushing.add(task)
-        task.add_done_callback(self._pushed)
-
-    def _pushed(self, task: asyncio.Task[None]) -> None:
-        self._pushing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("push failed", exc_info=task.exception())
+        if not outcome.done():
+            outcome.set_result(result)  # the caller is answered before the push
+        try:
+            await self.push(deliveries(result))
+        except Exception:  # a bug, not a bus failure (push takes those)
+            log.exception("push failed")
 
     async def push(self, deliveries: list[Delivery]) -> None:
         """Best effort: a bus failure is logged, never raised to the committed caller."""
@@ -128,9 +137,9 @@ class Fanout:
 
     async def aclose(self) -> None:
         """Stop pushing and retrying (shutdown): what is unpublished is in the inboxes anyway."""
-        for task in list(self._pushing):
+        for task in list(self._running):
             task.cancel()
-        await asyncio.gather(*self._pushing, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
         if self._retrier is not None:
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):

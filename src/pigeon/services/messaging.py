@@ -82,7 +82,8 @@ class MessagingService:
             raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
         if body is None and attachment is None:
             raise BadRequest("a message needs a body or an attachment")
-        if body is not None and len(body.encode()) > self._limits.max_body_bytes:
+        body_bytes = len(body.encode()) if body else 0
+        if body_bytes > self._limits.max_body_bytes:
             raise TooLarge(f"body exceeds {self._limits.max_body_bytes} bytes")
         if not is_id(chat_id) or (attachment is not None and not is_id(attachment)):
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
@@ -92,14 +93,20 @@ class MessagingService:
         if ack is not None:  # handed over first: as if sent just before the message
             change = self._store.ack(device, ack, self._clock.now_ms())
             acking = self._fanout.start(change, _same)
-        committing = await self._hand_over(device, chat_id, cmid, body, attachment)
+        committing = await self._hand_over(device, chat_id, cmid, body, body_bytes, attachment)
         sent = await committing
         if acking is not None:
             await asyncio.shield(acking)
         return sent
 
     async def _hand_over(
-        self, device: Device, chat_id: str, cmid: str, body: str | None, attachment: str | None
+        self,
+        device: Device,
+        chat_id: str,
+        cmid: str,
+        body: str | None,
+        body_bytes: int,
+        attachment: str | None,
     ) -> Awaitable[tuple[Message, bool]]:
         """Check what must be checked, wait for the device's previous send to hand over, hand
         this one over; returns what to await for its outcome."""
@@ -109,7 +116,7 @@ class MessagingService:
         mine.add_done_callback(lambda done: self._forget(device.id, done))
         try:
             if self._throttle is not None:
-                await self._throttle.send(device, chat_id, len(body.encode()) if body else 0)
+                await self._throttle.send(device, chat_id, body_bytes)
             if before is not None and not before.done():
                 await asyncio.shield(before)  # only ever resolved, never failed
             media = None

@@ -23,7 +23,7 @@ _SWEEP_AT = 100_000
 
 
 class SlidingWindows:
-    """Counters per (rate, key); `hit` and `test` answer None or the seconds to wait."""
+    """Counters per (rate, key); `hit` answers None or the seconds to wait."""
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
         self._now = now
@@ -31,22 +31,16 @@ class SlidingWindows:
         self._counts: dict[tuple[int, int, str], list[int]] = {}
 
     def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
-        return self._ask(rate, key, cost, spend=True)
-
-    def test(self, rate: Rate, key: str, cost: int = 1) -> float | None:
-        return self._ask(rate, key, cost, spend=False)
-
-    def _ask(self, rate: Rate, key: str, cost: int, *, spend: bool) -> float | None:
+        """Spend `cost` if it fits (None), else the seconds until it would (nothing spent)."""
         now = self._now()
         period = rate.seconds
         window, into = divmod(now, period)
         counter = self._counts.get((period, rate.amount, key))
         if counter is None:
             counter = [int(window), 0, 0]
-            if spend:
-                if len(self._counts) >= _SWEEP_AT:
-                    self._sweep(now)
-                self._counts[(period, rate.amount, key)] = counter
+            if len(self._counts) >= _SWEEP_AT:
+                self._sweep(now)
+            self._counts[(period, rate.amount, key)] = counter
         elif counter[0] != window:  # roll over: the current window becomes the previous one
             counter[1] = counter[2] if counter[0] == window - 1 else 0
             counter[2] = 0
@@ -54,8 +48,7 @@ class SlidingWindows:
         previous, current = counter[1], counter[2]
         weight = 1 - into / period
         if previous * weight + current + cost <= rate.amount:
-            if spend:
-                counter[2] += cost
+            counter[2] += cost
             return None
         return _wait(rate.amount, previous, current, cost, into, period)
 

@@ -69,25 +69,13 @@ class WindowRateLimiter:
     async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
         if self._local is not None:
             return self._local.hit(rate, key, cost)
-        return await self._ask(rate, key, cost, spend=True)
-
-    async def test(self, rate: Rate, key: str, cost: int = 1) -> float | None:
-        if self._local is not None:
-            return self._local.test(rate, key, cost)
-        return await self._ask(rate, key, cost, spend=False)
-
-    async def _ask(self, rate: Rate, key: str, cost: int, *, spend: bool) -> float | None:
         limiter = self._limiter
         if limiter is None:
             return None
         item = self._item(rate)
         try:
             async with asyncio.timeout(self._timeout):
-                if spend:
-                    ok = await limiter.hit(item, key, cost=cost)
-                else:
-                    ok = await limiter.test(item, key, cost=cost)
-                if ok:
+                if await limiter.hit(item, key, cost=cost):
                     return None
                 stats = await limiter.get_window_stats(item, key)
         except Exception as exc:  # an unreachable or hung Redis: let the request through
