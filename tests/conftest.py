@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,9 @@ from pigeon.services.clock import SystemClock
 pytest_plugins = ["tests.support.postgres", "tests.support.redis", "tests.support.s3"]
 
 _names = itertools.count(1)
+#: Usernames differ between runs: the shared Redis keeps rate-limit counters (logins per
+#: username) from earlier runs.
+_RUN = uuid.uuid4().hex[:6]
 E = TypeVar("E")
 PASSWORD = "correct horse battery"
 
@@ -86,7 +90,7 @@ class Server:
 
     async def user(self, prefix: str = "user") -> tuple[str, str]:
         """Register a fresh user; returns (username, user id)."""
-        name = f"{prefix}_{next(_names)}"
+        name = f"{prefix}_{_RUN}{next(_names)}"
         return name, await register(self.url, name, PASSWORD)
 
     async def device(self, username: str, name: str = "dev") -> Account:

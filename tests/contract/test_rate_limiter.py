@@ -39,7 +39,9 @@ async def limiters(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
         prefix = f"t{uuid.uuid4().hex[:8]}"
 
         def factory() -> WindowRateLimiter:
-            limiter = WindowRateLimiter(url, cluster=cluster, prefix=prefix)
+            # A generous timeout: these tests check the counting, not the fail-open path (tested
+            # below), and a busy CI machine can take over 250 ms for a cluster's first call.
+            limiter = WindowRateLimiter(url, cluster=cluster, prefix=prefix, timeout=10.0)
             made.append(limiter)
             return limiter
 
