@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
