@@ -51,6 +51,8 @@ def build_store(settings: Settings) -> Store:
             min_connections=s.min_connections,
             max_connections=s.max_connections,
             command_timeout=s.command_timeout,
+            batches_in_flight=s.batches_in_flight,
+            max_batch=s.max_batch,
         )
     return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
 

@@ -10,6 +10,7 @@ import pytest
 
 from pigeon.adapters.store.postgres import PostgresStore, messages
 from pigeon.adapters.store.postgres.schema import MIGRATIONS
+from pigeon.domain.errors import Forbidden
 from pigeon.domain.events import Message, ReadState, Receipt, decode_event, encode_event
 from pigeon.domain.ids import new_id
 from pigeon.domain.models import ChatInfo, Member
@@ -141,3 +142,50 @@ async def test_sends_of_one_device_commit_in_call_order(pg_store: PostgresStore)
         *(pg_store.messages.send(send_req(c, da, str(i))) for i in range(40))
     )
     assert [r.message.seq for r in results] == list(range(1, 41))
+
+
+async def test_concurrent_sends_and_acks_share_batches(pg_store: PostgresStore) -> None:
+    """Sends into many chats at once commit in a few batches, each with its own answer (gap-free
+    seqs, a refusal for a non-member); acks of one message's recipients in one batch release its
+    body once and send each sender its receipts."""
+    store = pg_store.messages
+    assert isinstance(store, messages.PgMessages)
+    owner = await user(pg_store, "owner")
+    owner_devices = [await device(pg_store, owner) for _ in range(2)]
+    readers = [await user(pg_store, f"r{i}") for i in range(12)]
+    reader_devices = [await device(pg_store, r) for r in readers]
+    groups = [await chat(pg_store, owner, *readers[4 * i : 4 * i + 4]) for i in range(3)]
+    outsider = await device(pg_store, await user(pg_store, "outsider"))
+    before = store.sends.batches
+    # one send per device (a device's sends run one after another): 12 readers, 4 per group
+    sends = [store.send(send_req(groups[i // 4], d, str(i))) for i, d in enumerate(reader_devices)]
+    results = await asyncio.gather(
+        *sends, store.send(send_req(groups[0], outsider)), return_exceptions=True
+    )
+    assert isinstance(results[-1], Forbidden)
+    sent = [r for r in results[:-1] if not isinstance(r, BaseException)]
+    assert len(sent) == 12
+    assert store.sends.batches - before < 13  # 13 calls, fewer commits
+    for g in groups:
+        seqs = sorted(r.message.seq for r in sent if r.message.chat == g.id)
+        assert seqs == [1, 2, 3, 4]
+    # every reader acks everything at once: a message's three readers share batches
+    heads = [(await store.read_inbox(d.id, 0, 100)).head for d in reader_devices]
+    before = store.acks.batches
+    acked = await asyncio.gather(
+        *(store.ack(d, h, T0 + 9) for d, h in zip(reader_devices, heads, strict=True))
+    )
+    assert store.acks.batches - before < len(reader_devices)
+    receipts = [decode_event(x.raw) for out in acked for x in out]
+    assert all(isinstance(r, Receipt) for r in receipts)
+    # a reader's own send moved its marks to its seq, so it owes delivered receipts to the
+    # senders of the later ones: 3 + 2 + 1 + 0 per group
+    assert len(receipts) == 18
+    rows = await pg_store.db.fetch("SELECT pending, raw IS NULL AS gone FROM messages")
+    assert {(r["pending"], r["gone"]) for r in rows} == {(2, False)}  # the owner's devices
+    heads = [(await store.read_inbox(d.id, 0, 100)).head for d in owner_devices]
+    await asyncio.gather(
+        *(store.ack(d, h, T0 + 9) for d, h in zip(owner_devices, heads, strict=True))
+    )
+    rows = await pg_store.db.fetch("SELECT pending, raw IS NULL AS gone FROM messages")
+    assert {(r["pending"], r["gone"]) for r in rows} == {(0, True)}  # each released once

@@ -27,6 +27,8 @@ class PostgresStore:
         min_connections: int,
         max_connections: int,
         command_timeout: float = 5.0,
+        batches_in_flight: int = 2,
+        max_batch: int = 64,
     ) -> None:
         self.db = PgDb(
             dsn,
@@ -36,7 +38,9 @@ class PostgresStore:
         )
         self.accounts: AccountStore = PgAccounts(self.db)
         self.chats: ChatStore = PgChats(self.db)
-        self.messages: MessageStore = PgMessages(self.db)
+        self.messages: MessageStore = PgMessages(
+            self.db, max_inflight=batches_in_flight, max_batch=max_batch
+        )
         self.attachments: AttachmentStore = PgAttachments(self.db)
 
     async def open(self) -> None:

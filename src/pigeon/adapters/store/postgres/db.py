@@ -37,6 +37,14 @@ ATTEMPTS = 5
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 5.0
 
+#: Per connection. Generic plans: the message path's statements (in its functions, planned once
+#: per connection) would otherwise be planned again on most calls, custom plans looking cheaper.
+SERVER_SETTINGS = {
+    "application_name": "pigeon",
+    "jit": "off",
+    "plan_cache_mode": "force_generic_plan",
+}
+
 # Errors that mean "the database, or the way to it, is not working right now".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     pgerr.PostgresConnectionError,  # 08xxx, incl. connection does not exist / failure
@@ -110,7 +118,7 @@ class PgDb:
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=self._timeout,
                 reset=_no_reset,
-                server_settings={"application_name": "pigeon", "jit": "off"},
+                server_settings=SERVER_SETTINGS,
             )
             await self.run(migrate)
         except BaseException as exc:
@@ -150,9 +158,9 @@ class PgDb:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
 
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def fetch(self, sql: str, *args: Any, retry_unique: bool = False) -> list[asyncpg.Record]:
         """One statement, all rows (autocommit)."""
-        return await self.run(lambda conn: conn.fetch(sql, *args))
+        return await self.run(lambda conn: conn.fetch(sql, *args), retry_unique=retry_unique)
 
     async def fetchrow(self, sql: str, *args: Any, retry_unique: bool = False) -> Any:
         """One statement, its first row or None (autocommit)."""

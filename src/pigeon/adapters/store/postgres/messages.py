@@ -1,7 +1,9 @@
 """PostgreSQL implementation of `MessageStore`: the message path.
 
-`send`, `ack` and `mark_read` are one call each of a server-side function (functions.py): one
-network round trip, committed when it returns. Reads are one statement each (one snapshot).
+`send` and `ack` go through group commit (batching.py): the calls in flight at once on this node
+share one call of a server-side function (batch_functions.py), one round trip and one commit.
+`mark_read` is one call of its own function (functions.py). Reads are one statement each (one
+snapshot).
 
 Sends of one device commit in the order they were made (the gateway relies on it: a connection's
 messages keep the order it issued them in). The SQLite store gets that from its single writer
@@ -11,13 +13,15 @@ device run one after the other, in call order (a device has one connection, on o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from pigeon.adapters.store.postgres.batching import GroupCommit
 from pigeon.adapters.store.postgres.db import PgDb
-from pigeon.domain.errors import Forbidden, NotFound
+from pigeon.domain.errors import Forbidden, NotFound, PigeonError
 from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
 from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
@@ -32,8 +36,8 @@ _SEQ_PLACEHOLDER = b'"seq":0,'
 # o_status of pigeon_send / pigeon_mark_read
 _DUPLICATE, _NO_CHAT, _NOT_MEMBER = 1, 2, 3
 
-_SEND = "SELECT * FROM pigeon_send($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-_ACK = "SELECT o_device, o_iseq, o_payload FROM pigeon_ack($1, $2, $3)"
+_SEND = "SELECT * FROM pigeon_send_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_ACK = "SELECT o_k, o_device, o_iseq, o_payload FROM pigeon_ack_batch($1, $2, $3)"
 _MARK_READ = "SELECT * FROM pigeon_mark_read($1, $2, $3, $4, $5)"
 _READ_INBOX = """
 SELECT d.next_iseq - 1 AS head, d.acked_iseq AS acked, e.iseq, e.raw
@@ -120,20 +124,14 @@ def _deliveries(devices: list[str] | None, iseqs: list[int] | None, raws: Any) -
     return [Delivery(d, i, r) for d, i, r in zip(devices, iseqs, raws, strict=True)]
 
 
-class PgMessages:
-    """Messages, inboxes and receipts in PostgreSQL."""
+class _Send:
+    """One send of a batch: its request, the message it drafts and its arguments' row."""
 
-    def __init__(self, db: PgDb) -> None:
-        self._db = db
-        self._senders = Turns()
+    __slots__ = ("args", "draft", "head", "req", "tail")
 
-    async def send(self, req: SendRequest) -> SendResult:
-        async with self._senders.turn(req.sender_device):
-            return await self._send(req)
-
-    async def _send(self, req: SendRequest) -> SendResult:
-        attachment = req.attachment
-        draft = Message(
+    def __init__(self, req: SendRequest) -> None:
+        self.req = req
+        self.draft = Message(
             id=req.message_id,
             chat=req.chat,
             seq=0,
@@ -142,46 +140,74 @@ class PgMessages:
             cmid=req.cmid,
             at=req.at,
             body=req.body,
-            attachment=attachment,
+            attachment=req.attachment,
         )
-        head, tail = split_at_seq(draft)
+        self.head, self.tail = split_at_seq(self.draft)
         # PostgreSQL text cannot hold NUL; the preview is only a display aid (the body, in
         # JSON, keeps it as \u0000).
         preview = req.preview.replace("\x00", "\ufffd") if req.preview else req.preview
-        # A unique violation means a concurrent retry of the same (device, cmid) committed
-        # first: run again to find it and answer `duplicate`.
-        row = await self._db.fetchrow(
-            _SEND,
+        self.args = (
             req.message_id,
             req.chat,
             req.sender,
             req.sender_device,
             req.cmid,
             req.at,
-            head,
-            tail,
+            self.head,
+            self.tail,
             preview,
-            retry_unique=True,
         )
+
+    def result(self, row: Any) -> SendResult | PigeonError:
+        req = self.req
         status = row["o_status"]
         if status == _DUPLICATE:
             original = _message_from_row(row, req.sender, req.sender_device, req.cmid)
             return SendResult(original, True, [])
         if status == _NO_CHAT:
-            raise NotFound("no such chat")
+            return NotFound("no such chat")
         if status == _NOT_MEMBER:
-            raise Forbidden("not a participant of this chat")
+            return Forbidden("not a participant of this chat")
         seq: int = row["o_seq"]
-        raw = b"%s%d%s" % (head, seq, tail)
+        raw = b"%s%d%s" % (self.head, seq, self.tail)
         deliveries = _deliveries(row["o_devices"], row["o_iseqs"], raw)
         deliveries += _deliveries(
             row["o_extra_devices"], row["o_extra_iseqs"], row["o_extra_payloads"]
         )
-        return SendResult(msgspec.structs.replace(draft, seq=seq), False, deliveries)
+        return SendResult(msgspec.structs.replace(self.draft, seq=seq), False, deliveries)
+
+
+class PgMessages:
+    """Messages, inboxes and receipts in PostgreSQL."""
+
+    def __init__(self, db: PgDb, *, max_inflight: int = 2, max_batch: int = 64) -> None:
+        self._db = db
+        self._senders = Turns()
+        #: The group commits of sends and acks (their counters serve metrics and tests).
+        self.sends = GroupCommit(self._send_batch, max_batch=max_batch, max_inflight=max_inflight)
+        self.acks = GroupCommit(self._ack_batch, max_batch=max_batch, max_inflight=max_inflight)
+
+    async def send(self, req: SendRequest) -> SendResult:
+        async with self._senders.turn(req.sender_device):
+            return await self.sends.call(_Send(req))
+
+    async def _send_batch(self, sends: Sequence[_Send]) -> list[SendResult | PigeonError]:
+        columns = list(zip(*(s.args for s in sends), strict=True))
+        # A unique violation means a concurrent retry of the same (device, cmid) committed
+        # first: run again to find it and answer `duplicate`.
+        rows = await self._db.fetch(_SEND, *columns, retry_unique=True)
+        by_k = {row["o_k"]: row for row in rows}
+        return [send.result(by_k[k]) for k, send in enumerate(sends, 1)]
 
     async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
-        rows = await self._db.fetch(_ACK, device.id, upto, at)
-        return [Delivery(r[0], r[1], r[2]) for r in rows]
+        return await self.acks.call((device.id, upto, at))
+
+    async def _ack_batch(self, acks: Sequence[tuple[str, int, int]]) -> list[list[Delivery]]:
+        devices, uptos, ats = zip(*acks, strict=True)
+        out: list[list[Delivery]] = [[] for _ in acks]
+        for k, device, iseq, payload in await self._db.fetch(_ACK, devices, uptos, ats):
+            out[k - 1].append(Delivery(device, iseq, payload))
+        return out
 
     async def mark_read(self, device: Device, chat_id: str, seq: int, at: int) -> list[Delivery]:
         row = await self._db.fetchrow(_MARK_READ, device.id, device.user_id, chat_id, seq, at)

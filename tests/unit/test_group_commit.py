@@ -1,0 +1,96 @@
+"""Group commit of the PostgreSQL message path: how calls are gathered into batches, and who gets
+which answer when a batch fails. The batches' SQL is tested on PostgreSQL (contract suite)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from pigeon.adapters.store.postgres.batching import GroupCommit
+from pigeon.domain.errors import BadRequest, Unavailable
+
+
+class Runner:
+    """Doubles each number; holds every batch until `release` is set; fails as told."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.arrivals: asyncio.Queue[list[int]] = asyncio.Queue()
+        self.fail_on: int | None = None
+        self.fail_with: Exception = BadRequest("bad element")
+
+    async def __call__(self, batch: Sequence[int]) -> list[int | BaseException]:
+        self.batches.append(list(batch))
+        self.started.set()
+        self.arrivals.put_nowait(list(batch))
+        await self.release.wait()
+        if self.fail_on in batch:
+            raise self.fail_with
+        return [2 * n for n in batch]
+
+
+async def test_a_lone_call_leaves_at_once() -> None:
+    runner = Runner()
+    runner.release.set()
+    commit = GroupCommit(runner, max_inflight=1)
+    assert await commit.call(21) == 42
+    assert runner.batches == [[21]]
+
+
+async def test_calls_made_while_batches_run_leave_together() -> None:
+    runner = Runner()
+    commit = GroupCommit(runner, max_inflight=1, max_batch=4)
+    first = asyncio.ensure_future(commit.call(1))
+    await asyncio.wait_for(runner.started.wait(), 5)
+    rest = [asyncio.ensure_future(commit.call(n)) for n in range(2, 8)]
+    await asyncio.sleep(0)
+    assert runner.batches == [[1]]  # the others wait for the batch in flight
+    runner.release.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *rest), 5) == [2 * n for n in range(1, 8)]
+    assert runner.batches == [[1], [2, 3, 4, 5], [6, 7]]  # at most max_batch each, in order
+    assert (commit.batches, commit.calls) == (3, 7)
+
+
+async def test_a_failed_batch_is_run_again_one_by_one() -> None:
+    runner = Runner()
+    runner.fail_on = 3
+    commit = GroupCommit(runner, max_inflight=1)
+    first = asyncio.ensure_future(commit.call(1))
+    await asyncio.wait_for(runner.started.wait(), 5)
+    rest = [asyncio.ensure_future(commit.call(n)) for n in (2, 3, 4)]
+    runner.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest, return_exceptions=True), 5)
+    assert results[:2] == [2, 4] and results[3] == 8
+    assert isinstance(results[2], BadRequest)  # only the bad one fails
+    assert runner.batches == [[1], [2, 3, 4], [2], [3], [4]]
+
+
+async def test_an_unavailable_store_fails_the_whole_batch_without_retries() -> None:
+    runner = Runner()
+    runner.fail_on = 3
+    runner.fail_with = Unavailable("down")
+    commit = GroupCommit(runner, max_inflight=1)
+    first = asyncio.ensure_future(commit.call(1))
+    await asyncio.wait_for(runner.started.wait(), 5)
+    rest = [asyncio.ensure_future(commit.call(n)) for n in (2, 3)]
+    runner.release.set()
+    assert await first == 2
+    for call in rest:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(call, 5)
+    assert runner.batches == [[1], [2, 3]]
+
+
+async def test_several_batches_run_at_once_up_to_the_limit() -> None:
+    runner = Runner()
+    commit = GroupCommit(runner, max_inflight=2, max_batch=64)
+    calls = [asyncio.ensure_future(commit.call(n)) for n in range(5)]
+    # the first call takes one slot, the second the other; the rest wait for a free one
+    assert [await asyncio.wait_for(runner.arrivals.get(), 5) for _ in range(2)] == [[0], [1]]
+    runner.release.set()
+    assert await asyncio.wait_for(asyncio.gather(*calls), 5) == [0, 2, 4, 6, 8]
+    assert runner.batches == [[0], [1], [2, 3, 4]]
