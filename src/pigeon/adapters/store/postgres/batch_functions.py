@@ -8,9 +8,10 @@ single-call functions cost, so they are used for every call.
 
 Lock order is the one of functions.py (chats by id -> devices by id -> messages by id), kept for
 the batch as a whole: every lock of a kind is taken, sorted, before any lock of a later kind.
-- `pigeon_send_batch` locks the chats of all its sends, then every device of their members (a
-  superset of what each send writes, known once the chats are locked, since membership changes
-  take the chat's lock), then runs the sends in order. Messages are only inserted.
+- `pigeon_send_batch` locks the chats of all its sends, then every device a send may write (its
+  chat's members' devices but the sending one: known once the chats are locked, since
+  membership changes take the chat's lock), then runs the sends in order. Messages are only
+  inserted.
 - `pigeon_ack_batch` reads its plan for all acks without locks (chats whose delivered mark moves,
   devices that get a receipt), locks them, runs each ack, and releases the bodies of all of them
   at the end, locking those messages once, sorted. If an ack finds it needs a chat it did not lock
@@ -39,8 +40,14 @@ DECLARE
     v_count integer;
 BEGIN
     PERFORM 1 FROM chats c WHERE c.id = ANY(p_chats) ORDER BY c.id FOR NO KEY UPDATE;
+    -- every device a send of the batch may write: its chat's members' devices but its own
     PERFORM 1 FROM devices d
-    WHERE d.user_id IN (SELECT m.user_id FROM members m WHERE m.chat_id = ANY(p_chats))
+    WHERE d.id IN (
+        SELECT t.id
+        FROM unnest(p_chats, p_devices) AS s(chat, device)
+        JOIN members m ON m.chat_id = s.chat
+        JOIN devices t ON t.user_id = m.user_id AND t.id <> s.device
+    )
     ORDER BY d.id FOR NO KEY UPDATE;
     FOR k IN 1 .. cardinality(p_ids) LOOP
         o_k := k;
@@ -237,18 +244,31 @@ BEGIN
                 RAISE EXCEPTION 'ack found a device it did not lock; retry'
                     USING ERRCODE = 'serialization_failure';
             END IF;
+            IF cardinality(v_rdevices) = 1 THEN  -- a 1:1 chat: the common case, by key
+                RETURN QUERY
+                WITH b AS (
+                    UPDATE devices d SET next_iseq = d.next_iseq + 1 WHERE d.id = v_rdevices[1]
+                    RETURNING d.id, d.next_iseq - 1 AS iseq
+                ), i AS (
+                    INSERT INTO inbox (device_id, iseq, message_id, payload, at)
+                    SELECT b.id, b.iseq, NULL, v_payloads[1], v_at FROM b
+                )
+                SELECT k, b.id, b.iseq, v_payloads[1] FROM b;
+                CONTINUE;
+            END IF;
             RETURN QUERY
-            WITH t AS (
-                SELECT u.device, u.payload
-                FROM unnest(v_rdevices, v_payloads) AS u(device, payload)
-            ), b AS (
-                UPDATE devices d SET next_iseq = d.next_iseq + 1 FROM t WHERE d.id = t.device
-                RETURNING d.id, d.next_iseq - 1 AS iseq, t.payload
+            WITH b AS (
+                UPDATE devices d SET next_iseq = d.next_iseq + 1 WHERE d.id = ANY(v_rdevices)
+                RETURNING d.id, d.next_iseq - 1 AS iseq
+            ), t AS (
+                SELECT b.id, b.iseq, u.payload
+                FROM b JOIN unnest(v_rdevices, v_payloads) AS u(device, payload)
+                     ON u.device = b.id
             ), i AS (
                 INSERT INTO inbox (device_id, iseq, message_id, payload, at)
-                SELECT b.id, b.iseq, NULL, b.payload, v_at FROM b
+                SELECT t.id, t.iseq, NULL, t.payload, v_at FROM t
             )
-            SELECT k, b.id, b.iseq, b.payload FROM b ORDER BY b.id;
+            SELECT k, t.id, t.iseq, t.payload FROM t ORDER BY t.id;
         END LOOP;
     END LOOP;
     -- pigeon_release for the whole batch: the messages locked once, sorted
