@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -90,3 +91,29 @@ async def test_opening_while_down_is_unavailable_and_closing_while_down_returns(
     await s.aclose()  # nothing to finish: returns without the server
     with pytest.raises(Unavailable):  # and a closed store says so
         await s.accounts.user_by_name("opened")
+
+
+async def test_a_hung_server_answers_unavailable_within_the_command_timeout(
+    cluster: PgCluster,
+) -> None:
+    store = PostgresStore(cluster.dsn, min_connections=1, max_connections=2, command_timeout=1.0)
+    await store.open()
+    await empty_database(cluster.dsn)
+    try:
+        a, b = await user(store, "a"), await user(store, "b")
+        da, _ = await device(store, a), await device(store, b)
+        c = await chat(store, a, b)
+        cluster.pause()
+        loop = asyncio.get_running_loop()
+        try:
+            start = loop.time()
+            with pytest.raises(Unavailable):
+                await store.messages.send(send_req(c, da, "hung"))
+            # one timeout, not a second one for a cancel request the server cannot take
+            assert loop.time() - start < 1.9
+        finally:
+            cluster.resume()
+        sent = await store.messages.send(send_req(c, da, "after"))
+        assert sent.message.seq in (1, 2)  # the hung one may have committed once resumed
+    finally:
+        await store.aclose()

@@ -15,6 +15,8 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from graphlib import TopologicalSorter
@@ -182,6 +184,23 @@ class PgCluster:
     async def stop(self, mode: str = "fast") -> None:
         """Stop the server (`smart`, `fast` or `immediate`) and wait until it is down."""
         await self._run("pg_ctl", "-D", str(self._data), "-m", mode, "-w", "stop")
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: a database that hangs (connections stay open,
+        nothing answers). `resume` undoes it."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     async def running(self) -> bool:
         """True while the server process is up."""

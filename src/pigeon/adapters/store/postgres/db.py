@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 #: Attempts of a transaction PostgreSQL rolled back to break a deadlock or a serialization
 #: conflict (with a short random backoff), before answering `Unavailable`.
 ATTEMPTS = 5
-#: Seconds to open a connection, and (by default) to wait for a free pooled one and for one
-#: statement: a hung database answers `unavailable` (temporary) quickly rather than holding
-#: every command.
+#: Seconds to open a connection, and (by default) to wait for a free pooled one and then for a
+#: call's statements: a hung database answers `unavailable` (temporary) quickly rather than
+#: holding every command. Migrations, which may build indexes, get longer.
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 5.0
+MIGRATION_TIMEOUT = 600.0
 
 #: Per connection. Generic plans: the message path's statements (in its functions, planned once
 #: per connection) would otherwise be planned again on most calls, custom plans looking cheaper.
@@ -116,11 +117,10 @@ class PgDb:
                 min_size=self._min,
                 max_size=self._max,
                 timeout=CONNECT_TIMEOUT,
-                command_timeout=self._timeout,
                 reset=_no_reset,
                 server_settings=SERVER_SETTINGS,
             )
-            await self.run(migrate)
+            await self.run(migrate, timeout=MIGRATION_TIMEOUT)
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, Exception):
@@ -137,18 +137,30 @@ class PgDb:
                 pool.terminate()
 
     async def run(
-        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, retry_unique: bool = False
+        self,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        retry_unique: bool = False,
+        timeout: float | None = None,
     ) -> T:
         """Run `fn` with a pooled connection. `fn` makes its own transaction when it runs more
         than one statement; it is run again if PostgreSQL rolled it back to resolve a conflict
-        (and on a unique violation if `retry_unique`: an idempotent write that lost a race)."""
+        (and on a unique violation if `retry_unique`: an idempotent write that lost a race).
+        Each attempt has `timeout` seconds (the command timeout by default) for all of `fn`."""
         for attempt in range(1, ATTEMPTS + 1):
             pool = self._pool
             if pool is None:
                 raise Unavailable("store is closed")
             try:
                 async with pool.acquire(timeout=self._timeout) as conn:
-                    return await fn(conn)
+                    try:
+                        async with asyncio.timeout(timeout or self._timeout):
+                            return await fn(conn)
+                    except TimeoutError:
+                        # Not asyncpg's cancel request: it must connect to the server, which
+                        # is what does not answer (it held hung calls twice the timeout).
+                        conn.terminate()
+                        raise
             except Exception as exc:
                 if attempt < ATTEMPTS and _retriable(exc, retry_unique):
                     self.retries += 1
