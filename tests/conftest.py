@@ -64,6 +64,8 @@ def test_settings(
         # Suites flood on purpose and register hundreds of users from one address: the limits
         # are off unless a test turns them on (tests/e2e/test_rate_limits.py).
         "rate_limits": {"enabled": False},
+        # and their REST refusals are answered at once (one test measures the pause)
+        "gateway": {"refusal_delay": 0.0},
         **(stack or {}),
     }
     for key, value in overrides.items():

@@ -272,6 +272,10 @@ class GatewaySettings(BaseModel):
     #: `rate_limited` replies a connection may get in 10 s; past that it is closed with 4003
     #: (its client ignores the limits, and every refusal still costs the server).
     max_refusals: int = Field(50, ge=1)
+    #: A REST request refused as `rate_limited` gets its 429 after this many seconds (at most
+    #: its Retry-After): a script that hammers a limit (password guessing) then costs a coroutine
+    #: asleep instead of a request's handling per round trip. 0 answers at once.
+    refusal_delay: float = Field(1.0, ge=0, le=60)
     #: Concurrent WebSockets per client address (0: no cap). Set it where clients connect
     #: directly; behind a TCP load balancer every client has the balancer's address.
     max_connections_per_address: int = Field(0, ge=0)

@@ -3,6 +3,7 @@ and Retry-After on REST); others are not slowed; two nodes share the counters th
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -91,6 +92,24 @@ async def test_registrations_and_logins_get_429(make_server: ServerFactory) -> N
         body = {"username": name, "password": PASSWORD, "device_name": "d"}
         async with http.post(f"{server.url}/v1/devices", json=body) as resp:
             assert resp.status == 429  # even the right password waits: attempts count per name
+
+
+async def test_a_rest_refusal_is_answered_after_a_pause(make_server: ServerFactory) -> None:
+    server = await make_server(
+        **limits(login_per_username="1/minute"), gateway={"refusal_delay": 0.4}
+    )
+    name, _ = await server.user("paused")
+    body = {"username": name, "password": "wrong password", "device_name": "d"}
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        start = loop.time()
+        async with http.post(f"{server.url}/v1/devices", json=body) as resp:
+            assert resp.status == 401  # a wrong password is not held
+        assert loop.time() - start < 0.4
+        start = loop.time()
+        async with http.post(f"{server.url}/v1/devices", json=body) as resp:
+            assert resp.status == 429
+        assert loop.time() - start >= 0.4
 
 
 async def test_two_nodes_share_the_counters(

@@ -47,13 +47,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PigeonError as exc:
-        headers = (
-            {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-            if isinstance(exc, RateLimited)
-            else {}
-        )
         resp = _json({"code": exc.code, "message": exc.message}, http_status(exc))
-        resp.headers.update(headers)
+        if isinstance(exc, RateLimited):
+            resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            # The refused client waits anyway; holding its answer (a keep-alive connection
+            # carries one request at a time) keeps a hammering one from taking the loop.
+            delay = min(exc.retry_after, request.app[SETTINGS].gateway.refusal_delay)
+            if delay > 0:
+                await asyncio.sleep(delay)
         return resp
     except web.HTTPException as exc:  # routing and body-size errors from aiohttp itself
         if exc.status < 400:
