@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import re
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -30,6 +33,17 @@ Registration = Literal["open", "invite", "closed"]
 
 #: Threads for argon2 (each hash takes ~64 MiB and most of a core for ~100 ms by default).
 HASH_THREADS = 2
+
+
+#: Niceness added to the hashing threads (Linux schedules threads apart).
+HASH_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at a lower priority, where the OS allows it (Linux)."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + HASH_NICENESS)
 
 
 def hash_token(token: str) -> bytes:
@@ -58,8 +72,11 @@ class AccountService:
         self._limits = limits
         self._hasher = hasher or PasswordHasher()
         #: argon2 runs here, never on the default executor: a password-guessing flood queues
-        #: behind its own threads and cannot starve blob writes or thumbnails.
-        self._hashing = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2")
+        #: behind its own threads and cannot starve blob writes or thumbnails. The threads run
+        #: at a lower priority, so on a busy core hashing yields to the event loop.
+        self._hashing = ThreadPoolExecutor(
+            HASH_THREADS, thread_name_prefix="argon2", initializer=_lower_priority
+        )
         #: Checked for unknown usernames, so they cost what a known one does (no timing oracle).
         self._decoy: str | None = None
 
