@@ -137,6 +137,13 @@ class PigeonClient:
         self._next_iseq = 1
         self._held: dict[int, bytes] = {}
         self._gap_timer: asyncio.TimerHandle | None = None
+        self._gap_opened = 0.0
+        #: How the reorder window is used: events that arrived ahead of a missing one (held),
+        #: syncs asked for gaps that did not fill within `gap_timeout`, and the longest a gap
+        #: took to fill by itself (seconds).
+        self.reorder_held = 0
+        self.reorder_syncs = 0
+        self.reorder_max_wait = 0.0
         self._handled = 0
         self._acked = 0
         #: Highest ack sent along with a `send` whose reply is still awaited.
@@ -494,8 +501,10 @@ class PigeonClient:
             return
         if iseq > self._next_iseq:
             self._held[iseq] = raw
+            self.reorder_held += 1
             if self._gap_timer is None:
                 loop = asyncio.get_running_loop()
+                self._gap_opened = loop.time()
                 self._gap_timer = loop.call_later(self.gap_timeout, self._heal_gap)
             return
         self._deliver(iseq, raw)
@@ -513,11 +522,14 @@ class PigeonClient:
         if self._gap_timer is not None:
             self._gap_timer.cancel()
             self._gap_timer = None
+            waited = asyncio.get_running_loop().time() - self._gap_opened
+            self.reorder_max_wait = max(self.reorder_max_wait, waited)
 
     def _heal_gap(self) -> None:
         self._gap_timer = None
         if self._held and self._connected.is_set():
             log.info("inbox gap at %d, asking for a resync", self._next_iseq)
+            self.reorder_syncs += 1
             task = asyncio.get_running_loop().create_task(self._resync(self._next_iseq - 1))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
