@@ -69,6 +69,25 @@ async def test_a_busy_group_slows_down(make_server: ServerFactory) -> None:
     assert err.value.retry_after is not None and err.value.retry_after > 0
 
 
+async def test_a_burst_to_a_new_group_is_held_to_its_budget(make_server: ServerFactory) -> None:
+    """The first send to a chat tells its fan-out; concurrent sends wait for it instead of each
+    reserving one delivery (which let a burst to a big group through at once)."""
+    server = await make_server(**limits(fanout_per_chat="25/minute"))
+    alice = await server.new_client("alice", max_rate_wait=0)
+    members = []
+    for _ in range(10):  # one device each: 10 deliveries per message
+        name, user = await server.user("m")
+        await server.device(name)
+        members.append(user)
+    group = await alice.create_chat(members, name="burst")
+    results = await asyncio.gather(
+        *(alice.send(group["id"], f"m{i}") for i in range(8)), return_exceptions=True
+    )
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    assert all(isinstance(r, ClientError) for r in results if isinstance(r, BaseException))
+    assert len(accepted) == 2  # 10, then a reservation of 10: 20 of 25; the third would be 30
+
+
 async def test_registrations_and_logins_get_429(make_server: ServerFactory) -> None:
     server = await make_server(
         **limits(register_per_address="2/hour", login_per_username="2/minute")

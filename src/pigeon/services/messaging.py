@@ -117,13 +117,18 @@ class MessagingService:
         try:
             if self._throttle is not None:
                 await self._throttle.send(device, chat_id, body_bytes)
-            if before is not None and not before.done():
-                await asyncio.shield(before)  # only ever resolved, never failed
-            media = None
-            if attachment is not None:
-                if self._media is None:
-                    raise BadRequest("this server does not accept attachments")
-                media = await self._media.for_message(device, chat_id, attachment)
+            try:
+                if before is not None and not before.done():
+                    await asyncio.shield(before)  # only ever resolved, never failed
+                media = None
+                if attachment is not None:
+                    if self._media is None:
+                        raise BadRequest("this server does not accept attachments")
+                    media = await self._media.for_message(device, chat_id, attachment)
+            except BaseException:
+                if self._throttle is not None:
+                    await self._throttle.delivered(chat_id, None)
+                raise
             return self._commit(device, chat_id, cmid, body, media)
         finally:
             if before is None or before.done():
@@ -167,9 +172,14 @@ class MessagingService:
     async def _committed(
         self, chat_id: str, outcome: asyncio.Future[SendResult]
     ) -> tuple[Message, bool]:
-        result = await asyncio.shield(outcome)
-        if self._throttle is not None and not result.duplicate:
-            await self._throttle.delivered(chat_id, len(result.deliveries))
+        deliveries: int | None = None
+        try:
+            result = await asyncio.shield(outcome)
+            if not result.duplicate:
+                deliveries = len(result.deliveries)
+        finally:
+            if self._throttle is not None:
+                await self._throttle.delivered(chat_id, deliveries)
         return result.message, result.duplicate
 
     async def ack(self, device: Device, upto: int) -> None:

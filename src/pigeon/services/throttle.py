@@ -9,6 +9,8 @@ after which it would pass); the wire turns that into `rate_limited` + `retry_aft
 
 from __future__ import annotations
 
+import asyncio
+
 from pigeon.domain.errors import RateLimited
 from pigeon.domain.limits import Rate, RateRules
 from pigeon.domain.models import Device
@@ -16,6 +18,8 @@ from pigeon.ports import RateLimiter
 
 #: Chats whose fan-out estimate is kept (the busiest are relearned after a reset).
 _MAX_REMEMBERED = 100_000
+#: Seconds a send waits for the first send to a chat to tell the chat's fan-out, at most.
+_LEARN_WAIT = 2.0
 
 
 class Throttle:
@@ -27,6 +31,9 @@ class Throttle:
         #: Per chat, the deliveries its last message made: what the next send reserves from the
         #: chat's fan-out budget before it runs, so concurrent sends cannot all slip through.
         self._fanout: dict[str, int] = {}
+        #: Chats whose fan-out is not known yet, with the send that will tell: concurrent sends
+        #: to such a chat wait for it (else a burst to a big group passes reserving 1 each).
+        self._learning: dict[str, asyncio.Future[None]] = {}
 
     async def send(self, device: Device, chat_id: str, body_bytes: int) -> None:
         """A message: per device and per user, its bytes per device, and the chat's fan-out."""
@@ -35,26 +42,54 @@ class Throttle:
         await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
         if body_bytes:
             await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
+        known = self._fanout.get(chat_id)
+        learner: asyncio.Future[None] | None = None
+        if known is None:
+            waiting = self._learning.get(chat_id)
+            if waiting is None:  # this send learns the chat's fan-out; the next ones wait
+                learner = asyncio.get_running_loop().create_future()
+                self._learning[chat_id] = learner
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiting), _LEARN_WAIT)
+                except TimeoutError:  # its outcome was never awaited: stop waiting for it
+                    if self._learning.get(chat_id) is waiting:
+                        self._learned(chat_id)
+                known = self._fanout.get(chat_id)
         # at most a whole window: a chat larger than the budget still gets one message per window
-        estimate = min(self._fanout.get(chat_id, 1), r.fanout_per_chat.amount)
-        wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
+        estimate = min(known or 1, r.fanout_per_chat.amount)
+        try:
+            wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
+        except BaseException:
+            if learner is not None:
+                self._learned(chat_id)
+            raise
         if wait is not None:
+            if learner is not None:
+                self._learned(chat_id)
             raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
 
-    async def delivered(self, chat_id: str, deliveries: int) -> None:
-        """A committed message fanned out to `deliveries` devices: charge what its send's
-        reservation missed, and reserve that much for the chat's next send."""
+    async def delivered(self, chat_id: str, deliveries: int | None) -> None:
+        """A send that passed `send` has ended. Committed, it fanned out to `deliveries`
+        devices: charge what its reservation missed, and reserve that much for the chat's next
+        send. None: it did not commit (or was a duplicate), so nothing was learned."""
+        if deliveries is None:
+            self._learned(chat_id)
+            return
         rule = self._rules.fanout_per_chat
         estimate = min(self._fanout.get(chat_id, 1), rule.amount)
-        if deliveries > 1:
-            if len(self._fanout) >= _MAX_REMEMBERED:
-                self._fanout.clear()  # estimates only: they are learned again at once
-            self._fanout[chat_id] = deliveries
-        else:
-            self._fanout.pop(chat_id, None)
+        if len(self._fanout) >= _MAX_REMEMBERED and chat_id not in self._fanout:
+            self._fanout.clear()  # estimates only: they are learned again at once
+        self._fanout[chat_id] = deliveries
+        self._learned(chat_id)
         extra = min(deliveries, rule.amount) - estimate
         if extra > 0:
             await self._limiter.hit(rule, "fc:" + chat_id, extra)
+
+    def _learned(self, chat_id: str) -> None:
+        learner = self._learning.pop(chat_id, None)
+        if learner is not None and not learner.done():
+            learner.set_result(None)
 
     async def create_chat(self, user_id: str, group: bool) -> None:
         await self._spend(self._rules.create_chat_per_user, "cc:" + user_id, 1, "new chats")
