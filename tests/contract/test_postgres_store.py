@@ -189,3 +189,26 @@ async def test_concurrent_sends_and_acks_share_batches(pg_store: PostgresStore) 
     )
     rows = await pg_store.db.fetch("SELECT pending, raw IS NULL AS gone FROM messages")
     assert {(r["pending"], r["gone"]) for r in rows} == {(0, True)}  # each released once
+
+
+async def test_the_single_call_functions_of_the_previous_version_still_work(
+    pg_store: PostgresStore,
+) -> None:
+    """Nodes of the previous version call pigeon_send and pigeon_ack during a rolling upgrade:
+    they are batches of one now."""
+    a, b = await user(pg_store, "a"), await user(pg_store, "b")
+    da, db = await device(pg_store, a), await device(pg_store, b)
+    c = await chat(pg_store, a, b)
+    req = send_req(c, da, "old node")
+    draft = Message(id=req.message_id, chat=c.id, seq=0, sender=a.id, sender_device=da.id,
+                    cmid=req.cmid, at=req.at, body="old node")  # fmt: skip
+    head, tail = messages.split_at_seq(draft)
+    row = await pg_store.db.fetchrow(
+        "SELECT * FROM pigeon_send($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        req.message_id, c.id, a.id, da.id, req.cmid, req.at, head, tail, "old node",
+    )  # fmt: skip
+    assert (row["o_status"], row["o_seq"], row["o_devices"]) == (0, 1, [db.id])
+    iseq = row["o_iseqs"][0]
+    acked = await pg_store.db.fetch("SELECT * FROM pigeon_ack($1, $2, $3)", db.id, iseq, T0)
+    assert [r["o_device"] for r in acked] == [da.id]  # the delivered receipt
+    assert isinstance(decode_event(acked[0]["o_payload"]), Receipt)

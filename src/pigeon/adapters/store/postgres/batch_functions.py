@@ -4,7 +4,8 @@
 do, for many calls in one transaction: a node's concurrent sends (and acks) share one network
 round trip, one function call and one commit (group commit, see `batching.py`). Under load the
 call and the commit were most of a message's PostgreSQL time; a batch of one costs about what the
-single-call functions cost, so they are used for every call.
+single-call functions cost, so they are used for every call (and the single-call functions,
+which nodes of the previous version call during a rolling upgrade, become batches of one).
 
 Lock order is the one of functions.py (chats by id -> devices by id -> messages by id), kept for
 the batch as a whole: every lock of a kind is taken, sorted, before any lock of a later kind.
@@ -285,4 +286,27 @@ BEGIN
         WHERE m.id = c.id;
     END IF;
 END $$;
+
+-- The single-call functions of migration 2, for nodes of the previous version during a rolling
+-- upgrade, become batches of one: one implementation of the rules stays live.
+CREATE OR REPLACE FUNCTION pigeon_send(
+    p_id text, p_chat text, p_sender text, p_device text, p_cmid text, p_at bigint,
+    p_head bytea, p_tail bytea, p_preview text,
+    OUT o_status integer, OUT o_seq bigint,
+    OUT o_devices text[], OUT o_iseqs bigint[],
+    OUT o_extra_devices text[], OUT o_extra_iseqs bigint[], OUT o_extra_payloads bytea[],
+    OUT o_dup_id text, OUT o_dup_chat text, OUT o_dup_at bigint, OUT o_dup_raw bytea
+) LANGUAGE sql AS $$
+    SELECT b.o_status, b.o_seq, b.o_devices, b.o_iseqs, b.o_extra_devices, b.o_extra_iseqs,
+           b.o_extra_payloads, b.o_dup_id, b.o_dup_chat, b.o_dup_at, b.o_dup_raw
+    FROM pigeon_send_batch(ARRAY[p_id], ARRAY[p_chat], ARRAY[p_sender], ARRAY[p_device],
+                           ARRAY[p_cmid], ARRAY[p_at], ARRAY[p_head], ARRAY[p_tail],
+                           ARRAY[p_preview]) b
+$$;
+
+CREATE OR REPLACE FUNCTION pigeon_ack(p_device text, p_upto bigint, p_at bigint)
+RETURNS TABLE (o_device text, o_iseq bigint, o_payload bytea) LANGUAGE sql AS $$
+    SELECT b.o_device, b.o_iseq, b.o_payload
+    FROM pigeon_ack_batch(ARRAY[p_device], ARRAY[p_upto], ARRAY[p_at]) b
+$$;
 """
