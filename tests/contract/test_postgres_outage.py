@@ -111,6 +111,10 @@ async def test_a_hung_server_answers_unavailable_within_the_command_timeout(
                 await store.messages.send(send_req(c, da, "hung"))
             # one timeout, not a second one for a cancel request the server cannot take
             assert loop.time() - start < 1.9
+            start = loop.time()
+            with pytest.raises(Unavailable):  # a call that runs a transaction
+                await chat(store, a, b)
+            assert loop.time() - start < 1.9
         finally:
             cluster.resume()
         sent = await store.messages.send(send_req(c, da, "after"))

@@ -7,10 +7,12 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from pigeon.adapters.ratelimit.local import SlidingWindows
 from pigeon.domain.ids import new_id
-from pigeon.domain.limits import Limits
+from pigeon.domain.limits import Limits, Rate, RateRules
 from pigeon.domain.models import Attachment, Device
 from pigeon.services.messaging import MessagingService
+from pigeon.services.throttle import Throttle
 
 
 class _Store:
@@ -92,13 +94,31 @@ class _SlowFirstThrottle:
         self.gate = asyncio.Event()
         self.calls = 0
 
-    async def send(self, device: Device, chat: str, body_bytes: int) -> None:
+    async def send(self, device: Device, body_bytes: int) -> None:
         self.calls += 1
         if self.calls == 1:
             await self.gate.wait()
 
-    async def delivered(self, chat: str, deliveries: int) -> None:
+    async def fanout(self, chat: str) -> None:
         return None
+
+    async def delivered(self, chat: str, deliveries: int | None) -> None:
+        return None
+
+
+class _SlowFirstLimiter:
+    """The real counters (in process), whose first answer takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self.windows = SlidingWindows()
+
+    async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.gate.wait()
+        return self.windows.hit(rate, key, cost)
 
 
 async def test_a_slow_rate_limit_answer_does_not_reorder_sends() -> None:
@@ -114,3 +134,21 @@ async def test_a_slow_rate_limit_answer_does_not_reorder_sends() -> None:
     throttle.gate.set()
     await asyncio.gather(first, second)
     assert store.committed == ["first", "second"] and not service._handovers
+
+
+async def test_a_send_that_learns_a_chats_fanout_never_waits_for_one_behind_it() -> None:
+    """The first answer of the limiter is slow: the second send's checks pass first, but the
+    fan-out reservation (which may wait for the send that tells a new chat's fan-out) is made
+    in the order the sends reach the store, so neither waits for the other."""
+    store, limiter = _Store(), _SlowFirstLimiter()
+    throttle = Throttle(limiter, RateRules())  # type: ignore[arg-type]
+    service = MessagingService(store, _Fanout(), _Clock(), Limits(), None, throttle)  # type: ignore[arg-type]
+    chat = new_id()
+    first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    limiter.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1.0)  # the learning wait is 2 s
+    assert store.committed == ["first", "second"]

@@ -53,7 +53,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # The refused client waits anyway; holding its answer (a keep-alive connection
             # carries one request at a time) keeps a hammering one from taking the loop.
             delay = min(exc.retry_after, request.app[SETTINGS].gateway.refusal_delay)
-            if delay > 0:
+            # not a refused WebSocket upgrade (connections per address): held, it would be one
+            # more open socket than the cap allows
+            if delay > 0 and request.headers.get("Upgrade", "").lower() != "websocket":
                 await asyncio.sleep(delay)
         return resp
     except web.HTTPException as exc:  # routing and body-size errors from aiohttp itself

@@ -69,9 +69,10 @@ class MessagingService:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
 
-        `ack`: an ack of the device's inbox riding along (as if sent just before); it joins the
-        same group commit as the message, and a failure of either fails the call (both are
-        idempotent, so the client retries both).
+        `ack`: an ack of the device's inbox riding along (as if sent just before): handed to
+        the store just before the message (on SQLite in the same group commit; on PostgreSQL
+        in the acks' batch), and a failure of either fails the call (both are idempotent, so
+        the client retries both).
 
         Sends from one device reach the store in the order they were issued, whatever they
         await first (the rate limiter, which may be a Redis round trip; a media send's
@@ -116,10 +117,12 @@ class MessagingService:
         mine.add_done_callback(lambda done: self._forget(device.id, done))
         try:
             if self._throttle is not None:
-                await self._throttle.send(device, chat_id, body_bytes)
+                await self._throttle.send(device, body_bytes)
+            if before is not None and not before.done():
+                await asyncio.shield(before)  # only ever resolved, never failed
+            if self._throttle is not None:
+                await self._throttle.fanout(chat_id)
             try:
-                if before is not None and not before.done():
-                    await asyncio.shield(before)  # only ever resolved, never failed
                 media = None
                 if attachment is not None:
                     if self._media is None:

@@ -35,13 +35,19 @@ class Throttle:
         #: to such a chat wait for it (else a burst to a big group passes reserving 1 each).
         self._learning: dict[str, asyncio.Future[None]] = {}
 
-    async def send(self, device: Device, chat_id: str, body_bytes: int) -> None:
-        """A message: per device and per user, its bytes per device, and the chat's fan-out."""
+    async def send(self, device: Device, body_bytes: int) -> None:
+        """A message: per device and per user, and its bytes per device (`fanout` follows)."""
         r = self._rules
         await self._spend(r.send_per_device, "sd:" + device.id, 1, "messages")
         await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
         if body_bytes:
             await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
+
+    async def fanout(self, chat_id: str) -> None:
+        """A message's reservation from its chat's fan-out budget. Callers reserve in the order
+        their sends reach the store, after the sender's earlier sends did: a send that waits
+        here for another to tell the chat's fan-out never waits for one that waits for it."""
+        r = self._rules
         known = self._fanout.get(chat_id)
         learner: asyncio.Future[None] | None = None
         if known is None:

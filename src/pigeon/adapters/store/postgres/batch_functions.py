@@ -38,18 +38,23 @@ DECLARE
     v_member boolean;
     v_read bigint;
     v_targets text[];
+    v_locked text[];
     v_count integer;
 BEGIN
     PERFORM 1 FROM chats c WHERE c.id = ANY(p_chats) ORDER BY c.id FOR NO KEY UPDATE;
     -- every device a send of the batch may write: its chat's members' devices but its own
-    PERFORM 1 FROM devices d
-    WHERE d.id IN (
-        SELECT t.id
-        FROM unnest(p_chats, p_devices) AS s(chat, device)
-        JOIN members m ON m.chat_id = s.chat
-        JOIN devices t ON t.user_id = m.user_id AND t.id <> s.device
-    )
-    ORDER BY d.id FOR NO KEY UPDATE;
+    -- (the subquery is not flattened, so all of them are locked, sorted)
+    SELECT coalesce(array_agg(x.id), '{}') INTO v_locked
+    FROM (
+        SELECT d.id FROM devices d
+        WHERE d.id IN (
+            SELECT t.id
+            FROM unnest(p_chats, p_devices) AS s(chat, device)
+            JOIN members m ON m.chat_id = s.chat
+            JOIN devices t ON t.user_id = m.user_id AND t.id <> s.device
+        )
+        ORDER BY d.id FOR NO KEY UPDATE
+    ) x;
     FOR k IN 1 .. cardinality(p_ids) LOOP
         o_k := k;
         o_seq := NULL;
@@ -79,6 +84,10 @@ BEGIN
                         THEN 3 ELSE 2 END;
             RETURN NEXT;
             CONTINUE;
+        END IF;
+        IF NOT v_targets <@ v_locked THEN  -- a device registered since the lock: retry
+            RAISE EXCEPTION 'send found a device it did not lock; retry'
+                USING ERRCODE = 'serialization_failure';
         END IF;
         UPDATE chats c
         SET last_seq = c.last_seq + 1, last_activity_at = p_ats[k], last_sender = p_senders[k]
@@ -172,10 +181,11 @@ BEGIN
             WHERE x.sender <> mv.user_id)
     INTO v_chats, v_devices;
     v_chats := coalesce(v_chats, '{}');
+    v_devices := coalesce(v_devices, '{}');
     IF cardinality(v_chats) > 0 THEN
         PERFORM 1 FROM chats c WHERE c.id = ANY(v_chats) ORDER BY c.id FOR NO KEY UPDATE;
     END IF;
-    PERFORM 1 FROM devices d WHERE d.id = ANY(coalesce(v_devices, '{}') || p_devices)
+    PERFORM 1 FROM devices d WHERE d.id = ANY(v_devices || p_devices)
     ORDER BY d.id FOR NO KEY UPDATE;
     FOR k IN 1 .. cardinality(p_devices) LOOP
         v_at := p_ats[k];

@@ -9,7 +9,9 @@ batches grow by themselves, with no timer to tune.
 
 A batch is one transaction, so one bad element would fail its neighbours: when a batch of several
 fails with anything but `Unavailable` (which would fail each of them as well), its elements are
-run again one by one, so each caller gets its own answer.
+run again one by one, so each caller gets its own answer. The runner answers each element apart
+once the batch has committed (an element's answer may be an error of its own), so a committed
+batch is never run again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from pigeon.domain.errors import Unavailable
+from pigeon.domain.errors import PigeonError, Unavailable
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -70,21 +72,24 @@ class GroupCommit(Generic[Req, Res]):
         self.batches += 1
         self.calls += len(batch)
         try:
-            results = await self._run([req for req, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, Unavailable):
-                for _, fut in batch:
-                    _resolve(fut, exc)
+            try:
+                results = await self._run([req for req, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1 or isinstance(exc, Unavailable):
+                    for _, fut in batch:
+                        _resolve(fut, exc)
+                    return
+                # One element may be what failed: each on its own, so each gets its own answer
+                # (one after another: a fallback must not take the whole pool).
+                for item in batch:
+                    await self._settle([item])
                 return
-            # one element may be what failed: each on its own, so each gets its own answer
-            await asyncio.gather(*(self._settle([item]) for item in batch))
-            return
-        except BaseException as exc:  # cancelled (shutdown): nobody gets an answer
+            for (_, fut), result in zip(batch, results, strict=True):
+                _resolve(fut, result)
+        except BaseException as exc:  # cancelled (shutdown), or a bug: nobody is left waiting
             for _, fut in batch:
-                _resolve(fut, exc)
+                _resolve(fut, exc if isinstance(exc, Exception) else PigeonError("cancelled"))
             raise
-        for (_, fut), result in zip(batch, results, strict=True):
-            _resolve(fut, result)
 
 
 def _resolve(fut: asyncio.Future[Res], result: Res | BaseException) -> None:

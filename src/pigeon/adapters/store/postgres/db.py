@@ -8,8 +8,9 @@ error: a database that is down, restarting, unreachable, too slow or out of conn
 
 The pool heals by itself: a connection that broke is dropped and the next borrower opens a new
 one, so once the server is back calls succeed again on the same store object. Connections keep no
-session state (no LISTEN, no session advisory locks, no SET), so returning one to the pool skips
-asyncpg's reset query, which would be one more round trip per call.
+session state but what they are opened with (no LISTEN, no session advisory locks, no SET
+later), so returning one to the pool skips asyncpg's reset query, which would be one more round
+trip per call.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def _retriable(exc: Exception, retry_unique: bool) -> bool:
     return retry_unique and isinstance(exc, pgerr.UniqueViolationError)
 
 
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    """Have the server check, while it runs a statement, that the client is still there: a call
+    that timed out closes its connection, and its statement must not commit afterwards."""
+    if conn.get_server_version() >= (14, 0):  # the setting is new in PostgreSQL 14
+        await conn.execute("SET client_connection_check_interval = 100")
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to undo (see the module docstring)."""
 
@@ -117,7 +125,9 @@ class PgDb:
                 min_size=self._min,
                 max_size=self._max,
                 timeout=CONNECT_TIMEOUT,
+                command_timeout=self._timeout,
                 reset=_no_reset,
+                init=_init_connection,
                 server_settings=SERVER_SETTINGS,
             )
             await self.run(migrate, timeout=MIGRATION_TIMEOUT)
@@ -153,14 +163,18 @@ class PgDb:
                 raise Unavailable("store is closed")
             try:
                 async with pool.acquire(timeout=self._timeout) as conn:
+                    # The deadline closes the connection: whatever `fn` awaits (a statement,
+                    # the ROLLBACK of its transaction) fails at once. A cancel request would
+                    # have to reach the server that does not answer (it held hung calls for
+                    # twice the timeout); the server drops the statement when it finds the
+                    # connection gone (`client_connection_check_interval`).
+                    deadline = asyncio.get_running_loop().call_later(
+                        timeout or self._timeout, conn.terminate
+                    )
                     try:
-                        async with asyncio.timeout(timeout or self._timeout):
-                            return await fn(conn)
-                    except TimeoutError:
-                        # Not asyncpg's cancel request: it must connect to the server, which
-                        # is what does not answer (it held hung calls twice the timeout).
-                        conn.terminate()
-                        raise
+                        return await fn(conn)
+                    finally:
+                        deadline.cancel()
             except Exception as exc:
                 if attempt < ATTEMPTS and _retriable(exc, retry_unique):
                     self.retries += 1

@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 
 from pigeon.adapters.store.postgres.batching import GroupCommit
-from pigeon.adapters.store.postgres.db import PgDb
+from pigeon.adapters.store.postgres.db import PgDb, translate
 from pigeon.domain.errors import Forbidden, NotFound, PigeonError
 from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
 from pigeon.domain.models import Device, MemberReceipt
@@ -177,6 +177,15 @@ class _Send:
         return SendResult(msgspec.structs.replace(self.draft, seq=seq), False, deliveries)
 
 
+def _answer(send: _Send, row: Any) -> SendResult | Exception:
+    if row is None:
+        return PigeonError("the store gave no answer for this send")
+    try:
+        return send.result(row)
+    except Exception as exc:
+        return translate(exc)
+
+
 class PgMessages:
     """Messages, inboxes and receipts in PostgreSQL."""
 
@@ -191,13 +200,14 @@ class PgMessages:
         async with self._senders.turn(req.sender_device):
             return await self.sends.call(_Send(req))
 
-    async def _send_batch(self, sends: Sequence[_Send]) -> list[SendResult | PigeonError]:
+    async def _send_batch(self, sends: Sequence[_Send]) -> list[SendResult | Exception]:
         columns = list(zip(*(s.args for s in sends), strict=True))
         # A unique violation means a concurrent retry of the same (device, cmid) committed
         # first: run again to find it and answer `duplicate`.
         rows = await self._db.fetch(_SEND, *columns, retry_unique=True)
         by_k = {row["o_k"]: row for row in rows}
-        return [send.result(by_k[k]) for k, send in enumerate(sends, 1)]
+        # committed: from here on each send gets its own answer, whatever happens to another's
+        return [_answer(send, by_k.get(k)) for k, send in enumerate(sends, 1)]
 
     async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
         return await self.acks.call((device.id, upto, at))
