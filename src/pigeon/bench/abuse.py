@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,23 +29,22 @@ import aiohttp
 from pigeon.bench.accounts import PASSWORD, make_devices
 from pigeon.bench.clients import close_all, connect_all
 from pigeon.bench.one_to_one import body_stamp, make_body
-from pigeon.bench.report import latency_summary
-from pigeon.bench.server import ServerHandle
+from pigeon.bench.report import Run, latency_summary
+from pigeon.bench.server import BENCH_ENV, ServerHandle
 from pigeon.client.client import ClientError, PigeonClient
 from pigeon.client.http import register
 from pigeon.domain.events import Message
-from pigeon.domain.limits import RateRules
 
-#: The server's own defaults, put back over the benchmark environment's raised limits, but for
-#: the per-address ones: every simulated user comes from this one address (the login brute
-#: force then measures what isolating argon2 buys, not what the address limit refuses).
+#: The server's own limits, instead of the benchmark environment's raised ones (`KEY=` unsets),
+#: but for the per-address ones: every simulated user comes from this one address (the login
+#: brute force then measures what isolating argon2 buys, not what the address limit refuses).
 DEFAULT_LIMITS_ENV = {
-    f"PIGEON_RATE_LIMITS__{name.upper()}": f"{getattr(RateRules(), name).amount}"
-    f"/{getattr(RateRules(), name).seconds}s"
-    for name in RateRules.__struct_fields__
-    if not name.endswith("_per_address")
+    key: ""
+    for key in BENCH_ENV
+    if key.startswith("PIGEON_RATE_LIMITS__") and not key.endswith("_PER_ADDRESS")
 }
-REAL_ARGON2_ENV = {"PIGEON_ARGON2_TIME_COST": "3", "PIGEON_ARGON2_MEMORY_KIB": "65536"}
+#: The server's own password hashing cost, instead of the benchmark environment's cheap one.
+REAL_ARGON2_ENV = {"PIGEON_ARGON2_TIME_COST": "", "PIGEON_ARGON2_MEMORY_KIB": ""}
 
 
 @dataclass
@@ -62,11 +64,13 @@ async def _bystanders(
     """Pairs (clients[2k] sends to clients[2k+1] in chats[k]) at `rate` msgs/s in all for
     `phase` seconds; the send-to-receive latencies in ns."""
     samples: list[int] = []
+    arrived = asyncio.Event()
 
     async def receive(client: PigeonClient) -> None:
         async for event in client.events():
             if isinstance(event, Message) and event.body:
                 samples.append(time.perf_counter_ns() - body_stamp(event.body))
+                arrived.set()
 
     receivers = [asyncio.create_task(receive(c)) for c in clients[1::2]]
     pairs = len(chats)
@@ -80,8 +84,13 @@ async def _bystanders(
         sends.append(loop.create_task(sender.send(chats[k % pairs], body)))
         k += 1
         await asyncio.sleep(1 / rate)  # the schedule, not synchronisation
-    await asyncio.gather(*sends, return_exceptions=True)
-    await asyncio.sleep(2)  # a drain window for the last sends (measurement, not synchronisation)
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    sent = sum(not isinstance(r, BaseException) for r in results)
+    with contextlib.suppress(TimeoutError):  # a message that never comes is a missing sample
+        async with asyncio.timeout(10):
+            while len(samples) < sent:  # every message sent has arrived
+                arrived.clear()
+                await arrived.wait()
     for task in receivers:
         task.cancel()
     return samples
@@ -143,15 +152,16 @@ async def login_brute_force(handle: ServerHandle, p: Params, tmp: Path) -> dict[
     path.write_bytes(os.urandom(p.upload_mib * 1024 * 1024))
     quiet = [await _upload(client, path) for _ in range(3)]
     stop = asyncio.Event()
-    answers: dict[int, int] = {}
+    answers: Counter[int] = Counter()
 
     async def guess(http: aiohttp.ClientSession) -> None:
         while not stop.is_set():
-            guess = secrets.token_hex(6)  # against a real account: a full verification each
-            body = {"username": victim, "password": guess, "device_name": "g"}
+            # wrong passwords for a real account: a full verification each, until the
+            # per-username limit refuses before the check
+            body = {"username": victim, "password": secrets.token_hex(6), "device_name": "g"}
             with contextlib.suppress(aiohttp.ClientError):
                 async with http.post(f"{handle.url}/v1/devices", json=body) as resp:
-                    answers[resp.status] = answers.get(resp.status, 0) + 1
+                    answers[resp.status] += 1
                     await resp.read()
 
     async with aiohttp.ClientSession() as http:
@@ -164,24 +174,27 @@ async def login_brute_force(handle: ServerHandle, p: Params, tmp: Path) -> dict[
     return {
         "upload_quiet_s": [round(t, 3) for t in quiet],
         "upload_attacked_s": [round(t, 3) for t in attacked],
-        "guess_answers": answers,
+        "guess_answers": dict(answers),
     }
 
 
-def summary(doc: dict[str, Any]) -> list[str]:
-    out = []
-    if "group_flood" in doc:
-        g = doc["group_flood"]
-        q, f = g["quiet"], g["flood"]
-        out.append(
-            f"bystanders p50/p99 quiet {q.get('p50_ms')}/{q.get('p99_ms')} ms,"
-            f" during the flood {f.get('p50_ms')}/{f.get('p99_ms')} ms;"
-            f" flooder accepted {g['flooder_accepted_per_s']}/s, refused {g['flooder_refused']}"
-        )
-    if "login" in doc:
-        g = doc["login"]
-        out.append(
-            f"{g['upload_quiet_s']} s quiet vs {g['upload_attacked_s']} s under"
-            f" {sum(g['guess_answers'].values())} guesses {g['guess_answers']}"
-        )
-    return out
+async def run(handle: ServerHandle, p: Params) -> dict[str, Any]:
+    """Both scenarios against one server; the result document."""
+    run_doc = Run("abuse", dataclasses.asdict(p))
+    flood = await group_flood(handle, p)
+    with tempfile.TemporaryDirectory() as tmp:
+        login = await login_brute_force(handle, p, Path(tmp))
+    return run_doc.finish(group_flood=flood, login=login)
+
+
+def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
+    g, q, f = doc["group_flood"], doc["group_flood"]["quiet"], doc["group_flood"]["flood"]
+    login = doc["login"]
+    return [
+        ("bystanders p50/p99 quiet", f"{q.get('p50_ms')}/{q.get('p99_ms')} ms"),
+        ("bystanders p50/p99 in the flood", f"{f.get('p50_ms')}/{f.get('p99_ms')} ms"),
+        ("flooder accepted/refused", f"{g['flooder_accepted_per_s']}/s, {g['flooder_refused']}"),
+        ("upload quiet", f"{login['upload_quiet_s']} s"),
+        ("upload under brute force", f"{login['upload_attacked_s']} s"),
+        ("guesses by status", login["guess_answers"]),
+    ]

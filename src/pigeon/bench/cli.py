@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from pigeon.bench import abuse, compare, idle, offline, one_to_one, presence_storm
-from pigeon.bench.report import print_summary, write_result
+from pigeon.bench.report import Run, print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
 from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
 from pigeon.bench.workers import run_loop
@@ -60,7 +59,8 @@ Out = Annotated[Path, typer.Option(help="Directory for the JSON result files.")]
 DataDir = Annotated[Path | None, typer.Option(help="Parent of the spawned server's temp data dir.")]
 Synchronous = Annotated[str, typer.Option(help="Spawned server's SQLite synchronous mode.")]
 ServerEnv = Annotated[
-    list[str] | None, typer.Option(help="Extra KEY=VALUE env for the spawned server.")
+    list[str] | None,
+    typer.Option(help="Extra KEY=VALUE env for the spawned server (KEY= unsets KEY)."),
 ]
 DEFAULT_OUT = Path("bench-results")
 
@@ -401,14 +401,10 @@ def compare_cmd(
             pin(target.client_cpu)
         return await compare.compare(names, workloads, target, rounds)
 
+    params = dataclasses.asdict(base) | {"rates": rates, "rounds": rounds} | target.describe()
+    run = Run("compare", params)
     results = run_loop(main())
-    doc = {
-        "scenario": "compare",
-        "params": dataclasses.asdict(base) | {"rates": rates, "rounds": rounds} | target.describe(),
-        "results": [dataclasses.asdict(r) for r in results],
-        "problems": [],
-    }
-    path = write_result(out, doc)
+    path = write_result(out, run.finish(results=[dataclasses.asdict(r) for r in results]))
     for line in compare.table(results, names):
         print(line)
     print(f"result file {path}")
@@ -431,29 +427,15 @@ def abuse_cmd(
     """What one abuser does to everyone else: bystanders' latency during a group flood, an
     upload during a login brute force (server with default limits and real argon2 cost)."""
     target = _single_node(target, "abuse")
+    if target.url is not None:  # the limits and the hashing cost are set on a spawned server
+        raise typer.BadParameter("abuse spawns its own server; --url is not supported")
     target = dataclasses.replace(
         target,
         server_env=abuse.DEFAULT_LIMITS_ENV | abuse.REAL_ARGON2_ENV | target.server_env,
     )
     p = abuse.Params(members, inflight, pairs, rate, phase, guessers, upload_mib)
 
-    async def main() -> dict[str, Any]:
-        async with server(target) as handle:
-            if target.client_cpu is not None:
-                pin(target.client_cpu)
-            with tempfile.TemporaryDirectory() as tmp:
-                return {
-                    "group_flood": await abuse.group_flood(handle, p),
-                    "login": await abuse.login_brute_force(handle, p, Path(tmp)),
-                }
+    async def runner(handle: ServerHandle, client_cpu: int | None) -> dict[str, Any]:
+        return await abuse.run(handle, p)
 
-    doc = run_loop(main())
-    doc |= {
-        "scenario": "abuse",
-        "params": dataclasses.asdict(p) | target.describe(),
-        "problems": [],
-    }
-    path = write_result(out, doc)
-    for line in abuse.summary(doc):
-        print(line)
-    print(f"result file {path}")
+    _execute("abuse", target, out, runner, abuse.summary)

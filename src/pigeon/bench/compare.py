@@ -33,14 +33,23 @@ import msgspec
 import psutil
 
 from pigeon.bench.accounts import bounded, make_devices
+from pigeon.bench.one_to_one import STAMP_DIGITS
 from pigeon.bench.report import latency_summary, loadavg
-from pigeon.bench.server import Target, free_port, pin, raise_nofile, server
+from pigeon.bench.server import (
+    Node,
+    Target,
+    free_port,
+    pin,
+    raise_nofile,
+    server,
+    stop,
+    wait_healthy,
+)
 from pigeon.bench.wire import WireSocket
 
 _EVENT = b'{"t":"event","iseq":'
 _OK = b'{"t":"ok","rid":'
 _BODY = b'"body":"'
-STAMP_DIGITS = 20
 ACK_DELAY = 0.005  # as the SDK's ack window
 TICK = 0.001  # open-loop scheduling granularity
 
@@ -82,11 +91,12 @@ class Result:
 class _Socket:
     """One generator socket: counts what arrives and acks Pigeon events like the SDK."""
 
-    __slots__ = ("ack_at", "acked", "gen", "last_iseq", "rid", "sock")
+    __slots__ = ("ack_at", "acked", "gen", "last_iseq", "pair", "rid", "sock")
 
     def __init__(self, gen: _Generator) -> None:
         self.gen = gen
         self.sock: WireSocket | None = None
+        self.pair: _Pair | None = None  # the pair it sends for
         self.last_iseq = 0
         self.acked = 0
         self.ack_at: asyncio.TimerHandle | None = None
@@ -128,7 +138,6 @@ class _Generator:
         self.relay = relay
         self.loop = asyncio.get_running_loop()
         self.pairs: list[_Pair] = []
-        self.by_tx: dict[_Socket, _Pair] = {}
         self.pad = b"x" * max(0, w.size - STAMP_DIGITS)
         self.sending = False
         self.measuring = False
@@ -159,8 +168,8 @@ class _Generator:
     def on_sent(self, tx: _Socket) -> None:
         self.committed += 1
         if self.sending and self.w.rate is None:
-            pair = self.by_tx[tx]
-            assert pair.tx.sock is not None
+            pair = tx.pair
+            assert pair is not None and pair.tx.sock is not None
             pair.tx.sock.send(self.frame(pair, time.perf_counter_ns()))
 
     def on_event(self, frame: bytes) -> None:
@@ -216,23 +225,36 @@ async def _run_pigeon(w: Workload, target: Target) -> Result:
         gen = _Generator(w, relay=False)
         ws = handle.url.replace("http://", "ws://") + "/v1/ws?token="
         socks = [_Socket(gen) for _ in accounts]
-        await bounded(
-            100, [partial(_connect, ws + a.token, s) for a, s in zip(accounts, socks, strict=True)]
-        )
-        chats = await bounded(
-            50,
-            [partial(_create_chat, socks[2 * i], accounts[2 * i + 1].user) for i in range(w.pairs)],
-        )
-        for i, chat in enumerate(chats):
-            pair = _Pair(socks[2 * i], socks[2 * i + 1], chat.encode())
-            gen.pairs.append(pair)
-            gen.by_tx[pair.tx] = pair
-        pid = handle.pid
-        result = await _measure(gen, w, "pigeon", pid)
-        for s in socks:
-            if s.sock is not None:
-                s.sock.close()
-        return result
+        try:
+            await bounded(
+                100,
+                [partial(_connect, ws + a.token, s) for a, s in zip(accounts, socks, strict=True)],
+            )
+            chats = await bounded(
+                50,
+                [
+                    partial(_create_chat, socks[2 * i], accounts[2 * i + 1].user)
+                    for i in range(w.pairs)
+                ],
+            )
+            _pair_up(gen, socks, [chat.encode() for chat in chats])
+            return await _measure(gen, w, "pigeon", handle.cpu_seconds)
+        finally:
+            _close(socks)
+
+
+def _pair_up(gen: _Generator, socks: list[_Socket], chats: list[bytes]) -> None:
+    """Socket 2i sends to socket 2i+1 in chats[i]."""
+    for i, chat in enumerate(chats):
+        pair = _Pair(socks[2 * i], socks[2 * i + 1], chat)
+        pair.tx.pair = pair
+        gen.pairs.append(pair)
+
+
+def _close(socks: list[_Socket]) -> None:
+    for s in socks:
+        if s.sock is not None:
+            s.sock.close()
 
 
 async def _create_chat(s: _Socket, peer: str) -> str:
@@ -269,74 +291,46 @@ def _spawn_relay(port: int, cpu: int | None) -> subprocess.Popen[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def _relay(target: Target) -> AsyncIterator[tuple[str, int]]:
+async def _relay(target: Target) -> AsyncIterator[tuple[str, Node]]:
     port = free_port()
     proc = _spawn_relay(port, target.server_cpu)
+    node = Node(f"http://127.0.0.1:{port}", proc.pid)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the relay did not start") from None
-                await asyncio.sleep(0.05)  # polling an external process: nothing to await
-        yield f"ws://127.0.0.1:{port}/ws", proc.pid
+        await wait_healthy(node, proc, 20.0)
+        yield f"ws://127.0.0.1:{port}/ws", node
     finally:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:  # it waits for sockets the generator dropped
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=3.0)  # it may wait for sockets the generator dropped
 
 
 async def _run_relay(w: Workload, target: Target) -> Result:
-    async with _relay(target) as (url, pid):
+    async with _relay(target) as (url, node):
         gen = _Generator(w, relay=True)
         socks = [_Socket(gen) for _ in range(2 * w.pairs)]
         jobs: list[Callable[[], Awaitable[None]]] = []
         for i in range(w.pairs):
             jobs.append(partial(_connect, url, socks[2 * i]))
             jobs.append(partial(_connect, f"{url}?chat=p{i}", socks[2 * i + 1]))
-        await bounded(100, jobs)
-        for i in range(w.pairs):
-            pair = _Pair(socks[2 * i], socks[2 * i + 1], b"p%d" % i)
-            gen.pairs.append(pair)
-            gen.by_tx[pair.tx] = pair
-        result = await _measure(gen, w, "relay", pid)
-        for s in socks:
-            if s.sock is not None:
-                s.sock.close()
-        return result
+        try:
+            await bounded(100, jobs)
+            _pair_up(gen, socks, [b"p%d" % i for i in range(w.pairs)])
+            return await _measure(gen, w, "relay", node.cpu_seconds)
+        finally:
+            _close(socks)
 
 
-def _cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    proc = psutil.Process(pid)
-    procs = [proc, *proc.children(recursive=True)]
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-async def _measure(gen: _Generator, w: Workload, name: str, pid: int | None) -> Result:
+async def _measure(
+    gen: _Generator, w: Workload, name: str, cpu_seconds: Callable[[], float | None]
+) -> Result:
     me = psutil.Process()
     gen.start()
     await asyncio.sleep(w.warmup)  # the warm-up period itself, not synchronisation
-    cpu0, mine0, t0 = _cpu_seconds(pid), me.cpu_times(), time.perf_counter()
+    cpu0, mine0, t0 = cpu_seconds(), me.cpu_times(), time.perf_counter()
     load0 = loadavg()
     gen.measuring = True
     await asyncio.sleep(w.duration)  # the measured window
     gen.measuring = False
     elapsed = time.perf_counter() - t0
-    cpu1, mine1 = _cpu_seconds(pid), me.cpu_times()
+    cpu1, mine1 = cpu_seconds(), me.cpu_times()
     gen.sending = False
     if gen.received >= gen.committed:
         gen.drained.set()

@@ -50,10 +50,16 @@ async def _handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def _healthz(request: web.Request) -> web.Response:
+    """Up (as Pigeon's `/healthz`, so the benchmark waits for both the same way)."""
+    return web.json_response({"status": "ok"})
+
+
 def make_app() -> web.Application:
     app = web.Application()
     app[PEERS] = {}
     app.router.add_get("/ws", _handler)
+    app.router.add_get("/healthz", _healthz)
     return app
 
 

@@ -370,7 +370,7 @@ def _spawn(
     return proc, Node(f"http://127.0.0.1:{port}", proc.pid, log_path, workers=target.workers)
 
 
-async def _wait_healthy(node: Node, proc: subprocess.Popen[bytes], timeout: float) -> None:
+async def wait_healthy(node: Node, proc: subprocess.Popen[bytes], timeout: float) -> None:
     """Until /healthz answers 200 (from every worker: each opens its store on its own)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -387,14 +387,14 @@ async def _wait_healthy(node: Node, proc: subprocess.Popen[bytes], timeout: floa
     raise RuntimeError(f"server did not become healthy (exit {proc.poll()}):\n{tail}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM (a supervisor passes it on to its workers), SIGKILL to all after 20 s."""
+def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> int | None:
+    """SIGTERM (a supervisor passes it on to its workers), SIGKILL to all after `grace` s."""
     if proc.poll() is None:
         with contextlib.suppress(psutil.NoSuchProcess):
             children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             for child in children:
                 with contextlib.suppress(psutil.NoSuchProcess):
@@ -428,15 +428,15 @@ async def server(target: Target, *, nofile: int = 65536) -> AsyncIterator[Server
             name = "server" if target.nodes == 1 else f"node{i}"
             spawned.append(_spawn(target, env, data_root, name, nofile))
             if i == 0:  # the first node creates the schema; the others start once it is there
-                await _wait_healthy(spawned[0][1], spawned[0][0], 60.0)
-        await asyncio.gather(*(_wait_healthy(n, p, 60.0) for p, n in spawned[1:]))
+                await wait_healthy(spawned[0][1], spawned[0][0], 60.0)
+        await asyncio.gather(*(wait_healthy(n, p, 60.0) for p, n in spawned[1:]))
         handle = ServerHandle.cluster([n for _, n in spawned])
         handle.database, handle.redis = database, redis
         yield handle
 
 
 async def _stop_all(spawned: list[tuple[subprocess.Popen[bytes], Node]]) -> None:
-    codes = await asyncio.gather(*(asyncio.to_thread(_stop, p) for p, _ in spawned))
+    codes = await asyncio.gather(*(asyncio.to_thread(stop, p) for p, _ in spawned))
     for (_, node), code in zip(spawned, codes, strict=True):
         node.exit_code = code
 

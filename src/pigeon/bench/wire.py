@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
 _ZERO_MASK = b"\0\0\0\0"
-_PONG_EMPTY = b"\x8a\x80" + _ZERO_MASK
 
 
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -45,7 +44,6 @@ class WireSocket(asyncio.Protocol):
         self._buf = bytearray()
         self._upgraded: asyncio.Future[None] | None = None
         self._open = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def connect(
@@ -77,8 +75,6 @@ class WireSocket(asyncio.Protocol):
         self._open = False
         if self._upgraded is not None and not self._upgraded.done():
             self._upgraded.set_exception(ConnectionError("connection lost during the upgrade"))
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def send(self, payload: bytes) -> None:
         """Queue one text frame (never waits: loopback benchmarks keep buffers small)."""

@@ -120,18 +120,13 @@ class MessagingService:
                 await self._throttle.send(device, body_bytes)
             if before is not None and not before.done():
                 await asyncio.shield(before)  # only ever resolved, never failed
-            if self._throttle is not None:
+            media = None
+            if attachment is not None:
+                if self._media is None:
+                    raise BadRequest("this server does not accept attachments")
+                media = await self._media.for_message(device, chat_id, attachment)
+            if self._throttle is not None:  # the last await: what passes it is handed over
                 await self._throttle.fanout(chat_id)
-            try:
-                media = None
-                if attachment is not None:
-                    if self._media is None:
-                        raise BadRequest("this server does not accept attachments")
-                    media = await self._media.for_message(device, chat_id, attachment)
-            except BaseException:
-                if self._throttle is not None:
-                    await self._throttle.delivered(chat_id, None)
-                raise
             return self._commit(device, chat_id, cmid, body, media)
         finally:
             if before is None or before.done():

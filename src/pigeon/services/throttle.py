@@ -66,14 +66,12 @@ class Throttle:
         estimate = min(known or 1, r.fanout_per_chat.amount)
         try:
             wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
-        except BaseException:
+            if wait is not None:
+                raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
+        except BaseException:  # refused or cancelled: this send will tell nothing
             if learner is not None:
                 self._learned(chat_id)
             raise
-        if wait is not None:
-            if learner is not None:
-                self._learned(chat_id)
-            raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
 
     async def delivered(self, chat_id: str, deliveries: int | None) -> None:
         """A send that passed `send` has ended. Committed, it fanned out to `deliveries`

@@ -27,27 +27,24 @@ class PgAccounts:
     ) -> None:
         async def tx(conn: asyncpg.Connection) -> None:
             async with conn.transaction():
-                await _create(conn)
-
-        async def _create(conn: asyncpg.Connection) -> None:
-            created = await conn.fetchval(
-                "INSERT INTO users (id, username, username_key, password_hash, created_at)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (username_key) DO NOTHING"
-                " RETURNING true",
-                user.id,
-                user.username,
-                user.username.casefold(),
-                password_hash,
-                user.created_at,
-            )
-            if not created:
-                raise Conflict(f"username {user.username!r} is taken")
-            if invite is not None and not await conn.fetchval(
-                "DELETE FROM invites WHERE code_hash = $1 AND expires_at > $2 RETURNING true",
-                invite,
-                at,
-            ):
-                raise Forbidden("unknown, used or expired invite code")
+                created = await conn.fetchval(
+                    "INSERT INTO users (id, username, username_key, password_hash, created_at)"
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (username_key) DO NOTHING"
+                    " RETURNING true",
+                    user.id,
+                    user.username,
+                    user.username.casefold(),
+                    password_hash,
+                    user.created_at,
+                )
+                if not created:
+                    raise Conflict(f"username {user.username!r} is taken")
+                if invite is not None and not await conn.fetchval(
+                    "DELETE FROM invites WHERE code_hash = $1 AND expires_at > $2 RETURNING true",
+                    invite,
+                    at,
+                ):
+                    raise Forbidden("unknown, used or expired invite code")
 
         await self._db.run(tx)
 
