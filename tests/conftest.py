@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pigeon.app import create_app
+from pigeon.app import create_app, runner_options
 from pigeon.client import Account, PigeonClient, login, register
 from pigeon.config import Settings, load_settings
 from pigeon.ports import Clock
@@ -135,7 +135,7 @@ async def start_server(settings: Settings, clock: Clock | None = None) -> Server
         create_app(settings, clock),
         handle_signals=False,
         shutdown_timeout=2.0,
-        keepalive_timeout=settings.gateway.request_timeout,
+        **runner_options(settings),
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

@@ -4,6 +4,7 @@ from `Settings`, opens adapters on start-up and closes them (in reverse) on shut
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from argon2 import PasswordHasher
@@ -118,6 +119,12 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
     if kind == "redis":
         return WindowRateLimiter(settings.redis.url, cluster=settings.redis.cluster)
     return WindowRateLimiter()
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """What the aiohttp runner of the app must be given, wherever it runs (`pigeon serve`, the
+    tests): the keep-alive timeout also bounds a half-sent request (slowloris)."""
+    return {"keepalive_timeout": settings.gateway.request_timeout}
 
 
 def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:

@@ -30,7 +30,7 @@ def serve(
     """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain)."""
     from aiohttp import web
 
-    from pigeon.app import create_app
+    from pigeon.app import create_app, runner_options
     from pigeon.supervisor import Supervisor, WorkersNeedSharedState, check_workers
 
     overrides: dict[str, Any] = {
@@ -59,7 +59,7 @@ def serve(
         print=None,
         access_log=None,
         shutdown_timeout=10.0,
-        keepalive_timeout=settings.gateway.request_timeout,  # also bounds a half-sent request
+        **runner_options(settings),
         backlog=settings.gateway.backlog,
         reuse_port=settings.gateway.reuse_port or None,
     )

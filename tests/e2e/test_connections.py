@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from pigeon.domain.events import Message
+from pigeon.gateway.keys import SERVICES
 from tests.conftest import Server, next_of
 
 
@@ -84,7 +85,7 @@ async def test_stalled_device_is_cut_off_without_slowing_others(make_server) -> 
             assert (await next_of(bob, Message, timeout=5)).id == sent.id
 
     await asyncio.gather(flood(), converse())
-    hub = server.app[__import__("pigeon.gateway.keys").gateway.keys.SERVICES].hub
+    hub = server.app[SERVICES].hub
     assert hub.get(stalled_account.device) is None  # disconnected as a slow consumer
     sock.close()
     # Nothing was lost for the stalled device: its inbox replays on reconnect.
@@ -179,24 +180,24 @@ async def test_device_that_stops_reading_during_its_sync_is_closed(make_server) 
     first = await loop.sock_recv(sock, 2)  # the `ready` frame has started: it is attached
     assert first[0] == 0x81
     await loop.sock_sendall(sock, b"\x89\x80\0\0\0\0")  # it still pings now and then
-    hub = server.app[__import__("pigeon.gateway.keys").gateway.keys.SERVICES].hub
+    hub = server.app[SERVICES].hub
     conn = hub.get(account.device)
     assert conn is not None
     closed = asyncio.Event()
     conn.on_close(lambda c: (closed.set(), hub.detach(c)))
     queued: list[int] = []
-    tick = loop.call_soon(lambda: None)
+    tick: asyncio.Handle | None = None
 
     def watch() -> None:  # what the connection holds, each loop iteration until it closes
         nonlocal tick
         queued.append(conn._out_bytes)
-        if not closed.is_set():
-            tick = loop.call_soon(watch)
+        tick = None if closed.is_set() else loop.call_soon(watch)
 
     watch()
     async with asyncio.timeout(10):
         await closed.wait()
-    tick.cancel()
+    if tick is not None:
+        tick.cancel()
     assert max(queued) <= budget  # the sync waited for space: memory stayed within budget
     assert _close_code(first + await _read_until_eof(sock)) == 4000
     sock.close()

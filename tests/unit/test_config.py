@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from pigeon.config import load_settings
+from pigeon.domain.limits import RateRules
 
 
 def test_defaults_match_the_product_limits() -> None:
@@ -17,6 +18,7 @@ def test_defaults_match_the_product_limits() -> None:
     assert (limits.max_devices_per_user, limits.group_cap, limits.max_body_bytes) == (3, 100, 65536)
     assert limits.retention_seconds == 30 * 86400
     assert (s.gateway.ping_interval, s.gateway.idle_timeout) == (30.0, 60.0)
+    assert s.rate_limits.to_rules() == RateRules()  # the settings' strings say the same
 
 
 def test_precedence_file_then_env_then_overrides(

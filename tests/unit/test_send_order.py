@@ -86,52 +86,48 @@ async def test_cancelled_sends_commit_nothing_and_leave_no_chain() -> None:
     assert store.committed == [] and not service._handovers
 
 
-class _SlowFirstThrottle:
-    """A rate limiter whose first answer takes as long as the test wants (a Redis round trip
-    that is slower than the next one)."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.calls = 0
-
-    async def send(self, device: Device, body_bytes: int) -> None:
-        self.calls += 1
-        if self.calls == 1:
-            await self.gate.wait()
-
-    async def fanout(self, chat: str) -> None:
-        return None
-
-    async def delivered(self, chat: str, deliveries: int | None) -> None:
-        return None
-
-
 class _SlowFirstLimiter:
-    """The real counters (in process), whose first answer takes as long as the test wants."""
+    """The real counters (in process), whose first answer takes as long as the test wants (a
+    Redis round trip slower than the next ones)."""
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.calls = 0
+        self._called = asyncio.Event()
         self.windows = SlidingWindows()
 
     async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
         self.calls += 1
+        self._called.set()
         if self.calls == 1:
             await self.gate.wait()
         return self.windows.hit(rate, key, cost)
 
+    async def until(self, calls: int) -> None:
+        """Until `calls` hits were asked for."""
+        async with asyncio.timeout(5):
+            while self.calls < calls:
+                self._called.clear()
+                await self._called.wait()
+
+
+def _throttled(store: _Store) -> tuple[MessagingService, _SlowFirstLimiter]:
+    limiter = _SlowFirstLimiter()
+    throttle = Throttle(limiter, RateRules())  # type: ignore[arg-type]
+    service = MessagingService(store, _Fanout(), _Clock(), Limits(), _Media(), throttle)  # type: ignore[arg-type]
+    return service, limiter
+
 
 async def test_a_slow_rate_limit_answer_does_not_reorder_sends() -> None:
-    store, media, throttle = _Store(), _Media(), _SlowFirstThrottle()
-    service = MessagingService(store, _Fanout(), _Clock(), Limits(), media, throttle)  # type: ignore[arg-type]
+    store = _Store()
+    service, limiter = _throttled(store)
     chat = new_id()
     first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
-    await asyncio.sleep(0)  # one loop turn: the first waits for its rate-limit answer
+    await limiter.until(1)  # the first waits for its first answer
     second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert store.committed == []  # the second's answer came, but it waits for the first
-    throttle.gate.set()
+    await limiter.until(4)  # the second's three checks (device, user, bytes) were answered
+    assert store.committed == []  # but it waits for the first
+    limiter.gate.set()
     await asyncio.gather(first, second)
     assert store.committed == ["first", "second"] and not service._handovers
 
@@ -140,15 +136,13 @@ async def test_a_send_that_learns_a_chats_fanout_never_waits_for_one_behind_it()
     """The first answer of the limiter is slow: the second send's checks pass first, but the
     fan-out reservation (which may wait for the send that tells a new chat's fan-out) is made
     in the order the sends reach the store, so neither waits for the other."""
-    store, limiter = _Store(), _SlowFirstLimiter()
-    throttle = Throttle(limiter, RateRules())  # type: ignore[arg-type]
-    service = MessagingService(store, _Fanout(), _Clock(), Limits(), None, throttle)  # type: ignore[arg-type]
+    store = _Store()
+    service, limiter = _throttled(store)
     chat = new_id()
     first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
-    await asyncio.sleep(0)
+    await limiter.until(1)
     second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await limiter.until(4)
     limiter.gate.set()
     await asyncio.wait_for(asyncio.gather(first, second), 1.0)  # the learning wait is 2 s
     assert store.committed == ["first", "second"]
