@@ -4,8 +4,9 @@ from `Settings`, opens adapters on start-up and closes them (in reverse) on shut
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 from aiohttp import web
 from argon2 import PasswordHasher
 
@@ -14,13 +15,23 @@ from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.presence.local import LocalPresence
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.config import PostgresSettings, S3BlobSettings, Settings
+from pigeon.domain.push import PushKind
 from pigeon.gateway.blobs import add_blob_routes
 from pigeon.gateway.http import READY, add_routes, error_middleware
 from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
-from pigeon.ports import BlobStore, Bus, Clock, Presence, RateLimiter, Store
+from pigeon.ports import (
+    BlobStore,
+    Bus,
+    Clock,
+    Presence,
+    PushQueue,
+    PushSender,
+    RateLimiter,
+    Store,
+)
 from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.clock import SystemClock
@@ -28,6 +39,7 @@ from pigeon.services.fanout import Fanout
 from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
+from pigeon.services.push import PushPolicy, PushService, PushWorker, TargetRules
 from pigeon.services.retention import RetentionSweeper
 from pigeon.services.throttle import Throttle
 from pigeon.services.typing import TypingService
@@ -121,6 +133,77 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
     return WindowRateLimiter()
 
 
+class PushParts(NamedTuple):
+    """What push is made of on this node: the queue (None: the store has none yet), one sender
+    per configured platform, and the VAPID public key to publish."""
+
+    queue: PushQueue | None
+    senders: dict[PushKind, PushSender]
+    vapid_public_key: str | None
+
+
+PUSH = web.AppKey("push", PushParts)
+#: The node's push worker (none when the store has no queue), for tests and the bench.
+PUSH_WORKER = web.AppKey("push_worker", list[PushWorker])
+
+
+def build_push(settings: Settings, store: Store) -> PushParts:
+    """The push queue of the store and the senders whose credentials are configured."""
+    p = settings.push
+    if not p.enabled or not isinstance(store, SqliteStore):
+        return PushParts(None, {}, None)
+    from pigeon.adapters.push.webhook import WebhookSender
+    from pigeon.adapters.push.webpush import (
+        WebPushSender,
+        load_or_create_vapid_key,
+        vapid_public_key,
+    )
+    from pigeon.adapters.store.sqlite.push import SqlitePushQueue
+
+    vapid = load_or_create_vapid_key(settings.vapid_key_file())
+    senders: dict[PushKind, PushSender] = {
+        "webhook": WebhookSender(
+            load_or_create_secret(settings.webhook_secret_file()), timeout=p.gateway_timeout
+        ),
+        "webpush": WebPushSender(vapid, p.webpush.subject, timeout=p.gateway_timeout),
+    }
+    if p.fcm.credentials_file is not None:
+        from pigeon.adapters.push.fcm import FcmSender
+
+        account = msgspec.json.decode(p.fcm.credentials_file.read_bytes())
+        senders["fcm"] = FcmSender(
+            account, base_url=p.fcm.base_url, token_url=p.fcm.token_url, timeout=p.gateway_timeout
+        )
+    a = p.apns
+    if a.key_file is not None and a.team_id and a.key_id:
+        from pigeon.adapters.push.apns import ApnsSender
+
+        senders["apns"] = ApnsSender(
+            a.team_id,
+            a.key_id,
+            a.key_file.read_bytes(),
+            production_url=a.production_url,
+            sandbox_url=a.sandbox_url,
+            timeout=p.gateway_timeout,
+        )
+    return PushParts(SqlitePushQueue(store.db), senders, vapid_public_key(vapid))
+
+
+def push_policy(settings: Settings) -> PushPolicy:
+    """The worker's timing, from `settings.push`."""
+    p = settings.push
+    return PushPolicy(
+        grace=p.grace,
+        window=p.window,
+        visibility_timeout=p.visibility_timeout,
+        max_attempts=p.max_attempts,
+        backoff_base=p.backoff_base,
+        backoff_max=p.backoff_max,
+        concurrency=p.concurrency,
+        poll_interval=p.poll_interval,
+    )
+
+
 def runner_options(settings: Settings) -> dict[str, Any]:
     """What the aiohttp runner of the app must be given, wherever it runs (`pigeon serve`, the
     tests): the keep-alive timeout also bounds a half-sent request (slowloris)."""
@@ -143,6 +226,13 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
     )
+    push = build_push(settings, store)
+    rules = TargetRules(
+        kinds=frozenset(push.senders),
+        webhook_hosts=frozenset(h.lower() for h in settings.push.webhook_hosts),
+        allow_private=settings.push.allow_private_targets,
+    )
+    push_service = PushService(store.push, clock, rules)
     chats = ChatService(store, fanout, clock, limits, throttle)
     messaging = MessagingService(store.messages, fanout, clock, limits, media, throttle)
     presence_service = PresenceService(
@@ -178,10 +268,13 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             presence=presence_service,
             typing=typing,
             media=media,
+            push=push_service,
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
             max_refusals=settings.gateway.max_refusals,
         ),
+        push=push_service,
+        vapid_public_key=push.vapid_public_key,
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
@@ -195,6 +288,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[SWEEPER] = RetentionSweeper(
         store.messages, clock, limits.retention_seconds, settings.sweep_interval, media
     )
+    app[PUSH] = push
     app[READY] = {"ready": False}
     add_routes(app)
     if isinstance(blobs, LocalBlobStore):  # its signed URLs point at pigeon's own HTTP
@@ -215,11 +309,25 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[SERVICES].hub.start()
     app[SERVICES].presence.start()
     sweeper.start()
+    push = app[PUSH]
+    worker = None
+    if push.queue is not None:
+        for sender in push.senders.values():
+            await sender.open()
+        worker = PushWorker(
+            push.queue, store.push, push.senders, app[SERVICES].clock, push_policy(app[SETTINGS])
+        )
+        worker.start()
+    app[PUSH_WORKER] = [] if worker is None else [worker]
     app[READY]["ready"] = True
     try:
         yield
     finally:
         app[READY]["ready"] = False
+        if worker is not None:
+            await worker.aclose()
+        for sender in push.senders.values():
+            await sender.aclose()
         await sweeper.aclose()
         await app[SERVICES].hub.aclose()
         await app[SERVICES].presence.aclose()

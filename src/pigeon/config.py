@@ -322,6 +322,67 @@ class PresenceSettings(BaseModel):
         return self
 
 
+class FcmSettings(BaseModel):
+    """Firebase Cloud Messaging (HTTP v1): on when a service-account key file is given."""
+
+    credentials_file: Path | None = None
+    base_url: str = "https://fcm.googleapis.com"
+    #: Default: the key file's own `token_uri`.
+    token_url: str | None = None
+
+
+class ApnsSettings(BaseModel):
+    """Apple Push Notification service, token-based: on when a `.p8` key file is given."""
+
+    team_id: str | None = None
+    key_id: str | None = None
+    key_file: Path | None = None
+    production_url: str = "https://api.push.apple.com"
+    sandbox_url: str = "https://api.sandbox.push.apple.com"
+
+
+class WebPushSettings(BaseModel):
+    """Web Push (RFC 8030/8291/8292): always on; the VAPID key is made on first start."""
+
+    #: Default: `<data_dir>/vapid.pem`. Its public half is served at `/v1/push/vapid-key`.
+    vapid_key_file: Path | None = None
+    #: The contact push services may use (RFC 8292): a mailto: or https: URL.
+    subject: str = "mailto:admin@localhost"
+
+
+class PushSettings(BaseModel):
+    """Push notifications to devices with no live connection (docs/operations.md, "Push")."""
+
+    enabled: bool = True
+    #: A job is pushed once it has waited this long: a connected device acks within it.
+    grace: float = Field(0.5, ge=0, le=60)
+    #: At most one push per device and chat per window; a burst in it is one push with a count.
+    window: float = Field(30.0, ge=0, le=86400)
+    #: Leased jobs come back after this, should their worker die mid-job.
+    visibility_timeout: float = Field(60.0, gt=0)
+    #: Attempts before a job goes to the dead letters (`pigeon push dlq`).
+    max_attempts: int = Field(8, ge=1, le=100)
+    #: Backoff between attempts: a random point in [c/2, c], c = base * 2^(attempt-1), capped.
+    backoff_base: float = Field(1.0, gt=0)
+    backoff_max: float = Field(3600.0, gt=0)
+    #: Pushes in flight per worker.
+    concurrency: int = Field(32, ge=1, le=10_000)
+    #: How often an idle worker looks for due jobs.
+    poll_interval: float = Field(0.25, gt=0, le=60)
+    #: Seconds a gateway may take to answer one push.
+    gateway_timeout: float = Field(10.0, gt=0)
+    #: Webhook targets' HMAC key; default `<data_dir>/push-webhook-secret` (made if missing).
+    webhook_secret_file: Path | None = None
+    #: Hosts a webhook target may name (the operator's own gateways); empty: no webhooks. A
+    #: device names the URL, so without this list it could make the server POST anywhere.
+    webhook_hosts: list[str] = []
+    #: Accept webhook and Web Push URLs on loopback or private addresses (tests, a LAN).
+    allow_private_targets: bool = False
+    fcm: FcmSettings = FcmSettings()
+    apns: ApnsSettings = ApnsSettings()
+    webpush: WebPushSettings = WebPushSettings()
+
+
 class Settings(BaseSettings):
     """Everything `pigeon serve` needs."""
 
@@ -341,6 +402,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+    push: PushSettings = PushSettings()
     #: Who may create an account: `open` (anyone), `invite` (with a single-use code made by
     #: `pigeon invite`), `closed` (nobody; existing accounts keep working).
     registration: Literal["open", "invite", "closed"] = "open"
@@ -360,6 +422,12 @@ class Settings(BaseSettings):
     def blob_secret_file(self) -> Path:
         path = self.blobs.secret_file if isinstance(self.blobs, LocalBlobSettings) else None
         return path or self.data_dir / "blob-secret"
+
+    def vapid_key_file(self) -> Path:
+        return self.push.webpush.vapid_key_file or self.data_dir / "vapid.pem"
+
+    def webhook_secret_file(self) -> Path:
+        return self.push.webhook_secret_file or self.data_dir / "push-webhook-secret"
 
     def sqlite_path(self) -> Path:
         path = self.store.path if isinstance(self.store, SqliteSettings) else None

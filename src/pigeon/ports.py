@@ -27,6 +27,7 @@ from pigeon.domain.models import (
     User,
     Visibility,
 )
+from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarget
 
 
 class Clock(Protocol):
@@ -235,6 +236,107 @@ class AttachmentStore(Protocol):
         blobs (and thumbnails) the caller deletes."""
 
 
+class PushContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What the push worker needs to know about a device before it pushes to it."""
+
+    target: PushTarget | None
+    user_id: str
+    #: The device's cumulative ack: a job whose entries it covers needs no push.
+    acked_iseq: int
+    #: Unread messages of the user over all chats (the badge).
+    unread: int
+    #: The name of the chat's latest sender, when the user allows names in pushes.
+    sender_name: str | None
+
+
+class PushStore(Protocol):
+    """Each device's push target, written with the device; jobs come from `PushQueue`.
+
+    Contract: while a device has a target, every message entry appended to its inbox also adds
+    to its push job of that chat in the same transaction (the outbox), so a node killed right
+    after a commit loses no push. A revoked device loses its target and its jobs.
+    """
+
+    async def set_target(self, device_id: str, target: PushTarget | None, at: int) -> None:
+        """Register, replace (or, with None, remove) the device's target."""
+
+    async def target_status(self, device_id: str) -> tuple[PushTarget | None, str | None]:
+        """The device's target, and why a gateway removed the last one (None if it did not)."""
+
+    async def remove_gone(self, device_id: str, target: PushTarget, reason: str, at: int) -> bool:
+        """A gateway said `target` is permanently invalid: remove it, unless the device has
+        registered another one meanwhile. True if it was removed."""
+
+    async def set_show_names(self, user_id: str, show: bool) -> None:
+        """The user's privacy setting: may pushes to their devices name the sender?"""
+
+    async def context(self, device_id: str, chat_id: str) -> PushContext | None:
+        """What a push to the device about the chat needs (None: the device is gone)."""
+
+
+class PushJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A device's pending push about one chat, leased to one worker until `lease` (ms)."""
+
+    device: str
+    chat: str
+    #: New entries it covers (coalesced); the newest is `last_iseq`.
+    count: int
+    last_iseq: int
+    #: How many times it has been leased, this one included.
+    attempts: int
+    lease: int
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A push that failed `max_attempts` times, kept for the operator."""
+
+    id: int
+    device: str
+    chat: str
+    count: int
+    attempts: int
+    error: str
+    failed_at: int
+
+
+class PushQueue(Protocol):
+    """Work-queue semantics for push jobs: each job goes to one worker at a time.
+
+    A claimed job is invisible until its lease ends; a worker that dies mid-job lets it come back
+    after `visibility` seconds. A job is `done` (sent, or needed no push), `retry`-ed at a later
+    time, or moved to the dead letters. Every answer names the lease it got, so a worker whose
+    lease ran out cannot overwrite the answer of the worker that holds it now.
+    """
+
+    async def claim(
+        self, now: int, limit: int, visibility: float, window: float, grace: float = 0.0
+    ) -> list[PushJob]:
+        """Lease up to `limit` due jobs: due for `grace` seconds (a device online acks within
+        it), and not pushed to within `window` seconds (at most one push per device and chat
+        per window)."""
+
+    async def next_due(self, window: float, grace: float = 0.0) -> int | None:
+        """When (ms) the earliest job may be claimed, or None if there is none."""
+
+    async def done(self, job: PushJob, now: int, pushed: bool) -> None:
+        """The entries `job` covers are dealt with; entries that came meanwhile stay queued."""
+
+    async def retry(self, job: PushJob, due_at: int, error: str) -> None:
+        """Give the job back, due again at `due_at` (ms)."""
+
+    async def dead(self, job: PushJob, error: str, now: int) -> None:
+        """Move the job to the dead letters."""
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The oldest dead letters first."""
+
+    async def retry_dead(self, ids: list[int] | None, now: int) -> int:
+        """Queue the dead letters again (all when `ids` is None); how many were."""
+
+    async def drop_dead(self, ids: list[int] | None) -> int:
+        """Forget dead letters (all when `ids` is None); how many were."""
+
+
 class Store(Protocol):
     """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
 
@@ -242,6 +344,7 @@ class Store(Protocol):
     chats: ChatStore
     messages: MessageStore
     attachments: AttachmentStore
+    push: PushStore
 
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
@@ -464,3 +567,23 @@ class RateLimiter(Protocol):
 
     async def aclose(self) -> None:
         """Disconnect."""
+
+
+class PushSender(Protocol):
+    """Delivers one push to one platform's gateway (FCM, APNs, Web Push or a webhook).
+
+    `send` never raises for what a gateway or the network does: it answers a `PushOutcome`
+    (`sent`, `retry` with the gateway's `Retry-After` if any, or `gone` for a permanently invalid
+    target). Retrying, backoff and dead letters are the push worker's business, not the
+    sender's. Each sender takes its gateway's base URL from config, so tests point it at a fake
+    gateway on loopback.
+    """
+
+    kind: PushKind
+
+    async def send(self, target: PushTarget, note: PushNotification) -> PushOutcome:
+        """Push `note` to `target` (whose `kind` is this sender's)."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -98,6 +98,13 @@ class Unavailable(PigeonError):
     temporary = True
 
 
+class PushUnsupported(PigeonError):
+    """This server cannot push to that kind of target: the platform's credentials are not
+    configured, or the store has no push queue yet."""
+
+    code = "push_unsupported"
+
+
 ALL_ERRORS: tuple[type[PigeonError], ...] = (
     BadRequest,
     UnknownCommand,
@@ -111,6 +118,7 @@ ALL_ERRORS: tuple[type[PigeonError], ...] = (
     TooLarge,
     RateLimited,
     Unavailable,
+    PushUnsupported,
 )
 
 

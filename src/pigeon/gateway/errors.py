@@ -23,6 +23,7 @@ HTTP_STATUS: dict[type[e.PigeonError], int] = {
     e.TooLarge: 413,
     e.RateLimited: 429,
     e.Unavailable: 503,
+    e.PushUnsupported: 501,
     e.SignatureInvalid: 403,
     e.UrlExpired: 403,
     e.SizeMismatch: 400,

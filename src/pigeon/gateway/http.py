@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from pigeon.domain.errors import BadRequest, PigeonError, RateLimited
+from pigeon.domain.errors import BadRequest, PigeonError, PushUnsupported, RateLimited
 from pigeon.domain.models import Device
+from pigeon.domain.push import PushTarget
 from pigeon.gateway.errors import http_status
 from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.gateway.websocket import bearer_token
@@ -114,6 +115,42 @@ async def find_user(request: web.Request) -> web.Response:
     return _json({"id": user.id, "username": user.username})
 
 
+class PushShowNamesBody(msgspec.Struct, forbid_unknown_fields=True):
+    show: bool
+
+
+async def put_push_target(request: web.Request) -> web.Response:
+    me = await _device(request)
+    await request.app[SERVICES].push.register(me, await _body(request, PushTarget))
+    return web.Response(status=204)
+
+
+async def delete_push_target(request: web.Request) -> web.Response:
+    me = await _device(request)
+    await request.app[SERVICES].push.unregister(me)
+    return web.Response(status=204)
+
+
+async def get_push_target(request: web.Request) -> web.Response:
+    me = await _device(request)
+    return _json(await request.app[SERVICES].push.status(me))
+
+
+async def put_push_show_names(request: web.Request) -> web.Response:
+    me = await _device(request)
+    body = await _body(request, PushShowNamesBody)
+    await request.app[SERVICES].push.show_names(me, body.show)
+    return web.Response(status=204)
+
+
+async def vapid_key(request: web.Request) -> web.Response:
+    """The server's VAPID public key: a browser subscribes with it (`applicationServerKey`)."""
+    key = request.app[SERVICES].vapid_public_key
+    if key is None:
+        raise PushUnsupported("Web Push is not configured on this server")
+    return _json({"key": key})
+
+
 async def healthz(request: web.Request) -> web.Response:
     if not request.app[READY].get("ready"):
         return _json({"status": "starting"}, 503)
@@ -128,4 +165,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/devices", list_devices)
     app.router.add_delete("/v1/devices/{device_id}", revoke_device)
     app.router.add_get("/v1/users/{username}", find_user)
+    app.router.add_put("/v1/devices/me/push", put_push_target)
+    app.router.add_delete("/v1/devices/me/push", delete_push_target)
+    app.router.add_get("/v1/devices/me/push", get_push_target)
+    app.router.add_put("/v1/me/push-show-names", put_push_show_names)
+    app.router.add_get("/v1/push/vapid-key", vapid_key)
     app.router.add_get("/healthz", healthz)

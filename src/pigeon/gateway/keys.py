@@ -14,6 +14,7 @@ from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
+from pigeon.services.push import PushService
 from pigeon.services.typing import TypingService
 
 
@@ -29,6 +30,9 @@ class Services:
     hub: Hub
     clock: Clock
     sessions: SessionServices
+    push: PushService
+    #: The Web Push VAPID public key (base64url), which browsers subscribe with.
+    vapid_public_key: str | None = None
 
 
 SERVICES = web.AppKey("services", Services)

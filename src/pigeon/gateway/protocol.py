@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
+from pigeon.domain.push import PushTarget
+
 Rid = int | str
 #: A non-negative integer that fits SQLite's and PostgreSQL's 64-bit integers.
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -119,6 +121,26 @@ class AttachmentUrl(Command, tag="attachment_url"):
     thumbnail: bool = False
 
 
+class PushRegister(Command, tag="push_register"):
+    """Set this device's push target (replacing any earlier one); see docs/protocol.md §10."""
+
+    target: PushTarget
+
+
+class PushUnregister(Command, tag="push_unregister"):
+    """Remove this device's push target."""
+
+
+class PushStatus(Command, tag="push_status"):
+    """This device's push target, or why a gateway removed it."""
+
+
+class PushShowNames(Command, tag="push_show_names"):
+    """The user's privacy setting: may pushes to their devices name the sender?"""
+
+    show: bool
+
+
 AnyCommand = (
     Auth
     | CreateChat
@@ -138,6 +160,10 @@ AnyCommand = (
     | CreateAttachment
     | AttachmentUploaded
     | AttachmentUrl
+    | PushRegister
+    | PushUnregister
+    | PushStatus
+    | PushShowNames
 )
 COMMAND_NAMES = frozenset(c.__struct_config__.tag for c in get_args(AnyCommand))
 

@@ -24,6 +24,7 @@ from pigeon.services.chats import ChatService
 from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
+from pigeon.services.push import PushService
 from pigeon.services.typing import TypingService
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class SessionServices:
     presence: PresenceService
     typing: TypingService
     media: MediaService
+    push: PushService
     max_frame_bytes: int
     max_inflight: int
     #: `rate_limited` replies a connection may get per `_REFUSAL_WINDOW` before it is closed.
@@ -245,6 +247,18 @@ class Session:
             self.conn.device, cmd.attachment, cmd.thumbnail
         )
 
+    async def _push_register(self, cmd: p.PushRegister) -> None:
+        await self.services.push.register(self.conn.device, cmd.target)
+
+    async def _push_unregister(self, cmd: p.PushUnregister) -> None:
+        await self.services.push.unregister(self.conn.device)
+
+    async def _push_status(self, cmd: p.PushStatus) -> Any:
+        return await self.services.push.status(self.conn.device)
+
+    async def _push_show_names(self, cmd: p.PushShowNames) -> None:
+        await self.services.push.show_names(self.conn.device, cmd.show)
+
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")
 
@@ -268,6 +282,10 @@ _HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
     p.CreateAttachment: Session._create_attachment,
     p.AttachmentUploaded: Session._attachment_uploaded,
     p.AttachmentUrl: Session._attachment_url,
+    p.PushRegister: Session._push_register,
+    p.PushUnregister: Session._push_unregister,
+    p.PushStatus: Session._push_status,
+    p.PushShowNames: Session._push_show_names,
 }
 assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
 

@@ -9,8 +9,16 @@ from pigeon.adapters.store.sqlite.attachments import SqliteAttachments
 from pigeon.adapters.store.sqlite.chats import SqliteChats
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.adapters.store.sqlite.messages import SqliteMessages
+from pigeon.adapters.store.sqlite.push import SqlitePush
 from pigeon.adapters.store.sqlite.schema import migrate
-from pigeon.ports import AccountStore, AttachmentStore, ChatStore, MessageStore, Store
+from pigeon.ports import (
+    AccountStore,
+    AttachmentStore,
+    ChatStore,
+    MessageStore,
+    PushStore,
+    Store,
+)
 
 
 class SqliteStore:
@@ -22,6 +30,7 @@ class SqliteStore:
         self.chats: ChatStore = SqliteChats(self.db)
         self.messages: MessageStore = SqliteMessages(self.db)
         self.attachments: AttachmentStore = SqliteAttachments(self.db)
+        self.push: PushStore = SqlitePush(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import sqlite3
 import time
 
-MIGRATIONS: list[tuple[int, str]] = [
+
+def _split(script: str) -> list[str]:
+    return [part for part in script.split(";") if part.strip()]
+
+
+MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (
         1,
         """
@@ -125,6 +130,68 @@ MIGRATIONS: list[tuple[int, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        5,
+        # Push: targets, the outbox (`push_jobs`, also the embedded queue) and its dead letters.
+        # The trigger is the outbox: it adds to a device's job in the transaction that appends
+        # the message entry, and costs one index probe for devices without a target.
+        [
+            *_split(
+                """
+                ALTER TABLE users ADD COLUMN push_names INTEGER NOT NULL DEFAULT 0;
+                CREATE TABLE push_targets (
+                    device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+                    target TEXT,
+                    removed_reason TEXT,
+                    updated_at INTEGER NOT NULL
+                ) WITHOUT ROWID;
+                CREATE TABLE push_jobs (
+                    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                    chat_id TEXT NOT NULL,
+                    count INTEGER NOT NULL,
+                    last_iseq INTEGER NOT NULL,
+                    due_at INTEGER NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    leased_until INTEGER NOT NULL DEFAULT 0,
+                    pushed_at INTEGER NOT NULL DEFAULT 0,
+                    PRIMARY KEY (device_id, chat_id)
+                ) WITHOUT ROWID;
+                CREATE INDEX push_jobs_due ON push_jobs(due_at) WHERE count > 0;
+                CREATE INDEX push_jobs_idle ON push_jobs(pushed_at) WHERE count = 0;
+                CREATE TABLE push_dead (
+                    id INTEGER PRIMARY KEY,
+                    device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+                    chat_id TEXT NOT NULL,
+                    count INTEGER NOT NULL,
+                    last_iseq INTEGER NOT NULL,
+                    attempts INTEGER NOT NULL,
+                    error TEXT NOT NULL,
+                    failed_at INTEGER NOT NULL
+                );
+                """
+            ),
+            """
+            CREATE TRIGGER push_outbox AFTER INSERT ON inbox
+            WHEN NEW.message_id IS NOT NULL AND EXISTS (
+                SELECT 1 FROM push_targets WHERE device_id = NEW.device_id AND target IS NOT NULL
+            )
+            BEGIN
+                INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)
+                VALUES (
+                    NEW.device_id,
+                    (SELECT chat_id FROM messages WHERE id = NEW.message_id),
+                    1,
+                    NEW.iseq,
+                    NEW.at
+                )
+                ON CONFLICT (device_id, chat_id) DO UPDATE SET
+                    count = count + 1,
+                    last_iseq = excluded.last_iseq,
+                    due_at = CASE WHEN count = 0 THEN excluded.due_at ELSE due_at END;
+            END
+            """,
+        ],
+    ),
 ]
 
 
@@ -140,9 +207,8 @@ def migrate(conn: sqlite3.Connection) -> None:
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(sql):
+                conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations VALUES (?, ?)", (version, int(time.time() * 1000))
             )
@@ -150,3 +216,9 @@ def migrate(conn: sqlite3.Connection) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _statements(script: str | list[str]) -> list[str]:
+    """A migration's statements: a script split on `;`, or a list given as such (a trigger's
+    body holds `;`s of its own)."""
+    return script if isinstance(script, list) else _split(script)

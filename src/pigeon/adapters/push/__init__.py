@@ -1,0 +1,1 @@
+"""Push senders: one adapter per platform gateway behind `ports.PushSender`."""

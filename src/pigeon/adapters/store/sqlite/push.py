@@ -1,0 +1,240 @@
+"""SQLite implementation of `PushStore`, and the embedded `PushQueue` over the same database.
+
+The outbox is the `push_outbox` trigger (schema migration 5): appending a message entry to the
+inbox of a device with a target adds to that device's row of the chat in `push_jobs`, in the same
+transaction. On one node that table is the queue as well, so no relay is needed: a worker leases
+due rows with one `UPDATE ... RETURNING`, and a lease that runs out makes a row claimable again.
+A row is one device and one chat; new entries while it waits only raise its count, which is the
+coalescing: a burst of 50 messages is one push that says 50.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import msgspec
+
+from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.domain.push import PushTarget
+from pigeon.ports import DeadLetter, PushContext, PushJob
+
+_decode_target = msgspec.json.Decoder(PushTarget).decode
+#: Rows of finished jobs forgotten per claim, once their coalescing window has passed.
+_FORGET_CHUNK = 500
+
+
+class SqlitePush:
+    """Push targets and the privacy setting in SQLite."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self._db = db
+
+    async def set_target(self, device_id: str, target: PushTarget | None, at: int) -> None:
+        raw = None if target is None else msgspec.json.encode(target).decode()
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO push_targets (device_id, target, removed_reason, updated_at)"
+                " SELECT id, ?, NULL, ? FROM devices WHERE id = ?"
+                " ON CONFLICT (device_id) DO UPDATE SET target = excluded.target,"
+                " removed_reason = NULL, updated_at = excluded.updated_at",
+                (raw, at, device_id),
+            )
+            if target is None:  # nothing left to push to: its queued jobs go too
+                conn.execute("DELETE FROM push_jobs WHERE device_id = ?", (device_id,))
+
+        await self._db.write(tx)
+
+    async def target_status(self, device_id: str) -> tuple[PushTarget | None, str | None]:
+        def q(conn: sqlite3.Connection) -> tuple[PushTarget | None, str | None]:
+            row = conn.execute(
+                "SELECT target, removed_reason FROM push_targets WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            if row is None:
+                return None, None
+            return (None if row[0] is None else _decode_target(row[0])), row[1]
+
+        return await self._db.read(q)
+
+    async def remove_gone(self, device_id: str, target: PushTarget, reason: str, at: int) -> bool:
+        raw = msgspec.json.encode(target).decode()
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            removed = conn.execute(
+                "UPDATE push_targets SET target = NULL, removed_reason = ?, updated_at = ?"
+                " WHERE device_id = ? AND target = ? RETURNING 1",
+                (reason, at, device_id, raw),
+            ).fetchone()
+            if removed:
+                conn.execute("DELETE FROM push_jobs WHERE device_id = ?", (device_id,))
+            return removed is not None
+
+        return await self._db.write(tx)
+
+    async def set_show_names(self, user_id: str, show: bool) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE users SET push_names = ? WHERE id = ?", (int(show), user_id)
+            )
+        )
+
+    async def context(self, device_id: str, chat_id: str) -> PushContext | None:
+        def q(conn: sqlite3.Connection) -> PushContext | None:
+            row = conn.execute(
+                "SELECT d.user_id, d.acked_iseq, t.target, u.push_names FROM devices d"
+                " JOIN users u ON u.id = d.user_id"
+                " LEFT JOIN push_targets t ON t.device_id = d.id WHERE d.id = ?",
+                (device_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            user_id, acked, raw, names = row
+            (unread,) = conn.execute(
+                "SELECT coalesce(sum(c.last_seq - m.read_seq), 0) FROM members m"
+                " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?",
+                (user_id,),
+            ).fetchone()
+            sender = None
+            if names:
+                found = conn.execute(
+                    "SELECT u.username FROM chats c JOIN users u ON u.id = c.last_sender"
+                    " WHERE c.id = ?",
+                    (chat_id,),
+                ).fetchone()
+                sender = None if found is None else found[0]
+            return PushContext(
+                target=None if raw is None else _decode_target(raw),
+                user_id=user_id,
+                acked_iseq=acked,
+                unread=max(0, unread),
+                sender_name=sender,
+            )
+
+        return await self._db.read(q)
+
+
+class SqlitePushQueue:
+    """The embedded push queue: the `push_jobs` outbox table, leased row by row."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self._db = db
+
+    async def claim(
+        self, now: int, limit: int, visibility: float, window: float, grace: float = 0.0
+    ) -> list[PushJob]:
+        lease = now + int(visibility * 1000)
+
+        def tx(conn: sqlite3.Connection) -> list[PushJob]:
+            conn.execute(
+                "DELETE FROM push_jobs WHERE (device_id, chat_id) IN (SELECT device_id, chat_id"
+                " FROM push_jobs WHERE count = 0 AND pushed_at < ? LIMIT ?)",
+                (now - int(window * 1000), _FORGET_CHUNK),
+            )
+            rows = conn.execute(
+                "UPDATE push_jobs SET leased_until = ?, attempts = attempts + 1"
+                " WHERE (device_id, chat_id) IN (SELECT device_id, chat_id FROM push_jobs"
+                " WHERE count > 0 AND due_at <= ? AND leased_until <= ? AND pushed_at <= ?"
+                " ORDER BY due_at LIMIT ?)"
+                " RETURNING device_id, chat_id, count, last_iseq, attempts",
+                (lease, now - int(grace * 1000), now, now - int(window * 1000), limit),
+            ).fetchall()
+            return [
+                PushJob(device=d, chat=c, count=n, last_iseq=i, attempts=a, lease=lease)
+                for d, c, n, i, a in rows
+            ]
+
+        return await self._db.write(tx)
+
+    async def next_due(self, window: float, grace: float = 0.0) -> int | None:
+        def q(conn: sqlite3.Connection) -> int | None:
+            (when,) = conn.execute(
+                "SELECT min(max(due_at + ?, pushed_at + ?, leased_until)) FROM push_jobs"
+                " WHERE count > 0",
+                (int(grace * 1000), int(window * 1000)),
+            ).fetchone()
+            return None if when is None else int(when)
+
+        return await self._db.read(q)
+
+    async def done(self, job: PushJob, now: int, pushed: bool) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0,"
+                " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END"
+                " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
+                (job.count, pushed, now, job.device, job.chat, job.lease),
+            )
+        )
+
+    async def retry(self, job: PushJob, due_at: int, error: str) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE push_jobs SET leased_until = 0, due_at = ?"
+                " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
+                (due_at, job.device, job.chat, job.lease),
+            )
+        )
+
+    async def dead(self, job: PushJob, error: str, now: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            held = conn.execute(
+                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0"
+                " WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
+                (job.count, job.device, job.chat, job.lease),
+            ).fetchone()
+            if held:
+                conn.execute(
+                    "INSERT INTO push_dead (device_id, chat_id, count, last_iseq, attempts,"
+                    " error, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job.device, job.chat, job.count, job.last_iseq, job.attempts, error, now),
+                )
+
+        await self._db.write(tx)
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        def q(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT id, device_id, chat_id, count, attempts, error, failed_at FROM push_dead"
+                " ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [
+                DeadLetter(id=i, device=d, chat=c, count=n, attempts=a, error=e, failed_at=f)
+                for i, d, c, n, a, e, f in rows
+            ]
+
+        return await self._db.read(q)
+
+    async def retry_dead(self, ids: list[int] | None, now: int) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for device, chat, count, last_iseq in _take_dead(conn, ids):
+                conn.execute(
+                    "INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, chat_id) DO UPDATE SET"
+                    " count = count + excluded.count,"
+                    " last_iseq = max(last_iseq, excluded.last_iseq),"
+                    " due_at = excluded.due_at, pushed_at = 0",
+                    (device, chat, count, last_iseq, now),
+                )
+                moved += 1
+            return moved
+
+        return await self._db.write(tx)
+
+    async def drop_dead(self, ids: list[int] | None) -> int:
+        return await self._db.write(lambda conn: len(_take_dead(conn, ids)))
+
+
+def _take_dead(conn: sqlite3.Connection, ids: list[int] | None) -> list[tuple[str, str, int, int]]:
+    """Delete the named dead letters (all if None) and return what they held."""
+    if ids == []:
+        return []
+    if ids is None:
+        sql, args = "DELETE FROM push_dead", []
+    else:
+        sql = f"DELETE FROM push_dead WHERE id IN ({','.join('?' * len(ids))})"
+        args = list(ids)
+    rows = conn.execute(f"{sql} RETURNING device_id, chat_id, count, last_iseq", args)
+    return [(d, c, n, i) for d, c, n, i in rows]

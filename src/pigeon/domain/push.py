@@ -1,0 +1,148 @@
+"""Push notifications: where a device can be woken, what a push says, and how a gateway answered.
+
+A push never carries a message body (seed 002: the device fetches it over its WebSocket). It says
+that a chat has new entries, how many, and the device's unread total; the sender's name only when
+the recipient allows it (`User.push_previews`), and a preview only when the sending client
+attached one of its own (an encrypted one, for end-to-end encrypted chats).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from pigeon.domain.errors import BadRequest
+
+PushKind = Literal["fcm", "apns", "webpush", "webhook"]
+PUSH_KINDS: tuple[PushKind, ...] = ("fcm", "apns", "webpush", "webhook")
+
+#: Longest token, URL or key a target may carry (FCM tokens are ~160 chars, URLs a few hundred).
+MAX_FIELD_CHARS = 2048
+
+
+class PushTarget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One device's push address. Which fields a kind needs is checked by `check_target`."""
+
+    kind: PushKind
+    #: `fcm`: the registration token; `apns`: the device token (hex).
+    token: str | None = None
+    #: `apns`: the app's bundle id (the `apns-topic`); `environment`: which APNs host.
+    topic: str | None = None
+    environment: Literal["production", "sandbox"] | None = None
+    #: `webpush`: the subscription (RFC 8030 endpoint, RFC 8291 `p256dh` and `auth`, base64url).
+    endpoint: str | None = None
+    p256dh: str | None = None
+    auth: str | None = None
+    #: `webhook`: the operator's own gateway (UnifiedPush/ntfy style), https (or loopback http).
+    url: str | None = None
+
+
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "fcm": ("token",),
+    "apns": ("token", "topic"),
+    "webpush": ("endpoint", "p256dh", "auth"),
+    "webhook": ("url",),
+}
+
+
+def check_target(target: PushTarget) -> PushTarget:
+    """The target if it is complete and well formed for its kind, else `BadRequest`."""
+    fields = msgspec.structs.asdict(target)
+    needed = _REQUIRED[target.kind]
+    for name in needed:
+        value = fields[name]
+        if not value or not isinstance(value, str):
+            raise BadRequest(f"a {target.kind} push target needs `{name}`")
+    for name, value in fields.items():
+        if name == "kind" or value is None:
+            continue
+        if name not in needed and not (target.kind == "apns" and name == "environment"):
+            raise BadRequest(f"`{name}` is not a field of a {target.kind} push target")
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise BadRequest(f"`{name}` is longer than {MAX_FIELD_CHARS} characters")
+    if target.kind == "apns" and not _is_hex(target.token or ""):
+        raise BadRequest("an APNs device token is hexadecimal")
+    if target.kind == "webpush":
+        _check_url(target.endpoint or "", "endpoint")
+        if len(_b64url(target.p256dh or "", "p256dh")) != 65:
+            raise BadRequest("`p256dh` is an uncompressed P-256 public key (65 bytes)")
+        if len(_b64url(target.auth or "", "auth")) != 16:
+            raise BadRequest("`auth` is a 16-byte secret")
+    if target.kind == "webhook":
+        _check_url(target.url or "", "url")
+    return target
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _b64url(value: str, name: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"`{name}` is not base64url") from exc
+
+
+def _check_url(value: str, name: str) -> None:
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise BadRequest(f"`{name}` must be an https URL")
+    if not parts.hostname:
+        raise BadRequest(f"`{name}` has no host")
+
+
+class PushNotification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What one push says (every sender renders it in its platform's payload)."""
+
+    device: str
+    chat: str
+    #: New inbox entries of the chat since the device's last push (a burst is one push).
+    count: int
+    #: The device's unread total (inbox entries it has not acked), for the app icon.
+    badge: int
+    #: Per chat: a newer push of the same chat replaces an undelivered older one.
+    collapse_key: str
+    title: str = "New message"
+    #: Only when the recipient allows names in pushes.
+    sender_name: str | None = None
+    #: Only a preview the sending client attached (opaque to the server).
+    preview: str | None = None
+
+
+class PushOutcome(msgspec.Struct, frozen=True):
+    """How a gateway answered one push.
+
+    `sent`: accepted. `retry`: try again later (429, 5xx, a network error), after `retry_after`
+    seconds when the gateway said so. `gone`: the target is permanently invalid (FCM
+    `UNREGISTERED`/404, APNs 410/`BadDeviceToken`, Web Push 404/410): it is removed.
+    """
+
+    result: Literal["sent", "retry", "gone"]
+    detail: str = ""
+    retry_after: float | None = None
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A `Retry-After` header (seconds, or an HTTP date) as seconds from `now` (epoch s)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - now)

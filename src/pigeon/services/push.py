@@ -1,0 +1,238 @@
+"""Push notifications: registration (the gateway's side) and the worker that drains the queue.
+
+A device's message entries add to its push job of that chat in the transaction that commits
+them (the store's outbox), so the message path never waits for a push gateway and a gateway
+outage only delays pushes. The worker leases due jobs, checks that the device still needs the
+push (it may have acked in the meantime: a connected device acks within `grace`), renders a
+notification without any message body, and hands it to the sender of the target's platform.
+Failures are retried with exponential backoff and jitter, honouring the gateway's
+`Retry-After`, and end in the dead letters after `max_attempts`; a gateway that calls the target
+permanently invalid gets it removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import msgspec
+
+from pigeon.domain.errors import Forbidden, PushUnsupported
+from pigeon.domain.models import Device
+from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarget, check_target
+from pigeon.ports import Clock, PushJob, PushQueue, PushSender, PushStore
+
+log = logging.getLogger(__name__)
+
+
+class PushStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A device's registration as it sees it: its target, or why a gateway removed it."""
+
+    target: PushTarget | None = None
+    removed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRules:
+    """Which targets this server accepts: a device names the URL the server will POST to."""
+
+    #: Platforms with a configured sender (and a queue to feed it).
+    kinds: frozenset[PushKind] = frozenset()
+    #: Hosts webhook URLs may name; none: webhooks are refused.
+    webhook_hosts: frozenset[str] = frozenset()
+    #: Loopback and private addresses as URL hosts (tests, a LAN deployment).
+    allow_private: bool = False
+
+    def check(self, target: PushTarget) -> PushTarget:
+        check_target(target)
+        if target.kind not in self.kinds:
+            raise PushUnsupported(f"{target.kind} push is not configured on this server")
+        url = target.url if target.kind == "webhook" else target.endpoint
+        host = (urlsplit(url).hostname or "").lower() if url else ""
+        if target.kind == "webhook" and host not in self.webhook_hosts:
+            raise Forbidden(f"webhook host {host!r} is not among this server's push.webhook_hosts")
+        if url and not self.allow_private and _private(host):
+            raise Forbidden(f"push URLs may not name a private address ({host})")
+        return target
+
+
+def _private(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: what it resolves to is not checked (docs/operations.md, "Push")
+    return not address.is_global
+
+
+class PushService:
+    """Registering, replacing and removing a device's push target; the privacy setting."""
+
+    def __init__(self, store: PushStore, clock: Clock, rules: TargetRules) -> None:
+        self._store = store
+        self._clock = clock
+        self._rules = rules
+
+    async def register(self, device: Device, target: PushTarget) -> None:
+        """Set the device's one target (replacing any earlier one)."""
+        self._rules.check(target)
+        await self._store.set_target(device.id, target, self._clock.now_ms())
+
+    async def unregister(self, device: Device) -> None:
+        """Remove the device's target (and its queued pushes)."""
+        await self._store.set_target(device.id, None, self._clock.now_ms())
+
+    async def status(self, device: Device) -> PushStatus:
+        target, removed = await self._store.target_status(device.id)
+        return PushStatus(target=target, removed=removed)
+
+    async def show_names(self, device: Device, show: bool) -> None:
+        """The user's setting (all their devices): may pushes name the sender?"""
+        await self._store.set_show_names(device.user_id, show)
+
+
+@dataclass(frozen=True, slots=True)
+class PushPolicy:
+    """When and how often the worker pushes (from `PushSettings`)."""
+
+    grace: float = 0.5
+    window: float = 30.0
+    visibility_timeout: float = 60.0
+    max_attempts: int = 8
+    backoff_base: float = 1.0
+    backoff_max: float = 3600.0
+    concurrency: int = 32
+    poll_interval: float = 0.25
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before attempt `attempts + 1`: a random point in the upper half of an exponential
+        ceiling (jitter spreads retries of a recovering gateway)."""
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class PushWorker:
+    """Drains the push queue: at most `concurrency` pushes in flight, one task per job."""
+
+    def __init__(
+        self,
+        queue: PushQueue,
+        store: PushStore,
+        senders: Mapping[PushKind, PushSender],
+        clock: Clock,
+        policy: PushPolicy,
+    ) -> None:
+        self._queue = queue
+        self._store = store
+        self._senders = senders
+        self._clock = clock
+        self._policy = policy
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        #: What happened to claimed jobs, by outcome (for metrics, the bench and tests).
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("sent", "skipped", "retried", "dead", "gone"), 0
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="push-worker")
+
+    async def aclose(self) -> None:
+        """Stop claiming and let pushes in flight finish (their jobs stay leased otherwise)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self._policy.visibility_timeout)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store may be down for a while: try again later
+                log.warning("push worker round failed: %s", exc)
+                await self._pause(self._policy.poll_interval)
+
+    async def _round(self) -> None:
+        p = self._policy
+        free = p.concurrency - len(self._inflight)
+        if free <= 0:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            return
+        now = self._clock.now_ms()
+        jobs = await self._queue.claim(now, free, p.visibility_timeout, p.window, p.grace)
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self._handle(job))
+            self._inflight.add(task)
+            task.add_done_callback(self._finished)
+        if len(jobs) == free:
+            return  # there may be more due right now
+        due = await self._queue.next_due(p.window, p.grace)
+        wait = p.poll_interval if due is None else (due - self._clock.now_ms()) / 1000
+        await self._pause(min(max(wait, 0.0), p.poll_interval))
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("push job failed", exc_info=task.exception())
+
+    async def _handle(self, job: PushJob) -> None:
+        ctx = await self._store.context(job.device, job.chat)
+        now = self._clock.now_ms()
+        if ctx is None or ctx.target is None or ctx.acked_iseq >= job.last_iseq:
+            self.counts["skipped"] += 1  # gone, unregistered, or it caught up meanwhile
+            await self._queue.done(job, now, pushed=False)
+            return
+        note = PushNotification(
+            device=job.device,
+            chat=job.chat,
+            count=job.count,
+            badge=ctx.unread,
+            collapse_key=job.chat,
+            sender_name=ctx.sender_name,
+        )
+        outcome = await self._send(ctx.target, note)
+        now = self._clock.now_ms()
+        if outcome.result == "sent":
+            self.counts["sent"] += 1
+            await self._queue.done(job, now, pushed=True)
+        elif outcome.result == "gone":
+            self.counts["gone"] += 1
+            log.info("push target of %s removed: %s", job.device, outcome.detail)
+            await self._store.remove_gone(job.device, ctx.target, outcome.detail, now)
+            await self._queue.done(job, now, pushed=False)
+        elif job.attempts >= self._policy.max_attempts:
+            self.counts["dead"] += 1
+            log.warning("push to %s dead after %d attempts", job.device, job.attempts)
+            await self._queue.dead(job, outcome.detail, now)
+        else:
+            self.counts["retried"] += 1
+            delay = max(outcome.retry_after or 0.0, self._policy.backoff(job.attempts))
+            await self._queue.retry(job, now + int(delay * 1000), outcome.detail)
+
+    async def _send(self, target: PushTarget, note: PushNotification) -> PushOutcome:
+        sender = self._senders.get(target.kind)
+        if sender is None:
+            return PushOutcome("retry", f"{target.kind} push is not configured")
+        try:
+            return await sender.send(target, note)
+        except Exception as exc:  # a sender's bug must not lose the job: it is retried
+            log.exception("push sender %s failed", target.kind)
+            return PushOutcome("retry", f"sender error: {exc!r}")
