@@ -17,7 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -141,6 +141,16 @@ class PushWorker:
         self.counts: dict[str, int] = dict.fromkeys(
             ("sent", "skipped", "retried", "dead", "gone"), 0
         )
+        self._observers: list[Callable[[str, PushJob], None]] = []
+
+    def observe(self, callback: Callable[[str, PushJob], None]) -> None:
+        """Call `callback(outcome, job)` once each claimed job is answered (tests, the bench)."""
+        self._observers.append(callback)
+
+    def _count(self, outcome: str, job: PushJob) -> None:
+        self.counts[outcome] += 1
+        for callback in self._observers:
+            callback(outcome, job)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="push-worker")
@@ -197,8 +207,9 @@ class PushWorker:
         ctx = await self._store.context(job.device, job.chat)
         now = self._clock.now_ms()
         if ctx is None or ctx.target is None or ctx.acked_iseq >= job.last_iseq:
-            self.counts["skipped"] += 1  # gone, unregistered, or it caught up meanwhile
+            # gone, unregistered, or it caught up meanwhile
             await self._queue.done(job, now, pushed=False)
+            self._count("skipped", job)
             return
         note = PushNotification(
             device=job.device,
@@ -211,21 +222,21 @@ class PushWorker:
         outcome = await self._send(ctx.target, note)
         now = self._clock.now_ms()
         if outcome.result == "sent":
-            self.counts["sent"] += 1
             await self._queue.done(job, now, pushed=True)
+            self._count("sent", job)
         elif outcome.result == "gone":
-            self.counts["gone"] += 1
             log.info("push target of %s removed: %s", job.device, outcome.detail)
             await self._store.remove_gone(job.device, ctx.target, outcome.detail, now)
             await self._queue.done(job, now, pushed=False)
+            self._count("gone", job)
         elif job.attempts >= self._policy.max_attempts:
-            self.counts["dead"] += 1
             log.warning("push to %s dead after %d attempts", job.device, job.attempts)
             await self._queue.dead(job, outcome.detail, now)
+            self._count("dead", job)
         else:
-            self.counts["retried"] += 1
             delay = max(outcome.retry_after or 0.0, self._policy.backoff(job.attempts))
             await self._queue.retry(job, now + int(delay * 1000), outcome.detail)
+            self._count("retried", job)
 
     async def _send(self, target: PushTarget, note: PushNotification) -> PushOutcome:
         sender = self._senders.get(target.kind)

@@ -1,0 +1,286 @@
+"""Push end to end: a real server, real SDK clients, and a fake webhook gateway on loopback.
+
+The webhook sender is the platform-neutral one; the other senders have their own tests against
+fake FCM, APNs and Web Push gateways (tests/unit/test_push_gateways.py, test_push_senders.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from pigeon.adapters.blobs.local import load_or_create_secret
+from pigeon.adapters.push.webhook import verify_signature
+from pigeon.app import PUSH, PUSH_WORKER
+from pigeon.client import Account, ClientError
+from pigeon.domain.events import Message
+from pigeon.gateway.keys import SERVICES, SETTINGS
+from pigeon.ports import PushJob
+from tests.conftest import STACK, ManualClock, Server, ServerFactory, next_of
+
+embedded_only = pytest.mark.skipif(
+    STACK == "shared", reason="push needs the RabbitMQ queue on PostgreSQL (not built yet)"
+)
+
+
+class FakeHook:
+    """A webhook gateway: records what it is sent, answers from a script (then 200)."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[dict[str, Any], bool]] = asyncio.Queue()
+        self.replies: list[tuple[int, dict[str, str]]] = []
+        self.secret = b""
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        signed = verify_signature(
+            self.secret,
+            request.headers["X-Pigeon-Timestamp"],
+            body,
+            request.headers["X-Pigeon-Signature"],
+        )
+        await self.received.put((msgspec.json.decode(body), signed))
+        status, headers = self.replies.pop(0) if self.replies else (200, {})
+        return web.Response(status=status, headers=headers)
+
+    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        note, signed = await asyncio.wait_for(self.received.get(), timeout)
+        assert signed, "the webhook signature does not verify"
+        return note
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[FakeHook]:
+    fake = FakeHook()
+    app = web.Application()
+    app.router.add_post("/hook", fake.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    yield fake
+    await runner.cleanup()
+
+
+PUSH_SETTINGS = {
+    "grace": 0.2,
+    "window": 30.0,
+    "poll_interval": 0.05,
+    "backoff_base": 0.05,
+    "backoff_max": 0.1,
+    "max_attempts": 3,
+    "webhook_hosts": ["127.0.0.1"],
+    "allow_private_targets": True,
+}
+
+
+async def push_server(make_server: ServerFactory, hook: FakeHook, **kw: Any) -> Server:
+    server = await make_server(push={**PUSH_SETTINGS, **kw.pop("push", {})}, **kw)
+    secret = server.app[SETTINGS].webhook_secret_file()
+    hook.secret = load_or_create_secret(secret) if secret.exists() else b""
+    return server
+
+
+def outcomes(server: Server) -> asyncio.Queue[tuple[str, PushJob]]:
+    """Every job the server's push worker answers, as (outcome, job)."""
+    answered: asyncio.Queue[tuple[str, PushJob]] = asyncio.Queue()
+    (worker,) = server.app[PUSH_WORKER]
+    worker.observe(lambda outcome, job: answered.put_nowait((outcome, job)))
+    return answered
+
+
+async def rest(server: Server, method: str, path: str, token: str, body: Any = None) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(
+            method,
+            f"{server.url}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp,
+    ):
+        doc = await resp.json() if resp.status != 204 else None
+        return resp.status, doc
+
+
+async def register_hook(server: Server, account: Account, hook: FakeHook) -> None:
+    """The device's target is the fake gateway (through REST)."""
+    target = {"kind": "webhook", "url": hook.url}
+    status, _ = await rest(server, "PUT", "/v1/devices/me/push", account.token, target)
+    assert status == 204
+
+
+@embedded_only
+async def test_offline_member_is_pushed_online_member_is_not(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server(make_server, hook)
+    answered = outcomes(server)
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)  # registered, then offline
+    await register_hook(server, bob, hook)
+    carol = await server.new_client("carol")
+    await carol.request("push_register", target={"kind": "webhook", "url": hook.url})
+    assert alice.user and carol.user
+    chat = await alice.create_chat([bob_id, carol.user], name="trip")
+    sent = await alice.send(chat["id"], "the secret plan")
+    assert (await next_of(carol, Message)).id == sent.id  # carol is online: she acks
+
+    note = await hook.next()
+    assert (note["device"], note["chat"], note["count"]) == (bob.device, chat["id"], 1)
+    assert note["badge"] == 1 and note["collapse_key"] == chat["id"]
+    assert "secret" not in msgspec.json.encode(note).decode()  # never a body
+    assert "sender_name" not in note  # bob did not allow names
+    seen = {}
+    while len(seen) < 2:  # bob's job and carol's
+        outcome, job = await asyncio.wait_for(answered.get(), 5)
+        seen[job.device] = outcome
+    assert seen == {bob.device: "sent", carol.device: "skipped"}
+    assert hook.received.empty()
+
+
+@embedded_only
+async def test_a_burst_is_one_push_and_the_window_holds_the_next(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    clock = ManualClock()
+    server = await push_server(make_server, hook, clock=clock, push={"grace": 1.0})
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await rest(server, "PUT", "/v1/me/push-show-names", bob.token, {"show": True})
+    await rest(
+        server, "PUT", "/v1/devices/me/push", bob.token, {"kind": "webhook", "url": hook.url}
+    )
+    chat = await alice.create_chat([bob_id])
+    for i in range(5):
+        await alice.send(chat["id"], f"m{i}")
+    note = await hook.next()
+    assert (note["count"], note["badge"]) == (5, 5)
+    assert note["sender_name"].startswith("alice")
+
+    await alice.send(chat["id"], "one more")  # inside the window: held
+    answered = outcomes(server)
+    clock.offset_ms += 31_000
+    note = await hook.next()
+    assert (note["count"], note["badge"]) == (1, 6)
+    assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
+
+
+@embedded_only
+async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server(make_server, hook, push={"window": 0})  # each push at once
+    answered = outcomes(server)
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await rest(
+        server, "PUT", "/v1/devices/me/push", bob.token, {"kind": "webhook", "url": hook.url}
+    )
+    chat = await alice.create_chat([bob_id])
+
+    hook.replies = [(429, {"Retry-After": "0"}), (503, {})]
+    await alice.send(chat["id"], "hello")
+    for _ in range(3):
+        await hook.next()
+    got = [(await asyncio.wait_for(answered.get(), 5))[0] for _ in range(3)]
+    assert got == ["retried", "retried", "sent"]
+
+    hook.replies = [(500, {})] * 3  # max_attempts: 3
+    await alice.send(chat["id"], "again")
+    got = [(await asyncio.wait_for(answered.get(), 5))[0] for _ in range(3)]
+    assert got == ["retried", "retried", "dead"]
+    queue = server.app[PUSH].queue
+    assert queue is not None
+    (letter,) = await queue.dead_letters(10)
+    assert (letter.device, letter.chat, letter.count, letter.attempts) == (
+        bob.device,
+        chat["id"],
+        1,
+        3,
+    )
+    assert "500" in letter.error
+    for _ in range(3):
+        await hook.next()
+
+    assert await queue.retry_dead(None, server.app[SERVICES].clock.now_ms()) == 1
+    assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
+    await hook.next()
+    assert await queue.dead_letters(10) == []
+
+
+@embedded_only
+async def test_a_gone_target_is_removed_and_the_device_sees_why(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server(make_server, hook)
+    answered = outcomes(server)
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await rest(
+        server, "PUT", "/v1/devices/me/push", bob.token, {"kind": "webhook", "url": hook.url}
+    )
+    chat = await alice.create_chat([bob_id])
+    hook.replies = [(410, {})]
+    await alice.send(chat["id"], "anyone there?")
+    assert (await asyncio.wait_for(answered.get(), 5))[0] == "gone"
+    status, doc = await rest(server, "GET", "/v1/devices/me/push", bob.token)
+    assert status == 200 and doc == {"removed": "HTTP 410"}
+    bob_client = await server.client(bob)
+    assert await bob_client.request("push_status") == {"removed": "HTTP 410"}
+
+
+@embedded_only
+async def test_registration_is_checked(make_server: ServerFactory, hook: FakeHook) -> None:
+    server = await push_server(make_server, hook)
+    client = await server.new_client("dora")
+    target = {"kind": "webhook", "url": hook.url}
+    await client.request("push_register", target=target)
+    assert await client.request("push_status") == {"target": target}
+    refusals = [
+        ({"kind": "fcm", "token": "abc"}, "push_unsupported"),  # no FCM credentials here
+        ({"kind": "webhook", "url": "https://elsewhere.example/hook"}, "forbidden"),
+        ({"kind": "webhook"}, "bad_request"),
+        ({"kind": "webhook", "url": hook.url, "token": "x"}, "bad_request"),
+        (
+            {"kind": "webpush", "endpoint": "https://push.example/x", "p256dh": "AA", "auth": "AA"},
+            "bad_request",
+        ),
+        ({"kind": "pager"}, "bad_request"),
+    ]
+    for bad, code in refusals:
+        with pytest.raises(ClientError) as err:
+            await client.request("push_register", target=bad)
+        assert err.value.code == code, bad
+    assert await client.request("push_status") == {"target": target}  # unchanged
+    await client.request("push_unregister")
+    assert await client.request("push_status") == {}
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v1/push/vapid-key") as r:
+        assert r.status == 200 and len((await r.json())["key"]) == 87  # 65 bytes, base64url
+
+
+async def test_push_is_refused_clearly_where_it_is_not_built(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    if STACK != "shared":
+        server = await push_server(make_server, hook, push={"enabled": False})
+    else:
+        server = await push_server(make_server, hook)
+    client = await server.new_client("erin")
+    with pytest.raises(ClientError) as err:
+        await client.request("push_register", target={"kind": "webhook", "url": hook.url})
+    assert err.value.code == "push_unsupported"
+    await client.request("push_unregister")  # nothing to remove: fine
+    assert await client.request("push_status") == {}
