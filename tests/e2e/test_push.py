@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,11 +19,12 @@ from aiohttp import web
 from pigeon.adapters.blobs.local import load_or_create_secret
 from pigeon.adapters.push.webhook import verify_signature
 from pigeon.app import PUSH, PUSH_WORKER
-from pigeon.client import Account, ClientError
+from pigeon.client import Account, ClientError, PigeonClient, login, register
 from pigeon.domain.events import Message
 from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.ports import PushJob
-from tests.conftest import STACK, ManualClock, Server, ServerFactory, next_of
+from tests.conftest import PASSWORD, STACK, ManualClock, Server, ServerFactory, next_of
+from tests.support.cluster import Node
 
 embedded_only = pytest.mark.skipif(
     STACK == "shared", reason="push needs the RabbitMQ queue on PostgreSQL (not built yet)"
@@ -37,6 +39,8 @@ class FakeHook:
         self.replies: list[tuple[int, dict[str, str]]] = []
         self.secret = b""
         self.url = ""
+        #: While set, requests are recorded but not answered (a worker killed mid-push).
+        self.hold: asyncio.Event | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -47,6 +51,8 @@ class FakeHook:
             request.headers["X-Pigeon-Signature"],
         )
         await self.received.put((msgspec.json.decode(body), signed))
+        if self.hold is not None:
+            await self.hold.wait()
         status, headers = self.replies.pop(0) if self.replies else (200, {})
         return web.Response(status=status, headers=headers)
 
@@ -67,6 +73,8 @@ async def hook() -> AsyncIterator[FakeHook]:
     await site.start()
     fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
     yield fake
+    if fake.hold is not None:
+        fake.hold.set()
     await runner.cleanup()
 
 
@@ -97,12 +105,13 @@ def outcomes(server: Server) -> asyncio.Queue[tuple[str, PushJob]]:
     return answered
 
 
-async def rest(server: Server, method: str, path: str, token: str, body: Any = None) -> Any:
+async def rest(server: Server | str, method: str, path: str, token: str, body: Any = None) -> Any:
+    base = server if isinstance(server, str) else server.url
     async with (
         aiohttp.ClientSession() as http,
         http.request(
             method,
-            f"{server.url}{path}",
+            f"{base}{path}",
             json=body,
             headers={"Authorization": f"Bearer {token}"},
         ) as resp,
@@ -111,7 +120,7 @@ async def rest(server: Server, method: str, path: str, token: str, body: Any = N
         return resp.status, doc
 
 
-async def register_hook(server: Server, account: Account, hook: FakeHook) -> None:
+async def register_hook(server: Server | str, account: Account, hook: FakeHook) -> None:
     """The device's target is the fake gateway (through REST)."""
     target = {"kind": "webhook", "url": hook.url}
     status, _ = await rest(server, "PUT", "/v1/devices/me/push", account.token, target)
@@ -284,3 +293,74 @@ async def test_push_is_refused_clearly_where_it_is_not_built(
     assert err.value.code == "push_unsupported"
     await client.request("push_unregister")  # nothing to remove: fine
     assert await client.request("push_status") == {}
+
+
+def process_env(hook: FakeHook, **push: str) -> dict[str, str]:
+    env = {
+        "PIGEON_ARGON2_TIME_COST": "1",
+        "PIGEON_ARGON2_MEMORY_KIB": "8",
+        "PIGEON_STORE__SYNCHRONOUS": "FULL",
+        "PIGEON_PUSH__WEBHOOK_HOSTS": '["127.0.0.1"]',
+        "PIGEON_PUSH__ALLOW_PRIVATE_TARGETS": "true",
+        "PIGEON_PUSH__POLL_INTERVAL": "0.05",
+    }
+    return env | {f"PIGEON_PUSH__{k.upper()}": v for k, v in push.items()}
+
+
+async def offline_bob(node: Node, hook: FakeHook) -> tuple[PigeonClient, str, Account]:
+    """alice (connected) and bob (a device with the hook as target, offline) in a chat."""
+    await register(node.url, "alice", PASSWORD)
+    bob_id = await register(node.url, "bob", PASSWORD)
+    alice = PigeonClient(node.url, (await login(node.url, "alice", PASSWORD)).token)
+    alice.reconnect = False
+    await alice.connect()
+    bob = await login(node.url, "bob", PASSWORD)
+    await register_hook(node.url, bob, hook)
+    chat = await alice.create_chat([bob_id])
+    hook.secret = load_or_create_secret(node.data_dir / "push-webhook-secret")
+    return alice, chat["id"], bob
+
+
+@embedded_only
+async def test_a_node_killed_right_after_the_commit_loses_no_push(
+    tmp_path: Path, hook: FakeHook
+) -> None:
+    node = Node(process_env(hook, grace="3"), tmp_path / "data")
+    await node.start()
+    try:
+        alice, chat, bob = await offline_bob(node, hook)
+        await alice.send(chat, "sent, then the node dies")
+        node.kill()  # the push was due only 3 s after the commit
+        assert node.proc is not None
+        await node.proc.wait()
+        await alice.close()
+        assert hook.received.empty()
+        await node.start()
+        note = await hook.next(timeout=15)
+        assert (note["device"], note["chat"], note["count"]) == (bob.device, chat, 1)
+    finally:
+        await node.close()
+
+
+@embedded_only
+async def test_a_push_in_flight_when_its_worker_dies_is_sent_after_the_lease(
+    tmp_path: Path, hook: FakeHook
+) -> None:
+    node = Node(process_env(hook, grace="0", visibility_timeout="1"), tmp_path / "data")
+    await node.start()
+    try:
+        hook.hold = asyncio.Event()  # the gateway takes the request and never answers
+        alice, chat, bob = await offline_bob(node, hook)
+        await alice.send(chat, "in flight")
+        first = await hook.next(timeout=10)
+        node.kill()
+        assert node.proc is not None
+        await node.proc.wait()
+        await alice.close()
+        hook.hold.set()
+        hook.hold = None
+        await node.start()  # the job is leased for 1 s from the first attempt: then sent again
+        again = await hook.next(timeout=15)
+        assert again == first and first["device"] == bob.device
+    finally:
+        await node.close()
