@@ -147,10 +147,20 @@ PUSH = web.AppKey("push", PushParts)
 PUSH_WORKER = web.AppKey("push_worker", list[PushWorker])
 
 
+def build_push_queue(settings: Settings, store: Store) -> PushQueue | None:
+    """The store's push queue: the embedded one on SQLite; none (yet) on PostgreSQL."""
+    if not settings.push.enabled or not isinstance(store, SqliteStore):
+        return None
+    from pigeon.adapters.store.sqlite.push import SqlitePushQueue
+
+    return SqlitePushQueue(store.db)
+
+
 def build_push(settings: Settings, store: Store) -> PushParts:
     """The push queue of the store and the senders whose credentials are configured."""
     p = settings.push
-    if not p.enabled or not isinstance(store, SqliteStore):
+    queue = build_push_queue(settings, store)
+    if queue is None:
         return PushParts(None, {}, None)
     from pigeon.adapters.push.webhook import WebhookSender
     from pigeon.adapters.push.webpush import (
@@ -158,7 +168,6 @@ def build_push(settings: Settings, store: Store) -> PushParts:
         load_or_create_vapid_key,
         vapid_public_key,
     )
-    from pigeon.adapters.store.sqlite.push import SqlitePushQueue
 
     vapid = load_or_create_vapid_key(settings.vapid_key_file())
     senders: dict[PushKind, PushSender] = {
@@ -186,7 +195,7 @@ def build_push(settings: Settings, store: Store) -> PushParts:
             sandbox_url=a.sandbox_url,
             timeout=p.gateway_timeout,
         )
-    return PushParts(SqlitePushQueue(store.db), senders, vapid_public_key(vapid))
+    return PushParts(queue, senders, vapid_public_key(vapid))
 
 
 def push_policy(settings: Settings) -> PushPolicy:

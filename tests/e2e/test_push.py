@@ -7,6 +7,7 @@ fake FCM, APNs and Web Push gateways (tests/unit/test_push_gateways.py, test_pus
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pigeon.adapters.push.webhook import verify_signature
 from pigeon.app import PUSH, PUSH_WORKER
 from pigeon.client import Account, ClientError, PigeonClient, login, register
 from pigeon.domain.events import Message
-from pigeon.gateway.keys import SERVICES, SETTINGS
+from pigeon.gateway.keys import SETTINGS
 from pigeon.ports import PushJob
 from tests.conftest import PASSWORD, STACK, ManualClock, Server, ServerFactory, next_of
 from tests.support.cluster import Node
@@ -118,6 +119,16 @@ async def rest(server: Server | str, method: str, path: str, token: str, body: A
     ):
         doc = await resp.json() if resp.status != 204 else None
         return resp.status, doc
+
+
+async def pigeon_cli(*args: str) -> str:
+    """Run the `pigeon` command line (another process, as an operator would) and its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pigeon.cli", *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out
+    return out.decode()
 
 
 async def register_hook(server: Server | str, account: Account, hook: FakeHook) -> None:
@@ -223,8 +234,13 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
     for _ in range(3):
         await hook.next()
 
-    assert await queue.retry_dead(None, server.app[SERVICES].clock.now_ms()) == 1
+    data_dir = str(server.app[SETTINGS].data_dir)
+    listed = await pigeon_cli("push", "dlq", "list", "--data-dir", data_dir)
+    assert f"{letter.id}\t" in listed and bob.device in listed and "HTTP 500" in listed
+    retried = await pigeon_cli("push", "dlq", "retry", str(letter.id), "--data-dir", data_dir)
+    assert retried.strip() == "1 queued again"
     assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
+    assert await queue.dead_letters(10) == []
     await hook.next()
     assert await queue.dead_letters(10) == []
 
