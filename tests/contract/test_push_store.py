@@ -79,10 +79,14 @@ class Pair(NamedTuple):
     c: ChatInfo
 
 
-async def pair(store: SqliteStore) -> Pair:
+async def pair(store: SqliteStore, *more: list[ChatInfo]) -> Pair:
+    """Chats (the one, and `extra` more into each list of `more`) are created before the target
+    is set: only what the tests send is queued, whatever creating a chat may queue."""
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db = await device(store, a), await device(store, b)
     c = await chat(store, a, b)
+    for chats in more:
+        chats[:] = [await chat(store, a, b) for _ in chats]
     await store.push.set_target(db.id, FCM, T0)
     return Pair(a, b, da, db, c)
 

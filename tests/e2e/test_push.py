@@ -155,8 +155,8 @@ async def test_offline_member_is_pushed_online_member_is_not(
     sent = await alice.send(chat["id"], "the secret plan")
     assert (await next_of(carol, Message)).id == sent.id  # carol is online: she acks
 
-    note = await hook.next()
-    assert (note["device"], note["chat"], note["count"]) == (bob.device, chat["id"], 1)
+    note = await hook.next()  # the invitation and the message, in one push
+    assert (note["device"], note["chat"], note["count"]) == (bob.device, chat["id"], 2)
     assert note["badge"] == 1 and note["collapse_key"] == chat["id"]
     assert "secret" not in msgspec.json.encode(note).decode()  # never a body
     assert "sender_name" not in note  # bob did not allow names
@@ -166,6 +166,26 @@ async def test_offline_member_is_pushed_online_member_is_not(
         seen[job.device] = outcome
     assert seen == {bob.device: "sent", carol.device: "skipped"}
     assert hook.received.empty()
+
+
+@embedded_only
+async def test_an_invitation_into_a_group_is_pushed(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server(make_server, hook)
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await register_hook(server, bob, hook)
+    carol = await server.new_client("carol")
+    assert carol.user
+    group = await alice.create_chat([carol.user], name="later")
+    await alice.request("modify_participants", chat=group["id"], add=[bob_id])
+    note = await hook.next()
+    assert (note["device"], note["chat"], note["count"]) == (bob.device, group["id"], 1)
+    created = await alice.create_chat([bob_id], name="at once")
+    note = await hook.next()
+    assert (note["device"], note["chat"], note["count"]) == (bob.device, created["id"], 1)
 
 
 @embedded_only

@@ -6,6 +6,7 @@ import sqlite3
 
 from pigeon.adapters.store.sqlite import inbox
 from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.adapters.store.sqlite.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
@@ -98,7 +99,11 @@ class SqliteChats:
                 added=chat.member_ids(),
             )
             devices = inbox.devices_of(conn, chat.member_ids())
-            return chat, inbox.append(conn, devices, encode_event(event), chat.created_at)
+            out = inbox.append(conn, devices, encode_event(event), chat.created_at)
+            if chat.kind == "group":  # a direct chat announces itself with its first message
+                invited = set(chat.member_ids()) - {chat.created_by}
+                _push_invitations(conn, chat.id, out, invited, chat.created_at)
+            return chat, out
 
         return await self._db.write(tx)
 
@@ -154,7 +159,9 @@ class SqliteChats:
                 removed=list(remove),
             )
             devices = inbox.devices_of(conn, [*chat.member_ids(), *remove])
-            return chat, inbox.append(conn, devices, encode_event(event), at)
+            out = inbox.append(conn, devices, encode_event(event), at)
+            _push_invitations(conn, chat_id, out, {m.user for m in add}, at)
+            return chat, out
 
         return await self._db.write(tx)
 
@@ -226,3 +233,21 @@ class SqliteChats:
             return out
 
         return await self._db.read(q)
+
+
+def _push_invitations(
+    conn: sqlite3.Connection,
+    chat_id: str,
+    deliveries: list[Delivery],
+    invited: set[str],
+    at: int,
+) -> None:
+    """The invited users' devices get a push about the chat (see `enqueue_invitations`)."""
+    if not invited:
+        return
+    marks = ",".join("?" * len(invited))
+    theirs = {
+        row[0]
+        for row in conn.execute(f"SELECT id FROM devices WHERE user_id IN ({marks})", [*invited])
+    }
+    enqueue_invitations(conn, chat_id, [d for d in deliveries if d.device in theirs], at)

@@ -15,12 +15,29 @@ import sqlite3
 import msgspec
 
 from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.domain.events import Delivery
 from pigeon.domain.push import PushTarget
 from pigeon.ports import DeadLetter, PushContext, PushJob
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
 #: Rows of finished jobs forgotten per claim, once their coalescing window has passed.
 _FORGET_CHUNK = 500
+
+
+def enqueue_invitations(
+    conn: sqlite3.Connection, chat_id: str, deliveries: list[Delivery], at: int
+) -> None:
+    """Inside the transaction that appended them: the invited devices' entries are pushed like
+    messages (the trigger covers message entries only). Devices without a target are skipped."""
+    conn.executemany(
+        "INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)"
+        " SELECT device_id, ?, 1, ?, ? FROM push_targets"
+        " WHERE device_id = ? AND target IS NOT NULL"
+        " ON CONFLICT (device_id, chat_id) DO UPDATE SET count = count + 1,"
+        " last_iseq = excluded.last_iseq,"
+        " due_at = CASE WHEN count = 0 THEN excluded.due_at ELSE due_at END",
+        [(chat_id, d.iseq, at, d.device) for d in deliveries],
+    )
 
 
 class SqlitePush:
