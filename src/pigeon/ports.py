@@ -319,10 +319,11 @@ class PushQueue(Protocol):
         """When (ms) the earliest job may be claimed, or None if there is none."""
 
     async def done(self, job: PushJob, now: int, pushed: bool) -> None:
-        """The entries `job` covers are dealt with; entries that came meanwhile stay queued."""
+        """The entries `job` covers are dealt with; entries that came meanwhile stay queued,
+        their grace counted again from `now`."""
 
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
-        """Give the job back, due again at `due_at` (ms)."""
+        """Give the job back, claimable again at `due_at` (ms; no grace: it had its own)."""
 
     async def dead(self, job: PushJob, error: str, now: int) -> None:
         """Move the job to the dead letters."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -77,17 +78,19 @@ def check_target(target: PushTarget) -> PushTarget:
     return target
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
 def _is_hex(value: str) -> bool:
-    try:
-        bytes.fromhex(value)
-    except ValueError:
-        return False
-    return True
+    return _HEX.fullmatch(value) is not None  # bytes.fromhex would let whitespace in
 
 
 def _b64url(value: str, name: str) -> bytes:
+    if _BASE64URL.fullmatch(value) is None:  # the decoder would drop foreign characters
+        raise BadRequest(f"`{name}` is not base64url")
     try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"`{name}` is not base64url") from exc
 

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -66,9 +67,12 @@ def _private(host: str) -> bool:
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False  # a name: what it resolves to is not checked (docs/operations.md, "Push")
+        try:  # the resolver also takes IPv4's old forms: 127.1, 0x7f000001, 2130706433, 0
+            address = ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(host)))
+        except OSError:
+            return False  # a name: what it resolves to is not checked (operations.md, "Push")
     return not address.is_global
 
 

@@ -178,16 +178,17 @@ class SqlitePushQueue:
         await self._db.write(
             lambda conn: conn.execute(
                 "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0,"
-                " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END"
+                " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END, due_at = ?"
                 " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
-                (job.count, pushed, now, job.device, job.chat, job.lease),
+                (job.count, pushed, now, now, job.device, job.chat, job.lease),
             )
         )
 
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
         await self._db.write(
             lambda conn: conn.execute(
-                "UPDATE push_jobs SET leased_until = 0, due_at = ?"
+                # held until then like a lease: its grace is long past (it was claimed)
+                "UPDATE push_jobs SET leased_until = ?"
                 " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
                 (due_at, job.device, job.chat, job.lease),
             )
@@ -196,9 +197,9 @@ class SqlitePushQueue:
     async def dead(self, job: PushJob, error: str, now: int) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             held = conn.execute(
-                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0"
-                " WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
-                (job.count, job.device, job.chat, job.lease),
+                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0,"
+                " due_at = ? WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
+                (job.count, now, job.device, job.chat, job.lease),
             ).fetchone()
             if held:
                 conn.execute(

@@ -174,7 +174,8 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
             CREATE TRIGGER push_outbox AFTER INSERT ON inbox
             WHEN NEW.message_id IS NOT NULL AND EXISTS (
                 SELECT 1 FROM push_targets WHERE device_id = NEW.device_id AND target IS NOT NULL
-            )
+            ) AND (SELECT user_id FROM devices WHERE id = NEW.device_id)
+                != (SELECT sender FROM messages WHERE id = NEW.message_id)
             BEGIN
                 INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)
                 VALUES (
