@@ -64,13 +64,12 @@ def dlq_list(
     data_dir: DataDir = None,
     config: Config = None,
 ) -> None:
-    """Print the dead letters: id, when, device, chat, entries, attempts, last error."""
+    """Print the dead letters: id, when, device, chat, attempts, last error."""
     letters = _with_queue(data_dir, config, lambda q: q.dead_letters(limit))
     for d in letters:
         when = datetime.datetime.fromtimestamp(d.failed_at / 1000, datetime.UTC)
         typer.echo(
-            f"{d.id}\t{when:%Y-%m-%d %H:%M:%S}Z\t{d.device}\t{d.chat}\t{d.count}\t"
-            f"{d.attempts}\t{d.error}"
+            f"{d.id}\t{when:%Y-%m-%d %H:%M:%S}Z\t{d.device}\t{d.chat}\t{d.attempts}\t{d.error}"
         )
     if not letters:
         typer.echo("no dead letters")

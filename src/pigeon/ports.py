@@ -241,7 +241,9 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
 
     target: PushTarget | None
     user_id: str
-    #: The device's cumulative ack: a job whose entries it covers needs no push.
+    #: Messages of others in the chat the device has not acked, up to the job's `last_iseq`.
+    count: int
+    #: The device's cumulative ack.
     acked_iseq: int
     #: Unread messages of the user over all chats (the badge).
     unread: int
@@ -252,9 +254,10 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
 class PushStore(Protocol):
     """Each device's push target, written with the device; jobs come from `PushQueue`.
 
-    Contract: while a device has a target, every message entry appended to its inbox also adds
-    to its push job of that chat in the same transaction (the outbox), so a node killed right
-    after a commit loses no push. A revoked device loses its target and its jobs.
+    Contract: while a device has a target, appending a message entry to its inbox marks its job
+    of that chat pending in the same transaction (the outbox), so a node killed right after a
+    commit loses no push. An invitation into a chat does the same. A revoked device loses its
+    target and its jobs.
     """
 
     async def set_target(self, device_id: str, target: PushTarget | None, at: int) -> None:
@@ -270,18 +273,24 @@ class PushStore(Protocol):
     async def set_show_names(self, user_id: str, show: bool) -> None:
         """The user's privacy setting: may pushes to their devices name the sender?"""
 
-    async def context(self, device_id: str, chat_id: str) -> PushContext | None:
-        """What a push to the device about the chat needs (None: the device is gone)."""
+    async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
+        """What a push to the device about the chat needs, counting entries up to `upto`
+        (None: the device is gone)."""
 
 
 class PushJob(msgspec.Struct, frozen=True, kw_only=True):
-    """A device's pending push about one chat, leased to one worker until `lease` (ms)."""
+    """A device's pending push about one chat, leased to one worker until `lease` (ms).
+
+    The job is a flag, not a list: a burst of messages marks it pending once (one write), and
+    what it says (how many messages) is counted when it is pushed.
+    """
 
     device: str
     chat: str
-    #: New entries it covers (coalesced); the newest is `last_iseq`.
-    count: int
+    #: The device's newest inbox entry when the job was claimed: the push covers up to it.
     last_iseq: int
+    #: An invitation into the chat is part of it (its inbox entry), 0 if none.
+    invite_iseq: int
     #: How many times it has been leased, this one included.
     attempts: int
     lease: int
@@ -293,7 +302,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     device: str
     chat: str
-    count: int
     attempts: int
     error: str
     failed_at: int
@@ -311,28 +319,28 @@ class PushQueue(Protocol):
     async def claim(
         self, now: int, limit: int, visibility: float, window: float, grace: float = 0.0
     ) -> list[PushJob]:
-        """Lease up to `limit` due jobs: due for `grace` seconds (a device online acks within
-        it), and not pushed to within `window` seconds (at most one push per device and chat
-        per window)."""
+        """Lease up to `limit` due jobs: pending for `grace` seconds (a device online acks
+        within it), and not pushed to within `window` seconds (at most one push per device and
+        chat per window)."""
 
     async def next_due(self, window: float, grace: float = 0.0) -> int | None:
         """When (ms) the earliest job may be claimed, or None if there is none."""
 
     async def done(self, job: PushJob, now: int, pushed: bool) -> None:
-        """The entries `job` covers are dealt with; entries that came meanwhile stay queued,
-        their grace counted again from `now`."""
+        """The entries `job` covers are dealt with. If entries of the chat came after its
+        `last_iseq`, it stays pending, their grace counted from `now`."""
 
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
         """Give the job back, claimable again at `due_at` (ms; no grace: it had its own)."""
 
     async def dead(self, job: PushJob, error: str, now: int) -> None:
-        """Move the job to the dead letters."""
+        """Move the job to the dead letters (newer entries stay pending, as after `done`)."""
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         """The oldest dead letters first."""
 
     async def retry_dead(self, ids: list[int] | None, now: int) -> int:
-        """Queue the dead letters again (all when `ids` is None); how many were."""
+        """Queue the dead letters again, due at `now` (all when `ids` is None); how many were."""
 
     async def drop_dead(self, ids: list[int] | None) -> int:
         """Forget dead letters (all when `ids` is None); how many were."""

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pigeon.bench import abuse, compare, idle, offline, one_to_one, presence_storm
+from pigeon.bench import abuse, compare, idle, offline, one_to_one, presence_storm, push
 from pigeon.bench.report import Run, print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
 from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
@@ -238,6 +238,30 @@ def offline_cmd(
     _execute(
         "offline", target, out, lambda h, cpu: offline.run(h, p, client_cpu=cpu), offline.summary
     )
+
+
+@bench_app.command("push")
+@with_target
+def push_cmd(
+    senders: Annotated[int, typer.Option(help="Connected sending devices.")] = 20,
+    recipients: Annotated[int, typer.Option(help="Offline devices with a push target.")] = 400,
+    inflight: Annotated[int, typer.Option(help="Closed-loop sends outstanding per sender.")] = 5,
+    duration: Annotated[float, typer.Option(help="Seconds of each measured phase.")] = 8.0,
+    rate: Annotated[float, typer.Option(help="Open-loop msgs/s (outage, steady).")] = 500.0,
+    outage: Annotated[float, typer.Option(help="Seconds the gateway answers 503.")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="Give up on a drain after this.")] = 120.0,
+    *,
+    target: Target,
+    out: Path,
+) -> None:
+    """Push: message-path cost (push off vs on), a gateway outage and recovery, and
+    commit-to-gateway latency, against a fake webhook gateway run by the bench."""
+    target = _single_node(target, "push")
+    if target.url is None and target.store is not Store.sqlite:
+        raise typer.BadParameter("push runs on the embedded store only (for now)")
+    target = dataclasses.replace(target, server_env=push.SERVER_ENV | target.server_env)
+    p = push.Params(senders, recipients, inflight, duration, rate, outage, timeout)
+    _execute("push", target, out, lambda h, cpu: push.run(h, p, client_cpu=cpu), push.summary)
 
 
 @bench_app.command("idle")

@@ -21,6 +21,8 @@ from pigeon.domain.errors import BadRequest
 PushKind = Literal["fcm", "apns", "webpush", "webhook"]
 PUSH_KINDS: tuple[PushKind, ...] = ("fcm", "apns", "webpush", "webhook")
 
+#: A push counts new messages up to this (clients show "99+").
+MAX_COUNT = 100
 #: Longest token, URL or key a target may carry (FCM tokens are ~160 chars, URLs a few hundred).
 MAX_FIELD_CHARS = 2048
 
@@ -109,7 +111,8 @@ class PushNotification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
 
     device: str
     chat: str
-    #: New inbox entries of the chat since the device's last push (a burst is one push).
+    #: Messages of the chat the device has not received (at most `MAX_COUNT`), plus 1 for an
+    #: invitation into it: a burst is one push that says how many.
     count: int
     #: The device's unread total (inbox entries it has not acked), for the app icon.
     badge: int

@@ -208,19 +208,21 @@ class PushWorker:
             log.error("push job failed", exc_info=task.exception())
 
     async def _handle(self, job: PushJob) -> None:
-        ctx = await self._store.context(job.device, job.chat)
+        ctx = await self._store.context(job.device, job.chat, job.last_iseq)
         now = self._clock.now_ms()
-        if ctx is None or ctx.target is None or ctx.acked_iseq >= job.last_iseq:
-            # gone, unregistered, or it caught up meanwhile
+        invited = ctx is not None and job.invite_iseq > ctx.acked_iseq
+        if ctx is None or ctx.target is None or not (ctx.count or invited):
+            # gone, unregistered, caught up meanwhile, or its own user wrote the messages
             await self._queue.done(job, now, pushed=False)
             self._count("skipped", job)
             return
         note = PushNotification(
             device=job.device,
             chat=job.chat,
-            count=job.count,
+            count=ctx.count + invited,
             badge=ctx.unread,
             collapse_key=job.chat,
+            title="New message" if ctx.count else "New chat",
             sender_name=ctx.sender_name,
         )
         outcome = await self._send(ctx.target, note)

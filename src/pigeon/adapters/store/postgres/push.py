@@ -27,5 +27,5 @@ class PgPushUnsupported:
     async def set_show_names(self, user_id: str, show: bool) -> None:
         raise PushUnsupported(_WHY)
 
-    async def context(self, device_id: str, chat_id: str) -> PushContext | None:
+    async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
         return None

@@ -1,11 +1,12 @@
 """SQLite implementation of `PushStore`, and the embedded `PushQueue` over the same database.
 
 The outbox is the `push_outbox` trigger (schema migration 5): appending a message entry to the
-inbox of a device with a target adds to that device's row of the chat in `push_jobs`, in the same
-transaction. On one node that table is the queue as well, so no relay is needed: a worker leases
-due rows with one `UPDATE ... RETURNING`, and a lease that runs out makes a row claimable again.
-A row is one device and one chat; new entries while it waits only raise its count, which is the
-coalescing: a burst of 50 messages is one push that says 50.
+inbox of a device with a target marks that device's row of the chat in `push_jobs` pending, in
+the same transaction. On one node that table is the queue as well, so no relay is needed: a
+worker leases due rows with one `UPDATE ... RETURNING`, and a lease that runs out makes a row
+claimable again. A row is one device and one chat, and a flag: entries that come while it is
+pending write nothing, which is the coalescing (a burst of 50 messages is one write and one
+push), and what the push says is counted from the inbox when it is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.domain.events import Delivery
-from pigeon.domain.push import PushTarget
+from pigeon.domain.push import MAX_COUNT, PushTarget
 from pigeon.ports import DeadLetter, PushContext, PushJob
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
@@ -30,14 +31,28 @@ def enqueue_invitations(
     """Inside the transaction that appended them: the invited devices' entries are pushed like
     messages (the trigger covers message entries only). Devices without a target are skipped."""
     conn.executemany(
-        "INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)"
+        "INSERT INTO push_jobs (device_id, chat_id, pending, invite_iseq, due_at)"
         " SELECT device_id, ?, 1, ?, ? FROM push_targets"
         " WHERE device_id = ? AND target IS NOT NULL"
-        " ON CONFLICT (device_id, chat_id) DO UPDATE SET count = count + 1,"
-        " last_iseq = excluded.last_iseq,"
-        " due_at = CASE WHEN count = 0 THEN excluded.due_at ELSE due_at END",
+        " ON CONFLICT (device_id, chat_id) DO UPDATE SET invite_iseq = excluded.invite_iseq,"
+        " due_at = CASE WHEN pending = 0 THEN excluded.due_at ELSE due_at END, pending = 1",
         [(chat_id, d.iseq, at, d.device) for d in deliveries],
     )
+
+
+#: Messages of others in the chat, in the device's inbox between two iseqs, counted up to
+#: `MAX_COUNT` (a device away for long has a deep inbox; "99+" says enough).
+_COUNT = (
+    "SELECT count(*) FROM (SELECT 1 FROM inbox i JOIN messages m ON m.id = i.message_id"
+    " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
+    f" LIMIT {MAX_COUNT})"
+)
+#: After a job is answered: does the chat have entries past what the job covered?
+_STILL_PENDING = (
+    "invite_iseq > last_iseq OR EXISTS (SELECT 1 FROM inbox i JOIN messages m"
+    " ON m.id = i.message_id WHERE i.device_id = push_jobs.device_id"
+    " AND i.iseq > push_jobs.last_iseq AND m.chat_id = push_jobs.chat_id)"
+)
 
 
 class SqlitePush:
@@ -96,7 +111,7 @@ class SqlitePush:
             )
         )
 
-    async def context(self, device_id: str, chat_id: str) -> PushContext | None:
+    async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
         def q(conn: sqlite3.Connection) -> PushContext | None:
             row = conn.execute(
                 "SELECT d.user_id, d.acked_iseq, t.target, u.push_names FROM devices d"
@@ -107,6 +122,7 @@ class SqlitePush:
             if row is None:
                 return None
             user_id, acked, raw, names = row
+            (count,) = conn.execute(_COUNT, (device_id, acked, upto, chat_id, user_id)).fetchone()
             (unread,) = conn.execute(
                 "SELECT coalesce(sum(c.last_seq - m.read_seq), 0) FROM members m"
                 " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?",
@@ -123,6 +139,7 @@ class SqlitePush:
             return PushContext(
                 target=None if raw is None else _decode_target(raw),
                 user_id=user_id,
+                count=count,
                 acked_iseq=acked,
                 unread=max(0, unread),
                 sender_name=sender,
@@ -145,20 +162,21 @@ class SqlitePushQueue:
         def tx(conn: sqlite3.Connection) -> list[PushJob]:
             conn.execute(
                 "DELETE FROM push_jobs WHERE (device_id, chat_id) IN (SELECT device_id, chat_id"
-                " FROM push_jobs WHERE count = 0 AND pushed_at < ? LIMIT ?)",
+                " FROM push_jobs WHERE pending = 0 AND pushed_at < ? LIMIT ?)",
                 (now - int(window * 1000), _FORGET_CHUNK),
             )
             rows = conn.execute(
-                "UPDATE push_jobs SET leased_until = ?, attempts = attempts + 1"
+                "UPDATE push_jobs SET leased_until = ?, attempts = attempts + 1, last_iseq ="
+                " (SELECT next_iseq - 1 FROM devices WHERE id = push_jobs.device_id)"
                 " WHERE (device_id, chat_id) IN (SELECT device_id, chat_id FROM push_jobs"
-                " WHERE count > 0 AND due_at <= ? AND leased_until <= ? AND pushed_at <= ?"
+                " WHERE pending = 1 AND due_at <= ? AND leased_until <= ? AND pushed_at <= ?"
                 " ORDER BY due_at LIMIT ?)"
-                " RETURNING device_id, chat_id, count, last_iseq, attempts",
+                " RETURNING device_id, chat_id, last_iseq, invite_iseq, attempts",
                 (lease, now - int(grace * 1000), now, now - int(window * 1000), limit),
             ).fetchall()
             return [
-                PushJob(device=d, chat=c, count=n, last_iseq=i, attempts=a, lease=lease)
-                for d, c, n, i, a in rows
+                PushJob(device=d, chat=c, last_iseq=i, invite_iseq=v, attempts=a, lease=lease)
+                for d, c, i, v, a in rows
             ]
 
         return await self._db.write(tx)
@@ -167,7 +185,7 @@ class SqlitePushQueue:
         def q(conn: sqlite3.Connection) -> int | None:
             (when,) = conn.execute(
                 "SELECT min(max(due_at + ?, pushed_at + ?, leased_until)) FROM push_jobs"
-                " WHERE count > 0",
+                " WHERE pending = 1",
                 (int(grace * 1000), int(window * 1000)),
             ).fetchone()
             return None if when is None else int(when)
@@ -175,14 +193,7 @@ class SqlitePushQueue:
         return await self._db.read(q)
 
     async def done(self, job: PushJob, now: int, pushed: bool) -> None:
-        await self._db.write(
-            lambda conn: conn.execute(
-                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0,"
-                " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END, due_at = ?"
-                " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
-                (job.count, pushed, now, now, job.device, job.chat, job.lease),
-            )
-        )
+        await self._db.write(lambda conn: _answer(conn, job, now, pushed))
 
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
         await self._db.write(
@@ -196,16 +207,11 @@ class SqlitePushQueue:
 
     async def dead(self, job: PushJob, error: str, now: int) -> None:
         def tx(conn: sqlite3.Connection) -> None:
-            held = conn.execute(
-                "UPDATE push_jobs SET count = max(count - ?, 0), attempts = 0, leased_until = 0,"
-                " due_at = ? WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
-                (job.count, now, job.device, job.chat, job.lease),
-            ).fetchone()
-            if held:
+            if _answer(conn, job, now, pushed=False):
                 conn.execute(
-                    "INSERT INTO push_dead (device_id, chat_id, count, last_iseq, attempts,"
-                    " error, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (job.device, job.chat, job.count, job.last_iseq, job.attempts, error, now),
+                    "INSERT INTO push_dead (device_id, chat_id, invite_iseq, attempts, error,"
+                    " failed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job.device, job.chat, job.invite_iseq, job.attempts, error, now),
                 )
 
         await self._db.write(tx)
@@ -213,13 +219,13 @@ class SqlitePushQueue:
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         def q(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
-                "SELECT id, device_id, chat_id, count, attempts, error, failed_at FROM push_dead"
+                "SELECT id, device_id, chat_id, attempts, error, failed_at FROM push_dead"
                 " ORDER BY id LIMIT ?",
                 (limit,),
             ).fetchall()
             return [
-                DeadLetter(id=i, device=d, chat=c, count=n, attempts=a, error=e, failed_at=f)
-                for i, d, c, n, a, e, f in rows
+                DeadLetter(id=i, device=d, chat=c, attempts=a, error=e, failed_at=f)
+                for i, d, c, a, e, f in rows
             ]
 
         return await self._db.read(q)
@@ -227,14 +233,14 @@ class SqlitePushQueue:
     async def retry_dead(self, ids: list[int] | None, now: int) -> int:
         def tx(conn: sqlite3.Connection) -> int:
             moved = 0
-            for device, chat, count, last_iseq in _take_dead(conn, ids):
+            for device, chat, invite_iseq in _take_dead(conn, ids):
                 conn.execute(
-                    "INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, chat_id) DO UPDATE SET"
-                    " count = count + excluded.count,"
-                    " last_iseq = max(last_iseq, excluded.last_iseq),"
-                    " due_at = excluded.due_at, pushed_at = 0",
-                    (device, chat, count, last_iseq, now),
+                    "INSERT INTO push_jobs (device_id, chat_id, pending, invite_iseq, due_at)"
+                    " SELECT id, ?, 1, ?, ? FROM devices WHERE id = ?"
+                    " ON CONFLICT (device_id, chat_id) DO UPDATE SET pending = 1,"
+                    " invite_iseq = max(invite_iseq, excluded.invite_iseq),"
+                    " due_at = excluded.due_at, pushed_at = 0, last_iseq = 0",
+                    (chat, invite_iseq, now, device),
                 )
                 moved += 1
             return moved
@@ -245,7 +251,21 @@ class SqlitePushQueue:
         return await self._db.write(lambda conn: len(_take_dead(conn, ids)))
 
 
-def _take_dead(conn: sqlite3.Connection, ids: list[int] | None) -> list[tuple[str, str, int, int]]:
+def _answer(conn: sqlite3.Connection, job: PushJob, now: int, pushed: bool) -> bool:
+    """End the job's lease: idle again, or still pending (grace from `now`) if entries of the
+    chat came after what it covered. False if the lease was no longer this job's."""
+    answered = conn.execute(
+        f"UPDATE push_jobs SET pending = CASE WHEN {_STILL_PENDING} THEN 1 ELSE 0 END,"
+        " invite_iseq = CASE WHEN invite_iseq > last_iseq THEN invite_iseq ELSE 0 END,"
+        " attempts = 0, leased_until = 0, due_at = ?,"
+        " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END"
+        " WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
+        (now, pushed, now, job.device, job.chat, job.lease),
+    ).fetchone()
+    return answered is not None
+
+
+def _take_dead(conn: sqlite3.Connection, ids: list[int] | None) -> list[tuple[str, str, int]]:
     """Delete the named dead letters (all if None) and return what they held."""
     if ids == []:
         return []
@@ -254,5 +274,5 @@ def _take_dead(conn: sqlite3.Connection, ids: list[int] | None) -> list[tuple[st
     else:
         sql = f"DELETE FROM push_dead WHERE id IN ({','.join('?' * len(ids))})"
         args = list(ids)
-    rows = conn.execute(f"{sql} RETURNING device_id, chat_id, count, last_iseq", args)
-    return [(d, c, n, i) for d, c, n, i in rows]
+    rows = conn.execute(f"{sql} RETURNING device_id, chat_id, invite_iseq", args)
+    return [(d, c, v) for d, c, v in rows]

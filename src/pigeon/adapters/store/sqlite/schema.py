@@ -133,8 +133,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (
         5,
         # Push: targets, the outbox (`push_jobs`, also the embedded queue) and its dead letters.
-        # The trigger is the outbox: it adds to a device's job in the transaction that appends
-        # the message entry, and costs one index probe for devices without a target.
+        # The trigger is the outbox: it marks a device's job of the chat pending in the
+        # transaction that appends the message entry. It writes only when the job was idle (a
+        # burst is one write), and costs one index probe for devices without a target.
         [
             *_split(
                 """
@@ -148,22 +149,22 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
                 CREATE TABLE push_jobs (
                     device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
                     chat_id TEXT NOT NULL,
-                    count INTEGER NOT NULL,
-                    last_iseq INTEGER NOT NULL,
+                    pending INTEGER NOT NULL,
+                    last_iseq INTEGER NOT NULL DEFAULT 0,
+                    invite_iseq INTEGER NOT NULL DEFAULT 0,
                     due_at INTEGER NOT NULL,
                     attempts INTEGER NOT NULL DEFAULT 0,
                     leased_until INTEGER NOT NULL DEFAULT 0,
                     pushed_at INTEGER NOT NULL DEFAULT 0,
                     PRIMARY KEY (device_id, chat_id)
                 ) WITHOUT ROWID;
-                CREATE INDEX push_jobs_due ON push_jobs(due_at) WHERE count > 0;
-                CREATE INDEX push_jobs_idle ON push_jobs(pushed_at) WHERE count = 0;
+                CREATE INDEX push_jobs_due ON push_jobs(due_at) WHERE pending = 1;
+                CREATE INDEX push_jobs_idle ON push_jobs(pushed_at) WHERE pending = 0;
                 CREATE TABLE push_dead (
                     id INTEGER PRIMARY KEY,
                     device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
                     chat_id TEXT NOT NULL,
-                    count INTEGER NOT NULL,
-                    last_iseq INTEGER NOT NULL,
+                    invite_iseq INTEGER NOT NULL,
                     attempts INTEGER NOT NULL,
                     error TEXT NOT NULL,
                     failed_at INTEGER NOT NULL
@@ -174,21 +175,18 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
             CREATE TRIGGER push_outbox AFTER INSERT ON inbox
             WHEN NEW.message_id IS NOT NULL AND EXISTS (
                 SELECT 1 FROM push_targets WHERE device_id = NEW.device_id AND target IS NOT NULL
-            ) AND (SELECT user_id FROM devices WHERE id = NEW.device_id)
-                != (SELECT sender FROM messages WHERE id = NEW.message_id)
+            )
             BEGIN
-                INSERT INTO push_jobs (device_id, chat_id, count, last_iseq, due_at)
+                INSERT INTO push_jobs (device_id, chat_id, pending, due_at)
                 VALUES (
                     NEW.device_id,
                     (SELECT chat_id FROM messages WHERE id = NEW.message_id),
                     1,
-                    NEW.iseq,
                     NEW.at
                 )
                 ON CONFLICT (device_id, chat_id) DO UPDATE SET
-                    count = count + 1,
-                    last_iseq = excluded.last_iseq,
-                    due_at = CASE WHEN count = 0 THEN excluded.due_at ELSE due_at END;
+                    pending = 1, due_at = excluded.due_at
+                WHERE pending = 0;
             END
             """,
         ],
