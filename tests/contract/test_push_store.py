@@ -1,6 +1,8 @@
 """Contract of `PushStore` and `PushQueue` (see their docstrings in pigeon.ports), against the
 SQLite store and its embedded queue (`SqlitePushQueue` over the same database).
 
+A job is a pending flag per (device, chat): what a push says is counted by `context` when it is
+sent, up to the job's `last_iseq` (the device's newest inbox entry when it was claimed).
 Every queue call gets its `now` explicitly: times are ms, `visibility`/`window`/`grace` seconds.
 """
 
@@ -16,9 +18,11 @@ import pytest
 
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.adapters.store.sqlite.push import SqlitePushQueue
-from pigeon.domain.models import ChatInfo, Device, User
-from pigeon.domain.push import PushTarget
-from pigeon.ports import DeadLetter, PushJob, SendResult
+from pigeon.domain.events import Delivery
+from pigeon.domain.ids import new_id
+from pigeon.domain.models import ChatInfo, Device, Member, User
+from pigeon.domain.push import MAX_COUNT, PushTarget
+from pigeon.ports import DeadLetter, PushContext, PushJob, SendResult
 from tests.contract.test_store import T0, chat, device, send_req, user
 
 T1 = T0 + 1_000_000  # when the tests' pushes happen (messages are sent at T1 + x)
@@ -28,7 +32,9 @@ WINDOW = 30.0
 FCM = PushTarget(kind="fcm", token="token-1")
 FCM2 = PushTarget(kind="fcm", token="token-2")
 
-Row = tuple[str, str, int, int, int, int, int, int]
+#: A `push_jobs` row: device_id, chat_id, pending, last_iseq, invite_iseq, due_at, attempts,
+#: leased_until, pushed_at.
+Row = tuple[str, str, int, int, int, int, int, int, int]
 
 
 @pytest.fixture
@@ -48,9 +54,26 @@ async def send(store: SqliteStore, c: ChatInfo, sender: Device, at: int = T1) ->
     return await store.messages.send(msgspec.structs.replace(send_req(c, sender), at=at))
 
 
-def iseq_of(result: SendResult, d: Device) -> int:
-    (iseq,) = [x.iseq for x in result.deliveries if x.device == d.id]
-    return iseq
+def iseq_of(result: SendResult | list[Delivery], d: Device) -> int:
+    """The iseq of `d`'s entry: the message's (appended before any receipt it causes), or the
+    one event of a list of deliveries."""
+    deliveries = result.deliveries if isinstance(result, SendResult) else result
+    iseqs = [x.iseq for x in deliveries if x.device == d.id]
+    assert iseqs, f"no entry for {d.id}"
+    return iseqs[0]
+
+
+async def context(store: SqliteStore, d: Device, c: ChatInfo, upto: int) -> PushContext:
+    ctx = await store.push.context(d.id, c.id, upto)
+    assert ctx is not None
+    return ctx
+
+
+async def count(store: SqliteStore, job: PushJob) -> int:
+    """What the push of `job` says, as the worker counts it."""
+    ctx = await store.push.context(job.device, job.chat, job.last_iseq)
+    assert ctx is not None
+    return ctx.count
 
 
 async def claim_all(
@@ -62,11 +85,28 @@ async def claim_all(
 async def job_rows(store: SqliteStore) -> list[Row]:
     def q(conn: sqlite3.Connection) -> list[Row]:
         return conn.execute(
-            "SELECT device_id, chat_id, count, last_iseq, due_at, attempts, leased_until,"
-            " pushed_at FROM push_jobs ORDER BY device_id, chat_id"
+            "SELECT device_id, chat_id, pending, last_iseq, invite_iseq, due_at, attempts,"
+            " leased_until, pushed_at FROM push_jobs ORDER BY device_id, chat_id"
         ).fetchall()
 
     return await store.db.read(q)
+
+
+async def create(
+    store: SqliteStore, *members: User, kind: str = "group", at: int = T1
+) -> tuple[ChatInfo, list[Delivery]]:
+    """A chat created by the first member at `at`, and the inbox entries announcing it."""
+    info = ChatInfo(
+        id=new_id(),
+        kind=kind,  # type: ignore[arg-type]
+        name=None if kind == "direct" else "g",
+        created_by=members[0].id,
+        created_at=at,
+        members=[
+            Member(user=m.id, role="admin" if i == 0 else "member") for i, m in enumerate(members)
+        ],
+    )
+    return await store.chats.create_chat(info)
 
 
 class Pair(NamedTuple):
@@ -85,7 +125,7 @@ async def pair(store: SqliteStore) -> Pair:
 
 async def pair_and_chats(store: SqliteStore, extra: int = 0) -> tuple[Pair, list[ChatInfo]]:
     """The pair, and `extra` more chats of theirs. Chats are created before the target is set,
-    so that only what the tests send is queued (whatever creating a chat may queue)."""
+    so that only what the tests send is queued (not the invitations into them)."""
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db = await device(store, a), await device(store, b)
     c = await chat(store, a, b)
@@ -97,14 +137,21 @@ async def pair_and_chats(store: SqliteStore, extra: int = 0) -> tuple[Pair, list
 # --- the outbox -----------------------------------------------------------------------------
 
 
-async def test_a_message_to_a_device_with_a_target_queues_a_job(
+async def test_a_message_to_a_device_with_a_target_marks_its_job_pending(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     sent = await send(store, c, da)
+    assert await job_rows(store) == [(db.id, c.id, 1, 0, 0, T1, 0, 0, 0)]
     (job,) = await claim_all(queue)
-    assert (job.device, job.chat, job.count, job.last_iseq) == (db.id, c.id, 1, iseq_of(sent, db))
+    assert (job.device, job.chat, job.last_iseq, job.invite_iseq) == (
+        db.id,
+        c.id,
+        iseq_of(sent, db),
+        0,
+    )
     assert job.attempts == 1 and job.lease == FAR + int(VIS * 1000)
+    assert await count(store, job) == 1
 
 
 async def test_devices_without_a_target_and_the_sending_device_get_no_job(
@@ -120,7 +167,7 @@ async def test_devices_without_a_target_and_the_sending_device_get_no_job(
     assert [j.device for j in await claim_all(queue)] == [db.id]
 
 
-async def test_the_senders_other_devices_get_no_job(
+async def test_the_senders_other_devices_get_a_job_that_counts_nothing(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
@@ -129,8 +176,19 @@ async def test_the_senders_other_devices_get_no_job(
     await store.push.set_target(da_other.id, FCM, T0)
     await store.push.set_target(db.id, FCM2, T0)
     await send(store, c, da)
-    # Alice wrote it herself: her tablet must not say "New message" (its badge is 0, too).
-    assert [j.device for j in await claim_all(queue)] == [db.id]
+    # The trigger does not look at the sender (to stay cheap): Alice's tablet has a job, but
+    # it counts none of her own messages, so the worker skips it (no "New message" for her).
+    jobs = {j.device: j for j in await claim_all(queue, T1)}
+    assert set(jobs) == {da_other.id, db.id}
+    assert await count(store, jobs[da_other.id]) == 0
+    assert await count(store, jobs[db.id]) == 1
+    await queue.done(jobs[da_other.id], T1 + 1, pushed=False)  # what the worker does
+    await queue.done(jobs[db.id], T1 + 1, pushed=True)
+
+    await send(store, c, db, T1 + 2)  # Bob answers: that one is news to Alice's tablet
+    (job,) = await claim_all(queue, T1 + 2)
+    assert job.device == da_other.id
+    assert await count(store, job) == 1  # Bob's message, not her own one before it
 
 
 async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
@@ -139,11 +197,18 @@ async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
     (_, _, da, db, c), (other,) = await pair_and_chats(store, extra=1)
     sent = [await send(store, c, da, T1 + i) for i in range(5)]
     other_sent = await send(store, other, da, T1 + 9)
+    # a flag each: the burst marked its job pending once (its due time is the first message's)
+    assert [(r[1], r[2], r[5]) for r in await job_rows(store)] == sorted(
+        [(c.id, 1, T1), (other.id, 1, T1 + 9)]
+    )
     jobs = {j.chat: j for j in await claim_all(queue)}
     assert set(jobs) == {c.id, other.id}
-    assert (jobs[c.id].count, jobs[c.id].last_iseq) == (5, iseq_of(sent[-1], db))
-    assert (jobs[other.id].count, jobs[other.id].last_iseq) == (1, iseq_of(other_sent, db))
     assert {j.device for j in jobs.values()} == {db.id}
+    # both cover up to the device's newest entry, whichever chat it is of
+    assert {j.last_iseq for j in jobs.values()} == {iseq_of(other_sent, db)}
+    assert iseq_of(sent[-1], db) < iseq_of(other_sent, db)
+    assert await count(store, jobs[c.id]) == 5
+    assert await count(store, jobs[other.id]) == 1
 
 
 async def test_receipts_and_read_states_queue_no_job(
@@ -167,7 +232,7 @@ async def test_receipts_and_read_states_queue_no_job(
 # --- targets ----------------------------------------------------------------------------------
 
 
-async def test_removing_the_target_drops_queued_jobs_and_stops_new_ones(
+async def test_removing_the_target_drops_pending_jobs_and_stops_new_ones(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
@@ -178,6 +243,7 @@ async def test_removing_the_target_drops_queued_jobs_and_stops_new_ones(
     assert await job_rows(store) == []
     await send(store, c, da, T1 + 2)
     assert await claim_all(queue) == []
+    assert await job_rows(store) == []
 
 
 async def test_a_gone_target_is_removed_with_its_reason(
@@ -219,13 +285,51 @@ async def test_a_revoked_device_loses_its_target_jobs_and_dead_letters(
     assert await job_rows(store) == []
     assert await claim_all(queue, FAR + 10**8) == []
     assert await queue.dead_letters(10) == []
-    assert await store.push.context(db.id, c.id) is None
+    assert await store.push.context(db.id, c.id, 10**6) is None
 
 
 # --- context ----------------------------------------------------------------------------------
 
 
-async def test_context_of_a_push(store: SqliteStore) -> None:
+async def test_context_counts_unacked_messages_of_others_up_to_upto(store: SqliteStore) -> None:
+    a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
+    da, db, db2, dx = (
+        await device(store, a),
+        await device(store, b),
+        await device(store, b),
+        await device(store, x),
+    )
+    c1, c2 = await chat(store, a, b, x), await chat(store, a, b)
+    await store.push.set_target(db.id, FCM, T0)
+    s1 = await send(store, c1, da, T1)
+    s2 = await send(store, c2, da, T1 + 1)
+    s3 = await send(store, c1, dx, T1 + 2)
+    s4 = await send(store, c1, db2, T1 + 3)  # Bob's own, from his other device: no news
+    s5 = await send(store, c1, da, T1 + 4)
+    upto = [iseq_of(s, db) for s in (s1, s2, s3, s4, s5)]
+    assert upto == sorted(upto)
+    assert [(await context(store, db, c1, i)).count for i in (0, *upto)] == [0, 1, 1, 2, 2, 3]
+    assert (await context(store, db, c2, upto[-1])).count == 1
+    ctx = await context(store, db, c1, upto[-1])
+    assert (ctx.target, ctx.user_id, ctx.acked_iseq) == (FCM, b.id, 0)
+
+    await store.messages.ack(db, upto[2], T1 + 5)  # s1 to s3 delivered
+    ctx = await context(store, db, c1, upto[-1])
+    assert (ctx.acked_iseq, ctx.count) == (upto[2], 1)  # only s5 is news
+    assert (await context(store, db, c1, upto[2])).count == 0
+    assert (await context(store, db, c2, upto[-1])).count == 0
+
+
+async def test_context_caps_the_count(store: SqliteStore) -> None:
+    _, _, da, db, c = await pair(store)
+    sent = [await send(store, c, da, T1 + i) for i in range(120)]
+    assert MAX_COUNT == 100
+    ctx = await context(store, db, c, iseq_of(sent[-1], db))
+    assert (ctx.count, ctx.unread) == (MAX_COUNT, 120)  # the badge is not capped
+    assert (await context(store, db, c, iseq_of(sent[49], db))).count == 50
+
+
+async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, db, dx = await device(store, a), await device(store, b), await device(store, x)
     c1, c2 = await chat(store, a, b, x), await chat(store, a, b)
@@ -233,43 +337,38 @@ async def test_context_of_a_push(store: SqliteStore) -> None:
     await send(store, c1, da, T1)
     await send(store, c1, da, T1 + 1)
     last = await send(store, c2, da, T1 + 2)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None
-    assert (ctx.target, ctx.user_id, ctx.acked_iseq) == (FCM, b.id, 0)
+    upto = iseq_of(last, db)
+    ctx = await context(store, db, c1, upto)
     assert (ctx.unread, ctx.sender_name) == (3, None)
 
-    await store.messages.ack(db, iseq_of(last, db), T1 + 3)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and ctx.acked_iseq == iseq_of(last, db)
-    assert ctx.unread == 3  # delivered is not read
+    await store.messages.ack(db, upto, T1 + 3)
+    ctx = await context(store, db, c1, upto)
+    assert (ctx.acked_iseq, ctx.count, ctx.unread) == (upto, 0, 3)  # delivered is not read
 
     await store.messages.mark_read(db, c1.id, 2, T1 + 4)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and ctx.unread == 1
+    assert (await context(store, db, c1, upto)).unread == 1
     await send(store, c2, db, T1 + 5)  # bob answers: he has read c2, his own message is no news
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and ctx.unread == 0
+    assert (await context(store, db, c1, upto)).unread == 0
 
-    await send(store, c1, dx, T1 + 6)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and (ctx.unread, ctx.sender_name) == (1, None)
+    last = await send(store, c1, dx, T1 + 6)
+    upto = iseq_of(last, db)
+    ctx = await context(store, db, c1, upto)
+    assert (ctx.count, ctx.unread, ctx.sender_name) == (1, 1, None)
     await store.push.set_show_names(b.id, True)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and ctx.sender_name == "xavier"
-    ctx = await store.push.context(db.id, c2.id)
-    assert ctx is not None and ctx.sender_name == "bob"  # the latest sender of that chat
+    assert (await context(store, db, c1, upto)).sender_name == "xavier"
+    # the latest sender of that chat
+    assert (await context(store, db, c2, upto)).sender_name == "bob"
     await store.push.set_show_names(b.id, False)
-    ctx = await store.push.context(db.id, c1.id)
-    assert ctx is not None and ctx.sender_name is None
+    assert (await context(store, db, c1, upto)).sender_name is None
 
 
 async def test_context_without_a_target_or_device(store: SqliteStore) -> None:
     b = await user(store, "bob")
     db = await device(store, b)
     c = await chat(store, b)
-    ctx = await store.push.context(db.id, c.id)
-    assert ctx is not None and (ctx.target, ctx.user_id, ctx.unread) == (None, b.id, 0)
-    assert await store.push.context("no-such-device", c.id) is None
+    ctx = await context(store, db, c, 10**6)
+    assert (ctx.target, ctx.user_id, ctx.count, ctx.unread) == (None, b.id, 0, 0)
+    assert await store.push.context("no-such-device", c.id, 10**6) is None
 
 
 # --- leases -----------------------------------------------------------------------------------
@@ -285,7 +384,7 @@ async def test_a_lease_hides_the_job_until_it_runs_out(
     assert await queue.claim(T1 + 59_999, 10, VIS, WINDOW) == []
     assert await queue.next_due(WINDOW) == T1 + 60_000
     (second,) = await queue.claim(T1 + 60_000, 10, VIS, WINDOW)
-    assert (second.device, second.chat, second.count) == (db.id, c.id, 1)
+    assert (second.device, second.chat, second.last_iseq) == (db.id, c.id, first.last_iseq)
     assert (second.attempts, second.lease) == (2, T1 + 120_000)
 
     # the first worker's answers come too late: the second one holds the job now
@@ -294,11 +393,11 @@ async def test_a_lease_hides_the_job_until_it_runs_out(
     await queue.dead(first, "late", T1 + 60_003)
     assert await queue.dead_letters(10) == []
     (row,) = await job_rows(store)
-    assert row[2:] == (1, second.last_iseq, T1, 2, T1 + 120_000, 0)
+    assert row[2:] == (1, second.last_iseq, 0, T1, 2, T1 + 120_000, 0)
 
     await queue.done(second, T1 + 60_010, pushed=True)
     (row,) = await job_rows(store)
-    assert row[2] == 0 and row[7] == T1 + 60_010
+    assert row[2:] == (0, second.last_iseq, 0, T1 + 60_010, 0, 0, T1 + 60_010)
     assert await queue.next_due(WINDOW) is None
 
 
@@ -309,65 +408,97 @@ async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue
     assert await queue.next_due(WINDOW, grace=0.5) == T1 + 500
     assert await queue.claim(T1 + 499, 10, VIS, WINDOW, grace=0.5) == []
     (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
-    assert job.count == 2
+    assert await count(store, job) == 2
 
 
 async def test_a_push_opens_a_window_that_coalesces_what_follows(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
-    await send(store, c, da, T1)
+    first = await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS, WINDOW)
     await queue.done(job, T1 + 10, pushed=True)
     assert await queue.next_due(WINDOW) is None
+    await store.messages.ack(db, iseq_of(first, db), T1 + 15)  # the device got the push
     later = [await send(store, c, da, T1 + 20 + i) for i in range(3)]
+    (row,) = await job_rows(store)
+    assert row[2:6] == (1, job.last_iseq, 0, T1 + 20)  # pending again, since the first
     opens = T1 + 10 + 30_000
     assert await queue.next_due(WINDOW) == opens
     assert await queue.claim(opens - 1, 10, VIS, WINDOW) == []
     (job,) = await queue.claim(opens, 10, VIS, WINDOW)
-    assert (job.count, job.last_iseq, job.attempts) == (3, iseq_of(later[-1], db), 1)
+    assert (job.last_iseq, job.attempts) == (iseq_of(later[-1], db), 1)
+    assert await count(store, job) == 3
 
 
 async def test_a_job_done_without_a_push_opens_no_window(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
-    _, _, da, _, c = await pair(store)
-    await send(store, c, da, T1)
+    _, _, da, db, c = await pair(store)
+    first = await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS, WINDOW)
-    await queue.done(job, T1 + 1, pushed=False)  # e.g. the device had acked meanwhile
+    await store.messages.ack(db, iseq_of(first, db), T1)  # the device was online
+    assert await count(store, job) == 0
+    await queue.done(job, T1 + 1, pushed=False)  # so the worker pushed nothing
+    (row,) = await job_rows(store)
+    assert (row[2], row[8]) == (0, 0)  # idle, never pushed
     assert await queue.claim(T1 + 2, 10, VIS, WINDOW) == []  # nothing left
     await send(store, c, da, T1 + 3)
     (job,) = await queue.claim(T1 + 3, 10, VIS, WINDOW)
-    assert (job.count, job.attempts) == (1, 1)
+    assert job.attempts == 1
+    assert await count(store, job) == 1
 
 
-async def test_entries_arriving_during_a_lease_stay_queued(
+async def test_entries_arriving_during_a_lease_stay_pending(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
-    await send(store, c, da, T1 + 1)
+    second = await send(store, c, da, T1 + 1)
     (job,) = await queue.claim(T1 + 1, 10, VIS, WINDOW)
-    assert job.count == 2
+    assert await count(store, job) == 2
     meanwhile = [await send(store, c, da, T1 + 2 + i) for i in range(3)]
+    await store.messages.ack(db, iseq_of(second, db), T1 + 5)  # the two it covered arrived
     await queue.done(job, T1 + 10, pushed=False)
-    (job,) = await queue.claim(T1 + 11, 10, VIS, WINDOW)
-    assert (job.count, job.last_iseq, job.attempts) == (3, iseq_of(meanwhile[-1], db), 1)
+    (row,) = await job_rows(store)
+    assert row[2:] == (1, job.last_iseq, 0, T1 + 10, 0, 0, 0)  # pending, due from its answer
+    (job,) = await queue.claim(T1 + 10, 10, VIS, WINDOW)
+    assert (job.last_iseq, job.attempts) == (iseq_of(meanwhile[-1], db), 1)
+    assert await count(store, job) == 3
     await queue.done(job, T1 + 12, pushed=True)
     assert await queue.claim(FAR, 10, VIS, WINDOW) == []
+
+
+async def test_only_message_entries_of_its_chat_keep_a_job_pending(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    (a, _, da, db, c), (other,) = await pair_and_chats(store, extra=1)
+    x = await user(store, "xavier")
+    sent = await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    await send(store, other, da, T1 + 1)  # another chat: a job of its own
+    _, update = await store.chats.change_members(  # an event in Bob's inbox, not a message
+        c.id, c.version, [Member(user=x.id)], [], [], a.id, T1 + 2
+    )
+    assert iseq_of(update, db) > job.last_iseq == iseq_of(sent, db)
+    await queue.done(job, T1 + 10, pushed=True)
+    rows = {r[1]: r for r in await job_rows(store)}
+    assert rows[c.id][2] == 0 and rows[other.id][2] == 1
 
 
 async def test_entries_arriving_during_a_lease_get_their_grace(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
-    _, _, da, _, c = await pair(store)
-    await send(store, c, da, T1)
+    _, _, da, db, c = await pair(store)
+    first = await send(store, c, da, T1)
     (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
     await send(store, c, da, T1 + 600)  # the device is online: it will ack within the grace
+    await store.messages.ack(db, iseq_of(first, db), T1 + 610)
     await queue.done(job, T1 + 650, pushed=False)  # it had acked the first one
     assert await queue.claim(T1 + 700, 10, VIS, WINDOW, grace=0.5) == []
     # what is left gets its grace again from when the job was answered (never less than its own)
     assert await queue.next_due(WINDOW, grace=0.5) == T1 + 1150
+    assert len(await queue.claim(T1 + 1150, 10, VIS, WINDOW, grace=0.5)) == 1
 
 
 async def test_retry_hands_the_job_back_for_later(
@@ -380,7 +511,8 @@ async def test_retry_hands_the_job_back_for_later(
     assert await queue.next_due(WINDOW) == T1 + 5_000
     assert await queue.claim(T1 + 4_999, 10, VIS, WINDOW) == []
     (again,) = await queue.claim(T1 + 5_000, 10, VIS, WINDOW)
-    assert (again.count, again.attempts) == (1, 2)
+    assert (again.last_iseq, again.attempts) == (job.last_iseq, 2)
+    assert await count(store, again) == 1
 
 
 async def test_retry_is_due_at_its_time_whatever_the_grace(
@@ -391,6 +523,7 @@ async def test_retry_is_due_at_its_time_whatever_the_grace(
     (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
     await queue.retry(job, T1 + 5_000, "503")
     assert await queue.next_due(WINDOW, grace=0.5) == T1 + 5_000
+    assert await queue.claim(T1 + 4_999, 10, VIS, WINDOW, grace=0.5) == []
     assert len(await queue.claim(T1 + 5_000, 10, VIS, WINDOW, grace=0.5)) == 1
 
 
@@ -433,7 +566,7 @@ async def test_claim_honours_the_limit_earliest_due_first(
 # --- dead letters -------------------------------------------------------------------------------
 
 
-async def test_dead_moves_the_jobs_entries_to_the_dead_letters(
+async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
@@ -447,19 +580,38 @@ async def test_dead_moves_the_jobs_entries_to_the_dead_letters(
         id=letter.id,
         device=db.id,
         chat=c.id,
-        count=2,
         attempts=1,
         error="gateway says 500",
         failed_at=T1 + 3,
     )
-    (live,) = await queue.claim(FAR, 10, VIS, WINDOW)  # only what came meanwhile
-    assert (live.count, live.last_iseq, live.attempts) == (1, iseq_of(meanwhile, db), 1)
+    (row,) = await job_rows(store)
+    assert row[2:] == (1, job.last_iseq, 0, T1 + 3, 0, 0, 0)  # as after `done`
+    (live,) = await queue.claim(FAR, 10, VIS, WINDOW)
+    assert (live.last_iseq, live.attempts) == (iseq_of(meanwhile, db), 1)
+    assert await count(store, live) == 3  # the device has acked none of them
     await queue.done(live, FAR, pushed=True)
 
     assert await queue.retry_dead([letter.id], FAR + 5) == 1
     assert await queue.dead_letters(10) == []
+    (row,) = await job_rows(store)
+    assert (row[2], row[5], row[8]) == (1, FAR + 5, 0)  # pending, due now, no window
     (back,) = await queue.claim(FAR + 5, 10, VIS, WINDOW)  # despite the window of the push
-    assert (back.device, back.chat, back.count, back.attempts) == (db.id, c.id, 2, 1)
+    assert (back.device, back.chat, back.attempts) == (db.id, c.id, 1)
+    assert await count(store, back) == 3
+
+
+async def test_dead_with_nothing_newer_leaves_the_job_idle(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    _, _, da, _, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    await queue.dead(job, "boom", T1 + 1)
+    assert len(await queue.dead_letters(10)) == 1
+    (row,) = await job_rows(store)
+    assert (row[2], row[6], row[7], row[8]) == (0, 0, 0, 0)
+    assert await queue.next_due(WINDOW) is None
+    assert await queue.claim(FAR, 10, VIS, WINDOW) == []
 
 
 async def test_a_retried_dead_letter_joins_the_live_job(
@@ -474,9 +626,10 @@ async def test_a_retried_dead_letter_joins_the_live_job(
     last = await send(store, c, da, T1 + 4)
     (letter,) = await queue.dead_letters(10)
     assert await queue.retry_dead([letter.id], T1 + 5) == 1
-    (merged,) = await queue.claim(T1 + 5, 10, VIS, WINDOW)  # one job: the letter and the rest
-    assert (merged.count, merged.last_iseq) == (4, iseq_of(last, db))
     assert len(await job_rows(store)) == 1
+    (merged,) = await queue.claim(T1 + 5, 10, VIS, WINDOW)  # one job: the letter and the rest
+    assert merged.last_iseq == iseq_of(last, db)
+    assert await count(store, merged) == 4
 
 
 async def dead_letters_of(store: SqliteStore, queue: SqlitePushQueue, n: int) -> list[DeadLetter]:
@@ -527,10 +680,109 @@ async def test_dead_letters_come_oldest_first_up_to_the_limit(
     assert await queue.dead_letters(2) == letters[:2]
 
 
+# --- invitations ------------------------------------------------------------------------------
+
+
+async def test_creating_a_group_marks_the_invited_devices_pending(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
+    da, da2 = await device(store, a), await device(store, a)
+    db, db_bare, dx = await device(store, b), await device(store, b), await device(store, x)
+    for d in (da, da2, db, dx):
+        await store.push.set_target(d.id, FCM, T0)
+    g, out = await create(store, a, b, x, at=T1)
+    assert {d.device for d in out} == {da.id, da2.id, db.id, db_bare.id, dx.id}
+    # the creator's devices are not invited; a device without a target has no job
+    assert await job_rows(store) == sorted(
+        [
+            (db.id, g.id, 1, 0, iseq_of(out, db), T1, 0, 0, 0),
+            (dx.id, g.id, 1, 0, iseq_of(out, dx), T1, 0, 0, 0),
+        ]
+    )
+    jobs = {j.device: j for j in await claim_all(queue, T1)}
+    assert set(jobs) == {db.id, dx.id}
+    job = jobs[db.id]
+    assert (job.chat, job.invite_iseq, job.last_iseq) == (g.id, iseq_of(out, db), iseq_of(out, db))
+    ctx = await context(store, db, g, job.last_iseq)
+    assert ctx.count == 0 and job.invite_iseq > ctx.acked_iseq  # "New chat"
+    for each in jobs.values():
+        await queue.done(each, T1 + 1, pushed=True)
+    assert [(r[2], r[4]) for r in await job_rows(store)] == [(0, 0), (0, 0)]  # idle, covered
+
+
+async def test_creating_a_direct_chat_marks_nothing(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    a, b = await user(store, "alice"), await user(store, "bob")
+    da, db = await device(store, a), await device(store, b)
+    for d in (da, db):
+        await store.push.set_target(d.id, FCM, T0)
+    _, out = await create(store, a, b, kind="direct")
+    assert {d.device for d in out} == {da.id, db.id}
+    assert await job_rows(store) == []
+    assert await claim_all(queue) == []
+
+
+async def test_adding_members_marks_the_invited_devices_pending(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    (a, _, _, db, c) = await pair(store)
+    x, y = await user(store, "xavier"), await user(store, "yvonne")
+    dx, dy = await device(store, x), await device(store, y)
+    await store.push.set_target(dx.id, FCM2, T0)
+    await store.push.set_target(dy.id, FCM2, T0)  # not added
+    _, out = await store.chats.change_members(
+        c.id, c.version, [Member(user=x.id)], [], [], a.id, T1
+    )
+    assert db.id in {d.device for d in out}  # Bob hears of it, but it is no invitation
+    assert await job_rows(store) == [(dx.id, c.id, 1, 0, iseq_of(out, dx), T1, 0, 0, 0)]
+    (job,) = await claim_all(queue, T1)
+    assert (job.device, job.chat, job.invite_iseq) == (dx.id, c.id, iseq_of(out, dx))
+
+
+async def test_an_invitation_during_a_lease_stays_pending(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    (a, b, da, db, c) = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    # Bob is removed and added again while his push is in flight
+    c, _ = await store.chats.change_members(c.id, c.version, [], [b.id], [], a.id, T1 + 1)
+    c, out = await store.chats.change_members(
+        c.id, c.version, [Member(user=b.id)], [], [], a.id, T1 + 2
+    )
+    invite = iseq_of(out, db)
+    assert invite > job.last_iseq and job.invite_iseq == 0
+    (row,) = await job_rows(store)
+    assert (row[2], row[4], row[5]) == (1, invite, T1)  # pending: its due time is unchanged
+    await queue.done(job, T1 + 10, pushed=True)
+    (row,) = await job_rows(store)
+    assert (row[2], row[4], row[5]) == (1, invite, T1 + 10)
+    (again,) = await queue.claim(T1 + 10 + 30_000, 10, VIS, WINDOW)
+    assert (again.invite_iseq, again.last_iseq) == (invite, invite)
+
+
+async def test_a_retried_dead_invitation_is_an_invitation_again(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    a, b = await user(store, "alice"), await user(store, "bob")
+    db = await device(store, b)
+    await store.push.set_target(db.id, FCM, T0)
+    g, out = await create(store, a, b, at=T1)
+    (job,) = await claim_all(queue, T1)
+    await queue.dead(job, "boom", T1 + 1)
+    assert [r[4] for r in await job_rows(store)] == [0]
+    (letter,) = await queue.dead_letters(10)
+    assert await queue.retry_dead([letter.id], T1 + 2) == 1
+    (back,) = await claim_all(queue, T1 + 2)
+    assert (back.device, back.chat, back.invite_iseq) == (db.id, g.id, iseq_of(out, db))
+
+
 # --- housekeeping ---------------------------------------------------------------------------
 
 
-async def test_finished_jobs_are_forgotten_once_their_window_passed(
+async def test_idle_jobs_are_forgotten_once_their_window_passed(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     _, _, da, _, c = await pair(store)
