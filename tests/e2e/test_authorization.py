@@ -40,6 +40,10 @@ UNSCOPED = {
     "presence_unsubscribe",
     "set_visibility",
     "sync",
+    "push_register",  # the calling device's own target, and its user's setting
+    "push_unregister",
+    "push_status",
+    "push_show_names",
 }
 
 
@@ -131,6 +135,12 @@ async def test_tokens_that_must_not_work(world: World) -> None:
             (revoked.token, "GET", "/v1/devices", 401),
             (revoked.token, "DELETE", f"/v1/devices/{victim.device}", 401),
             ("not-a-token", "GET", "/v1/devices", 401),
+            (None, "GET", "/v1/devices/me/push", 401),
+            (None, "PUT", "/v1/devices/me/push", 401),
+            (None, "DELETE", "/v1/devices/me/push", 401),
+            (None, "PUT", "/v1/me/push-show-names", 401),
+            (revoked.token, "GET", "/v1/devices/me/push", 401),
+            (revoked.token, "DELETE", "/v1/devices/me/push", 401),
             (stranger.token, "DELETE", f"/v1/devices/{victim.device}", None),  # another user's
         ]
         for token, method, path, status in cases:
