@@ -382,6 +382,14 @@ class PushSettings(BaseModel):
     apns: ApnsSettings = ApnsSettings()
     webpush: WebPushSettings = WebPushSettings()
 
+    @model_validator(mode="after")
+    def _lease_outlives_a_send(self) -> PushSettings:
+        # A send that outlasts its job's lease lets another worker push the job again. FCM may
+        # fetch a token and then send: two gateway timeouts.
+        if self.visibility_timeout <= 2 * self.gateway_timeout:
+            raise ValueError("push.visibility_timeout must be > 2 * push.gateway_timeout")
+        return self
+
 
 class Settings(BaseSettings):
     """Everything `pigeon serve` needs."""

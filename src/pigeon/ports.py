@@ -287,7 +287,8 @@ class PushJob(msgspec.Struct, frozen=True, kw_only=True):
 
     device: str
     chat: str
-    #: The device's newest inbox entry when the job was claimed: the push covers up to it.
+    #: The device's newest inbox entry that had its grace when the job was claimed: the push
+    #: covers up to it (a younger one may still be acked by a connected device).
     last_iseq: int
     #: An invitation into the chat is part of it (its inbox entry), 0 if none.
     invite_iseq: int

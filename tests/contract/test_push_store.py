@@ -408,7 +408,11 @@ async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue
     assert await queue.next_due(WINDOW, grace=0.5) == T1 + 500
     assert await queue.claim(T1 + 499, 10, VIS, WINDOW, grace=0.5) == []
     (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
-    assert await count(store, job) == 2
+    assert await count(store, job) == 1  # the second has not had its grace: a connected
+    await queue.done(job, T1 + 500, pushed=False)  # device could still ack it
+    assert await queue.claim(T1 + 999, 10, VIS, WINDOW, grace=0.5) == []
+    (again,) = await queue.claim(T1 + 1000, 10, VIS, WINDOW, grace=0.5)
+    assert await count(store, again) == 2
 
 
 async def test_a_push_opens_a_window_that_coalesces_what_follows(

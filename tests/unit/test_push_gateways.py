@@ -275,10 +275,19 @@ UNREGISTERED = {
 }
 
 
+async def test_fcm_retries_a_bare_404_as_a_misconfiguration_not_a_dead_token(
+    fcm: FakeFcm, make_fcm: SenderFactory
+) -> None:
+    # a wrong project id or base URL answers 404 too: it must not remove every FCM target
+    fcm.send_answers.append((404, {"error": {"code": 404, "status": "NOT_FOUND"}}, {}))
+    outcome = await (await make_fcm()).send(FCM_TARGET, note())
+    assert outcome == PushOutcome("retry", "fcm 404 NOT_FOUND")
+
+
 @pytest.mark.parametrize(
     "answer",
-    [(404, UNREGISTERED, {}), (404, {}, {}), (400, UNREGISTERED, {})],
-    ids=["404-unregistered", "404-bare", "unregistered-code"],
+    [(404, UNREGISTERED, {}), (400, UNREGISTERED, {})],
+    ids=["404-unregistered", "unregistered-code"],
 )
 async def test_fcm_reports_unregistered_tokens_gone(
     fcm: FakeFcm, make_fcm: SenderFactory, answer: Answer

@@ -27,7 +27,9 @@ MAX_COUNT = 100
 MAX_FIELD_CHARS = 2048
 
 
-class PushTarget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class PushTarget(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """One device's push address. Which fields a kind needs is checked by `check_target`."""
 
     kind: PushKind
@@ -52,6 +54,13 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+#: A bundle id, optionally with APNs's suffixes (`.voip`, `.complication`...); it goes in a header.
+_BUNDLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,254}")
+_FCM_TOKEN = re.compile(r"[A-Za-z0-9_:-]+")
+
+
 def check_target(target: PushTarget) -> PushTarget:
     """The target if it is complete and well formed for its kind, else `BadRequest`."""
     fields = msgspec.structs.asdict(target)
@@ -67,21 +76,40 @@ def check_target(target: PushTarget) -> PushTarget:
             raise BadRequest(f"`{name}` is not a field of a {target.kind} push target")
         if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
             raise BadRequest(f"`{name}` is longer than {MAX_FIELD_CHARS} characters")
-    if target.kind == "apns" and not _is_hex(target.token or ""):
-        raise BadRequest("an APNs device token is hexadecimal")
-    if target.kind == "webpush":
-        _check_url(target.endpoint or "", "endpoint")
-        if len(_b64url(target.p256dh or "", "p256dh")) != 65:
-            raise BadRequest("`p256dh` is an uncompressed P-256 public key (65 bytes)")
-        if len(_b64url(target.auth or "", "auth")) != 16:
-            raise BadRequest("`auth` is a 16-byte secret")
-    if target.kind == "webhook":
-        _check_url(target.url or "", "url")
+    _CHECKS[target.kind](target)
     return target
 
 
-_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+def _check_fcm(target: PushTarget) -> None:
+    if _FCM_TOKEN.fullmatch(target.token or "") is None:
+        raise BadRequest("an FCM token has letters, digits and '-_:' only")
+
+
+def _check_apns(target: PushTarget) -> None:
+    if not _is_hex(target.token or ""):
+        raise BadRequest("an APNs device token is hexadecimal")
+    if _BUNDLE_ID.fullmatch(target.topic or "") is None:
+        raise BadRequest("an APNs topic is the app's bundle id (letters, digits, '.', '-')")
+
+
+def _check_webpush(target: PushTarget) -> None:
+    _check_url(target.endpoint or "", "endpoint")
+    if len(_b64url(target.p256dh or "", "p256dh")) != 65:
+        raise BadRequest("`p256dh` is an uncompressed P-256 public key (65 bytes)")
+    if len(_b64url(target.auth or "", "auth")) != 16:
+        raise BadRequest("`auth` is a 16-byte secret")
+
+
+def _check_webhook(target: PushTarget) -> None:
+    _check_url(target.url or "", "url")
+
+
+_CHECKS = {
+    "fcm": _check_fcm,
+    "apns": _check_apns,
+    "webpush": _check_webpush,
+    "webhook": _check_webhook,
+}
 
 
 def _is_hex(value: str) -> bool:
@@ -106,7 +134,7 @@ def _check_url(value: str, name: str) -> None:
         raise BadRequest(f"`{name}` has no host")
 
 
-class PushNotification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class PushNotification(msgspec.Struct, frozen=True, kw_only=True):
     """What one push says (every sender renders it in its platform's payload)."""
 
     device: str
@@ -121,7 +149,8 @@ class PushNotification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     title: str = "New message"
     #: Only when the recipient allows names in pushes.
     sender_name: str | None = None
-    #: Only a preview the sending client attached (opaque to the server).
+    #: A preview the sending client attached (opaque to the server). Clients cannot attach one
+    #: yet: the field is rendered by every sender, for when `send` takes it.
     preview: str | None = None
 
 

@@ -122,7 +122,7 @@ class AttachmentUrl(Command, tag="attachment_url"):
 
 
 class PushRegister(Command, tag="push_register"):
-    """Set this device's push target (replacing any earlier one); see docs/protocol.md §10."""
+    """Set this device's push target (replacing any earlier one); see docs/protocol.md §3, §11."""
 
     target: PushTarget
 

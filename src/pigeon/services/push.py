@@ -30,9 +30,11 @@ from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarg
 from pigeon.ports import Clock, PushJob, PushQueue, PushSender, PushStore
 
 log = logging.getLogger(__name__)
+#: Seconds `PushWorker.aclose` lets pushes in flight finish.
+_CLOSE_WAIT = 5.0
 
 
-class PushStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+class PushRegistration(msgspec.Struct, frozen=True, omit_defaults=True):
     """A device's registration as it sees it: its target, or why a gateway removed it."""
 
     target: PushTarget | None = None
@@ -51,6 +53,7 @@ class TargetRules:
     allow_private: bool = False
 
     def check(self, target: PushTarget) -> PushTarget:
+        """The target if this server accepts it; else the error to answer with."""
         check_target(target)
         if target.kind not in self.kinds:
             raise PushUnsupported(f"{target.kind} push is not configured on this server")
@@ -64,6 +67,7 @@ class TargetRules:
 
 
 def _private(host: str) -> bool:
+    host = host.rstrip(".")  # "127.0.0.1." and "localhost." resolve as without the dot
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -93,9 +97,10 @@ class PushService:
         """Remove the device's target (and its queued pushes)."""
         await self._store.set_target(device.id, None, self._clock.now_ms())
 
-    async def status(self, device: Device) -> PushStatus:
+    async def status(self, device: Device) -> PushRegistration:
+        """The device's target, or why a gateway removed it."""
         target, removed = await self._store.target_status(device.id)
-        return PushStatus(target=target, removed=removed)
+        return PushRegistration(target=target, removed=removed)
 
     async def show_names(self, device: Device, show: bool) -> None:
         """The user's setting (all their devices): may pushes name the sender?"""
@@ -140,7 +145,6 @@ class PushWorker:
         self._policy = policy
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
         #: What happened to claimed jobs, by outcome (for metrics, the bench and tests).
         self.counts: dict[str, int] = dict.fromkeys(
             ("sent", "skipped", "retried", "dead", "gone"), 0
@@ -160,24 +164,32 @@ class PushWorker:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="push-worker")
 
     async def aclose(self) -> None:
-        """Stop claiming and let pushes in flight finish (their jobs stay leased otherwise)."""
+        """Stop claiming, give pushes in flight a moment, then cancel them: their jobs stay
+        leased and come back after the visibility timeout (a push may then go twice)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         if self._inflight:
-            await asyncio.wait(self._inflight, timeout=self._policy.visibility_timeout)
+            _, late = await asyncio.wait(self._inflight, timeout=_CLOSE_WAIT)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 await self._round()
+                failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the store may be down for a while: try again later
-                log.warning("push worker round failed: %s", exc)
-                await self._pause(self._policy.poll_interval)
+            except Exception as exc:  # the store may be down for a while: back off
+                failures += 1
+                log.warning("push worker round failed (%d in a row): %s", failures, exc)
+                await self._pause(self._policy.backoff(failures))
 
     async def _round(self) -> None:
         p = self._policy
@@ -185,22 +197,22 @@ class PushWorker:
         if free <= 0:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return
+        due = await self._queue.next_due(p.window, p.grace)  # a read: idle costs no writes
         now = self._clock.now_ms()
+        if due is None or due > now:
+            wait = p.poll_interval if due is None else (due - now) / 1000
+            await self._pause(min(wait, p.poll_interval))
+            return
         jobs = await self._queue.claim(now, free, p.visibility_timeout, p.window, p.grace)
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self._handle(job))
             self._inflight.add(task)
             task.add_done_callback(self._finished)
-        if len(jobs) == free:
-            return  # there may be more due right now
-        due = await self._queue.next_due(p.window, p.grace)
-        wait = p.poll_interval if due is None else (due - self._clock.now_ms()) / 1000
-        await self._pause(min(max(wait, 0.0), p.poll_interval))
+        if not jobs:
+            await self._pause(p.poll_interval)
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        self._wake.clear()
+        await asyncio.sleep(max(0.0, seconds))  # polling the queue's table: an idle wait
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -208,6 +220,19 @@ class PushWorker:
             log.error("push job failed", exc_info=task.exception())
 
     async def _handle(self, job: PushJob) -> None:
+        try:
+            await self._push(job)
+        except Exception as exc:  # the store failed mid-job: the job comes back, counted
+            log.warning("push job of %s failed: %s", job.device, exc)
+            now = self._clock.now_ms()
+            with contextlib.suppress(Exception):  # else its lease runs out: the same, later
+                if job.attempts >= self._policy.max_attempts:
+                    await self._queue.dead(job, f"store error: {exc}", now)
+                else:
+                    delay = self._policy.backoff(job.attempts)
+                    await self._queue.retry(job, now + int(delay * 1000), str(exc))
+
+    async def _push(self, job: PushJob) -> None:
         ctx = await self._store.context(job.device, job.chat, job.last_iseq)
         now = self._clock.now_ms()
         invited = ctx is not None and job.invite_iseq > ctx.acked_iseq
@@ -232,8 +257,12 @@ class PushWorker:
             self._count("sent", job)
         elif outcome.result == "gone":
             log.info("push target of %s removed: %s", job.device, outcome.detail)
-            await self._store.remove_gone(job.device, ctx.target, outcome.detail, now)
-            await self._queue.done(job, now, pushed=False)
+            # the device sees the reason: the status only, never what the gateway answered
+            reason = outcome.detail.split(":", 1)[0][:64]
+            if await self._store.remove_gone(job.device, ctx.target, reason, now):
+                await self._queue.done(job, now, pushed=False)
+            else:  # it registered another target meanwhile: push there instead
+                await self._queue.retry(job, now, outcome.detail)
             self._count("gone", job)
         elif job.attempts >= self._policy.max_attempts:
             log.warning("push to %s dead after %d attempts", job.device, job.attempts)

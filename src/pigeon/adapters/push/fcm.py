@@ -152,7 +152,7 @@ class FcmSender:
             return PushOutcome("sent")
         code = _error_code(await response.content.read(MAX_ERROR_BODY_BYTES))
         detail = f"fcm {status} {code}".rstrip()
-        if status == 404 or code in ("UNREGISTERED", "NOT_FOUND"):
+        if code == "UNREGISTERED":  # FCM's word for a token that will never work again
             return PushOutcome("gone", detail)
         if status == 401:
             self._discard_token(token)

@@ -21,6 +21,8 @@ from pigeon.domain.push import MAX_COUNT, PushTarget
 from pigeon.ports import DeadLetter, PushContext, PushJob
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
+#: Dead letters kept at most (the oldest are dropped): clients can make pushes fail.
+MAX_DEAD_LETTERS = 10_000
 #: Rows of finished jobs forgotten per claim, once their coalescing window has passed.
 _FORGET_CHUNK = 500
 
@@ -165,14 +167,18 @@ class SqlitePushQueue:
                 " FROM push_jobs WHERE pending = 0 AND pushed_at < ? LIMIT ?)",
                 (now - int(window * 1000), _FORGET_CHUNK),
             )
+            settled = now - int(grace * 1000)
+            # The push covers the entries that had their grace: a newer one may yet be acked
+            # by a connected device, and keeps the job pending for later (see `_answer`).
             rows = conn.execute(
                 "UPDATE push_jobs SET leased_until = ?, attempts = attempts + 1, last_iseq ="
-                " (SELECT next_iseq - 1 FROM devices WHERE id = push_jobs.device_id)"
+                " coalesce((SELECT iseq FROM inbox WHERE device_id = push_jobs.device_id"
+                " AND at <= ? ORDER BY iseq DESC LIMIT 1), 0)"
                 " WHERE (device_id, chat_id) IN (SELECT device_id, chat_id FROM push_jobs"
                 " WHERE pending = 1 AND due_at <= ? AND leased_until <= ? AND pushed_at <= ?"
                 " ORDER BY due_at LIMIT ?)"
                 " RETURNING device_id, chat_id, last_iseq, invite_iseq, attempts",
-                (lease, now - int(grace * 1000), now, now - int(window * 1000), limit),
+                (lease, settled, settled, now, now - int(window * 1000), limit),
             ).fetchall()
             return [
                 PushJob(device=d, chat=c, last_iseq=i, invite_iseq=v, attempts=a, lease=lease)
@@ -211,7 +217,11 @@ class SqlitePushQueue:
                 conn.execute(
                     "INSERT INTO push_dead (device_id, chat_id, invite_iseq, attempts, error,"
                     " failed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (job.device, job.chat, job.invite_iseq, job.attempts, error, now),
+                    (job.device, job.chat, job.invite_iseq, job.attempts, error[:500], now),
+                )
+                conn.execute(  # bounded: the oldest letters go first
+                    "DELETE FROM push_dead WHERE id <= (SELECT max(id) FROM push_dead) - ?",
+                    (MAX_DEAD_LETTERS,),
                 )
 
         await self._db.write(tx)
