@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from pigeon.adapters.push.apns import alert_body, alert_title, apns_collapse_id
+from pigeon.adapters.push.http import GatewayClient, describe_error
 from pigeon.domain.push import (
     PushKind,
     PushNotification,
@@ -108,22 +109,18 @@ class FcmSender:
         self._key = _load_signing_key(private_key_pem)
         self._token_url = token_url or service_account.get("token_uri") or DEFAULT_TOKEN_URL
         self._send_url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._gateway = GatewayClient(timeout)
         self._token: _AccessToken | None = None
         self._token_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        await self._gateway.open()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._gateway.aclose()
 
     async def send(self, target: PushTarget, note: PushNotification) -> PushOutcome:
-        session = self._open_session()
+        session = self._gateway.session
         if target.kind != "fcm" or not target.token:
             raise ValueError("FcmSender needs an fcm target with a token")
         try:
@@ -139,12 +136,7 @@ class FcmSender:
             ) as response:
                 return await self._outcome(response, token)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return PushOutcome("retry", f"fcm unreachable: {_describe(exc)}")
-
-    def _open_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("FcmSender.send before open()")
-        return self._session
+            return PushOutcome("retry", f"fcm unreachable: {describe_error(exc)}")
 
     async def _outcome(self, response: aiohttp.ClientResponse, token: str) -> PushOutcome:
         status = response.status
@@ -180,7 +172,7 @@ class FcmSender:
                     after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
                     raise TokenUnavailable(f"{response.status} {_text(body)}", after)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TokenUnavailable(f"unreachable: {_describe(exc)}") from exc
+            raise TokenUnavailable(f"unreachable: {describe_error(exc)}") from exc
         return _parse_token(body)
 
     def _assertion(self) -> str:
@@ -229,11 +221,6 @@ def _error_code(body: bytes) -> str:
     except (ValueError, AttributeError, TypeError):
         return ""
     return code if isinstance(code, str) else ""
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as `Name: message`, or `Name` alone when it has no message (timeouts)."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _text(body: bytes, limit: int = 200) -> str:

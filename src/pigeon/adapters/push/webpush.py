@@ -30,7 +30,7 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pigeon.adapters.push.webhook import GatewayClient
+from pigeon.adapters.push.http import GatewayClient
 from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarget
 from pigeon.ports import PushSender
 
