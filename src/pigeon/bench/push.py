@@ -218,6 +218,7 @@ async def run(handle: ServerHandle, p: Params, *, client_cpu: int | None = None)
             } | {"runs": runs}
         results["on_vs_off"] = round(results["on"]["msgs_per_s"] / results["off"]["msgs_per_s"], 3)
         results["pushes_during_on"] = gateway.accepted
+        results["pushes_per_s_during_on"] = rate(gateway.accepted, 2 * p.duration)
         await _register(handle.url, recipients, gateway.url)
         backlog: list[Any] = []
         await _drained(gateway, p.timeout, backlog, time.perf_counter())
@@ -268,7 +269,7 @@ def summary(doc: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("push off", f"{r['off']['msgs_per_s']} msgs/s, {r['off']['server_us_per_msg']} us/msg"),
         ("push on", f"{r['on']['msgs_per_s']} msgs/s, {r['on']['server_us_per_msg']} us/msg"),
-        ("on / off", f"{r['on_vs_off']}x"),
+        ("on / off", f"{r['on_vs_off']}x ({r['pushes_per_s_during_on']} pushes/s while on)"),
         (
             "gateway outage",
             f"depth {o['depth_at_recovery']} at recovery, drained in {o['drain_s']} s"
