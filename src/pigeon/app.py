@@ -326,7 +326,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         worker = PushWorker(
             push.queue, store.push, push.senders, app[SERVICES].clock, push_policy(app[SETTINGS])
         )
-        worker.start()
+        await worker.start()
     app[PUSH_WORKER] = [] if worker is None else [worker]
     app[READY]["ready"] = True
     try:

@@ -317,19 +317,21 @@ class PushQueue(Protocol):
     lease ran out cannot overwrite the answer of the worker that holds it now.
     """
 
-    async def claim(
-        self, now: int, limit: int, visibility: float, window: float, grace: float = 0.0
-    ) -> list[PushJob]:
-        """Lease up to `limit` due jobs: pending for `grace` seconds (a device online acks
-        within it), and not pushed to within `window` seconds (at most one push per device and
-        chat per window)."""
+    async def configure(self, grace: float, window: float) -> None:
+        """The rules jobs become due by (from then on): a job is due `grace` seconds after its
+        first entry (a device online acks within it), and not within `window` seconds of the
+        device's last push about the chat (one push per device and chat per window)."""
 
-    async def next_due(self, window: float, grace: float = 0.0) -> int | None:
-        """When (ms) the earliest job may be claimed, or None if there is none."""
+    async def claim(self, now: int, limit: int, visibility: float) -> list[PushJob]:
+        """Lease up to `limit` due jobs for `visibility` seconds, the longest due first."""
+
+    async def next_due(self) -> int | None:
+        """When (ms) the earliest pending job may be claimed, or None if there is none."""
 
     async def done(self, job: PushJob, now: int, pushed: bool) -> None:
         """The entries `job` covers are dealt with. If entries of the chat came after its
-        `last_iseq`, it stays pending, their grace counted from `now`."""
+        `last_iseq`, it stays pending: due after a grace from `now` (and, if it was pushed,
+        after the window)."""
 
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
         """Give the job back, claimable again at `due_at` (ms; no grace: it had its own)."""

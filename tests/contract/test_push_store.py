@@ -4,6 +4,9 @@ SQLite store and its embedded queue (`SqlitePushQueue` over the same database).
 A job is a pending flag per (device, chat): what a push says is counted by `context` when it is
 sent, up to the job's `last_iseq` (the device's newest inbox entry when it was claimed).
 Every queue call gets its `now` explicitly: times are ms, `visibility`/`window`/`grace` seconds.
+The queue's grace and window are its `configure`d policy (the `queue` fixture: no grace, a window
+of `WINDOW`); they are applied when a job becomes pending, so a job's `due_at` is when it may be
+claimed.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 
 @pytest.fixture
-def queue(store: SqliteStore) -> SqlitePushQueue:
-    return SqlitePushQueue(store.db)
+async def queue(store: SqliteStore) -> SqlitePushQueue:
+    q = SqlitePushQueue(store.db)
+    await q.configure(0.0, WINDOW)
+    return q
 
 
 async def send(store: SqliteStore, c: ChatInfo, sender: Device, at: int = T1) -> SendResult:
@@ -76,10 +81,8 @@ async def count(store: SqliteStore, job: PushJob) -> int:
     return ctx.count
 
 
-async def claim_all(
-    queue: SqlitePushQueue, now: int = FAR, window: float = WINDOW, grace: float = 0.0
-) -> list[PushJob]:
-    return await queue.claim(now, 100, VIS, window, grace)
+async def claim_all(queue: SqlitePushQueue, now: int = FAR) -> list[PushJob]:
+    return await queue.claim(now, 100, VIS)
 
 
 async def job_rows(store: SqliteStore) -> list[Row]:
@@ -379,11 +382,11 @@ async def test_a_lease_hides_the_job_until_it_runs_out(
 ) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
-    (first,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (first,) = await queue.claim(T1, 10, VIS)
     assert (first.attempts, first.lease) == (1, T1 + 60_000)
-    assert await queue.claim(T1 + 59_999, 10, VIS, WINDOW) == []
-    assert await queue.next_due(WINDOW) == T1 + 60_000
-    (second,) = await queue.claim(T1 + 60_000, 10, VIS, WINDOW)
+    assert await queue.claim(T1 + 59_999, 10, VIS) == []
+    assert await queue.next_due() == T1 + 60_000
+    (second,) = await queue.claim(T1 + 60_000, 10, VIS)
     assert (second.device, second.chat, second.last_iseq) == (db.id, c.id, first.last_iseq)
     assert (second.attempts, second.lease) == (2, T1 + 120_000)
 
@@ -393,25 +396,51 @@ async def test_a_lease_hides_the_job_until_it_runs_out(
     await queue.dead(first, "late", T1 + 60_003)
     assert await queue.dead_letters(10) == []
     (row,) = await job_rows(store)
-    assert row[2:] == (1, second.last_iseq, 0, T1, 2, T1 + 120_000, 0)
+    assert row[2:] == (1, second.last_iseq, 0, T1 + 120_000, 2, T1 + 120_000, 0)  # due: its lease
 
     await queue.done(second, T1 + 60_010, pushed=True)
+    (row,) = await job_rows(store)  # idle (were it pending, it would be due after the window)
+    assert row[2:] == (0, second.last_iseq, 0, T1 + 90_010, 0, 0, T1 + 60_010)
+    assert await queue.next_due() is None
+
+
+async def test_a_lease_that_runs_out_is_claimable_again_exactly_at_its_end(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    await queue.configure(0.5, WINDOW)  # neither is added to a lease
+    _, _, da, db, c = await pair(store)
+    await send(store, c, da, T1)
+    (first,) = await queue.claim(T1 + 500, 10, 2.5)
+    assert first.lease == T1 + 3_000
+    during = await send(store, c, da, T1 + 1_000)  # pending already: the job is not moved
     (row,) = await job_rows(store)
-    assert row[2:] == (0, second.last_iseq, 0, T1 + 60_010, 0, 0, T1 + 60_010)
-    assert await queue.next_due(WINDOW) is None
+    assert (row[2], row[5], row[7]) == (1, T1 + 3_000, T1 + 3_000)
+    assert await queue.next_due() == T1 + 3_000
+    assert await queue.claim(T1 + 2_999, 10, VIS) == []  # the first worker died meanwhile
+    (second,) = await queue.claim(T1 + 3_000, 10, VIS)
+    assert (second.device, second.chat, second.attempts) == (db.id, c.id, 2)
+    assert second.lease == T1 + 63_000
+    assert second.last_iseq == iseq_of(during, db)  # it had its grace by then
+    assert await count(store, second) == 2
+    await queue.done(first, T1 + 3_001, pushed=True)  # too late: not its lease any more
+    (row,) = await job_rows(store)
+    assert row[2:] == (1, second.last_iseq, 0, T1 + 63_000, 2, T1 + 63_000, 0)
+    assert await queue.next_due() == T1 + 63_000
 
 
 async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue) -> None:
+    await queue.configure(0.5, WINDOW)
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
     await send(store, c, da, T1 + 300)  # a later entry does not postpone the job
-    assert await queue.next_due(WINDOW, grace=0.5) == T1 + 500
-    assert await queue.claim(T1 + 499, 10, VIS, WINDOW, grace=0.5) == []
-    (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
+    assert [r[5] for r in await job_rows(store)] == [T1 + 500]  # due: its first entry's grace
+    assert await queue.next_due() == T1 + 500
+    assert await queue.claim(T1 + 499, 10, VIS) == []
+    (job,) = await queue.claim(T1 + 500, 10, VIS)
     assert await count(store, job) == 1  # the second has not had its grace: a connected
     await queue.done(job, T1 + 500, pushed=False)  # device could still ack it
-    assert await queue.claim(T1 + 999, 10, VIS, WINDOW, grace=0.5) == []
-    (again,) = await queue.claim(T1 + 1000, 10, VIS, WINDOW, grace=0.5)
+    assert await queue.claim(T1 + 999, 10, VIS) == []
+    (again,) = await queue.claim(T1 + 1000, 10, VIS)
     assert await count(store, again) == 2
 
 
@@ -420,17 +449,17 @@ async def test_a_push_opens_a_window_that_coalesces_what_follows(
 ) -> None:
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await queue.done(job, T1 + 10, pushed=True)
-    assert await queue.next_due(WINDOW) is None
+    assert await queue.next_due() is None
     await store.messages.ack(db, iseq_of(first, db), T1 + 15)  # the device got the push
     later = [await send(store, c, da, T1 + 20 + i) for i in range(3)]
     (row,) = await job_rows(store)
-    assert row[2:6] == (1, job.last_iseq, 0, T1 + 20)  # pending again, since the first
     opens = T1 + 10 + 30_000
-    assert await queue.next_due(WINDOW) == opens
-    assert await queue.claim(opens - 1, 10, VIS, WINDOW) == []
-    (job,) = await queue.claim(opens, 10, VIS, WINDOW)
+    assert row[2:6] == (1, job.last_iseq, 0, opens)  # pending again, due when the window ends
+    assert await queue.next_due() == opens
+    assert await queue.claim(opens - 1, 10, VIS) == []
+    (job,) = await queue.claim(opens, 10, VIS)
     assert (job.last_iseq, job.attempts) == (iseq_of(later[-1], db), 1)
     assert await count(store, job) == 3
 
@@ -440,15 +469,15 @@ async def test_a_job_done_without_a_push_opens_no_window(
 ) -> None:
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await store.messages.ack(db, iseq_of(first, db), T1)  # the device was online
     assert await count(store, job) == 0
     await queue.done(job, T1 + 1, pushed=False)  # so the worker pushed nothing
     (row,) = await job_rows(store)
     assert (row[2], row[8]) == (0, 0)  # idle, never pushed
-    assert await queue.claim(T1 + 2, 10, VIS, WINDOW) == []  # nothing left
+    assert await queue.claim(T1 + 2, 10, VIS) == []  # nothing left
     await send(store, c, da, T1 + 3)
-    (job,) = await queue.claim(T1 + 3, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1 + 3, 10, VIS)
     assert job.attempts == 1
     assert await count(store, job) == 1
 
@@ -459,18 +488,18 @@ async def test_entries_arriving_during_a_lease_stay_pending(
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     second = await send(store, c, da, T1 + 1)
-    (job,) = await queue.claim(T1 + 1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1 + 1, 10, VIS)
     assert await count(store, job) == 2
     meanwhile = [await send(store, c, da, T1 + 2 + i) for i in range(3)]
     await store.messages.ack(db, iseq_of(second, db), T1 + 5)  # the two it covered arrived
     await queue.done(job, T1 + 10, pushed=False)
     (row,) = await job_rows(store)
     assert row[2:] == (1, job.last_iseq, 0, T1 + 10, 0, 0, 0)  # pending, due from its answer
-    (job,) = await queue.claim(T1 + 10, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1 + 10, 10, VIS)
     assert (job.last_iseq, job.attempts) == (iseq_of(meanwhile[-1], db), 1)
     assert await count(store, job) == 3
     await queue.done(job, T1 + 12, pushed=True)
-    assert await queue.claim(FAR, 10, VIS, WINDOW) == []
+    assert await queue.claim(FAR, 10, VIS) == []
 
 
 async def test_only_message_entries_of_its_chat_keep_a_job_pending(
@@ -479,7 +508,7 @@ async def test_only_message_entries_of_its_chat_keep_a_job_pending(
     (a, _, da, db, c), (other,) = await pair_and_chats(store, extra=1)
     x = await user(store, "xavier")
     sent = await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await send(store, other, da, T1 + 1)  # another chat: a job of its own
     _, update = await store.chats.change_members(  # an event in Bob's inbox, not a message
         c.id, c.version, [Member(user=x.id)], [], [], a.id, T1 + 2
@@ -493,16 +522,17 @@ async def test_only_message_entries_of_its_chat_keep_a_job_pending(
 async def test_entries_arriving_during_a_lease_get_their_grace(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
+    await queue.configure(0.5, WINDOW)
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
-    (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
+    (job,) = await queue.claim(T1 + 500, 10, VIS)
     await send(store, c, da, T1 + 600)  # the device is online: it will ack within the grace
     await store.messages.ack(db, iseq_of(first, db), T1 + 610)
     await queue.done(job, T1 + 650, pushed=False)  # it had acked the first one
-    assert await queue.claim(T1 + 700, 10, VIS, WINDOW, grace=0.5) == []
+    assert await queue.claim(T1 + 700, 10, VIS) == []
     # what is left gets its grace again from when the job was answered (never less than its own)
-    assert await queue.next_due(WINDOW, grace=0.5) == T1 + 1150
-    assert len(await queue.claim(T1 + 1150, 10, VIS, WINDOW, grace=0.5)) == 1
+    assert await queue.next_due() == T1 + 1150
+    assert len(await queue.claim(T1 + 1150, 10, VIS)) == 1
 
 
 async def test_retry_hands_the_job_back_for_later(
@@ -510,11 +540,11 @@ async def test_retry_hands_the_job_back_for_later(
 ) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await queue.retry(job, T1 + 5_000, "503")
-    assert await queue.next_due(WINDOW) == T1 + 5_000
-    assert await queue.claim(T1 + 4_999, 10, VIS, WINDOW) == []
-    (again,) = await queue.claim(T1 + 5_000, 10, VIS, WINDOW)
+    assert await queue.next_due() == T1 + 5_000
+    assert await queue.claim(T1 + 4_999, 10, VIS) == []
+    (again,) = await queue.claim(T1 + 5_000, 10, VIS)
     assert (again.last_iseq, again.attempts) == (job.last_iseq, 2)
     assert await count(store, again) == 1
 
@@ -522,19 +552,21 @@ async def test_retry_hands_the_job_back_for_later(
 async def test_retry_is_due_at_its_time_whatever_the_grace(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
+    await queue.configure(0.5, WINDOW)
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1 + 500, 10, VIS, WINDOW, grace=0.5)
+    assert await queue.claim(T1 + 499, 10, VIS) == []
+    (job,) = await queue.claim(T1 + 500, 10, VIS)
     await queue.retry(job, T1 + 5_000, "503")
-    assert await queue.next_due(WINDOW, grace=0.5) == T1 + 5_000
-    assert await queue.claim(T1 + 4_999, 10, VIS, WINDOW, grace=0.5) == []
-    assert len(await queue.claim(T1 + 5_000, 10, VIS, WINDOW, grace=0.5)) == 1
+    assert await queue.next_due() == T1 + 5_000
+    assert await queue.claim(T1 + 4_999, 10, VIS) == []
+    assert len(await queue.claim(T1 + 5_000, 10, VIS)) == 1
 
 
 async def test_next_due_is_the_earliest_claimable_time(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
-    assert await queue.next_due(WINDOW) is None
+    assert await queue.next_due() is None
     a, _, da, _, c = await pair(store)
     x = await user(store, "xavier")
     dx = await device(store, x)
@@ -542,8 +574,18 @@ async def test_next_due_is_the_earliest_claimable_time(
     await store.push.set_target(dx.id, FCM2, T0)
     await send(store, with_x, da, T1 + 700)
     await send(store, c, da, T1 + 300)
-    assert await queue.next_due(WINDOW) == T1 + 300
-    assert await queue.next_due(WINDOW, grace=1.0) == T1 + 1_300
+    assert await queue.next_due() == T1 + 300
+    for job in await claim_all(queue, T1 + 700):
+        await queue.done(job, T1 + 800, pushed=False)  # idle again, no window
+    assert await queue.next_due() is None
+
+    await queue.configure(1.0, WINDOW)  # with a grace, the same is due a second later
+    await send(store, with_x, da, T1 + 2_700)
+    await send(store, c, da, T1 + 2_300)
+    assert await queue.next_due() == T1 + 3_300
+    assert await queue.claim(T1 + 3_299, 10, VIS) == []
+    assert len(await queue.claim(T1 + 3_300, 10, VIS)) == 1
+    assert await queue.next_due() == T1 + 3_700
 
 
 async def test_claim_honours_the_limit_earliest_due_first(
@@ -560,11 +602,45 @@ async def test_claim_honours_the_limit_earliest_due_first(
         await store.push.set_target(d.id, FCM, T0)
         await send(store, c, da, due)
         by_due[due] = d
-    first = await queue.claim(FAR, 2, VIS, WINDOW)
+    first = await queue.claim(FAR, 2, VIS)
     assert {j.device for j in first} == {by_due[T1 + 10].id, by_due[T1 + 20].id}
-    rest = await queue.claim(FAR, 2, VIS, WINDOW)
+    rest = await queue.claim(FAR, 2, VIS)
     assert [j.device for j in rest] == [by_due[T1 + 30].id]
-    assert await queue.claim(FAR, 2, VIS, WINDOW) == []
+    assert await queue.claim(FAR, 2, VIS) == []
+
+
+async def test_a_claim_passes_over_jobs_held_by_a_window_or_a_retry(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    (_, _, da, _, c), others = await pair_and_chats(store, extra=8)
+    windowed, retried = others[:4], others[4:]
+    for each in others:  # held jobs: their first entries are older than the due one's
+        await send(store, each, da, T1)
+    jobs = {j.chat: j for j in await claim_all(queue, T1)}
+    assert len(jobs) == len(others)
+    for each in windowed:  # pushed: what comes next waits for the window
+        await queue.done(jobs[each.id], T1 + 10, pushed=True)
+        await send(store, each, da, T1 + 20)
+    retry_at = {each.id: T1 + 40_000 + i for i, each in enumerate(retried)}
+    for each in retried:
+        await queue.retry(jobs[each.id], retry_at[each.id], "503")
+    await send(store, c, da, T1 + 100)  # the one job due
+    held = [r for r in await job_rows(store) if r[1] != c.id]
+    assert sorted(r[5] for r in held) == [T1 + 30_010] * 4 + sorted(retry_at.values())
+    assert await queue.next_due() == T1 + 100
+
+    (job,) = await queue.claim(T1 + 1_000, 1, VIS)
+    assert job.chat == c.id
+    assert await queue.claim(T1 + 1_000, 100, VIS) == []
+    assert [r for r in await job_rows(store) if r[1] != c.id] == held  # untouched
+    assert await queue.next_due() == T1 + 30_010  # the held ones' times
+    assert await queue.claim(T1 + 30_009, 100, VIS) == []
+    assert {j.chat for j in await queue.claim(T1 + 30_010, 100, VIS)} == {x.id for x in windowed}
+    for each in retried:
+        assert await queue.next_due() == retry_at[each.id]
+        assert await queue.claim(retry_at[each.id] - 1, 100, VIS) == []
+        (job,) = await queue.claim(retry_at[each.id], 100, VIS)
+        assert (job.chat, job.attempts) == (each.id, 2)
 
 
 # --- dead letters -------------------------------------------------------------------------------
@@ -576,7 +652,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     await send(store, c, da, T1 + 1)
-    (job,) = await queue.claim(T1 + 1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1 + 1, 10, VIS)
     meanwhile = await send(store, c, da, T1 + 2)
     await queue.dead(job, "gateway says 500", T1 + 3)
     (letter,) = await queue.dead_letters(10)
@@ -590,7 +666,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     )
     (row,) = await job_rows(store)
     assert row[2:] == (1, job.last_iseq, 0, T1 + 3, 0, 0, 0)  # as after `done`
-    (live,) = await queue.claim(FAR, 10, VIS, WINDOW)
+    (live,) = await queue.claim(FAR, 10, VIS)
     assert (live.last_iseq, live.attempts) == (iseq_of(meanwhile, db), 1)
     assert await count(store, live) == 3  # the device has acked none of them
     await queue.done(live, FAR, pushed=True)
@@ -599,7 +675,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     assert await queue.dead_letters(10) == []
     (row,) = await job_rows(store)
     assert (row[2], row[5], row[8]) == (1, FAR + 5, 0)  # pending, due now, no window
-    (back,) = await queue.claim(FAR + 5, 10, VIS, WINDOW)  # despite the window of the push
+    (back,) = await queue.claim(FAR + 5, 10, VIS)  # despite the window of the push
     assert (back.device, back.chat, back.attempts) == (db.id, c.id, 1)
     assert await count(store, back) == 3
 
@@ -609,13 +685,13 @@ async def test_dead_with_nothing_newer_leaves_the_job_idle(
 ) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await queue.dead(job, "boom", T1 + 1)
     assert len(await queue.dead_letters(10)) == 1
     (row,) = await job_rows(store)
     assert (row[2], row[6], row[7], row[8]) == (0, 0, 0, 0)
-    assert await queue.next_due(WINDOW) is None
-    assert await queue.claim(FAR, 10, VIS, WINDOW) == []
+    assert await queue.next_due() is None
+    assert await queue.claim(FAR, 10, VIS) == []
 
 
 async def test_a_retried_dead_letter_joins_the_live_job(
@@ -623,7 +699,7 @@ async def test_a_retried_dead_letter_joins_the_live_job(
 ) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await queue.dead(job, "boom", T1 + 1)
     await send(store, c, da, T1 + 2)
     await send(store, c, da, T1 + 3)
@@ -631,9 +707,23 @@ async def test_a_retried_dead_letter_joins_the_live_job(
     (letter,) = await queue.dead_letters(10)
     assert await queue.retry_dead([letter.id], T1 + 5) == 1
     assert len(await job_rows(store)) == 1
-    (merged,) = await queue.claim(T1 + 5, 10, VIS, WINDOW)  # one job: the letter and the rest
+    (merged,) = await queue.claim(T1 + 5, 10, VIS)  # one job: the letter and the rest
     assert merged.last_iseq == iseq_of(last, db)
     assert await count(store, merged) == 4
+
+
+async def test_retry_dead_leaves_a_leased_job_to_its_worker(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    _, _, da, _, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS)
+    await send(store, c, da, T1 + 1)
+    await queue.dead(job, "boom", T1 + 2)  # a letter; the newer entry keeps the job pending
+    assert [j.chat for j in await queue.claim(T1 + 2, 10, VIS)] == [c.id]  # a worker holds it
+    (letter,) = await queue.dead_letters(10)
+    assert await queue.retry_dead([letter.id], T1 + 3) == 1
+    assert await queue.claim(T1 + 3, 10, VIS) == []  # a job goes to one worker at a time
 
 
 async def dead_letters_of(store: SqliteStore, queue: SqlitePushQueue, n: int) -> list[DeadLetter]:
@@ -750,7 +840,7 @@ async def test_an_invitation_during_a_lease_stays_pending(
 ) -> None:
     (a, b, da, db, c) = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     # Bob is removed and added again while his push is in flight
     c, _ = await store.chats.change_members(c.id, c.version, [], [b.id], [], a.id, T1 + 1)
     c, out = await store.chats.change_members(
@@ -759,11 +849,12 @@ async def test_an_invitation_during_a_lease_stays_pending(
     invite = iseq_of(out, db)
     assert invite > job.last_iseq and job.invite_iseq == 0
     (row,) = await job_rows(store)
-    assert (row[2], row[4], row[5]) == (1, invite, T1)  # pending: its due time is unchanged
+    assert (row[2], row[4], row[5]) == (1, invite, job.lease)  # pending: due still its lease
     await queue.done(job, T1 + 10, pushed=True)
     (row,) = await job_rows(store)
-    assert (row[2], row[4], row[5]) == (1, invite, T1 + 10)
-    (again,) = await queue.claim(T1 + 10 + 30_000, 10, VIS, WINDOW)
+    assert (row[2], row[4], row[5]) == (1, invite, T1 + 10 + 30_000)  # after the window
+    assert await queue.claim(T1 + 10 + 29_999, 10, VIS) == []
+    (again,) = await queue.claim(T1 + 10 + 30_000, 10, VIS)
     assert (again.invite_iseq, again.last_iseq) == (invite, invite)
 
 
@@ -783,6 +874,92 @@ async def test_a_retried_dead_invitation_is_an_invitation_again(
     assert (back.device, back.chat, back.invite_iseq) == (db.id, g.id, iseq_of(out, db))
 
 
+async def test_invitations_get_the_grace_and_the_window(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    await queue.configure(0.5, WINDOW)
+    (a, b, da, db, c) = await pair(store)
+    x = await user(store, "xavier")
+    dx = await device(store, x)
+    await store.push.set_target(dx.id, FCM2, T0)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1 + 500, 10, VIS)
+    await queue.done(job, T1 + 500, pushed=True)  # Bob was pushed: his job is idle
+    c, _ = await store.chats.change_members(c.id, c.version, [], [b.id], [], a.id, T1 + 600)
+    c, out = await store.chats.change_members(
+        c.id, c.version, [Member(user=b.id), Member(user=x.id)], [], [], a.id, T1 + 700
+    )
+    rows = {r[0]: (r[2], r[4], r[5]) for r in await job_rows(store)}
+    assert rows == {
+        db.id: (1, iseq_of(out, db), T1 + 500 + 30_000),  # after the window of his push
+        dx.id: (1, iseq_of(out, dx), T1 + 700 + 500),  # new: after its grace
+    }
+    assert await queue.claim(T1 + 1_199, 10, VIS) == []
+    (new,) = await queue.claim(T1 + 1_200, 10, VIS)
+    assert (new.device, new.invite_iseq, new.last_iseq) == (
+        dx.id,
+        iseq_of(out, dx),
+        new.invite_iseq,
+    )
+    assert await queue.next_due() == T1 + 30_500
+    (again,) = await queue.claim(T1 + 30_500, 10, VIS)
+    assert (again.device, again.invite_iseq) == (db.id, iseq_of(out, db))
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+
+async def test_before_configure_there_is_no_grace_and_no_window(store: SqliteStore) -> None:
+    queue = SqlitePushQueue(store.db)  # not the fixture's: never configured
+    _, _, da, db, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS)
+    await queue.done(job, T1 + 10, pushed=True)
+    later = await send(store, c, da, T1 + 20)
+    (row,) = await job_rows(store)
+    assert (row[2], row[5]) == (1, T1 + 20)  # no window holds it
+    (job,) = await queue.claim(T1 + 20, 10, VIS)
+    assert job.last_iseq == iseq_of(later, db)  # no grace: an entry of now is covered
+    await queue.done(job, T1 + 30, pushed=True)
+    assert await queue.claim(T1 + 30, 10, VIS) == []
+    assert len(await job_rows(store)) == 1
+    assert await queue.claim(T1 + 31, 10, VIS) == []
+    assert await job_rows(store) == []  # forgotten as soon as its push is past
+
+
+async def test_configure_applies_to_jobs_that_become_pending_afterwards(
+    store: SqliteStore, queue: SqlitePushQueue
+) -> None:
+    (_, _, da, db, c), (pushed, fresh) = await pair_and_chats(store, extra=2)
+    await send(store, pushed, da, T1)
+    (job,) = await claim_all(queue, T1)
+    await queue.done(job, T1, pushed=True)  # idle, pushed at T1
+    await send(store, c, da, T1 + 1)  # pending before the change: no grace
+    await queue.configure(2.0, 60.0)
+    rows = {r[1]: (r[2], r[5]) for r in await job_rows(store)}
+    assert rows == {c.id: (1, T1 + 1), pushed.id: (0, T1 + 30_000)}  # as they were
+    await send(store, c, da, T1 + 2)  # pending already: still due at T1 + 1
+    covered = await send(store, pushed, da, T1 + 3)  # pending again: the new window
+    await send(store, fresh, da, T1 + 4)  # a new job: the new grace
+    rows = {r[1]: (r[2], r[5]) for r in await job_rows(store)}
+    assert rows == {c.id: (1, T1 + 1), pushed.id: (1, T1 + 60_000), fresh.id: (1, T1 + 2_004)}
+    assert await queue.next_due() == T1 + 1
+
+    (job,) = await queue.claim(T1 + 2_003, 10, VIS)
+    assert job.chat == c.id
+    assert job.last_iseq == iseq_of(covered, db)  # the claim covers what had the new grace
+    assert await count(store, job) == 2
+    (new,) = await queue.claim(T1 + 2_004, 10, VIS)
+    assert new.chat == fresh.id
+    await send(store, fresh, da, T1 + 2_500)
+    await queue.done(new, T1 + 3_000, pushed=True)  # pending, after the new window
+    assert {r[1]: (r[2], r[5]) for r in await job_rows(store)}[fresh.id] == (1, T1 + 63_000)
+    assert await queue.next_due() == T1 + 60_000
+    assert await queue.claim(T1 + 59_999, 10, VIS) == []
+    (again,) = await queue.claim(T1 + 60_000, 10, VIS)
+    assert again.chat == pushed.id
+
+
 # --- housekeeping ---------------------------------------------------------------------------
 
 
@@ -791,9 +968,9 @@ async def test_idle_jobs_are_forgotten_once_their_window_passed(
 ) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
-    (job,) = await queue.claim(T1, 10, VIS, WINDOW)
+    (job,) = await queue.claim(T1, 10, VIS)
     await queue.done(job, T1 + 10, pushed=True)
-    assert await queue.claim(T1 + 10 + 30_000, 10, VIS, WINDOW) == []
+    assert await queue.claim(T1 + 10 + 30_000, 10, VIS) == []
     assert len(await job_rows(store)) == 1  # kept while it still holds the window
-    assert await queue.claim(T1 + 10 + 30_001, 10, VIS, WINDOW) == []
+    assert await queue.claim(T1 + 10 + 30_001, 10, VIS) == []
     assert await job_rows(store) == []

@@ -225,7 +225,7 @@ async def test_a_burst_is_one_push_and_the_window_holds_the_next(
 
     await alice.send(chat["id"], "one more")  # inside the window: held until it ends
     queue = server.app[PUSH].queue
-    assert queue is not None and await queue.next_due(30.0, 1.0) == clock.now + 30_000
+    assert queue is not None and await queue.next_due() == clock.now + 30_000
     clock.now += 30_000
     note = await hook.next()
     assert (note["count"], note["badge"]) == (6, 6)  # bob has received none of the six

@@ -160,7 +160,9 @@ class PushWorker:
         for callback in self._observers:
             callback(outcome, job)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Tell the queue the coalescing rules, then drain it in a task of its own."""
+        await self._queue.configure(self._policy.grace, self._policy.window)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="push-worker")
 
     async def aclose(self) -> None:
@@ -197,13 +199,13 @@ class PushWorker:
         if free <= 0:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return
-        due = await self._queue.next_due(p.window, p.grace)  # a read: idle costs no writes
+        due = await self._queue.next_due()  # a read: an idle worker writes nothing
         now = self._clock.now_ms()
         if due is None or due > now:
             wait = p.poll_interval if due is None else (due - now) / 1000
             await self._pause(min(wait, p.poll_interval))
             return
-        jobs = await self._queue.claim(now, free, p.visibility_timeout, p.window, p.grace)
+        jobs = await self._queue.claim(now, free, p.visibility_timeout)
         for job in jobs:
             task = asyncio.get_running_loop().create_task(self._handle(job))
             self._inflight.add(task)

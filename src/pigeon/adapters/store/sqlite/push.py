@@ -34,14 +34,16 @@ def enqueue_invitations(
     messages (the trigger covers message entries only). Devices without a target are skipped."""
     conn.executemany(
         "INSERT INTO push_jobs (device_id, chat_id, pending, invite_iseq, due_at)"
-        " SELECT device_id, ?, 1, ?, ? FROM push_targets"
+        " SELECT device_id, ?, 1, ?, ? + (SELECT grace_ms FROM push_policy) FROM push_targets"
         " WHERE device_id = ? AND target IS NOT NULL"
         " ON CONFLICT (device_id, chat_id) DO UPDATE SET invite_iseq = excluded.invite_iseq,"
-        " due_at = CASE WHEN pending = 0 THEN excluded.due_at ELSE due_at END, pending = 1",
+        f" due_at = CASE WHEN pending = 0 THEN {_READY_AFTER_IDLE} ELSE due_at END, pending = 1",
         [(chat_id, d.iseq, at, d.device) for d in deliveries],
     )
 
 
+#: When a job that was idle may be claimed: its grace, and the window since its last push.
+_READY_AFTER_IDLE = "max(excluded.due_at, pushed_at + (SELECT window_ms FROM push_policy))"
 #: Messages of others in the chat, in the device's inbox between two iseqs, counted up to
 #: `MAX_COUNT` (a device away for long has a deep inbox; "99+" says enough).
 _COUNT = (
@@ -151,34 +153,44 @@ class SqlitePush:
 
 
 class SqlitePushQueue:
-    """The embedded push queue: the `push_jobs` outbox table, leased row by row."""
+    """The embedded push queue: the `push_jobs` outbox table, leased row by row.
+
+    A pending row's `due_at` is when it may be claimed (its grace and window are in it, and a
+    lease or a retry moves it), so a claim reads one range of a partial index.
+    """
 
     def __init__(self, db: SqliteDb) -> None:
         self._db = db
 
-    async def claim(
-        self, now: int, limit: int, visibility: float, window: float, grace: float = 0.0
-    ) -> list[PushJob]:
+    async def configure(self, grace: float, window: float) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE push_policy SET grace_ms = ?, window_ms = ?",
+                (int(grace * 1000), int(window * 1000)),
+            )
+        )
+
+    async def claim(self, now: int, limit: int, visibility: float) -> list[PushJob]:
         lease = now + int(visibility * 1000)
 
         def tx(conn: sqlite3.Connection) -> list[PushJob]:
             conn.execute(
                 "DELETE FROM push_jobs WHERE (device_id, chat_id) IN (SELECT device_id, chat_id"
-                " FROM push_jobs WHERE pending = 0 AND pushed_at < ? LIMIT ?)",
-                (now - int(window * 1000), _FORGET_CHUNK),
+                " FROM push_jobs WHERE pending = 0"
+                " AND pushed_at < ? - (SELECT window_ms FROM push_policy) LIMIT ?)",
+                (now, _FORGET_CHUNK),
             )
-            settled = now - int(grace * 1000)
             # The push covers the entries that had their grace: a newer one may yet be acked
             # by a connected device, and keeps the job pending for later (see `_answer`).
             rows = conn.execute(
-                "UPDATE push_jobs SET leased_until = ?, attempts = attempts + 1, last_iseq ="
-                " coalesce((SELECT iseq FROM inbox WHERE device_id = push_jobs.device_id"
-                " AND at <= ? ORDER BY iseq DESC LIMIT 1), 0)"
+                "UPDATE push_jobs SET leased_until = ?, due_at = ?, attempts = attempts + 1,"
+                " last_iseq = coalesce((SELECT iseq FROM inbox WHERE device_id ="
+                " push_jobs.device_id AND at <= ? - (SELECT grace_ms FROM push_policy)"
+                " ORDER BY iseq DESC LIMIT 1), 0)"
                 " WHERE (device_id, chat_id) IN (SELECT device_id, chat_id FROM push_jobs"
-                " WHERE pending = 1 AND due_at <= ? AND leased_until <= ? AND pushed_at <= ?"
-                " ORDER BY due_at LIMIT ?)"
+                " WHERE pending = 1 AND due_at <= ? ORDER BY due_at LIMIT ?)"
                 " RETURNING device_id, chat_id, last_iseq, invite_iseq, attempts",
-                (lease, settled, settled, now, now - int(window * 1000), limit),
+                (lease, lease, now, now, limit),
             ).fetchall()
             return [
                 PushJob(device=d, chat=c, last_iseq=i, invite_iseq=v, attempts=a, lease=lease)
@@ -187,13 +199,9 @@ class SqlitePushQueue:
 
         return await self._db.write(tx)
 
-    async def next_due(self, window: float, grace: float = 0.0) -> int | None:
+    async def next_due(self) -> int | None:
         def q(conn: sqlite3.Connection) -> int | None:
-            (when,) = conn.execute(
-                "SELECT min(max(due_at + ?, pushed_at + ?, leased_until)) FROM push_jobs"
-                " WHERE pending = 1",
-                (int(grace * 1000), int(window * 1000)),
-            ).fetchone()
+            (when,) = conn.execute("SELECT min(due_at) FROM push_jobs WHERE pending = 1").fetchone()
             return None if when is None else int(when)
 
         return await self._db.read(q)
@@ -204,8 +212,7 @@ class SqlitePushQueue:
     async def retry(self, job: PushJob, due_at: int, error: str) -> None:
         await self._db.write(
             lambda conn: conn.execute(
-                # held until then like a lease: its grace is long past (it was claimed)
-                "UPDATE push_jobs SET leased_until = ?"
+                "UPDATE push_jobs SET leased_until = 0, due_at = ?"
                 " WHERE device_id = ? AND chat_id = ? AND leased_until = ?",
                 (due_at, job.device, job.chat, job.lease),
             )
@@ -247,10 +254,12 @@ class SqlitePushQueue:
                 conn.execute(
                     "INSERT INTO push_jobs (device_id, chat_id, pending, invite_iseq, due_at)"
                     " SELECT id, ?, 1, ?, ? FROM devices WHERE id = ?"
+                    # a job leased right now stays its worker's (whose push covers these)
                     " ON CONFLICT (device_id, chat_id) DO UPDATE SET pending = 1,"
-                    " invite_iseq = max(invite_iseq, excluded.invite_iseq),"
-                    " due_at = excluded.due_at, pushed_at = 0, last_iseq = 0",
-                    (chat, invite_iseq, now, device),
+                    " invite_iseq = max(invite_iseq, excluded.invite_iseq), pushed_at = 0,"
+                    " last_iseq = CASE WHEN leased_until > ? THEN last_iseq ELSE 0 END,"
+                    " due_at = CASE WHEN leased_until > ? THEN due_at ELSE excluded.due_at END",
+                    (chat, invite_iseq, now, device, now, now),
                 )
                 moved += 1
             return moved
@@ -262,15 +271,19 @@ class SqlitePushQueue:
 
 
 def _answer(conn: sqlite3.Connection, job: PushJob, now: int, pushed: bool) -> bool:
-    """End the job's lease: idle again, or still pending (grace from `now`) if entries of the
-    chat came after what it covered. False if the lease was no longer this job's."""
+    """End the job's lease: idle again, or still pending if entries of the chat came after
+    what it covered (due after a grace from `now`, and the window if it was pushed). False if
+    the lease was no longer this job's."""
+    pushed_at = "CASE WHEN ? THEN ? ELSE pushed_at END"
     answered = conn.execute(
         f"UPDATE push_jobs SET pending = CASE WHEN {_STILL_PENDING} THEN 1 ELSE 0 END,"
         " invite_iseq = CASE WHEN invite_iseq > last_iseq THEN invite_iseq ELSE 0 END,"
-        " attempts = 0, leased_until = 0, due_at = ?,"
-        " pushed_at = CASE WHEN ? THEN ? ELSE pushed_at END"
+        " attempts = 0, leased_until = 0,"
+        " due_at = max(? + (SELECT grace_ms FROM push_policy),"
+        f" {pushed_at} + (SELECT window_ms FROM push_policy)),"
+        f" pushed_at = {pushed_at}"
         " WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
-        (now, pushed, now, job.device, job.chat, job.lease),
+        (now, pushed, now, pushed, now, job.device, job.chat, job.lease),
     ).fetchone()
     return answered is not None
 

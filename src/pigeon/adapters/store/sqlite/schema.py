@@ -135,7 +135,9 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
         # Push: targets, the outbox (`push_jobs`, also the embedded queue) and its dead letters.
         # The trigger is the outbox: it marks a device's job of the chat pending in the
         # transaction that appends the message entry. It writes only when the job was idle (a
-        # burst is one write), and costs one index probe for devices without a target.
+        # burst is one write), and costs one index probe for devices without a target. A job's
+        # `due_at` is when it may be claimed: its grace and its window (`push_policy`, set by
+        # the worker's settings) are in it, so a claim is a range of the `push_jobs_due` index.
         [
             *_split(
                 """
@@ -160,6 +162,12 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
                 ) WITHOUT ROWID;
                 CREATE INDEX push_jobs_due ON push_jobs(due_at) WHERE pending = 1;
                 CREATE INDEX push_jobs_idle ON push_jobs(pushed_at) WHERE pending = 0;
+                CREATE TABLE push_policy (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    grace_ms INTEGER NOT NULL,
+                    window_ms INTEGER NOT NULL
+                );
+                INSERT INTO push_policy VALUES (1, 0, 0);
                 CREATE TABLE push_dead (
                     id INTEGER PRIMARY KEY,
                     device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
@@ -182,10 +190,11 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
                     NEW.device_id,
                     (SELECT chat_id FROM messages WHERE id = NEW.message_id),
                     1,
-                    NEW.at
+                    NEW.at + (SELECT grace_ms FROM push_policy)
                 )
                 ON CONFLICT (device_id, chat_id) DO UPDATE SET
-                    pending = 1, due_at = excluded.due_at
+                    pending = 1,
+                    due_at = max(excluded.due_at, pushed_at + (SELECT window_ms FROM push_policy))
                 WHERE pending = 0;
             END
             """,
