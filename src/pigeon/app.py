@@ -170,11 +170,16 @@ def build_push(settings: Settings, store: Store) -> PushParts:
     )
 
     vapid = load_or_create_vapid_key(settings.vapid_key_file())
+    public_only = not p.allow_private_targets  # devices choose these URLs
     senders: dict[PushKind, PushSender] = {
         "webhook": WebhookSender(
-            load_or_create_secret(settings.webhook_secret_file()), timeout=p.gateway_timeout
+            load_or_create_secret(settings.webhook_secret_file()),
+            timeout=p.gateway_timeout,
+            public_only=public_only,
         ),
-        "webpush": WebPushSender(vapid, p.webpush.subject, timeout=p.gateway_timeout),
+        "webpush": WebPushSender(
+            vapid, p.webpush.subject, timeout=p.gateway_timeout, public_only=public_only
+        ),
     }
     if p.fcm.credentials_file is not None:
         from pigeon.adapters.push.fcm import FcmSender

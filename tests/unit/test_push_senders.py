@@ -190,6 +190,25 @@ async def test_webhook_posts_signed_json(gateway: FakeGateway) -> None:
     assert msgspec.json.decode(got.body, type=PushNotification) == NOTE
 
 
+@pytest.mark.parametrize("public_only", [True, False])
+async def test_a_name_that_resolves_to_a_private_address_is_not_posted_to(
+    gateway: FakeGateway, public_only: bool
+) -> None:
+    # a device chose the URL: "localhost" stands for any name whose DNS answer is internal
+    url = gateway.url.replace("127.0.0.1", "localhost") + "/h/2"
+    sender = WebhookSender(SECRET, timeout=TIMEOUT, public_only=public_only)
+    await sender.open()
+    try:
+        outcome = await sender.send(PushTarget(kind="webhook", url=url), NOTE)
+    finally:
+        await sender.aclose()
+    if public_only:
+        assert outcome.result == "retry" and "no public address" in outcome.detail
+        assert gateway.received == []
+    else:
+        assert outcome == PushOutcome("sent") and len(gateway.received) == 1
+
+
 def test_a_signature_binds_secret_timestamp_and_body() -> None:
     body = msgspec.json.encode(NOTE)
     header = sign(SECRET, "1700000000", body)

@@ -4,11 +4,16 @@ error bodies and fetches tokens, uses its session and `describe_error`."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 import time
 from collections.abc import Mapping
 
 import aiohttp
 import msgspec
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from pigeon.domain.push import PushOutcome, retry_after_seconds
 
@@ -31,21 +36,52 @@ def outcome_of(status: int, retry_after: str | None, now: float) -> PushOutcome:
     return PushOutcome("retry", f"HTTP {status}")
 
 
+class PublicResolver(AbstractResolver):
+    """Resolves names as aiohttp does, then keeps only public addresses.
+
+    A device names its Web Push endpoint or webhook URL, so the server must not be made to POST
+    to its own network: a name that resolves to a loopback, private or link-local address is
+    refused here, when the connection is made (checking at registration alone would let DNS
+    change its answer afterwards). IP literals never reach a resolver; `TargetRules` refuses
+    the private ones when the target is registered.
+    """
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        public = [r for r in found if ipaddress.ip_address(r["host"]).is_global]
+        if not public:
+            raise OSError(errno.EHOSTUNREACH, f"{host} resolves to no public address")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class GatewayClient:
     """One connection pool to push gateways that answers every POST with a `PushOutcome`.
 
     It never raises for what the network or the gateway does: refused connections, timeouts,
     resets and malformed answers all become `retry`. Redirects are not followed (a gateway that
     moved is a configuration error, and following one would let a target point pushes anywhere).
+    With `public_only`, names are resolved by `PublicResolver` (URLs that devices chose).
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, *, public_only: bool = False) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._public_only = public_only
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            connector = aiohttp.TCPConnector(
+                resolver=PublicResolver() if self._public_only else None
+            )
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
 
     async def aclose(self) -> None:
         if self._session is not None:

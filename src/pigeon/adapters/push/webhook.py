@@ -55,16 +55,17 @@ class WebhookSender:
     """Delivers pushes to `PushTarget.url` as signed JSON (`kind` "webhook").
 
     `secret` is the HMAC key receivers share with the server (at least 32 random bytes).
+    `public_only`: names in URLs must resolve to public addresses (see `http.PublicResolver`).
     A 404 or 410 from the hook means it was removed (`gone`); see `http.outcome_of` for the rest.
     """
 
     kind: PushKind = "webhook"
 
-    def __init__(self, secret: bytes, *, timeout: float = 10.0) -> None:
+    def __init__(self, secret: bytes, *, timeout: float = 10.0, public_only: bool = False) -> None:
         if not secret:
             raise ValueError("a webhook secret must not be empty")
         self._secret = secret
-        self._gateway = GatewayClient(timeout)
+        self._gateway = GatewayClient(timeout, public_only=public_only)
 
     async def open(self) -> None:
         await self._gateway.open()

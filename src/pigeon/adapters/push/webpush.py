@@ -215,6 +215,7 @@ class WebPushSender:
     a `mailto:` or `https:` contact for the push service's operators. `ttl` is how long (s) a
     push service keeps a push for an offline browser. A 404 or 410 means the subscription
     expired or was withdrawn (`gone`), as do subscription keys that are not a P-256 point.
+    `public_only`: endpoint names must resolve to public addresses (`http.PublicResolver`).
     """
 
     kind: PushKind = "webpush"
@@ -226,12 +227,13 @@ class WebPushSender:
         *,
         timeout: float = 10.0,
         ttl: int = 86400,
+        public_only: bool = False,
     ) -> None:
         key = load_p256_private_key(vapid_private_key_pem)
         self._public_key = _public_point(key)
         self._tokens = VapidTokens(key, _check_subject(subject))
         self._ttl = ttl
-        self._gateway = GatewayClient(timeout)
+        self._gateway = GatewayClient(timeout, public_only=public_only)
 
     async def open(self) -> None:
         await self._gateway.open()
