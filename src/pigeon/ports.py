@@ -139,6 +139,8 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
     body: str | None
     attachment: Attachment | None
     preview: str | None
+    #: The sender's own text for the recipients' pushes (stored for them, never in the event).
+    push_preview: str | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):
@@ -249,6 +251,8 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
     unread: int
     #: The name of the chat's latest sender, when the user allows names in pushes.
     sender_name: str | None
+    #: The push preview its sender attached to the newest message counted, if any.
+    preview: str | None = None
 
 
 class PushStore(Protocol):

@@ -276,6 +276,25 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
 
 
 @embedded_only
+async def test_the_senders_push_preview_is_shown_and_never_the_body(
+    make_server: ServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server(make_server, hook)
+    alice = await server.new_client("alice")
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await register_hook(server, bob, hook)
+    chat = await alice.create_chat([bob_id])
+    with pytest.raises(ClientError) as err:
+        await alice.send(chat["id"], "x", push_preview="p" * 1025)
+    assert err.value.code == "too_large"
+    await alice.send(chat["id"], "the plain text", push_preview="ENC:9f2c…")
+    note = await hook.next()
+    assert (note["preview"], note["count"]) == ("ENC:9f2c…", 1)
+    assert "plain" not in msgspec.json.encode(note).decode()
+
+
+@embedded_only
 async def test_a_gone_target_is_removed_and_the_device_sees_why(
     make_server: ServerFactory, hook: FakeHook
 ) -> None:

@@ -242,12 +242,16 @@ class PigeonClient:
         *,
         attachment: str | None = None,
         cmid: str | None = None,
+        push_preview: str | None = None,
     ) -> SendResult:
-        """Send a message; returns once it is durably committed. Retries under the same cmid."""
+        """Send a message; returns once it is durably committed. Retries under the same cmid.
+        `push_preview`: the text recipients' pushes show (else they show none)."""
         cmid = cmid or new_id()
         fields: dict[str, Any] = {"chat": chat, "cmid": cmid}
         if body is not None:
             fields["body"] = body
+        if push_preview is not None:
+            fields["push_preview"] = push_preview
         if attachment is not None:
             fields["attachment"] = attachment
         for attempt in itertools.count():

@@ -21,6 +21,8 @@ from pigeon.domain.errors import BadRequest
 PushKind = Literal["fcm", "apns", "webpush", "webhook"]
 PUSH_KINDS: tuple[PushKind, ...] = ("fcm", "apns", "webpush", "webhook")
 
+#: Longest `push_preview` a sender may attach to a message (an encrypted one included).
+MAX_PUSH_PREVIEW_CHARS = 1024
 #: A push counts new messages up to this (clients show "99+").
 MAX_COUNT = 100
 #: Longest token, URL or key a target may carry (FCM tokens are ~160 chars, URLs a few hundred).
@@ -149,8 +151,8 @@ class PushNotification(msgspec.Struct, frozen=True, kw_only=True):
     title: str = "New message"
     #: Only when the recipient allows names in pushes.
     sender_name: str | None = None
-    #: A preview the sending client attached (opaque to the server). Clients cannot attach one
-    #: yet: the field is rendered by every sender, for when `send` takes it.
+    #: The `push_preview` the sender attached to the newest message counted (opaque to the
+    #: server: an encrypted one in end-to-end encrypted chats), if any.
     preview: str | None = None
 
 

@@ -56,6 +56,9 @@ class Send(Command, tag="send"):
     body: str | None = None
     attachment: str | None = None
     ack: Count | None = None  # an `ack` riding along (saves a command per received batch)
+    #: Shown in the recipients' pushes as is (an encrypted one in end-to-end encrypted chats);
+    #: the server never puts the body in a push.
+    push_preview: str | None = None
 
 
 class Ack(Command, tag="ack"):

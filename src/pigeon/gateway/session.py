@@ -180,7 +180,13 @@ class Session:
 
     async def _send(self, cmd: p.Send) -> dict[str, Any]:
         message, duplicate = await self.services.messaging.send(
-            self.conn.device, cmd.chat, cmd.cmid, cmd.body, cmd.attachment, ack=cmd.ack
+            self.conn.device,
+            cmd.chat,
+            cmd.cmid,
+            cmd.body,
+            cmd.attachment,
+            ack=cmd.ack,
+            push_preview=cmd.push_preview,
         )
         return {"id": message.id, "seq": message.seq, "at": message.at, "duplicate": duplicate}
 

@@ -15,6 +15,7 @@ from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Attachment, Device, MemberReceipt
+from pigeon.domain.push import MAX_PUSH_PREVIEW_CHARS
 from pigeon.ports import Clock, MessageStore, SendRequest, SendResult
 from pigeon.services.fanout import Fanout
 from pigeon.services.throttle import Throttle
@@ -65,6 +66,7 @@ class MessagingService:
         attachment: str | None,
         *,
         ack: int | None = None,
+        push_preview: str | None = None,
     ) -> tuple[Message, bool]:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
@@ -90,11 +92,15 @@ class MessagingService:
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
         if ack is not None and ack < 0:
             raise BadRequest("ack must be >= 0")
+        if push_preview is not None and len(push_preview) > MAX_PUSH_PREVIEW_CHARS:
+            raise TooLarge(f"push_preview exceeds {MAX_PUSH_PREVIEW_CHARS} characters")
         acking = None
         if ack is not None:  # handed over first: as if sent just before the message
             change = self._store.ack(device, ack, self._clock.now_ms())
             acking = self._fanout.start(change, _same)
-        committing = await self._hand_over(device, chat_id, cmid, body, body_bytes, attachment)
+        committing = await self._hand_over(
+            device, chat_id, cmid, body, body_bytes, attachment, push_preview
+        )
         sent = await committing
         if acking is not None:
             await asyncio.shield(acking)
@@ -108,6 +114,7 @@ class MessagingService:
         body: str | None,
         body_bytes: int,
         attachment: str | None,
+        push_preview: str | None,
     ) -> Awaitable[tuple[Message, bool]]:
         """Check what must be checked, wait for the device's previous send to hand over, hand
         this one over; returns what to await for its outcome."""
@@ -127,7 +134,7 @@ class MessagingService:
                 media = await self._media.for_message(device, chat_id, attachment)
             if self._throttle is not None:  # the last await: what passes it is handed over
                 await self._throttle.fanout(chat_id)
-            return self._commit(device, chat_id, cmid, body, media)
+            return self._commit(device, chat_id, cmid, body, media, push_preview)
         finally:
             if before is None or before.done():
                 mine.set_result(None)
@@ -145,6 +152,7 @@ class MessagingService:
         cmid: str,
         body: str | None,
         attachment: Attachment | None,
+        push_preview: str | None,
     ) -> Awaitable[tuple[Message, bool]]:
         """Hand the message over to the store now; returns what to await for the outcome."""
         preview = (
@@ -162,6 +170,7 @@ class MessagingService:
             body=body,
             attachment=attachment,
             preview=preview,
+            push_preview=push_preview,
         )
         return self._committed(
             chat_id, self._fanout.start(self._store.send(req), lambda r: r.deliveries)

@@ -251,6 +251,7 @@ class PushWorker:
             collapse_key=job.chat,
             title="New message" if ctx.count else "New chat",
             sender_name=ctx.sender_name,
+            preview=ctx.preview,
         )
         outcome = await self._send(ctx.target, note)
         now = self._clock.now_ms()

@@ -136,7 +136,8 @@ class SqliteMessages:
         )
         raw = encode_event(message)
         conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLS}, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO messages ({_MESSAGE_COLS}, pending, push_preview)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 message.id,
                 req.chat,
@@ -147,6 +148,7 @@ class SqliteMessages:
                 req.at,
                 raw if targets else None,
                 len(targets),
+                req.push_preview,
             ),
         )
         deliveries = inbox.append(conn, targets, raw, req.at, message.id)

@@ -51,6 +51,12 @@ _COUNT = (
     " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
     f" LIMIT {MAX_COUNT})"
 )
+#: The sender's push preview of the newest of those messages (NULL: it attached none).
+_NEWEST_PREVIEW = (
+    "SELECT m.push_preview FROM inbox i JOIN messages m ON m.id = i.message_id"
+    " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
+    " ORDER BY i.iseq DESC LIMIT 1"
+)
 #: After a job is answered: does the chat have entries past what the job covered?
 _STILL_PENDING = (
     "invite_iseq > last_iseq OR EXISTS (SELECT 1 FROM inbox i JOIN messages m"
@@ -126,7 +132,10 @@ class SqlitePush:
             if row is None:
                 return None
             user_id, acked, raw, names = row
-            (count,) = conn.execute(_COUNT, (device_id, acked, upto, chat_id, user_id)).fetchone()
+            args = (device_id, acked, upto, chat_id, user_id)
+            (count,) = conn.execute(_COUNT, args).fetchone()
+            found = conn.execute(_NEWEST_PREVIEW, args).fetchone() if count else None
+            preview = None if found is None else found[0]
             (unread,) = conn.execute(
                 "SELECT coalesce(sum(c.last_seq - m.read_seq), 0) FROM members m"
                 " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?",
@@ -147,6 +156,7 @@ class SqlitePush:
                 acked_iseq=acked,
                 unread=max(0, unread),
                 sender_name=sender,
+                preview=preview,
             )
 
         return await self._db.read(q)

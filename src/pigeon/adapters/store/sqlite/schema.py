@@ -142,6 +142,7 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
             *_split(
                 """
                 ALTER TABLE users ADD COLUMN push_names INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE messages ADD COLUMN push_preview TEXT;
                 CREATE TABLE push_targets (
                     device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
                     target TEXT,
