@@ -170,15 +170,17 @@ def build_push(settings: Settings, store: Store) -> PushParts:
     )
 
     vapid = load_or_create_vapid_key(settings.vapid_key_file())
-    public_only = not p.allow_private_targets  # devices choose these URLs
     senders: dict[PushKind, PushSender] = {
+        # webhooks go only to hosts the operator listed (a gateway on their own network, often)
         "webhook": WebhookSender(
-            load_or_create_secret(settings.webhook_secret_file()),
-            timeout=p.gateway_timeout,
-            public_only=public_only,
+            load_or_create_secret(settings.webhook_secret_file()), timeout=p.gateway_timeout
         ),
+        # Web Push endpoints are any host a device names: their names must resolve publicly
         "webpush": WebPushSender(
-            vapid, p.webpush.subject, timeout=p.gateway_timeout, public_only=public_only
+            vapid,
+            p.webpush.subject,
+            timeout=p.gateway_timeout,
+            public_only=not p.allow_private_targets,
         ),
     }
     if p.fcm.credentials_file is not None:

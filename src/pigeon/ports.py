@@ -249,7 +249,7 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
     acked_iseq: int
     #: Unread messages of the user over all chats (the badge).
     unread: int
-    #: The name of the chat's latest sender, when the user allows names in pushes.
+    #: The name of the newest counted message's sender, when the user allows names in pushes.
     sender_name: str | None
     #: The push preview its sender attached to the newest message counted, if any.
     preview: str | None = None

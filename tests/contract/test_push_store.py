@@ -359,10 +359,42 @@ async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
     assert (ctx.count, ctx.unread, ctx.sender_name) == (1, 1, None)
     await store.push.set_show_names(b.id, True)
     assert (await context(store, db, c1, upto)).sender_name == "xavier"
-    # the latest sender of that chat
-    assert (await context(store, db, c2, upto)).sender_name == "bob"
+    # the sender of the newest message counted, never the device's own user (bob's reply is
+    # the latest in c2, and there is nothing of others left unacked there)
+    assert (await context(store, db, c2, upto)).sender_name is None
     await store.push.set_show_names(b.id, False)
     assert (await context(store, db, c1, upto)).sender_name is None
+
+
+async def test_name_and_preview_come_from_the_same_newest_message(store: SqliteStore) -> None:
+    a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
+    da, db, dx = await device(store, a), await device(store, b), await device(store, x)
+    c = await chat(store, a, b, x)
+    await store.push.set_target(db.id, FCM, T0)
+    await store.push.set_show_names(b.id, True)
+    req = send_req(c, dx, body="meet at 5")
+    req = msgspec.structs.replace(req, at=T1, push_preview="xavier says: meet at 5")
+    first = await store.messages.send(req)
+    await send(store, c, da, T1 + 10)  # alice writes after it, with no preview
+    ctx = await context(store, db, c, iseq_of(first, db))
+    assert (ctx.sender_name, ctx.preview) == ("xavier", "xavier says: meet at 5")
+    newest = await context(store, db, c, 10**6)
+    assert (newest.sender_name, newest.preview) == ("alice", None)
+
+
+async def test_a_push_preview_goes_with_the_body(store: SqliteStore) -> None:
+    a, b = await user(store, "alice"), await user(store, "bob")
+    da, db = await device(store, a), await device(store, b)
+    c = await chat(store, a, b)
+    req = send_req(c, da, body="secret plan")
+    sent = await store.messages.send(msgspec.structs.replace(req, push_preview="secret plan"))
+    await store.messages.ack(db, iseq_of(sent, db), T1 + 1)
+    row = await store.db.read(
+        lambda conn: conn.execute(
+            "SELECT raw, push_preview FROM messages WHERE id = ?", (sent.message.id,)
+        ).fetchone()
+    )
+    assert row == (None, None)  # delivered everywhere: neither the body nor its preview stays
 
 
 async def test_context_without_a_target_or_device(store: SqliteStore) -> None:

@@ -209,7 +209,15 @@ async def test_fcm_sends_counters_and_collapse_keys_without_a_message_body(
     message = fcm.messages[0]["message"]
     assert message["token"] == FCM_TARGET.token
     assert message["notification"] == {"title": "Alice", "body": "3 new messages"}
-    assert message["data"] == {"chat": "chat-1", "count": "3", "badge": "5", "device": "dev-1"}
+    assert message["data"] == {
+        "chat": "chat-1",
+        "count": "3",
+        "badge": "5",
+        "device": "dev-1",
+        "collapse_key": "chat-1",
+        "title": "New message",
+        "sender_name": "Alice",
+    }
     assert message["android"] == {
         "collapse_key": "chat-1",
         "priority": "high",
@@ -229,6 +237,7 @@ async def test_fcm_shows_the_clients_preview_and_the_generic_title(
     assert (await sender.send(FCM_TARGET, note(count=1))).result == "sent"
     first, second = (m["message"]["notification"] for m in fcm.messages)
     assert first == {"title": "New message", "body": "ciphertext"}
+    assert fcm.messages[0]["message"]["data"]["preview"] == "ciphertext"  # for the app to decrypt
     assert second == {"title": "New message", "body": "1 new message"}
 
 

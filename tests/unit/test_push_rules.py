@@ -5,12 +5,20 @@ addresses); and the retry backoff of `PushPolicy`."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 from typing import Any
 
 import pytest
 
-from pigeon.domain.errors import BadRequest, Forbidden, PushUnsupported
-from pigeon.domain.push import MAX_FIELD_CHARS, PUSH_KINDS, PushTarget, check_target
+from pigeon.domain.errors import BadRequest, Forbidden, PushUnsupported, TooLarge
+from pigeon.domain.push import (
+    MAX_FIELD_CHARS,
+    PUSH_KINDS,
+    PushTarget,
+    check_push_preview,
+    check_target,
+    is_public_address,
+)
 from pigeon.services.push import PushPolicy, TargetRules
 
 
@@ -271,3 +279,34 @@ def test_backoff_grows_then_stays_at_the_cap() -> None:
     assert 4.0 <= policy.backoff(4) <= 8.0
     assert 30.0 <= policy.backoff(7) <= 60.0  # ceiling 64, capped at 60
     assert 30.0 <= policy.backoff(policy.max_attempts * 10) <= 60.0
+
+
+# --- push previews and public addresses ------------------------------------------------------
+
+
+def test_a_push_preview_is_bounded_in_bytes_and_has_no_control_characters() -> None:
+    assert check_push_preview("é" * 256) == "é" * 256  # 512 bytes
+    with pytest.raises(TooLarge):
+        check_push_preview("é" * 256 + "x")
+    with pytest.raises(TooLarge):
+        check_push_preview("\U0001f600" * 129)  # 4 bytes each: one over
+    for bad in ("line\nbreak", "nul\x00", "del\x7f"):
+        with pytest.raises(BadRequest):
+            check_push_preview(bad)
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.216.34", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped
+        ("::ffff:93.184.216.34", True),
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b::5db8:d822", True),  # NAT64 of 93.184.216.34
+        ("fe80::1", False),
+        ("2606:4700::1111", True),
+    ],
+)
+def test_public_addresses_see_through_ipv4_in_ipv6(address: str, public: bool) -> None:
+    assert is_public_address(ipaddress.ip_address(address)) is public

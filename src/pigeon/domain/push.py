@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
-from pigeon.domain.errors import BadRequest
+from pigeon.domain.errors import BadRequest, TooLarge
 
 PushKind = Literal["fcm", "apns", "webpush", "webhook"]
 PUSH_KINDS: tuple[PushKind, ...] = ("fcm", "apns", "webpush", "webhook")
 
-#: Longest `push_preview` a sender may attach to a message (an encrypted one included).
-MAX_PUSH_PREVIEW_CHARS = 1024
+#: Longest `push_preview` a sender may attach to a message, in UTF-8 bytes: with the rest of a
+#: push it stays within APNs's and FCM's 4 KiB payloads however its characters are escaped.
+MAX_PUSH_PREVIEW_BYTES = 512
 #: A push counts new messages up to this (clients show "99+").
 MAX_COUNT = 100
 #: Longest token, URL or key a target may carry (FCM tokens are ~160 chars, URLs a few hundred).
@@ -57,6 +59,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 
 
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 #: A bundle id, optionally with APNs's suffixes (`.voip`, `.complication`...); it goes in a header.
 _BUNDLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,254}")
@@ -112,6 +116,28 @@ _CHECKS = {
     "webpush": _check_webpush,
     "webhook": _check_webhook,
 }
+
+
+def check_push_preview(preview: str) -> str:
+    """A sender's push preview if it fits every platform's payload, else `TooLarge` or
+    `BadRequest` (control characters, which JSON would escape to six bytes each)."""
+    if len(preview.encode()) > MAX_PUSH_PREVIEW_BYTES:
+        raise TooLarge(f"push_preview exceeds {MAX_PUSH_PREVIEW_BYTES} bytes")
+    if _CONTROL.search(preview):
+        raise BadRequest("push_preview has control characters")
+    return preview
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a push may go to `address`: a global one, also when it is an IPv4 address in
+    IPv6 clothes (mapped `::ffff:a.b.c.d`, or NAT64 `64:ff9b::a.b.c.d`, which
+    `ipaddress` calls global whatever IPv4 address it carries)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped.is_global
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF).is_global
+    return address.is_global
 
 
 def _is_hex(value: str) -> bool:

@@ -15,7 +15,7 @@ from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Attachment, Device, MemberReceipt
-from pigeon.domain.push import MAX_PUSH_PREVIEW_CHARS
+from pigeon.domain.push import check_push_preview
 from pigeon.ports import Clock, MessageStore, SendRequest, SendResult
 from pigeon.services.fanout import Fanout
 from pigeon.services.throttle import Throttle
@@ -92,8 +92,8 @@ class MessagingService:
             raise NotFound("no such chat" if not is_id(chat_id) else "no such attachment")
         if ack is not None and ack < 0:
             raise BadRequest("ack must be >= 0")
-        if push_preview is not None and len(push_preview) > MAX_PUSH_PREVIEW_CHARS:
-            raise TooLarge(f"push_preview exceeds {MAX_PUSH_PREVIEW_CHARS} characters")
+        if push_preview is not None:
+            check_push_preview(push_preview)
         acking = None
         if ack is not None:  # handed over first: as if sent just before the message
             change = self._store.ack(device, ack, self._clock.now_ms())

@@ -26,7 +26,14 @@ import msgspec
 
 from pigeon.domain.errors import Forbidden, PushUnsupported
 from pigeon.domain.models import Device
-from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarget, check_target
+from pigeon.domain.push import (
+    PushKind,
+    PushNotification,
+    PushOutcome,
+    PushTarget,
+    check_target,
+    is_public_address,
+)
 from pigeon.ports import Clock, PushJob, PushQueue, PushSender, PushStore
 
 log = logging.getLogger(__name__)
@@ -76,8 +83,8 @@ def _private(host: str) -> bool:
         try:  # the resolver also takes IPv4's old forms: 127.1, 0x7f000001, 2130706433, 0
             address = ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(host)))
         except OSError:
-            return False  # a name: what it resolves to is not checked (operations.md, "Push")
-    return not address.is_global
+            return False  # a name: checked when a push connects (http.PublicResolver)
+    return not is_public_address(address)
 
 
 class PushService:

@@ -52,12 +52,18 @@ class TokenUnavailable(Exception):
 def fcm_message(token: str, note: PushNotification) -> dict[str, Any]:
     """The v1 `messages:send` body: alert, counters and collapse keys, never a message body."""
     collapse_id = apns_collapse_id(note.collapse_key)
-    data = {
+    data = {  # everything, so an app can render (or decrypt the preview) itself
         "chat": note.chat,
         "count": str(note.count),
         "badge": str(note.badge),
         "device": note.device,
+        "collapse_key": note.collapse_key,
+        "title": note.title,
     }
+    if note.sender_name is not None:
+        data["sender_name"] = note.sender_name
+    if note.preview is not None:
+        data["preview"] = note.preview
     return {
         "message": {
             "token": token,

@@ -15,7 +15,7 @@ import msgspec
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from pigeon.domain.push import PushOutcome, retry_after_seconds
+from pigeon.domain.push import PushOutcome, is_public_address, retry_after_seconds
 
 #: Statuses that mean the target will never work again (an unsubscribed endpoint, a removed hook).
 GONE_STATUSES = frozenset({404, 410})
@@ -53,7 +53,7 @@ class PublicResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
-        public = [r for r in found if ipaddress.ip_address(r["host"]).is_global]
+        public = [r for r in found if is_public_address(ipaddress.ip_address(r["host"]))]
         if not public:
             raise OSError(errno.EHOSTUNREACH, f"{host} resolves to no public address")
         return public
@@ -74,19 +74,22 @@ class GatewayClient:
     def __init__(self, timeout: float, *, public_only: bool = False) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._public_only = public_only
+        self._resolver: PublicResolver | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                resolver=PublicResolver() if self._public_only else None
-            )
+            self._resolver = PublicResolver() if self._public_only else None
+            connector = aiohttp.TCPConnector(resolver=self._resolver)
             self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # a resolver given to a connector is not closed by it
+            await self._resolver.close()
+            self._resolver = None
 
     @property
     def session(self) -> aiohttp.ClientSession:

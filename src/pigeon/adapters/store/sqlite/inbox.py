@@ -47,13 +47,14 @@ def append(
 
 def release_messages(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
     """`counts[message_id]` inbox entries of that message are gone: forget bodies nobody awaits
-    (and the chat's preview, when it quotes such a body)."""
+    (with their push previews, and the chat's preview when it quotes such a body)."""
     for message_id, n in counts.items():
         row = conn.execute(
             "UPDATE messages SET pending = pending - ?,"
-            " raw = CASE WHEN pending - ? <= 0 THEN NULL ELSE raw END WHERE id = ?"
-            " RETURNING pending, chat_id, seq",
-            (n, n, message_id),
+            " raw = CASE WHEN pending - ? <= 0 THEN NULL ELSE raw END,"
+            " push_preview = CASE WHEN pending - ? <= 0 THEN NULL ELSE push_preview END"
+            " WHERE id = ? RETURNING pending, chat_id, seq",
+            (n, n, n, message_id),
         ).fetchone()
         if row is not None and row[0] <= 0:
             conn.execute(

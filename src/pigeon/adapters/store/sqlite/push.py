@@ -51,9 +51,10 @@ _COUNT = (
     " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
     f" LIMIT {MAX_COUNT})"
 )
-#: The sender's push preview of the newest of those messages (NULL: it attached none).
-_NEWEST_PREVIEW = (
-    "SELECT m.push_preview FROM inbox i JOIN messages m ON m.id = i.message_id"
+#: The newest of those messages: its sender's name and push preview (NULL: none attached).
+_NEWEST = (
+    "SELECT u.username, m.push_preview FROM inbox i JOIN messages m ON m.id = i.message_id"
+    " JOIN users u ON u.id = m.sender"
     " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
     " ORDER BY i.iseq DESC LIMIT 1"
 )
@@ -134,29 +135,20 @@ class SqlitePush:
             user_id, acked, raw, names = row
             args = (device_id, acked, upto, chat_id, user_id)
             (count,) = conn.execute(_COUNT, args).fetchone()
-            found = conn.execute(_NEWEST_PREVIEW, args).fetchone() if count else None
-            preview = None if found is None else found[0]
+            newest = conn.execute(_NEWEST, args).fetchone() if count else None
             (unread,) = conn.execute(
                 "SELECT coalesce(sum(c.last_seq - m.read_seq), 0) FROM members m"
                 " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?",
                 (user_id,),
             ).fetchone()
-            sender = None
-            if names:
-                found = conn.execute(
-                    "SELECT u.username FROM chats c JOIN users u ON u.id = c.last_sender"
-                    " WHERE c.id = ?",
-                    (chat_id,),
-                ).fetchone()
-                sender = None if found is None else found[0]
             return PushContext(
                 target=None if raw is None else _decode_target(raw),
                 user_id=user_id,
                 count=count,
                 acked_iseq=acked,
                 unread=max(0, unread),
-                sender_name=sender,
-                preview=preview,
+                sender_name=newest[0] if newest and names else None,
+                preview=newest[1] if newest else None,
             )
 
         return await self._db.read(q)
