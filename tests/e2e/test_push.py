@@ -142,6 +142,14 @@ async def pigeon_cli(*args: str) -> str:
     return out.decode()
 
 
+async def away_bob(server: Server, hook: FakeHook) -> tuple[Account, str]:
+    """bob: a device whose target is the fake gateway, logged in but never connected."""
+    bob_name, bob_id = await server.user("bob")
+    bob = await server.device(bob_name)
+    await register_hook(server, bob, hook)
+    return bob, bob_id
+
+
 async def register_hook(server: Server | str, account: Account, hook: FakeHook) -> None:
     """The device's target is the fake gateway (through REST)."""
     target = {"kind": "webhook", "url": hook.url}
@@ -157,9 +165,7 @@ async def test_offline_member_is_pushed_online_member_is_not(
     server = await push_server(make_server, hook, clock=clock)
     answered = outcomes(server)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)  # registered, then offline
-    await register_hook(server, bob, hook)
+    bob, bob_id = await away_bob(server, hook)
     carol = await server.new_client("carol", auto_ack=False)
     await carol.request("push_register", target={"kind": "webhook", "url": hook.url})
     assert alice.user and carol.user
@@ -188,9 +194,7 @@ async def test_an_invitation_into_a_group_is_pushed(
 ) -> None:
     server = await push_server(make_server, hook)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)
-    await register_hook(server, bob, hook)
+    bob, bob_id = await away_bob(server, hook)
     carol = await server.new_client("carol")
     assert carol.user
     group = await alice.create_chat([carol.user], name="later")
@@ -210,10 +214,8 @@ async def test_a_burst_is_one_push_and_the_window_holds_the_next(
     server = await push_server(make_server, hook, clock=clock, push={"grace": 1.0})
     answered = outcomes(server)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)
+    bob, bob_id = await away_bob(server, hook)
     await rest(server, "PUT", "/v1/me/push-show-names", bob.token, {"show": True})
-    await register_hook(server, bob, hook)
     chat = await alice.create_chat([bob_id])
     for i in range(5):
         await alice.send(chat["id"], f"m{i}")
@@ -238,11 +240,7 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
     server = await push_server(make_server, hook, push={"window": 0})  # each push at once
     answered = outcomes(server)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)
-    await rest(
-        server, "PUT", "/v1/devices/me/push", bob.token, {"kind": "webhook", "url": hook.url}
-    )
+    bob, bob_id = await away_bob(server, hook)
     chat = await alice.create_chat([bob_id])
 
     hook.replies = [(429, {"Retry-After": "0"}), (503, {})]
@@ -281,9 +279,7 @@ async def test_the_senders_push_preview_is_shown_and_never_the_body(
 ) -> None:
     server = await push_server(make_server, hook)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)
-    await register_hook(server, bob, hook)
+    _, bob_id = await away_bob(server, hook)
     chat = await alice.create_chat([bob_id])
     with pytest.raises(ClientError) as err:
         await alice.send(chat["id"], "x", push_preview="p" * 1025)
@@ -301,11 +297,7 @@ async def test_a_gone_target_is_removed_and_the_device_sees_why(
     server = await push_server(make_server, hook)
     answered = outcomes(server)
     alice = await server.new_client("alice")
-    bob_name, bob_id = await server.user("bob")
-    bob = await server.device(bob_name)
-    await rest(
-        server, "PUT", "/v1/devices/me/push", bob.token, {"kind": "webhook", "url": hook.url}
-    )
+    bob, bob_id = await away_bob(server, hook)
     chat = await alice.create_chat([bob_id])
     hook.replies = [(410, {})]
     await alice.send(chat["id"], "anyone there?")
