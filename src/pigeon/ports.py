@@ -243,15 +243,18 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
 
     target: PushTarget | None
     user_id: str
-    #: Messages of others in the chat the device has not acked, up to the job's `last_iseq`.
+    #: A message of others in the chat waits for the device (unacked, up to the job's
+    #: `last_iseq`): without one, only an invitation makes a push.
+    waiting: bool
+    #: The user's unread messages in the chat, at most `MAX_COUNT` (what the push says).
     count: int
     #: The device's cumulative ack.
     acked_iseq: int
     #: Unread messages of the user over all chats (the badge).
     unread: int
-    #: The name of the newest counted message's sender, when the user allows names in pushes.
+    #: The sender of the newest waiting message, when the user allows names in pushes.
     sender_name: str | None
-    #: The push preview its sender attached to the newest message counted, if any.
+    #: The push preview its sender attached to that message, if any.
     preview: str | None = None
 
 
@@ -278,7 +281,7 @@ class PushStore(Protocol):
         """The user's privacy setting: may pushes to their devices name the sender?"""
 
     async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
-        """What a push to the device about the chat needs, counting entries up to `upto`
+        """What a push to the device about the chat needs, looking at its inbox up to `upto`
         (None: the device is gone)."""
 
 

@@ -1,8 +1,10 @@
 """Contract of `PushStore` and `PushQueue` (see their docstrings in pigeon.ports), against the
 SQLite store and its embedded queue (`SqlitePushQueue` over the same database).
 
-A job is a pending flag per (device, chat): what a push says is counted by `context` when it is
-sent, up to the job's `last_iseq` (the device's newest inbox entry when it was claimed).
+A job is a pending flag per (device, chat): whether its push is due is read by `context` when
+it is sent: a message of others `waiting` in the device's inbox, unacked, up to the job's
+`last_iseq` (the device's newest inbox entry when it was claimed). What the push says (`count`)
+is the user's unread messages in the chat, whatever the device has acked.
 Every queue call gets its `now` explicitly: times are ms, `visibility`/`window`/`grace` seconds.
 The queue's grace and window are its `configure`d policy (the `queue` fixture: no grace, a window
 of `WINDOW`); they are applied when a job becomes pending, so a job's `due_at` is when it may be
@@ -74,11 +76,12 @@ async def context(store: SqliteStore, d: Device, c: ChatInfo, upto: int) -> Push
     return ctx
 
 
-async def count(store: SqliteStore, job: PushJob) -> int:
-    """What the push of `job` says, as the worker counts it."""
+async def says(store: SqliteStore, job: PushJob) -> tuple[bool, int]:
+    """What the push of `job` says, as the worker reads it: does a message of others wait for
+    the device up to the job's `last_iseq` (without one, no "New message"), and the count."""
     ctx = await store.push.context(job.device, job.chat, job.last_iseq)
     assert ctx is not None
-    return ctx.count
+    return ctx.waiting, ctx.count
 
 
 async def claim_all(queue: SqlitePushQueue, now: int = FAR) -> list[PushJob]:
@@ -154,7 +157,7 @@ async def test_a_message_to_a_device_with_a_target_marks_its_job_pending(
         0,
     )
     assert job.attempts == 1 and job.lease == FAR + int(VIS * 1000)
-    assert await count(store, job) == 1
+    assert await says(store, job) == (True, 1)
 
 
 async def test_devices_without_a_target_and_the_sending_device_get_no_job(
@@ -170,7 +173,7 @@ async def test_devices_without_a_target_and_the_sending_device_get_no_job(
     assert [j.device for j in await claim_all(queue)] == [db.id]
 
 
-async def test_the_senders_other_devices_get_a_job_that_counts_nothing(
+async def test_the_senders_other_devices_get_a_job_with_nothing_waiting(
     store: SqliteStore, queue: SqlitePushQueue
 ) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
@@ -180,18 +183,19 @@ async def test_the_senders_other_devices_get_a_job_that_counts_nothing(
     await store.push.set_target(db.id, FCM2, T0)
     await send(store, c, da)
     # The trigger does not look at the sender (to stay cheap): Alice's tablet has a job, but
-    # it counts none of her own messages, so the worker skips it (no "New message" for her).
+    # nothing of others waits for it, and her own message is no unread one, so the worker
+    # skips it (no "New message" for her).
     jobs = {j.device: j for j in await claim_all(queue, T1)}
     assert set(jobs) == {da_other.id, db.id}
-    assert await count(store, jobs[da_other.id]) == 0
-    assert await count(store, jobs[db.id]) == 1
+    assert await says(store, jobs[da_other.id]) == (False, 0)
+    assert await says(store, jobs[db.id]) == (True, 1)
     await queue.done(jobs[da_other.id], T1 + 1, pushed=False)  # what the worker does
     await queue.done(jobs[db.id], T1 + 1, pushed=True)
 
     await send(store, c, db, T1 + 2)  # Bob answers: that one is news to Alice's tablet
     (job,) = await claim_all(queue, T1 + 2)
     assert job.device == da_other.id
-    assert await count(store, job) == 1  # Bob's message, not her own one before it
+    assert await says(store, job) == (True, 1)  # Bob's message, not her own one before it
 
 
 async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
@@ -210,8 +214,8 @@ async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
     # both cover up to the device's newest entry, whichever chat it is of
     assert {j.last_iseq for j in jobs.values()} == {iseq_of(other_sent, db)}
     assert iseq_of(sent[-1], db) < iseq_of(other_sent, db)
-    assert await count(store, jobs[c.id]) == 5
-    assert await count(store, jobs[other.id]) == 1
+    assert await says(store, jobs[c.id]) == (True, 5)
+    assert await says(store, jobs[other.id]) == (True, 1)
 
 
 async def test_receipts_and_read_states_queue_no_job(
@@ -294,7 +298,9 @@ async def test_a_revoked_device_loses_its_target_jobs_and_dead_letters(
 # --- context ----------------------------------------------------------------------------------
 
 
-async def test_context_counts_unacked_messages_of_others_up_to_upto(store: SqliteStore) -> None:
+async def test_context_waits_for_unacked_messages_of_others_up_to_upto(
+    store: SqliteStore,
+) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, db, db2, dx = (
         await device(store, a),
@@ -311,16 +317,47 @@ async def test_context_counts_unacked_messages_of_others_up_to_upto(store: Sqlit
     s5 = await send(store, c1, da, T1 + 4)
     upto = [iseq_of(s, db) for s in (s1, s2, s3, s4, s5)]
     assert upto == sorted(upto)
-    assert [(await context(store, db, c1, i)).count for i in (0, *upto)] == [0, 1, 1, 2, 2, 3]
-    assert (await context(store, db, c2, upto[-1])).count == 1
+    waits = [(await context(store, db, c1, i)).waiting for i in (0, *upto)]
+    assert waits == [False, True, True, True, True, True]
+    assert [(await context(store, db, c2, i)).waiting for i in upto[:2]] == [False, True]
+    # the count does not depend on `upto`: Bob's reply read s1 and s3, s5 is unread
+    assert {(await context(store, db, c1, i)).count for i in (0, *upto)} == {1}
+    assert (await context(store, db, c2, 0)).count == 1
     ctx = await context(store, db, c1, upto[-1])
     assert (ctx.target, ctx.user_id, ctx.acked_iseq) == (FCM, b.id, 0)
 
     await store.messages.ack(db, upto[2], T1 + 5)  # s1 to s3 delivered
     ctx = await context(store, db, c1, upto[-1])
-    assert (ctx.acked_iseq, ctx.count) == (upto[2], 1)  # only s5 is news
-    assert (await context(store, db, c1, upto[2])).count == 0
-    assert (await context(store, db, c2, upto[-1])).count == 0
+    assert (ctx.acked_iseq, ctx.waiting, ctx.count) == (upto[2], True, 1)  # s5 waits
+    assert not (await context(store, db, c1, upto[2])).waiting
+    assert not (await context(store, db, c1, upto[3])).waiting  # his own s4 is no news
+    ctx = await context(store, db, c2, upto[-1])
+    assert (ctx.waiting, ctx.count) == (False, 1)  # delivered, not read
+
+
+async def test_context_counts_the_users_unread_messages_in_the_chat(store: SqliteStore) -> None:
+    a, b = await user(store, "alice"), await user(store, "bob")
+    da, db, db2 = await device(store, a), await device(store, b), await device(store, b)
+    c, other = await chat(store, a, b), await chat(store, a, b)
+    await store.push.set_target(db.id, FCM, T0)
+    sent = [await send(store, c, da, T1 + i) for i in range(4)]
+    await send(store, other, da, T1 + 9)
+    upto = iseq_of(sent[-1], db)
+    ctx = await context(store, db, c, upto)
+    assert (ctx.waiting, ctx.count, ctx.unread) == (True, 4, 5)
+    await store.messages.ack(db, upto, T1 + 10)  # acks do not change what is unread
+    ctx = await context(store, db, c, upto)
+    assert (ctx.waiting, ctx.count, ctx.unread) == (False, 4, 5)
+    await store.messages.mark_read(db2, c.id, 3, T1 + 11)  # read on Bob's other device
+    ctx = await context(store, db, c, upto)
+    assert (ctx.count, ctx.unread) == (1, 2)
+    last = await send(store, c, da, T1 + 12)
+    ctx = await context(store, db, c, iseq_of(last, db))
+    assert (ctx.waiting, ctx.count) == (True, 2)
+    await send(store, c, db2, T1 + 13)  # Bob answers: he has read all of it, his own is no news
+    ctx = await context(store, db, c, 10**6)
+    assert (ctx.waiting, ctx.count, ctx.unread) == (True, 0, 1)  # the worker skips it
+    assert (await context(store, db, other, 10**6)).count == 1
 
 
 async def test_context_caps_the_count(store: SqliteStore) -> None:
@@ -329,7 +366,11 @@ async def test_context_caps_the_count(store: SqliteStore) -> None:
     assert MAX_COUNT == 100
     ctx = await context(store, db, c, iseq_of(sent[-1], db))
     assert (ctx.count, ctx.unread) == (MAX_COUNT, 120)  # the badge is not capped
-    assert (await context(store, db, c, iseq_of(sent[49], db))).count == 50
+    ctx = await context(store, db, c, iseq_of(sent[49], db))
+    assert (ctx.waiting, ctx.count) == (True, MAX_COUNT)  # whatever `upto`
+    await store.messages.mark_read(db, c.id, 50, T1 + 200)
+    ctx = await context(store, db, c, iseq_of(sent[-1], db))
+    assert (ctx.count, ctx.unread) == (70, 70)
 
 
 async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
@@ -342,26 +383,29 @@ async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
     last = await send(store, c2, da, T1 + 2)
     upto = iseq_of(last, db)
     ctx = await context(store, db, c1, upto)
-    assert (ctx.unread, ctx.sender_name) == (3, None)
+    assert (ctx.waiting, ctx.count, ctx.unread, ctx.sender_name) == (True, 2, 3, None)
 
     await store.messages.ack(db, upto, T1 + 3)
     ctx = await context(store, db, c1, upto)
-    assert (ctx.acked_iseq, ctx.count, ctx.unread) == (upto, 0, 3)  # delivered is not read
+    assert (ctx.acked_iseq, ctx.waiting) == (upto, False)
+    assert (ctx.count, ctx.unread) == (2, 3)  # delivered is not read
 
     await store.messages.mark_read(db, c1.id, 2, T1 + 4)
-    assert (await context(store, db, c1, upto)).unread == 1
+    ctx = await context(store, db, c1, upto)
+    assert (ctx.count, ctx.unread) == (0, 1)
     await send(store, c2, db, T1 + 5)  # bob answers: he has read c2, his own message is no news
     assert (await context(store, db, c1, upto)).unread == 0
 
     last = await send(store, c1, dx, T1 + 6)
     upto = iseq_of(last, db)
     ctx = await context(store, db, c1, upto)
-    assert (ctx.count, ctx.unread, ctx.sender_name) == (1, 1, None)
+    assert (ctx.waiting, ctx.count, ctx.unread, ctx.sender_name) == (True, 1, 1, None)
     await store.push.set_show_names(b.id, True)
     assert (await context(store, db, c1, upto)).sender_name == "xavier"
-    # the sender of the newest message counted, never the device's own user (bob's reply is
+    # the sender of the newest waiting message, never the device's own user (bob's reply is
     # the latest in c2, and there is nothing of others left unacked there)
-    assert (await context(store, db, c2, upto)).sender_name is None
+    ctx = await context(store, db, c2, upto)
+    assert (ctx.waiting, ctx.sender_name, ctx.preview) == (False, None, None)
     await store.push.set_show_names(b.id, False)
     assert (await context(store, db, c1, upto)).sender_name is None
 
@@ -402,7 +446,13 @@ async def test_context_without_a_target_or_device(store: SqliteStore) -> None:
     db = await device(store, b)
     c = await chat(store, b)
     ctx = await context(store, db, c, 10**6)
-    assert (ctx.target, ctx.user_id, ctx.count, ctx.unread) == (None, b.id, 0, 0)
+    assert (ctx.target, ctx.user_id, ctx.waiting, ctx.count, ctx.unread) == (
+        None,
+        b.id,
+        False,
+        0,
+        0,
+    )
     assert await store.push.context("no-such-device", c.id, 10**6) is None
 
 
@@ -453,7 +503,7 @@ async def test_a_lease_that_runs_out_is_claimable_again_exactly_at_its_end(
     assert (second.device, second.chat, second.attempts) == (db.id, c.id, 2)
     assert second.lease == T1 + 63_000
     assert second.last_iseq == iseq_of(during, db)  # it had its grace by then
-    assert await count(store, second) == 2
+    assert await says(store, second) == (True, 2)
     await queue.done(first, T1 + 3_001, pushed=True)  # too late: not its lease any more
     (row,) = await job_rows(store)
     assert row[2:] == (1, second.last_iseq, 0, T1 + 63_000, 2, T1 + 63_000, 0)
@@ -462,18 +512,20 @@ async def test_a_lease_that_runs_out_is_claimable_again_exactly_at_its_end(
 
 async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue) -> None:
     await queue.configure(0.5, WINDOW)
-    _, _, da, _, c = await pair(store)
-    await send(store, c, da, T1)
+    _, _, da, db, c = await pair(store)
+    first = await send(store, c, da, T1)
     await send(store, c, da, T1 + 300)  # a later entry does not postpone the job
     assert [r[5] for r in await job_rows(store)] == [T1 + 500]  # due: its first entry's grace
     assert await queue.next_due() == T1 + 500
     assert await queue.claim(T1 + 499, 10, VIS) == []
     (job,) = await queue.claim(T1 + 500, 10, VIS)
-    assert await count(store, job) == 1  # the second has not had its grace: a connected
-    await queue.done(job, T1 + 500, pushed=False)  # device could still ack it
+    assert job.last_iseq == iseq_of(first, db)  # the second has not had its grace: a connected
+    await store.messages.ack(db, job.last_iseq, T1 + 500)  # device could still ack it, as this
+    assert await says(store, job) == (False, 2)  # one did the first: nothing waits up to it
+    await queue.done(job, T1 + 500, pushed=False)
     assert await queue.claim(T1 + 999, 10, VIS) == []
     (again,) = await queue.claim(T1 + 1000, 10, VIS)
-    assert await count(store, again) == 2
+    assert await says(store, again) == (True, 2)  # the second waits; both are unread
 
 
 async def test_a_push_opens_a_window_that_coalesces_what_follows(
@@ -493,7 +545,7 @@ async def test_a_push_opens_a_window_that_coalesces_what_follows(
     assert await queue.claim(opens - 1, 10, VIS) == []
     (job,) = await queue.claim(opens, 10, VIS)
     assert (job.last_iseq, job.attempts) == (iseq_of(later[-1], db), 1)
-    assert await count(store, job) == 3
+    assert await says(store, job) == (True, 4)  # the first was delivered, not read
 
 
 async def test_a_job_done_without_a_push_opens_no_window(
@@ -503,7 +555,7 @@ async def test_a_job_done_without_a_push_opens_no_window(
     first = await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
     await store.messages.ack(db, iseq_of(first, db), T1)  # the device was online
-    assert await count(store, job) == 0
+    assert await says(store, job) == (False, 1)  # nothing waits: no push (though it is unread)
     await queue.done(job, T1 + 1, pushed=False)  # so the worker pushed nothing
     (row,) = await job_rows(store)
     assert (row[2], row[8]) == (0, 0)  # idle, never pushed
@@ -511,7 +563,7 @@ async def test_a_job_done_without_a_push_opens_no_window(
     await send(store, c, da, T1 + 3)
     (job,) = await queue.claim(T1 + 3, 10, VIS)
     assert job.attempts == 1
-    assert await count(store, job) == 1
+    assert await says(store, job) == (True, 2)
 
 
 async def test_entries_arriving_during_a_lease_stay_pending(
@@ -521,15 +573,16 @@ async def test_entries_arriving_during_a_lease_stay_pending(
     await send(store, c, da, T1)
     second = await send(store, c, da, T1 + 1)
     (job,) = await queue.claim(T1 + 1, 10, VIS)
-    assert await count(store, job) == 2
+    assert await says(store, job) == (True, 2)
     meanwhile = [await send(store, c, da, T1 + 2 + i) for i in range(3)]
     await store.messages.ack(db, iseq_of(second, db), T1 + 5)  # the two it covered arrived
+    assert await says(store, job) == (False, 5)  # nothing waits up to what it covered
     await queue.done(job, T1 + 10, pushed=False)
     (row,) = await job_rows(store)
     assert row[2:] == (1, job.last_iseq, 0, T1 + 10, 0, 0, 0)  # pending, due from its answer
     (job,) = await queue.claim(T1 + 10, 10, VIS)
     assert (job.last_iseq, job.attempts) == (iseq_of(meanwhile[-1], db), 1)
-    assert await count(store, job) == 3
+    assert await says(store, job) == (True, 5)  # delivered is not read
     await queue.done(job, T1 + 12, pushed=True)
     assert await queue.claim(FAR, 10, VIS) == []
 
@@ -578,7 +631,7 @@ async def test_retry_hands_the_job_back_for_later(
     assert await queue.claim(T1 + 4_999, 10, VIS) == []
     (again,) = await queue.claim(T1 + 5_000, 10, VIS)
     assert (again.last_iseq, again.attempts) == (job.last_iseq, 2)
-    assert await count(store, again) == 1
+    assert await says(store, again) == (True, 1)
 
 
 async def test_retry_is_due_at_its_time_whatever_the_grace(
@@ -700,7 +753,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     assert row[2:] == (1, job.last_iseq, 0, T1 + 3, 0, 0, 0)  # as after `done`
     (live,) = await queue.claim(FAR, 10, VIS)
     assert (live.last_iseq, live.attempts) == (iseq_of(meanwhile, db), 1)
-    assert await count(store, live) == 3  # the device has acked none of them
+    assert await says(store, live) == (True, 3)  # the device has acked none of them
     await queue.done(live, FAR, pushed=True)
 
     assert await queue.retry_dead([letter.id], FAR + 5) == 1
@@ -709,7 +762,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     assert (row[2], row[5], row[8]) == (1, FAR + 5, 0)  # pending, due now, no window
     (back,) = await queue.claim(FAR + 5, 10, VIS)  # despite the window of the push
     assert (back.device, back.chat, back.attempts) == (db.id, c.id, 1)
-    assert await count(store, back) == 3
+    assert await says(store, back) == (True, 3)
 
 
 async def test_dead_with_nothing_newer_leaves_the_job_idle(
@@ -741,7 +794,7 @@ async def test_a_retried_dead_letter_joins_the_live_job(
     assert len(await job_rows(store)) == 1
     (merged,) = await queue.claim(T1 + 5, 10, VIS)  # one job: the letter and the rest
     assert merged.last_iseq == iseq_of(last, db)
-    assert await count(store, merged) == 4
+    assert await says(store, merged) == (True, 4)
 
 
 async def test_retry_dead_leaves_a_leased_job_to_its_worker(
@@ -831,7 +884,8 @@ async def test_creating_a_group_marks_the_invited_devices_pending(
     job = jobs[db.id]
     assert (job.chat, job.invite_iseq, job.last_iseq) == (g.id, iseq_of(out, db), iseq_of(out, db))
     ctx = await context(store, db, g, job.last_iseq)
-    assert ctx.count == 0 and job.invite_iseq > ctx.acked_iseq  # "New chat"
+    assert (ctx.waiting, ctx.count) == (False, 0)
+    assert job.invite_iseq > ctx.acked_iseq  # "New chat"
     for each in jobs.values():
         await queue.done(each, T1 + 1, pushed=True)
     assert [(r[2], r[4]) for r in await job_rows(store)] == [(0, 0), (0, 0)]  # idle, covered
@@ -980,7 +1034,7 @@ async def test_configure_applies_to_jobs_that_become_pending_afterwards(
     (job,) = await queue.claim(T1 + 2_003, 10, VIS)
     assert job.chat == c.id
     assert job.last_iseq == iseq_of(covered, db)  # the claim covers what had the new grace
-    assert await count(store, job) == 2
+    assert await says(store, job) == (True, 2)
     (new,) = await queue.claim(T1 + 2_004, 10, VIS)
     assert new.chat == fresh.id
     await send(store, fresh, da, T1 + 2_500)

@@ -25,7 +25,7 @@ PUSH_KINDS: tuple[PushKind, ...] = ("fcm", "apns", "webpush", "webhook")
 #: Longest `push_preview` a sender may attach to a message, in UTF-8 bytes: with the rest of a
 #: push it stays within APNs's and FCM's 4 KiB payloads however its characters are escaped.
 MAX_PUSH_PREVIEW_BYTES = 512
-#: A push counts new messages up to this (clients show "99+").
+#: A push counts unread messages up to this (clients show "99+").
 MAX_COUNT = 100
 #: Longest token, URL or key a target may carry (FCM tokens are ~160 chars, URLs a few hundred).
 MAX_FIELD_CHARS = 2048
@@ -167,8 +167,8 @@ class PushNotification(msgspec.Struct, frozen=True, kw_only=True):
 
     device: str
     chat: str
-    #: Messages of the chat the device has not received (at most `MAX_COUNT`), plus 1 for an
-    #: invitation into it: a burst is one push that says how many.
+    #: The user's unread messages in the chat (at most `MAX_COUNT`), plus 1 for an invitation
+    #: into it: a burst is one push that says how many.
     count: int
     #: The device's unread total (inbox entries it has not acked), for the app icon.
     badge: int

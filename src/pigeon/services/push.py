@@ -245,18 +245,19 @@ class PushWorker:
         ctx = await self._store.context(job.device, job.chat, job.last_iseq)
         now = self._clock.now_ms()
         invited = ctx is not None and job.invite_iseq > ctx.acked_iseq
-        if ctx is None or ctx.target is None or not (ctx.count or invited):
-            # gone, unregistered, caught up meanwhile, or its own user wrote the messages
+        news = ctx is not None and ctx.waiting and ctx.count > 0
+        if ctx is None or ctx.target is None or not (news or invited):
+            # gone, unregistered, caught up (or read elsewhere) meanwhile, or its own user wrote
             await self._queue.done(job, now, pushed=False)
             self._count("skipped", job)
             return
         note = PushNotification(
             device=job.device,
             chat=job.chat,
-            count=ctx.count + invited,
+            count=(ctx.count if news else 0) + invited,
             badge=ctx.unread,
             collapse_key=job.chat,
-            title="New message" if ctx.count else "New chat",
+            title="New message" if news else "New chat",
             sender_name=ctx.sender_name,
             preview=ctx.preview,
         )

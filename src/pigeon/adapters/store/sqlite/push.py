@@ -44,19 +44,19 @@ def enqueue_invitations(
 
 #: When a job that was idle may be claimed: its grace, and the window since its last push.
 _READY_AFTER_IDLE = "max(excluded.due_at, pushed_at + (SELECT window_ms FROM push_policy))"
-#: Messages of others in the chat, in the device's inbox between two iseqs, counted up to
-#: `MAX_COUNT` (a device away for long has a deep inbox; "99+" says enough).
-_COUNT = (
-    "SELECT count(*) FROM (SELECT 1 FROM inbox i JOIN messages m ON m.id = i.message_id"
-    " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
-    f" LIMIT {MAX_COUNT})"
-)
-#: The newest of those messages: its sender's name and push preview (NULL: none attached).
+#: The newest message of others in the chat that the device has not acked, up to an iseq: its
+#: sender's name and push preview. None: nothing of this chat waits for the device.
 _NEWEST = (
     "SELECT u.username, m.push_preview FROM inbox i JOIN messages m ON m.id = i.message_id"
     " JOIN users u ON u.id = m.sender"
     " WHERE i.device_id = ? AND i.iseq > ? AND i.iseq <= ? AND m.chat_id = ? AND m.sender != ?"
     " ORDER BY i.iseq DESC LIMIT 1"
+)
+#: The user's unread messages in the chat, and over all chats (the badge).
+_UNREAD = (
+    "SELECT coalesce(sum(CASE WHEN c.id = ? THEN c.last_seq - m.read_seq END), 0),"
+    " coalesce(sum(c.last_seq - m.read_seq), 0)"
+    " FROM members m JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?"
 )
 #: After a job is answered: does the chat have entries past what the job covered?
 _STILL_PENDING = (
@@ -134,17 +134,13 @@ class SqlitePush:
                 return None
             user_id, acked, raw, names = row
             args = (device_id, acked, upto, chat_id, user_id)
-            (count,) = conn.execute(_COUNT, args).fetchone()
-            newest = conn.execute(_NEWEST, args).fetchone() if count else None
-            (unread,) = conn.execute(
-                "SELECT coalesce(sum(c.last_seq - m.read_seq), 0) FROM members m"
-                " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ?",
-                (user_id,),
-            ).fetchone()
+            newest = conn.execute(_NEWEST, args).fetchone()
+            in_chat, unread = conn.execute(_UNREAD, (chat_id, user_id)).fetchone()
             return PushContext(
                 target=None if raw is None else _decode_target(raw),
                 user_id=user_id,
-                count=count,
+                waiting=newest is not None,
+                count=min(max(0, in_chat), MAX_COUNT),
                 acked_iseq=acked,
                 unread=max(0, unread),
                 sender_name=newest[0] if newest and names else None,
