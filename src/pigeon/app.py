@@ -3,6 +3,7 @@ from `Settings`, opens adapters on start-up and closes them (in reverse) on shut
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -10,9 +11,10 @@ import msgspec
 from aiohttp import web
 from argon2 import PasswordHasher
 
-from pigeon.adapters.blobs.local import LocalBlobStore, load_or_create_secret
+from pigeon.adapters.blobs.local import LocalBlobStore
 from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.presence.local import LocalPresence
+from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.config import PostgresSettings, S3BlobSettings, Settings
 from pigeon.domain.push import PushKind
@@ -207,17 +209,8 @@ def build_push(settings: Settings, store: Store) -> PushParts:
 
 def push_policy(settings: Settings) -> PushPolicy:
     """The worker's timing, from `settings.push`."""
-    p = settings.push
-    return PushPolicy(
-        grace=p.grace,
-        window=p.window,
-        visibility_timeout=p.visibility_timeout,
-        max_attempts=p.max_attempts,
-        backoff_base=p.backoff_base,
-        backoff_max=p.backoff_max,
-        concurrency=p.concurrency,
-        poll_interval=p.poll_interval,
-    )
+    names = {f.name for f in dataclasses.fields(PushPolicy)}
+    return PushPolicy(**settings.push.model_dump(include=names))
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:

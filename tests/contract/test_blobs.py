@@ -32,8 +32,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from pigeon.adapters.blobs.local import LocalBlobStore, load_or_create_secret
+from pigeon.adapters.blobs.local import LocalBlobStore
 from pigeon.adapters.blobs.s3 import S3BlobStore
+from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.domain.errors import BadRequest, ChecksumMismatch, NotFound, SizeMismatch
 from pigeon.domain.ids import new_id
 from pigeon.domain.media import BlobInfo, UploadGrant, thumbnail_key

@@ -17,8 +17,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from pigeon.adapters.blobs.local import load_or_create_secret
 from pigeon.adapters.push.webhook import verify_signature
+from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.app import PUSH, PUSH_WORKER
 from pigeon.client import Account, ClientError, PigeonClient, login, register
 from pigeon.domain.events import Message

@@ -233,13 +233,8 @@ class PushWorker:
             await self._push(job)
         except Exception as exc:  # the store failed mid-job: the job comes back, counted
             log.warning("push job of %s failed: %s", job.device, exc)
-            now = self._clock.now_ms()
             with contextlib.suppress(Exception):  # else its lease runs out: the same, later
-                if job.attempts >= self._policy.max_attempts:
-                    await self._queue.dead(job, f"store error: {exc}", now)
-                else:
-                    delay = self._policy.backoff(job.attempts)
-                    await self._queue.retry(job, now + int(delay * 1000), str(exc))
+                await self._failed(job, f"store error: {exc}")
 
     async def _push(self, job: PushJob) -> None:
         ctx = await self._store.context(job.device, job.chat, job.last_iseq)
@@ -275,13 +270,20 @@ class PushWorker:
             else:  # it registered another target meanwhile: push there instead
                 await self._queue.retry(job, now, outcome.detail)
             self._count("gone", job)
-        elif job.attempts >= self._policy.max_attempts:
+        else:
+            await self._failed(job, outcome.detail, outcome.retry_after)
+
+    async def _failed(self, job: PushJob, detail: str, retry_after: float | None = None) -> None:
+        """An attempt failed: retry after a backoff (or the gateway's `Retry-After`, if longer),
+        or, after the last attempt, a dead letter."""
+        now = self._clock.now_ms()
+        if job.attempts >= self._policy.max_attempts:
             log.warning("push to %s dead after %d attempts", job.device, job.attempts)
-            await self._queue.dead(job, outcome.detail, now)
+            await self._queue.dead(job, detail, now)
             self._count("dead", job)
         else:
-            delay = max(outcome.retry_after or 0.0, self._policy.backoff(job.attempts))
-            await self._queue.retry(job, now + int(delay * 1000), outcome.detail)
+            delay = max(retry_after or 0.0, self._policy.backoff(job.attempts))
+            await self._queue.retry(job, now + int(delay * 1000), detail)
             self._count("retried", job)
 
     async def _send(self, target: PushTarget, note: PushNotification) -> PushOutcome:

@@ -352,38 +352,6 @@ class LocalBlobStore:
         return removed
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """The URL-signing secret kept in `path`, created (32 random bytes, mode 0600) if missing.
-    Every process serving the same blob directory must sign with the same secret, and URLs
-    handed out must survive a restart: processes starting together all end up with the
-    first one's secret (it is written aside, then linked into place, which fails if another
-    process got there first)."""
-    try:
-        return _read_secret(path)
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32).hex().encode())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-    finally:
-        aside.unlink(missing_ok=True)
-    return _read_secret(path)
-
-
-def _read_secret(path: Path) -> bytes:
-    secret = bytes.fromhex(path.read_text().strip())
-    if len(secret) < 32:
-        raise ValueError(f"{path}: the blob URL secret must be at least 32 bytes (64 hex digits)")
-    return secret
-
-
 def _int(params: Mapping[str, str], name: str) -> int:
     value = params.get(name, "")
     if not (value.isascii() and value.isdigit()) or len(value) > 19:

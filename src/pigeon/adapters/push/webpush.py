@@ -16,10 +16,7 @@ browser's keys. Three RFCs make a push to it:
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import os
-import secrets
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pigeon.adapters.push.http import GatewayClient
+from pigeon.adapters.secret_files import create_exclusively
 from pigeon.domain.push import PushKind, PushNotification, PushOutcome, PushTarget
 from pigeon.ports import PushSender
 
@@ -95,40 +93,13 @@ def load_or_create_vapid_key(path: Path) -> bytes:
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _create_exclusively(path, generate_vapid_key())
+        create_exclusively(path, generate_vapid_key())
     pem = path.read_bytes()
     try:
         load_p256_private_key(pem)
     except ValueError as exc:
         raise ValueError(f"{path} does not hold a P-256 private key in PEM") from exc
     return pem
-
-
-def _create_exclusively(path: Path, content: bytes) -> None:
-    """Write `path` with `content` (mode 0600) unless it exists, never leaving it partial."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-        _sync_directory(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a new name in `directory` durable (POSIX; Windows cannot open a directory)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def origin_of(endpoint: str) -> str:
