@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pigeon.domain.events import Delivery, InboxPage, Message
-from pigeon.domain.limits import Rate
+from pigeon.domain.limits import Rate, Spend
 from pigeon.domain.media import AttachmentRecord, BlobInfo, DownloadGrant, UploadGrant, UploadTicket
 from pigeon.domain.models import (
     Attachment,
@@ -580,6 +580,10 @@ class RateLimiter(Protocol):
     async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
         """Spend `cost` under `rate` for `key`: None if it fits (and is counted), else the
         seconds after which it would fit (nothing counted)."""
+
+    async def hit_all(self, spends: Sequence[Spend]) -> float | None:
+        """One request's spends on several counters, all or nothing: None if every one fits
+        (all counted), else the longest wait among those that do not (none counted)."""
 
     async def open(self) -> None:
         """Connect (no-op for in-process counters)."""

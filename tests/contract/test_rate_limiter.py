@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from pigeon.adapters.ratelimit.windows import WindowRateLimiter
 from pigeon.domain.limits import Rate
@@ -82,6 +83,47 @@ async def test_nodes_share_their_counters(
     rate = Rate(10, 60)
     results = await asyncio.gather(*(n.hit(rate, "shared") for n in (a, b) for _ in range(10)))
     assert results.count(None) == 10  # 20 hits from two nodes, 10 allowed in all
+
+
+async def test_a_request_spends_all_its_counters_or_none(limiters: Factory) -> None:
+    limiter = limiters()
+    await limiter.open()
+    small, big = Rate(2, 60), Rate(100, 60)
+    assert await limiter.hit(small, "device") is None
+    assert await limiter.hit_all([(big, "user", 1), (small, "device", 1)]) is None
+    wait = await limiter.hit_all([(big, "user", 1), (small, "device", 1)])
+    assert wait is not None and 0 < wait <= 120  # the device's counter is full
+    # the refused request charged the user's counter nothing: 99 more fit, not 98
+    assert [await limiter.hit(big, "user") for _ in range(99)] == [None] * 99
+    assert await limiter.hit(big, "user") is not None
+
+
+async def test_concurrent_hits_share_round_trips(redis_url: str) -> None:
+    limiter = WindowRateLimiter(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=10.0)
+    await limiter.open()
+    try:
+        rate = Rate(150, 60)
+        results = await asyncio.gather(*(limiter.hit(rate, f"k{i % 2}") for i in range(400)))
+        assert results.count(None) == 300  # 150 per key, counted exactly
+        redis = limiter._redis
+        assert redis is not None and redis.requests == 400
+        assert redis.batches < 400 / 10  # they left together, not one round trip each
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(redis_url: str) -> None:
+    limiter = WindowRateLimiter(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=10.0)
+    await limiter.open()
+    try:
+        rate = Rate(1, 60)
+        assert await limiter.hit(rate, "s") is None
+        admin = Redis.from_url(redis_url)
+        await admin.script_flush()
+        await admin.aclose()
+        assert await limiter.hit(rate, "s") is not None  # counted, not let through
+    finally:
+        await limiter.aclose()
 
 
 async def test_an_unreachable_redis_lets_requests_through() -> None:

@@ -4,12 +4,13 @@ check its attachment (an await before the commit), and a cancelled send commits 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from pigeon.adapters.ratelimit.local import SlidingWindows
 from pigeon.domain.ids import new_id
-from pigeon.domain.limits import Limits, Rate, RateRules
+from pigeon.domain.limits import Limits, Rate, RateRules, Spend
 from pigeon.domain.models import Attachment, Device
 from pigeon.services.messaging import MessagingService
 from pigeon.services.throttle import Throttle
@@ -97,11 +98,14 @@ class _SlowFirstLimiter:
         self.windows = SlidingWindows()
 
     async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+        return await self.hit_all(((rate, key, cost),))
+
+    async def hit_all(self, spends: Sequence[Spend]) -> float | None:
         self.calls += 1
         self._called.set()
         if self.calls == 1:
             await self.gate.wait()
-        return self.windows.hit(rate, key, cost)
+        return self.windows.hit_all(spends)
 
     async def until(self, calls: int) -> None:
         """Until `calls` hits were asked for."""
@@ -125,7 +129,7 @@ async def test_a_slow_rate_limit_answer_does_not_reorder_sends() -> None:
     first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
     await limiter.until(1)  # the first waits for its first answer
     second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
-    await limiter.until(4)  # the second's three checks (device, user, bytes) were answered
+    await limiter.until(2)  # the second's checks (device, user, bytes: one call) were answered
     assert store.committed == []  # but it waits for the first
     limiter.gate.set()
     await asyncio.gather(first, second)
@@ -142,7 +146,7 @@ async def test_a_send_that_learns_a_chats_fanout_never_waits_for_one_behind_it()
     first = asyncio.create_task(service.send(DEVICE, chat, "first", "a", None))
     await limiter.until(1)
     second = asyncio.create_task(service.send(DEVICE, chat, "second", "b", None))
-    await limiter.until(4)
+    await limiter.until(2)
     limiter.gate.set()
     await asyncio.wait_for(asyncio.gather(first, second), 1.0)  # the learning wait is 2 s
     assert store.committed == ["first", "second"]

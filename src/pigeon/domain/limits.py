@@ -32,6 +32,10 @@ class Rate(msgspec.Struct, frozen=True):
         return f"{self.amount}/{self.seconds}s"
 
 
+#: What one request spends on one counter: the rule, the counter's key and the units.
+Spend = tuple[Rate, str, int]
+
+
 class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     """What one device, user, chat or client address may spend (see docs/protocol.md,
     "Rate limits"). Every rule is configurable (`pigeon.config.RateLimitSettings`)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from pigeon.domain.errors import RateLimited
-from pigeon.domain.limits import Rate, RateRules
+from pigeon.domain.limits import Rate, RateRules, Spend
 from pigeon.domain.models import Device
 from pigeon.ports import RateLimiter
 
@@ -38,10 +38,21 @@ class Throttle:
     async def send(self, device: Device, body_bytes: int) -> None:
         """A message: per device and per user, and its bytes per device (`fanout` follows)."""
         r = self._rules
-        await self._spend(r.send_per_device, "sd:" + device.id, 1, "messages")
-        await self._spend(r.send_per_user, "su:" + device.user_id, 1, "messages")
+        spends: list[Spend] = [
+            (r.send_per_device, "sd:" + device.id, 1),
+            (r.send_per_user, "su:" + device.user_id, 1),
+        ]
         if body_bytes:
-            await self._spend(r.send_bytes_per_device, "sb:" + device.id, body_bytes, "bytes")
+            spends.append((r.send_bytes_per_device, "sb:" + device.id, body_bytes))
+        # all or nothing, in one call (one round trip on a cluster): a refused message costs
+        # none of its counters
+        wait = await self._limiter.hit_all(spends)
+        if wait is not None:
+            limits = (
+                f"{r.send_per_device} per device, {r.send_per_user} per user, "
+                f"{r.send_bytes_per_device} bytes per device"
+            )
+            raise RateLimited(f"too many messages (limits {limits}); retry in {wait:.1f} s", wait)
 
     async def fanout(self, chat_id: str) -> None:
         """A message's reservation from its chat's fan-out budget. Callers reserve in the order

@@ -1,12 +1,13 @@
-"""In-process sliding-window counters: the `limits` library's algorithm, without its storage.
+"""In-process sliding-window counters: one node's limits, with the arithmetic `redis.py` runs in
+Redis for a cluster.
 
-Why not `limits`' MemoryStorage: it schedules an expiry task after almost every hit that
-scans every key, and that cost 40-70 µs per message on the send path at saturation (measured
-with `pigeon bench compare`). Here a hit is a dict lookup and a little arithmetic, and dead
-counters are dropped in one sweep when there are many.
+Why not the `limits` library's MemoryStorage: it schedules an expiry task after almost every
+hit that scans every key, and that cost 40-70 µs per message on the send path at saturation
+(measured with `pigeon bench compare`). Here a hit is a dict lookup and a little arithmetic,
+and dead counters are dropped in one sweep when there are many.
 
-The algorithm (also what `limits`' sliding-window counter computes in Redis, so one node and a
-cluster limit alike): time is cut in fixed windows of `seconds`; the count that matters is the
+The algorithm (the sliding-window counter, also what `redis.py`'s script computes, so one node
+and a cluster limit alike): time is cut in fixed windows of `seconds`; the count that matters is the
 current window's plus the previous window's weighted by the part of it still inside the
 sliding window.
 """
@@ -14,9 +15,9 @@ sliding window.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from pigeon.domain.limits import Rate
+from pigeon.domain.limits import Rate, Spend
 
 #: Counters kept before dead ones (two windows old) are swept.
 _SWEEP_AT = 100_000
@@ -32,7 +33,30 @@ class SlidingWindows:
 
     def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
         """Spend `cost` if it fits (None), else the seconds until it would (nothing spent)."""
+        return self.hit_all(((rate, key, cost),))
+
+    def hit_all(self, spends: Sequence[Spend]) -> float | None:
+        """Spend every one if all fit (None), else the longest wait among those that do not
+        (nothing spent)."""
         now = self._now()
+        longest: float | None = None
+        counters = []
+        for rate, key, cost in spends:
+            counter, into = self._counter(rate, key, now)
+            previous, current = counter[1], counter[2]
+            if previous * (1 - into / rate.seconds) + current + cost > rate.amount:
+                wait = wait_for_fit(rate.amount, previous, current, cost, into, rate.seconds)
+                longest = wait if longest is None else max(longest, wait)
+            counters.append(counter)
+        if longest is not None:
+            return longest
+        for counter, (_, _, cost) in zip(counters, spends, strict=True):
+            counter[2] += cost
+        return None
+
+    def _counter(self, rate: Rate, key: str, now: float) -> tuple[list[int], float]:
+        """The counter of (rate, key), rolled over to the window `now` is in, and how far into
+        that window `now` is."""
         period = rate.seconds
         window, into = divmod(now, period)
         counter = self._counts.get((period, rate.amount, key))
@@ -45,12 +69,7 @@ class SlidingWindows:
             counter[1] = counter[2] if counter[0] == window - 1 else 0
             counter[2] = 0
             counter[0] = int(window)
-        previous, current = counter[1], counter[2]
-        weight = 1 - into / period
-        if previous * weight + current + cost <= rate.amount:
-            counter[2] += cost
-            return None
-        return _wait(rate.amount, previous, current, cost, into, period)
+        return counter, into
 
     def _sweep(self, now: float) -> None:
         dead = [k for k, c in self._counts.items() if now // k[0] - c[0] >= 2]
@@ -58,7 +77,9 @@ class SlidingWindows:
             del self._counts[k]
 
 
-def _wait(amount: int, previous: int, current: int, cost: int, into: float, period: int) -> float:
+def wait_for_fit(
+    amount: int, previous: int, current: int, cost: int, into: float, period: int
+) -> float:
     """Seconds until `cost` fits: while the previous window slides out, or else in the next
     window, once enough of this one has slid out."""
     if current + cost <= amount:  # the previous window's weight must fall enough
