@@ -5,29 +5,72 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pigeon.config import load_settings
+from pigeon import __version__
+from pigeon.config import ConfigError, Settings, load_settings
+from pigeon.domain.errors import PigeonError
 from pigeon.logs import setup_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Pigeon messaging server.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Pigeon messaging server.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
 log = logging.getLogger("pigeon")
+_DEFAULTS = Settings.model_construct()
+
+
+def _about(name: str) -> str:
+    """Where a `serve` option's value comes from when it is not given: env var and default."""
+    return f"(env PIGEON_{name.upper()}, default {getattr(_DEFAULTS, name)})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pigeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Pigeon messaging server."""
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """One line on stderr and a non-zero exit: how every command reports a start-up failure."""
+    typer.echo(f"pigeon: error: {message}", err=True)
+    return typer.Exit(code)
 
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded store lives.")] = None,
-    config: Annotated[Path | None, typer.Option(help="Optional TOML settings file.")] = None,
+    host: Annotated[str | None, typer.Option(help=f"Interface to bind {_about('host')}.")] = None,
+    port: Annotated[int | None, typer.Option(help=f"TCP port {_about('port')}.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help=f"Where the embedded store lives {_about('data_dir')}.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML settings file (env vars override it).")
+    ] = None,
     workers: Annotated[
         int, typer.Option(min=1, help="Processes sharing the port (needs PostgreSQL + Redis).")
     ] = 1,
 ) -> None:
-    """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain)."""
+    """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain).
+    Every setting has an env var (PIGEON_<NAME>, sections PIGEON_<SECTION>__<NAME>): see
+    `pigeon check-config` and docs/operations.md."""
     from aiohttp import web
 
     from pigeon.app import create_app, runner_options
@@ -49,20 +92,48 @@ def serve(
     _install_uvloop()
     app_ = create_app(settings)
     _tune_gc(settings.gc_threshold)
-    log.info(
-        "pigeon listening on %s:%d (data in %s)", settings.host, settings.port, settings.data_dir
-    )
-    web.run_app(
-        app_,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=10.0,
-        **runner_options(settings),
-        backlog=settings.gateway.backlog,
-        reuse_port=settings.gateway.reuse_port or None,
-    )
+
+    def listening(_: str) -> None:  # aiohttp calls it once the store is open and the port bound
+        log.info(
+            "pigeon listening on %s:%d (data in %s)",
+            settings.host,
+            settings.port,
+            settings.data_dir,
+        )
+
+    try:
+        web.run_app(
+            app_,
+            host=settings.host,
+            port=settings.port,
+            print=listening,
+            access_log=None,
+            shutdown_timeout=10.0,
+            **runner_options(settings),
+            backlog=settings.gateway.backlog,
+            reuse_port=settings.gateway.reuse_port or None,
+        )
+    except OSError as exc:  # binding: the port is taken, or the address is not this machine's
+        raise fail(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    except PigeonError as exc:  # the store, bus or presence could not be opened
+        raise fail(f"cannot start: {exc}") from None
+
+
+@app.command("check-config")
+def check_config(
+    config: Annotated[
+        Path | None, typer.Option(help="TOML settings file (env vars override it).")
+    ] = None,
+) -> None:
+    """Print the effective settings (defaults, then the file, then env vars) as JSON, secrets
+    masked; a bad setting is one error line and exit status 2."""
+    import json
+
+    from pigeon.config import effective
+
+    typer.echo(json.dumps(effective(load_settings(config)), indent=2, sort_keys=True))
 
 
 def _tune_gc(threshold: int) -> None:
@@ -127,7 +198,11 @@ def main() -> None:
     app.add_typer(push_app, name="push")
     app.command("login")(login_cmd)
     app.command("send")(send_cmd)
-    app()
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"pigeon: error: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

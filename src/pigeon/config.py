@@ -13,13 +13,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from pigeon.domain.limits import Limits, Rate, RateRules
 
 
-class SqliteSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: a key it does not know is an error (a typo such as `groupcap` must
+    not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SqliteSettings(Section):
     """The embedded store: one SQLite file (default `<data_dir>/pigeon.db`)."""
 
     type: Literal["sqlite"] = "sqlite"
@@ -28,7 +45,7 @@ class SqliteSettings(BaseModel):
     max_batch: int = Field(512, ge=1, le=10_000)
 
 
-class PostgresSettings(BaseModel):
+class PostgresSettings(Section):
     """The shared store of a cluster: PostgreSQL through an asyncpg connection pool per node."""
 
     type: Literal["postgres"] = "postgres"
@@ -69,7 +86,7 @@ StoreSettings = Annotated[
 ]
 
 
-class LocalBlobSettings(BaseModel):
+class LocalBlobSettings(Section):
     """Media on this machine's disk, served by pigeon's own HTTP through HMAC-signed URLs."""
 
     type: Literal["local"] = "local"
@@ -84,7 +101,7 @@ class LocalBlobSettings(BaseModel):
     fsync: bool = True
 
 
-class S3BlobSettings(BaseModel):
+class S3BlobSettings(Section):
     """Media in an S3 bucket (or an S3-compatible store), moved with S3 pre-signed URLs."""
 
     type: Literal["s3"] = "s3"
@@ -124,7 +141,7 @@ DEFAULT_MEDIA_TYPES = [
 ]
 
 
-class MediaSettings(BaseModel):
+class MediaSettings(Section):
     """Attachments: what may be uploaded, how big, how often, and how URLs and thumbnails work."""
 
     upload_url_ttl: float = Field(900.0, gt=0, le=7 * 86400)
@@ -158,13 +175,13 @@ class MediaSettings(BaseModel):
         return any(fnmatch.fnmatchcase(base, p) for p in self.allowed_types)
 
 
-class BusSettings(BaseModel):
+class BusSettings(Section):
     """Routing between nodes: `local` (in-process, one node only) or `redis` (see `redis`)."""
 
     type: Literal["local", "redis"] = "local"
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(Section):
     """The Redis behind a `redis` bus or presence registry: one server, or a Redis Cluster
     (`cluster = true`, `url` names any node; the bus then uses sharded pub/sub)."""
 
@@ -172,7 +189,7 @@ class RedisSettings(BaseModel):
     cluster: bool = False
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(Section):
     """Product limits (see `pigeon.domain.limits.Limits`)."""
 
     max_devices_per_user: int = Field(3, ge=1, le=100)
@@ -217,11 +234,9 @@ def parse_rate(text: str) -> Rate:
     return Rate(int(amount), seconds)
 
 
-class RateLimitSettings(BaseModel):
+class RateLimitSettings(Section):
     """Abuse limits (`pigeon.domain.limits.RateRules`): "<amount>/<period>" per sliding window;
     amounts of `*_bytes_*` rules are bytes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     #: Where the counters live: `local` (this process) or `redis` (shared by every node).
@@ -253,7 +268,7 @@ class RateLimitSettings(BaseModel):
         return RateRules(**{name: parse_rate(getattr(self, name)) for name in names})
 
 
-class GatewaySettings(BaseModel):
+class GatewaySettings(Section):
     """WebSocket connection behaviour."""
 
     ping_interval: float = Field(30.0, gt=0)
@@ -299,7 +314,7 @@ class GatewaySettings(BaseModel):
         return self
 
 
-class PresenceSettings(BaseModel):
+class PresenceSettings(Section):
     """Presence and typing behaviour."""
 
     #: Where sessions live: `local` (this process) or `redis` (shared by every node).
@@ -322,7 +337,7 @@ class PresenceSettings(BaseModel):
         return self
 
 
-class FcmSettings(BaseModel):
+class FcmSettings(Section):
     """Firebase Cloud Messaging (HTTP v1): on when a service-account key file is given."""
 
     credentials_file: Path | None = None
@@ -331,7 +346,7 @@ class FcmSettings(BaseModel):
     token_url: str | None = None
 
 
-class ApnsSettings(BaseModel):
+class ApnsSettings(Section):
     """Apple Push Notification service, token-based: on when a `.p8` key file is given."""
 
     team_id: str | None = None
@@ -341,7 +356,7 @@ class ApnsSettings(BaseModel):
     sandbox_url: str = "https://api.sandbox.push.apple.com"
 
 
-class WebPushSettings(BaseModel):
+class WebPushSettings(Section):
     """Web Push (RFC 8030/8291/8292): always on; the VAPID key is made on first start."""
 
     #: Default: `<data_dir>/vapid.pem`. Its public half is served at `/v1/push/vapid-key`.
@@ -350,7 +365,7 @@ class WebPushSettings(BaseModel):
     subject: str = "mailto:admin@localhost"
 
 
-class PushSettings(BaseModel):
+class PushSettings(Section):
     """Push notifications to devices with no live connection (docs/operations.md, "Push")."""
 
     enabled: bool = True
@@ -399,7 +414,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     data_dir: Path = Path("./var")
-    log_level: str = "INFO"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    ] = "INFO"
     log_json: bool = True
     store: StoreSettings = SqliteSettings()
     bus: BusSettings = BusSettings()
@@ -442,17 +460,63 @@ class Settings(BaseSettings):
         return path or self.data_dir / "pigeon.db"
 
 
+def effective(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, secrets masked: secret fields, and passwords inside URLs
+    (a PostgreSQL DSN, a Redis URL), for `pigeon check-config` and support requests."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        if isinstance(value, str) and "://" in value:
+            return _URL_PASSWORD.sub(r"\1***@", value)
+        return value
+
+    return dict(mask(settings.model_dump(mode="json")))
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used, said in one line: which setting, where it came from (file
+    key or env var), and what is wrong with it."""
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from (lowest to highest precedence) defaults, TOML file, env vars, overrides."""
+    """Settings from (lowest to highest precedence) defaults, TOML file, env vars, overrides.
+    Raises `ConfigError` for a missing or unreadable file and for bad or unknown settings."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
-        with config_file.open("rb") as f:
-            file_values = tomllib.load(f)
+        try:
+            with config_file.open("rb") as f:
+                file_values = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: not valid TOML: {exc}") from None
     # The raw env values (not a validated Settings): a section such as `store` must merge
     # key by key with the file's, e.g. PIGEON_STORE__DSN over a file that sets type=postgres.
     env = EnvSettingsSource(Settings)()
     merged = _deep_merge(_deep_merge(file_values, env), overrides)
-    return Settings.model_validate(merged)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation failure as one line: each bad setting with its env var name."""
+    parts = []
+    for error in exc.errors():
+        # discriminated sections put the engine's tag in the path (store.sqlite.dsn): drop it
+        loc = [str(x) for x in error["loc"] if x not in ("sqlite", "postgres", "local", "s3")]
+        name = ".".join(loc) or "settings"
+        env = "PIGEON_" + "__".join(x.upper() for x in loc)
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{name} ({env}): {what}")
+    return "bad settings: " + "; ".join(parts)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

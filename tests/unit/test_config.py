@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from pigeon.config import load_settings
+from pigeon.config import ConfigError, load_settings
 from pigeon.domain.limits import RateRules
 
 
@@ -39,12 +38,12 @@ def test_precedence_file_then_env_then_overrides(
 
 def test_bad_config_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIGEON_LIMITS__GROUP_CAP", "1")
-    with pytest.raises(ValidationError, match="group_cap"):
+    with pytest.raises(ConfigError, match="group_cap"):
         load_settings(None)
 
 
 def test_frame_limits_must_be_ordered() -> None:
-    with pytest.raises(ValidationError, match="hard_frame_limit"):
+    with pytest.raises(ConfigError, match="hard_frame_limit"):
         load_settings(None, gateway={"max_frame_bytes": 10_000, "hard_frame_limit": 5_000})
 
 
@@ -54,7 +53,7 @@ def test_store_type_selects_the_adapter_settings(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PIGEON_STORE__DSN", "postgresql://u@db:5432/chat")
     store = load_settings(None).store
     assert (store.type, getattr(store, "dsn", None)) == ("postgres", "postgresql://u@db:5432/chat")
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError):
         load_settings(None, store={"type": "postgres", "min_connections": 5, "max_connections": 2})
 
 
@@ -83,5 +82,38 @@ def test_env_values_merge_into_file_sections(
 
 
 def test_session_ttl_must_cover_the_grace() -> None:
-    with pytest.raises(ValidationError, match="session_ttl"):
+    with pytest.raises(ConfigError, match="session_ttl"):
         load_settings(None, presence={"grace": 10, "session_ttl": 5})
+
+
+def test_a_typo_inside_a_section_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "pigeon.toml"
+    toml.write_text("[limits]\ngroupcap = 5\n")
+    with pytest.raises(ConfigError, match=r"limits\.groupcap \(PIGEON_LIMITS__GROUPCAP\)"):
+        load_settings(toml)
+    monkeypatch.setenv("PIGEON_GATEWAY__PINGINTERVAL", "3")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(None)
+
+
+def test_a_setting_of_another_engine_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"store\.dsn"):
+        load_settings(None, store={"dsn": "postgresql://x/y"})  # the store is SQLite
+
+
+def test_log_levels_are_checked_and_case_blind(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(None, log_level="debug").log_level == "DEBUG"
+    monkeypatch.setenv("PIGEON_LOG_LEVEL", "verbose")
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(None)
+
+
+def test_a_missing_or_broken_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_settings(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)

@@ -20,6 +20,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 from asyncpg import exceptions as pgerr
@@ -81,6 +82,23 @@ def translate(exc: Exception) -> PigeonError:
     return PigeonError(f"store error: {type(exc).__name__}")
 
 
+def _opening_error(exc: Exception, dsn: str) -> PigeonError:
+    """Why the store could not be opened, naming the database (never its password): the one
+    line an operator sees when `pigeon serve` cannot start."""
+    parts = urlsplit(dsn)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    if isinstance(exc, pgerr.InvalidCatalogNameError):
+        return Unavailable(
+            f"PostgreSQL database {parts.path.lstrip('/')!r} does not exist on "
+            f"{where.split('/')[0]}: create it (createdb), then start again"
+        )
+    if isinstance(exc, pgerr.InvalidAuthorizationSpecificationError | pgerr.InvalidPasswordError):
+        return Unavailable(f"PostgreSQL at {where} refused the login: {exc}")
+    error = translate(exc)
+    cls = Unavailable if isinstance(error, Unavailable) else PigeonError
+    return cls(f"cannot open the store at {where}: {error}")
+
+
 def _retriable(exc: Exception, retry_unique: bool) -> bool:
     if isinstance(exc, pgerr.TransactionRollbackError):
         return True  # deadlock_detected, serialization_failure: nothing was committed
@@ -134,7 +152,7 @@ class PgDb:
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, Exception):
-                raise translate(exc) from exc
+                raise _opening_error(exc, self._dsn) from exc
             raise
 
     async def aclose(self) -> None:
