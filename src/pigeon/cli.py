@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,6 +16,9 @@ from pigeon import __version__
 from pigeon.config import ConfigError, Settings, load_settings
 from pigeon.domain.errors import PigeonError
 from pigeon.logs import setup_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -71,9 +75,7 @@ def serve(
     """Run the server until SIGTERM/SIGINT (then close connections with 1001 and drain).
     Every setting has an env var (PIGEON_<NAME>, sections PIGEON_<SECTION>__<NAME>): see
     `pigeon check-config` and docs/operations.md."""
-    from aiohttp import web
-
-    from pigeon.app import create_app, runner_options
+    from pigeon.app import create_app
     from pigeon.supervisor import Supervisor, WorkersNeedSharedState, check_workers
 
     overrides: dict[str, Any] = {
@@ -92,33 +94,54 @@ def serve(
     _install_uvloop()
     app_ = create_app(settings)
     _tune_gc(settings.gc_threshold)
-
-    def listening(_: str) -> None:  # aiohttp calls it once the store is open and the port bound
-        log.info(
-            "pigeon listening on %s:%d (data in %s)",
-            settings.host,
-            settings.port,
-            settings.data_dir,
-        )
-
     try:
-        web.run_app(
-            app_,
-            host=settings.host,
-            port=settings.port,
-            print=listening,
-            access_log=None,
-            shutdown_timeout=10.0,
-            **runner_options(settings),
-            backlog=settings.gateway.backlog,
-            reuse_port=settings.gateway.reuse_port or None,
-        )
+        asyncio.run(_serve(app_, settings))
     except OSError as exc:  # binding: the port is taken, or the address is not this machine's
         raise fail(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from None
     except PigeonError as exc:  # the store, bus or presence could not be opened
         raise fail(f"cannot start: {exc}") from None
+
+
+async def _serve(app_: web.Application, settings: Settings) -> None:
+    """Start the app, serve until SIGTERM or SIGINT, then shut down gracefully.
+
+    Why not `web.run_app`: it turns each signal into an exception raised in the loop, so a second
+    signal during the graceful shutdown (GNU `timeout` signals the process and its group: two
+    SIGTERMs; an impatient operator) broke the shutdown with a traceback. Here a signal only
+    sets an event, and the shutdown runs to its end once."""
+    from aiohttp import web
+
+    from pigeon.app import runner_options
+
+    runner = web.AppRunner(
+        app_,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=10.0,
+        **runner_options(settings),
+    )
+    stop = asyncio.Event()  # set by a signal from now on, even one during start-up
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()  # opens the store, blobs, bus and presence (on_startup)
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.port,
+            backlog=settings.gateway.backlog,
+            reuse_port=settings.gateway.reuse_port or None,
+        )
+        await site.start()
+        host, port = runner.addresses[0][:2]  # the port bound, if settings said 0
+        log.info("pigeon listening on %s:%d (data in %s)", host, port, settings.data_dir)
+        await stop.wait()
+        log.info("pigeon stopping (signal)")
+    finally:
+        await runner.cleanup()
 
 
 @app.command("check-config")
@@ -191,13 +214,12 @@ def invite(
 def main() -> None:
     """Entry point of the `pigeon` script."""
     from pigeon.bench.cli import bench_app
-    from pigeon.cli_client import login_cmd, send_cmd
+    from pigeon.cli_client import add_commands
     from pigeon.cli_push import push_app
 
     app.add_typer(bench_app, name="bench")
     app.add_typer(push_app, name="push")
-    app.command("login")(login_cmd)
-    app.command("send")(send_cmd)
+    add_commands(app)  # login, logout, send, listen, chats, download, devices
     try:
         app()
     except ConfigError as exc:

@@ -4,6 +4,7 @@ names its cause, with a non-zero exit, and no "listening" line or traceback befo
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -84,3 +85,24 @@ def test_version_help_and_the_effective_settings() -> None:
     settings = json.loads(shown.stdout)
     assert settings["port"] == 9000 and settings["redis"]["url"] == "redis://:***@cache:6379/0"
     assert "hunter2" not in shown.stdout
+
+
+def test_a_second_sigterm_during_shutdown_is_harmless(tmp_path: Path) -> None:
+    """GNU `timeout` signals the process and its group: two SIGTERMs at once."""
+    proc = subprocess.Popen(
+        [*_PIGEON, "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        env={"PATH": "/usr/bin:/bin", "PIGEON_LOG_JSON": "false"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # ends at EOF if the server dies: the assert below then fails
+            if "pigeon listening on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in rest, rest
