@@ -9,13 +9,16 @@ only starts them, restarts one that dies, and passes SIGTERM/SIGINT on for a gra
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from types import FrameType
 
@@ -27,6 +30,11 @@ log = logging.getLogger(__name__)
 #: (doubling up to `_MAX_BACKOFF`), so a worker that cannot start does not spin.
 _HEALTHY_AFTER = 10.0
 _MAX_BACKOFF = 30.0
+#: More unasked exits than this within `_CRASH_WINDOW` seconds (all workers together), and the
+#: supervisor stops every worker and exits 1: a worker that cannot run (a database gone, a
+#: broken deployment) must not be restarted forever.
+_MAX_CRASHES = 5
+_CRASH_WINDOW = 60.0
 
 
 class WorkersNeedSharedState(ValueError):
@@ -65,10 +73,13 @@ class Supervisor:
         """Run until SIGTERM/SIGINT and every worker has exited; returns the exit status."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        share_metrics()
         for index in range(self._workers):
             if not self._stopping:  # a signal during start-up: start no more
                 self._start(index)
         backoff = {index: 1.0 for index in range(self._workers)}
+        crashes: list[float] = []  # when workers exited unasked, within the last window
+        failed = False
         while self._procs:
             try:
                 pid, status = os.wait()
@@ -77,10 +88,26 @@ class Supervisor:
             entry = self._procs.pop(pid, None)
             if entry is None:
                 continue
+            forget_worker_metrics(pid)
             index, _, started = entry
             if self._stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < _CRASH_WINDOW] + [now]
+            if len(crashes) > _MAX_CRASHES:  # it will not get better by itself: stop, say why
+                log.error(
+                    "giving up: workers exited %d times within %.0f s (worker %d, pid %d, "
+                    "exit %d last); see the lines above for the cause",
+                    len(crashes),
+                    _CRASH_WINDOW,
+                    index,
+                    pid,
+                    code,
+                )
+                self._on_signal(signal.SIGTERM, None)
+                failed = True
+                continue
             log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
             if time.monotonic() - started < _HEALTHY_AFTER:
                 time.sleep(backoff[index])  # a pause between restarts, not synchronisation
@@ -89,7 +116,7 @@ class Supervisor:
                 backoff[index] = 1.0
             if not self._stopping:
                 self._start(index)
-        return 0
+        return 1 if failed else 0
 
     def _start(self, index: int) -> None:
         env = {**os.environ, "PIGEON_GATEWAY__REUSE_PORT": "true", "PIGEON_WORKER": str(index)}
@@ -106,6 +133,24 @@ class Supervisor:
         for _, proc, _ in list(self._procs.values()):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+
+def share_metrics() -> str:
+    """Give the workers one fresh directory for their metrics (prometheus-client's
+    multiprocess mode: a scrape answered by any worker sums them all), removed when the
+    supervisor exits. Fresh: a directory of an earlier run would count its workers again."""
+    path = tempfile.mkdtemp(prefix="pigeon-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # inherited by every worker started
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def forget_worker_metrics(pid: int) -> None:
+    """A worker exited: its gauges (live connections) no longer count; its counters and
+    histograms stay in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _die_with_parent() -> None:

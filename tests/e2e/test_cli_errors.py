@@ -106,3 +106,19 @@ def test_a_second_sigterm_during_shutdown_is_harmless(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in rest, rest
+
+
+def test_the_supervisor_gives_up_on_workers_that_cannot_start(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "PIGEON_STORE__TYPE": "postgres",
+        "PIGEON_STORE__DSN": "postgresql://postgres@127.0.0.1:5432/pigeon_no_such_db",
+        "PIGEON_BUS__TYPE": "redis",
+        "PIGEON_PRESENCE__TYPE": "redis",
+    }
+    result = run(["serve", "--workers", "2", "--port", str(port), "--data-dir", str(tmp_path)], env)
+    assert result.returncode == 1
+    assert "giving up: workers exited 6 times" in result.stderr
+    assert "'pigeon_no_such_db' does not exist" in result.stderr  # each worker said why
