@@ -114,11 +114,13 @@ async def _serve(app_: web.Application, settings: Settings) -> None:
     from aiohttp import web
 
     from pigeon.app import runner_options
+    from pigeon.gateway.access_log import AccessLog
 
     runner = web.AppRunner(
         app_,
         handle_signals=False,
-        access_log=None,
+        access_log_class=AccessLog,
+        access_log=logging.getLogger("pigeon.access") if settings.log_access else None,
         shutdown_timeout=10.0,
         **runner_options(settings),
     )

@@ -419,6 +419,8 @@ class Settings(BaseSettings):
         BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
     ] = "INFO"
     log_json: bool = True
+    #: One line per REST request on the `pigeon.access` logger (method, path, status, bytes, ms).
+    log_access: bool = True
     store: StoreSettings = SqliteSettings()
     bus: BusSettings = BusSettings()
     redis: RedisSettings = RedisSettings()
