@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 
@@ -9,6 +10,8 @@ import time
 def _split(script: str) -> list[str]:
     return [part for part in script.split(";") if part.strip()]
 
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (
@@ -222,6 +225,7 @@ def migrate(conn: sqlite3.Connection) -> None:
                 "INSERT INTO schema_migrations VALUES (?, ?)", (version, int(time.time() * 1000))
             )
             conn.execute("COMMIT")
+            log.info("store schema migration %d applied", version, extra={"version": version})
         except BaseException:
             conn.execute("ROLLBACK")
             raise
