@@ -73,6 +73,8 @@ def test_settings(
             base[key] = {**base[key], **value}
         else:
             base[key] = value
+    if base["store"].get("type", "sqlite") != "sqlite":  # a SQLite-only setting
+        base["store"].pop("synchronous", None)
     return load_settings(None, **base)
 
 

@@ -24,6 +24,7 @@ from pigeon.gateway.hub import Hub
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
+from pigeon.metrics import METRICS, Metrics, TimedBus, TimedStore, metrics_handler
 from pigeon.ports import (
     BlobStore,
     Bus,
@@ -31,6 +32,7 @@ from pigeon.ports import (
     Presence,
     PushQueue,
     PushSender,
+    PushStore,
     RateLimiter,
     Store,
 )
@@ -150,12 +152,21 @@ PUSH_WORKER = web.AppKey("push_worker", list[PushWorker])
 
 
 def build_push_queue(settings: Settings, store: Store) -> PushQueue | None:
-    """The store's push queue: the embedded one on SQLite; none (yet) on PostgreSQL."""
-    if not settings.push.enabled or not isinstance(store, SqliteStore):
+    """The store's push queue: its outbox table, leased by the workers (on PostgreSQL by every
+    node's, with SKIP LOCKED); none when push is off."""
+    if not settings.push.enabled:
         return None
-    from pigeon.adapters.store.sqlite.push import SqlitePushQueue
+    if isinstance(store, SqliteStore):
+        from pigeon.adapters.store.sqlite.push import SqlitePushQueue
 
-    return SqlitePushQueue(store.db)
+        return SqlitePushQueue(store.db)
+    from pigeon.adapters.store.postgres import PostgresStore
+
+    if isinstance(store, PostgresStore):
+        from pigeon.adapters.store.postgres.push import PgPushQueue
+
+        return PgPushQueue(store.db)
+    return None
 
 
 def build_push(settings: Settings, store: Store) -> PushParts:
@@ -223,11 +234,15 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
-    store, bus = build_store(settings), build_bus(settings)
+    metrics = Metrics()
+    adapter = build_store(settings)
+    # the services see the store and the bus through timing wrappers (metrics.py)
+    store: Store = TimedStore(adapter, metrics)
+    bus: Bus = TimedBus(build_bus(settings), metrics)
     presence = build_presence(settings, clock)
     blobs = build_blobs(settings, clock)
     media = MediaService(store, blobs, clock, settings.media, limits.retention_seconds)
-    fanout = Fanout(bus)
+    fanout = Fanout(bus, on_delivered=metrics.send_delivery.observe)
     limiter = build_rate_limiter(settings)
     throttle = (
         Throttle(limiter, settings.rate_limits.to_rules()) if settings.rate_limits.enabled else None
@@ -235,7 +250,8 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib, parallelism=1
     )
-    push = build_push(settings, store)
+    push = build_push(settings, adapter)
+    metrics.watch_push_queue(push.queue, clock)
     rules = TargetRules(
         kinds=frozenset(push.senders),
         webhook_hosts=frozenset(h.lower() for h in settings.push.webhook_hosts),
@@ -281,6 +297,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
             max_refusals=settings.gateway.max_refusals,
+            metrics=metrics,
         ),
         push=push_service,
         vapid_public_key=push.vapid_public_key,
@@ -288,8 +305,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[SERVICES] = services
-    app[STORE] = store
+    app[STORE] = adapter
     app[BUS] = bus
+    app[METRICS] = metrics
     app[PRESENCE] = presence
     app[BLOBS] = blobs
     app[FANOUT] = fanout
@@ -301,8 +319,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[READY] = {"ready": False}
     add_routes(app)
     if isinstance(blobs, LocalBlobStore):  # its signed URLs point at pigeon's own HTTP
-        add_blob_routes(app, blobs)
+        add_blob_routes(app, blobs, metrics)
     app.router.add_get("/v1/ws", websocket_handler)
+    app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_connections)
     return app
@@ -315,6 +334,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await bus.open()
     await app[PRESENCE].open()
     await app[LIMITER].open()
+    metrics = app[METRICS]
+    await metrics.start()
     app[SERVICES].hub.start()
     app[SERVICES].presence.start()
     sweeper.start()
@@ -324,8 +345,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for sender in push.senders.values():
             await sender.open()
         worker = PushWorker(
-            push.queue, store.push, push.senders, app[SERVICES].clock, push_policy(app[SETTINGS])
+            metrics.timed(push.queue, PushQueue, "push_queue_"),
+            metrics.timed(store.push, PushStore, "push_"),
+            push.senders,
+            app[SERVICES].clock,
+            push_policy(app[SETTINGS]),
         )
+        worker.observe(metrics.push_outcome)
         await worker.start()
     app[PUSH_WORKER] = [] if worker is None else [worker]
     app[READY]["ready"] = True
@@ -347,6 +373,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await bus.aclose()
         await app[BLOBS].aclose()
         await store.aclose()
+        await metrics.aclose()
 
 
 async def _close_connections(app: web.Application) -> None:

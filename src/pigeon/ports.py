@@ -356,6 +356,25 @@ class PushQueue(Protocol):
         """Forget dead letters (all when `ids` is None); how many were."""
 
 
+class PushQueueDepth(msgspec.Struct, frozen=True, kw_only=True):
+    """How much work a push queue holds at one instant (the metrics' gauges)."""
+
+    #: Jobs pending, leased ones included.
+    pending: int
+    #: Pending jobs that may be claimed now (not leased, grace, window and backoff over).
+    due: int
+    #: When (ms) the longest-waiting of those became claimable; None if none is.
+    oldest_due_at: int | None
+
+
+class PushQueueStats(Protocol):
+    """A read a `PushQueue` may offer besides its contract, for monitoring: kept apart from
+    `PushQueue` so that a queue without it (the metrics skip it) is still a `PushQueue`."""
+
+    async def depth(self, now: int) -> PushQueueDepth:
+        """The queue's depth at `now` (ms), in one snapshot. A read: it changes nothing."""
+
+
 class Store(Protocol):
     """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
 

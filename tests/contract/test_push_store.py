@@ -1,5 +1,6 @@
-"""Contract of `PushStore` and `PushQueue` (see their docstrings in pigeon.ports), against the
-SQLite store and its embedded queue (`SqlitePushQueue` over the same database).
+"""Contract of `PushStore` and `PushQueue` (see their docstrings in pigeon.ports), against every
+store adapter (`ADAPTERS`, tests/contract/conftest.py) and the queue over its outbox table
+(`SqlitePushQueue`, `PgPushQueue`).
 
 A job is a pending flag per (device, chat): whether its push is due is read by `context` when
 it is sent: a message of others `waiting` in the device's inbox, unacked, up to the job's
@@ -13,21 +14,22 @@ claimed.
 
 from __future__ import annotations
 
+import re
 import sqlite3
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import pytest
 
+from pigeon.adapters.store.postgres import PostgresStore
+from pigeon.adapters.store.postgres.push import PgPushQueue
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.adapters.store.sqlite.push import SqlitePushQueue
 from pigeon.domain.events import Delivery
 from pigeon.domain.ids import new_id
 from pigeon.domain.models import ChatInfo, Device, Member, User
 from pigeon.domain.push import MAX_COUNT, PushTarget
-from pigeon.ports import DeadLetter, PushContext, PushJob, SendResult
+from pigeon.ports import DeadLetter, PushContext, PushJob, PushQueue, SendResult, Store
 from tests.contract.test_store import T0, chat, device, send_req, user
 
 T1 = T0 + 1_000_000  # when the tests' pushes happen (messages are sent at T1 + x)
@@ -42,22 +44,41 @@ FCM2 = PushTarget(kind="fcm", token="token-2")
 Row = tuple[str, str, int, int, int, int, int, int, int]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "push.db", synchronous="NORMAL")
-    await s.open()
-    yield s
-    await s.aclose()
+def queue_of(store: Store) -> PushQueue:
+    """The queue over the store's outbox table (as `pigeon.app.build_push_queue` builds it)."""
+    if isinstance(store, SqliteStore):
+        return SqlitePushQueue(store.db)
+    if isinstance(store, PostgresStore):
+        return PgPushQueue(store.db)
+    raise AssertionError(f"no push queue for {type(store).__name__}")
 
 
 @pytest.fixture
-async def queue(store: SqliteStore) -> SqlitePushQueue:
-    q = SqlitePushQueue(store.db)
+async def queue(store: Store) -> PushQueue:
+    q = queue_of(store)
     await q.configure(0.0, WINDOW)
     return q
 
 
-async def send(store: SqliteStore, c: ChatInfo, sender: Device, at: int = T1) -> SendResult:
+async def select(store: Store, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query on either engine, written with `?` parameters. Booleans come back as
+    0 and 1, as SQLite stores them."""
+    if isinstance(store, SqliteStore):
+
+        def q(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+
+        rows = await store.db.read(q)
+    elif isinstance(store, PostgresStore):
+        numbered = iter(range(1, len(args) + 1))
+        pg_sql = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
+        rows = [tuple(r) for r in await store.db.fetch(pg_sql, *args)]
+    else:
+        raise AssertionError(f"cannot query {type(store).__name__}")
+    return [tuple(int(v) if isinstance(v, bool) else v for v in r) for r in rows]
+
+
+async def send(store: Store, c: ChatInfo, sender: Device, at: int = T1) -> SendResult:
     return await store.messages.send(msgspec.structs.replace(send_req(c, sender), at=at))
 
 
@@ -70,13 +91,13 @@ def iseq_of(result: SendResult | list[Delivery], d: Device) -> int:
     return iseqs[0]
 
 
-async def context(store: SqliteStore, d: Device, c: ChatInfo, upto: int) -> PushContext:
+async def context(store: Store, d: Device, c: ChatInfo, upto: int) -> PushContext:
     ctx = await store.push.context(d.id, c.id, upto)
     assert ctx is not None
     return ctx
 
 
-async def says(store: SqliteStore, job: PushJob) -> tuple[bool, int]:
+async def says(store: Store, job: PushJob) -> tuple[bool, int]:
     """What the push of `job` says, as the worker reads it: does a message of others wait for
     the device up to the job's `last_iseq` (without one, no "New message"), and the count."""
     ctx = await store.push.context(job.device, job.chat, job.last_iseq)
@@ -84,22 +105,22 @@ async def says(store: SqliteStore, job: PushJob) -> tuple[bool, int]:
     return ctx.waiting, ctx.count
 
 
-async def claim_all(queue: SqlitePushQueue, now: int = FAR) -> list[PushJob]:
+async def claim_all(queue: PushQueue, now: int = FAR) -> list[PushJob]:
     return await queue.claim(now, 100, VIS)
 
 
-async def job_rows(store: SqliteStore) -> list[Row]:
-    def q(conn: sqlite3.Connection) -> list[Row]:
-        return conn.execute(
-            "SELECT device_id, chat_id, pending, last_iseq, invite_iseq, due_at, attempts,"
-            " leased_until, pushed_at FROM push_jobs ORDER BY device_id, chat_id"
-        ).fetchall()
-
-    return await store.db.read(q)
+async def job_rows(store: Store) -> list[Row]:
+    """The `push_jobs` table, by device and chat."""
+    rows = await select(
+        store,
+        "SELECT device_id, chat_id, pending, last_iseq, invite_iseq, due_at, attempts,"
+        " leased_until, pushed_at FROM push_jobs ORDER BY device_id, chat_id",
+    )
+    return [cast(Row, r) for r in rows]
 
 
 async def create(
-    store: SqliteStore, *members: User, kind: str = "group", at: int = T1
+    store: Store, *members: User, kind: str = "group", at: int = T1
 ) -> tuple[ChatInfo, list[Delivery]]:
     """A chat created by the first member at `at`, and the inbox entries announcing it."""
     info = ChatInfo(
@@ -125,11 +146,11 @@ class Pair(NamedTuple):
     c: ChatInfo
 
 
-async def pair(store: SqliteStore) -> Pair:
+async def pair(store: Store) -> Pair:
     return (await pair_and_chats(store))[0]
 
 
-async def pair_and_chats(store: SqliteStore, extra: int = 0) -> tuple[Pair, list[ChatInfo]]:
+async def pair_and_chats(store: Store, extra: int = 0) -> tuple[Pair, list[ChatInfo]]:
     """The pair, and `extra` more chats of theirs. Chats are created before the target is set,
     so that only what the tests send is queued (not the invitations into them)."""
     a, b = await user(store, "alice"), await user(store, "bob")
@@ -144,7 +165,7 @@ async def pair_and_chats(store: SqliteStore, extra: int = 0) -> tuple[Pair, list
 
 
 async def test_a_message_to_a_device_with_a_target_marks_its_job_pending(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     sent = await send(store, c, da)
@@ -161,7 +182,7 @@ async def test_a_message_to_a_device_with_a_target_marks_its_job_pending(
 
 
 async def test_devices_without_a_target_and_the_sending_device_get_no_job(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db, db_bare = await device(store, a), await device(store, b), await device(store, b)
@@ -174,7 +195,7 @@ async def test_devices_without_a_target_and_the_sending_device_get_no_job(
 
 
 async def test_the_senders_other_devices_get_a_job_with_nothing_waiting(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, da_other, db = await device(store, a), await device(store, a), await device(store, b)
@@ -199,7 +220,7 @@ async def test_the_senders_other_devices_get_a_job_with_nothing_waiting(
 
 
 async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (_, _, da, db, c), (other,) = await pair_and_chats(store, extra=1)
     sent = [await send(store, c, da, T1 + i) for i in range(5)]
@@ -218,9 +239,7 @@ async def test_a_burst_to_one_chat_is_one_job_and_two_chats_are_two(
     assert await says(store, jobs[other.id]) == (True, 1)
 
 
-async def test_receipts_and_read_states_queue_no_job(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_receipts_and_read_states_queue_no_job(store: Store, queue: PushQueue) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, da2, db = await device(store, a), await device(store, a), await device(store, b)
     c = await chat(store, a, b)
@@ -240,7 +259,7 @@ async def test_receipts_and_read_states_queue_no_job(
 
 
 async def test_removing_the_target_drops_pending_jobs_and_stops_new_ones(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     assert await store.push.target_status(db.id) == (FCM, None)
@@ -253,9 +272,7 @@ async def test_removing_the_target_drops_pending_jobs_and_stops_new_ones(
     assert await job_rows(store) == []
 
 
-async def test_a_gone_target_is_removed_with_its_reason(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_a_gone_target_is_removed_with_its_reason(store: Store, queue: PushQueue) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da)
     assert await store.push.remove_gone(db.id, FCM, "UNREGISTERED", T1 + 1)
@@ -268,7 +285,7 @@ async def test_a_gone_target_is_removed_with_its_reason(
 
 
 async def test_a_gone_report_about_a_replaced_target_changes_nothing(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     await store.push.set_target(db.id, FCM2, T1)  # the device registered a newer token
@@ -279,7 +296,7 @@ async def test_a_gone_report_about_a_replaced_target_changes_nothing(
 
 
 async def test_a_revoked_device_loses_its_target_jobs_and_dead_letters(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (_, b, da, db, c), (other,) = await pair_and_chats(store, extra=1)
     await send(store, c, da)
@@ -299,7 +316,7 @@ async def test_a_revoked_device_loses_its_target_jobs_and_dead_letters(
 
 
 async def test_context_waits_for_unacked_messages_of_others_up_to_upto(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, db, db2, dx = (
@@ -335,7 +352,7 @@ async def test_context_waits_for_unacked_messages_of_others_up_to_upto(
     assert (ctx.waiting, ctx.count) == (False, 1)  # delivered, not read
 
 
-async def test_context_counts_the_users_unread_messages_in_the_chat(store: SqliteStore) -> None:
+async def test_context_counts_the_users_unread_messages_in_the_chat(store: Store) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db, db2 = await device(store, a), await device(store, b), await device(store, b)
     c, other = await chat(store, a, b), await chat(store, a, b)
@@ -360,7 +377,7 @@ async def test_context_counts_the_users_unread_messages_in_the_chat(store: Sqlit
     assert (await context(store, db, other, 10**6)).count == 1
 
 
-async def test_context_caps_the_count(store: SqliteStore) -> None:
+async def test_context_caps_the_count(store: Store) -> None:
     _, _, da, db, c = await pair(store)
     sent = [await send(store, c, da, T1 + i) for i in range(120)]
     assert MAX_COUNT == 100
@@ -373,7 +390,7 @@ async def test_context_caps_the_count(store: SqliteStore) -> None:
     assert (ctx.count, ctx.unread) == (70, 70)
 
 
-async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
+async def test_context_unread_and_sender_name(store: Store) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, db, dx = await device(store, a), await device(store, b), await device(store, x)
     c1, c2 = await chat(store, a, b, x), await chat(store, a, b)
@@ -410,7 +427,7 @@ async def test_context_unread_and_sender_name(store: SqliteStore) -> None:
     assert (await context(store, db, c1, upto)).sender_name is None
 
 
-async def test_name_and_preview_come_from_the_same_newest_message(store: SqliteStore) -> None:
+async def test_name_and_preview_come_from_the_same_newest_message(store: Store) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, db, dx = await device(store, a), await device(store, b), await device(store, x)
     c = await chat(store, a, b, x)
@@ -426,22 +443,20 @@ async def test_name_and_preview_come_from_the_same_newest_message(store: SqliteS
     assert (newest.sender_name, newest.preview) == ("alice", None)
 
 
-async def test_a_push_preview_goes_with_the_body(store: SqliteStore) -> None:
+async def test_a_push_preview_goes_with_the_body(store: Store) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db = await device(store, a), await device(store, b)
     c = await chat(store, a, b)
     req = send_req(c, da, body="secret plan")
     sent = await store.messages.send(msgspec.structs.replace(req, push_preview="secret plan"))
     await store.messages.ack(db, iseq_of(sent, db), T1 + 1)
-    row = await store.db.read(
-        lambda conn: conn.execute(
-            "SELECT raw, push_preview FROM messages WHERE id = ?", (sent.message.id,)
-        ).fetchone()
+    (row,) = await select(
+        store, "SELECT raw, push_preview FROM messages WHERE id = ?", sent.message.id
     )
     assert row == (None, None)  # delivered everywhere: neither the body nor its preview stays
 
 
-async def test_context_without_a_target_or_device(store: SqliteStore) -> None:
+async def test_context_without_a_target_or_device(store: Store) -> None:
     b = await user(store, "bob")
     db = await device(store, b)
     c = await chat(store, b)
@@ -459,9 +474,7 @@ async def test_context_without_a_target_or_device(store: SqliteStore) -> None:
 # --- leases -----------------------------------------------------------------------------------
 
 
-async def test_a_lease_hides_the_job_until_it_runs_out(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_a_lease_hides_the_job_until_it_runs_out(store: Store, queue: PushQueue) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     (first,) = await queue.claim(T1, 10, VIS)
@@ -487,7 +500,7 @@ async def test_a_lease_hides_the_job_until_it_runs_out(
 
 
 async def test_a_lease_that_runs_out_is_claimable_again_exactly_at_its_end(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     await queue.configure(0.5, WINDOW)  # neither is added to a lease
     _, _, da, db, c = await pair(store)
@@ -510,7 +523,7 @@ async def test_a_lease_that_runs_out_is_claimable_again_exactly_at_its_end(
     assert await queue.next_due() == T1 + 63_000
 
 
-async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue) -> None:
+async def test_grace_delays_a_new_job(store: Store, queue: PushQueue) -> None:
     await queue.configure(0.5, WINDOW)
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
@@ -529,7 +542,7 @@ async def test_grace_delays_a_new_job(store: SqliteStore, queue: SqlitePushQueue
 
 
 async def test_a_push_opens_a_window_that_coalesces_what_follows(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
@@ -548,9 +561,7 @@ async def test_a_push_opens_a_window_that_coalesces_what_follows(
     assert await says(store, job) == (True, 4)  # the first was delivered, not read
 
 
-async def test_a_job_done_without_a_push_opens_no_window(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_a_job_done_without_a_push_opens_no_window(store: Store, queue: PushQueue) -> None:
     _, _, da, db, c = await pair(store)
     first = await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -566,9 +577,7 @@ async def test_a_job_done_without_a_push_opens_no_window(
     assert await says(store, job) == (True, 2)
 
 
-async def test_entries_arriving_during_a_lease_stay_pending(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_entries_arriving_during_a_lease_stay_pending(store: Store, queue: PushQueue) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     second = await send(store, c, da, T1 + 1)
@@ -588,7 +597,7 @@ async def test_entries_arriving_during_a_lease_stay_pending(
 
 
 async def test_only_message_entries_of_its_chat_keep_a_job_pending(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (a, _, da, db, c), (other,) = await pair_and_chats(store, extra=1)
     x = await user(store, "xavier")
@@ -605,7 +614,7 @@ async def test_only_message_entries_of_its_chat_keep_a_job_pending(
 
 
 async def test_entries_arriving_during_a_lease_get_their_grace(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     await queue.configure(0.5, WINDOW)
     _, _, da, db, c = await pair(store)
@@ -620,9 +629,7 @@ async def test_entries_arriving_during_a_lease_get_their_grace(
     assert len(await queue.claim(T1 + 1150, 10, VIS)) == 1
 
 
-async def test_retry_hands_the_job_back_for_later(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_retry_hands_the_job_back_for_later(store: Store, queue: PushQueue) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -634,9 +641,7 @@ async def test_retry_hands_the_job_back_for_later(
     assert await says(store, again) == (True, 1)
 
 
-async def test_retry_is_due_at_its_time_whatever_the_grace(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_retry_is_due_at_its_time_whatever_the_grace(store: Store, queue: PushQueue) -> None:
     await queue.configure(0.5, WINDOW)
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
@@ -648,9 +653,7 @@ async def test_retry_is_due_at_its_time_whatever_the_grace(
     assert len(await queue.claim(T1 + 5_000, 10, VIS)) == 1
 
 
-async def test_next_due_is_the_earliest_claimable_time(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_next_due_is_the_earliest_claimable_time(store: Store, queue: PushQueue) -> None:
     assert await queue.next_due() is None
     a, _, da, _, c = await pair(store)
     x = await user(store, "xavier")
@@ -673,9 +676,7 @@ async def test_next_due_is_the_earliest_claimable_time(
     assert await queue.next_due() == T1 + 3_700
 
 
-async def test_claim_honours_the_limit_earliest_due_first(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_claim_honours_the_limit_earliest_due_first(store: Store, queue: PushQueue) -> None:
     a = await user(store, "alice")
     da = await device(store, a)
     dues = [T1 + 30, T1 + 10, T1 + 20]
@@ -695,7 +696,7 @@ async def test_claim_honours_the_limit_earliest_due_first(
 
 
 async def test_a_claim_passes_over_jobs_held_by_a_window_or_a_retry(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (_, _, da, _, c), others = await pair_and_chats(store, extra=8)
     windowed, retried = others[:4], others[4:]
@@ -732,7 +733,7 @@ async def test_a_claim_passes_over_jobs_held_by_a_window_or_a_retry(
 
 
 async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
@@ -765,9 +766,7 @@ async def test_dead_records_a_letter_and_keeps_newer_entries_pending(
     assert await says(store, back) == (True, 3)
 
 
-async def test_dead_with_nothing_newer_leaves_the_job_idle(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_dead_with_nothing_newer_leaves_the_job_idle(store: Store, queue: PushQueue) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -779,9 +778,7 @@ async def test_dead_with_nothing_newer_leaves_the_job_idle(
     assert await queue.claim(FAR, 10, VIS) == []
 
 
-async def test_a_retried_dead_letter_joins_the_live_job(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_a_retried_dead_letter_joins_the_live_job(store: Store, queue: PushQueue) -> None:
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -797,9 +794,7 @@ async def test_a_retried_dead_letter_joins_the_live_job(
     assert await says(store, merged) == (True, 4)
 
 
-async def test_retry_dead_leaves_a_leased_job_to_its_worker(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_retry_dead_leaves_a_leased_job_to_its_worker(store: Store, queue: PushQueue) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -811,7 +806,23 @@ async def test_retry_dead_leaves_a_leased_job_to_its_worker(
     assert await queue.claim(T1 + 3, 10, VIS) == []  # a job goes to one worker at a time
 
 
-async def dead_letters_of(store: SqliteStore, queue: SqlitePushQueue, n: int) -> list[DeadLetter]:
+async def test_letters_of_one_job_retried_together_are_one_job(
+    store: Store, queue: PushQueue
+) -> None:
+    _, _, da, db, c = await pair(store)
+    for at in (T1, T1 + 10):
+        last = await send(store, c, da, at)
+        (job,) = await queue.claim(at, 10, VIS)
+        await queue.dead(job, "boom", at + 1)
+    assert len(await queue.dead_letters(10)) == 2
+    assert await queue.retry_dead(None, T1 + 50) == 2
+    assert [(r[1], r[2], r[5]) for r in await job_rows(store)] == [(c.id, 1, T1 + 50)]
+    (back,) = await queue.claim(T1 + 50, 10, VIS)
+    assert back.last_iseq == iseq_of(last, db)
+    assert await says(store, back) == (True, 2)
+
+
+async def dead_letters_of(store: Store, queue: PushQueue, n: int) -> list[DeadLetter]:
     """`n` dead letters, one per chat of Alice (sender) and Bob (with a target)."""
     (_, _, da, _, c), others = await pair_and_chats(store, extra=n - 1)
     for i, each in enumerate([c, *others]):
@@ -823,7 +834,7 @@ async def dead_letters_of(store: SqliteStore, queue: SqlitePushQueue, n: int) ->
     return letters
 
 
-async def test_retry_dead_by_id_and_all(store: SqliteStore, queue: SqlitePushQueue) -> None:
+async def test_retry_dead_by_id_and_all(store: Store, queue: PushQueue) -> None:
     letters = await dead_letters_of(store, queue, 4)
     assert await queue.retry_dead([], FAR) == 0
     assert await queue.retry_dead([10**6], FAR) == 0
@@ -839,7 +850,7 @@ async def test_retry_dead_by_id_and_all(store: SqliteStore, queue: SqlitePushQue
     assert await queue.retry_dead(None, FAR + 2) == 0
 
 
-async def test_drop_dead_by_id_and_all(store: SqliteStore, queue: SqlitePushQueue) -> None:
+async def test_drop_dead_by_id_and_all(store: Store, queue: PushQueue) -> None:
     letters = await dead_letters_of(store, queue, 3)
     assert await queue.drop_dead([]) == 0
     assert await queue.drop_dead([10**6]) == 0
@@ -852,7 +863,7 @@ async def test_drop_dead_by_id_and_all(store: SqliteStore, queue: SqlitePushQueu
 
 
 async def test_dead_letters_come_oldest_first_up_to_the_limit(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     letters = await dead_letters_of(store, queue, 3)
     assert [x.id for x in letters] == sorted(x.id for x in letters)
@@ -863,7 +874,7 @@ async def test_dead_letters_come_oldest_first_up_to_the_limit(
 
 
 async def test_creating_a_group_marks_the_invited_devices_pending(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     a, b, x = await user(store, "alice"), await user(store, "bob"), await user(store, "xavier")
     da, da2 = await device(store, a), await device(store, a)
@@ -891,9 +902,7 @@ async def test_creating_a_group_marks_the_invited_devices_pending(
     assert [(r[2], r[4]) for r in await job_rows(store)] == [(0, 0), (0, 0)]  # idle, covered
 
 
-async def test_creating_a_direct_chat_marks_nothing(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_creating_a_direct_chat_marks_nothing(store: Store, queue: PushQueue) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     da, db = await device(store, a), await device(store, b)
     for d in (da, db):
@@ -905,7 +914,7 @@ async def test_creating_a_direct_chat_marks_nothing(
 
 
 async def test_adding_members_marks_the_invited_devices_pending(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (a, _, _, db, c) = await pair(store)
     x, y = await user(store, "xavier"), await user(store, "yvonne")
@@ -921,9 +930,7 @@ async def test_adding_members_marks_the_invited_devices_pending(
     assert (job.device, job.chat, job.invite_iseq) == (dx.id, c.id, iseq_of(out, dx))
 
 
-async def test_an_invitation_during_a_lease_stays_pending(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_an_invitation_during_a_lease_stays_pending(store: Store, queue: PushQueue) -> None:
     (a, b, da, db, c) = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -945,7 +952,7 @@ async def test_an_invitation_during_a_lease_stays_pending(
 
 
 async def test_a_retried_dead_invitation_is_an_invitation_again(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     a, b = await user(store, "alice"), await user(store, "bob")
     db = await device(store, b)
@@ -960,9 +967,7 @@ async def test_a_retried_dead_invitation_is_an_invitation_again(
     assert (back.device, back.chat, back.invite_iseq) == (db.id, g.id, iseq_of(out, db))
 
 
-async def test_invitations_get_the_grace_and_the_window(
-    store: SqliteStore, queue: SqlitePushQueue
-) -> None:
+async def test_invitations_get_the_grace_and_the_window(store: Store, queue: PushQueue) -> None:
     await queue.configure(0.5, WINDOW)
     (a, b, da, db, c) = await pair(store)
     x = await user(store, "xavier")
@@ -995,8 +1000,8 @@ async def test_invitations_get_the_grace_and_the_window(
 # --- policy -----------------------------------------------------------------------------------
 
 
-async def test_before_configure_there_is_no_grace_and_no_window(store: SqliteStore) -> None:
-    queue = SqlitePushQueue(store.db)  # not the fixture's: never configured
+async def test_before_configure_there_is_no_grace_and_no_window(store: Store) -> None:
+    queue = queue_of(store)  # not the fixture's: never configured
     _, _, da, db, c = await pair(store)
     await send(store, c, da, T1)
     (job,) = await queue.claim(T1, 10, VIS)
@@ -1014,7 +1019,7 @@ async def test_before_configure_there_is_no_grace_and_no_window(store: SqliteSto
 
 
 async def test_configure_applies_to_jobs_that_become_pending_afterwards(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     (_, _, da, db, c), (pushed, fresh) = await pair_and_chats(store, extra=2)
     await send(store, pushed, da, T1)
@@ -1050,7 +1055,7 @@ async def test_configure_applies_to_jobs_that_become_pending_afterwards(
 
 
 async def test_idle_jobs_are_forgotten_once_their_window_passed(
-    store: SqliteStore, queue: SqlitePushQueue
+    store: Store, queue: PushQueue
 ) -> None:
     _, _, da, _, c = await pair(store)
     await send(store, c, da, T1)

@@ -2,13 +2,17 @@
 
 The webhook sender is the platform-neutral one; the other senders have their own tests against
 fake FCM, APNs and Web Push gateways (tests/unit/test_push_gateways.py, test_push_senders.py).
+With `PIGEON_TEST_STACK=shared` the same tests run on PostgreSQL and Redis, each in a database
+of its own: the session's database is shared by all e2e tests, and the jobs an earlier test left
+would be pushed (and answered) by this test's worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,8 @@ from pigeon.gateway.keys import SETTINGS
 from pigeon.ports import PushJob
 from pigeon.services.clock import SystemClock
 from tests.conftest import PASSWORD, STACK, Server, ServerFactory, next_of
-from tests.support.cluster import Node
-
-embedded_only = pytest.mark.skipif(
-    STACK == "shared", reason="push needs the RabbitMQ queue on PostgreSQL (not built yet)"
-)
+from tests.support.cluster import Node, cluster_env
+from tests.support.postgres import fresh_database
 
 
 class FakeHook:
@@ -102,11 +103,35 @@ class FrozenClock:
         return self.now
 
 
-async def push_server(make_server: ServerFactory, hook: FakeHook, **kw: Any) -> Server:
-    server = await make_server(push={**PUSH_SETTINGS, **kw.pop("push", {})}, **kw)
-    secret = server.app[SETTINGS].webhook_secret_file()
-    hook.secret = load_or_create_secret(secret) if secret.exists() else b""
-    return server
+@pytest.fixture
+async def own_store() -> AsyncIterator[dict[str, Any]]:
+    """Settings overrides for this test's store: with the shared stack, a PostgreSQL database
+    of its own (see the module docstring); nothing to change on the embedded one (a SQLite
+    file per server)."""
+    if STACK != "shared":
+        yield {}
+        return
+    async with fresh_database() as dsn:
+        yield {"store": {"type": "postgres", "dsn": dsn}}
+
+
+PushServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def push_server(
+    own_store: dict[str, Any], make_server: ServerFactory, hook: FakeHook
+) -> PushServerFactory:
+    """Start a server that pushes to `hook` (settings overrides as for `make_server`)."""
+
+    async def make(**kw: Any) -> Server:
+        push = {**PUSH_SETTINGS, **kw.pop("push", {})}
+        server = await make_server(push=push, **own_store, **kw)
+        secret = server.app[SETTINGS].webhook_secret_file()
+        hook.secret = load_or_create_secret(secret) if secret.exists() else b""
+        return server
+
+    return make
 
 
 def outcomes(server: Server) -> asyncio.Queue[tuple[str, PushJob]]:
@@ -132,10 +157,14 @@ async def rest(server: Server | str, method: str, path: str, token: str, body: A
         return resp.status, doc
 
 
-async def pigeon_cli(*args: str) -> str:
-    """Run the `pigeon` command line (another process, as an operator would) and its output."""
+async def pigeon_cli(*args: str, store: dict[str, Any]) -> str:
+    """Run the `pigeon` command line (another process, as an operator would) on the test's
+    store (`own_store`), and its output."""
+    env = dict(os.environ)
+    if "store" in store:
+        env |= {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": store["store"]["dsn"]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pigeon.cli", *args, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "pigeon.cli", *args, stdout=asyncio.subprocess.PIPE, env=env
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, out
@@ -157,12 +186,11 @@ async def register_hook(server: Server | str, account: Account, hook: FakeHook) 
     assert status == 204
 
 
-@embedded_only
 async def test_offline_member_is_pushed_online_member_is_not(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
     clock = FrozenClock()
-    server = await push_server(make_server, hook, clock=clock)
+    server = await push_server(clock=clock)
     answered = outcomes(server)
     alice = await server.new_client("alice")
     bob, bob_id = await away_bob(server, hook)
@@ -188,11 +216,10 @@ async def test_offline_member_is_pushed_online_member_is_not(
     assert hook.received.empty()
 
 
-@embedded_only
 async def test_an_invitation_into_a_group_is_pushed(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
-    server = await push_server(make_server, hook)
+    server = await push_server()
     alice = await server.new_client("alice")
     bob, bob_id = await away_bob(server, hook)
     carol = await server.new_client("carol")
@@ -206,12 +233,11 @@ async def test_an_invitation_into_a_group_is_pushed(
     assert (note["device"], note["chat"], note["count"]) == (bob.device, created["id"], 1)
 
 
-@embedded_only
 async def test_a_burst_is_one_push_and_the_window_holds_the_next(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
     clock = FrozenClock()
-    server = await push_server(make_server, hook, clock=clock, push={"grace": 1.0})
+    server = await push_server(clock=clock, push={"grace": 1.0})
     answered = outcomes(server)
     alice = await server.new_client("alice")
     bob, bob_id = await away_bob(server, hook)
@@ -233,11 +259,10 @@ async def test_a_burst_is_one_push_and_the_window_holds_the_next(
     assert (note["count"], note["badge"]) == (6, 6)  # bob has received none of the six
 
 
-@embedded_only
 async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook, own_store: dict[str, Any]
 ) -> None:
-    server = await push_server(make_server, hook, push={"window": 0})  # each push at once
+    server = await push_server(push={"window": 0})  # each push at once
     answered = outcomes(server)
     alice = await server.new_client("alice")
     bob, bob_id = await away_bob(server, hook)
@@ -263,9 +288,11 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
         await hook.next()
 
     data_dir = str(server.app[SETTINGS].data_dir)
-    listed = await pigeon_cli("push", "dlq", "list", "--data-dir", data_dir)
+    listed = await pigeon_cli("push", "dlq", "list", "--data-dir", data_dir, store=own_store)
     assert f"{letter.id}\t" in listed and bob.device in listed and "HTTP 500" in listed
-    retried = await pigeon_cli("push", "dlq", "retry", str(letter.id), "--data-dir", data_dir)
+    retried = await pigeon_cli(
+        "push", "dlq", "retry", str(letter.id), "--data-dir", data_dir, store=own_store
+    )
     assert retried.strip() == "1 queued again"
     assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
     assert await queue.dead_letters(10) == []
@@ -273,11 +300,10 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
     assert await queue.dead_letters(10) == []
 
 
-@embedded_only
 async def test_the_senders_push_preview_is_shown_and_never_the_body(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
-    server = await push_server(make_server, hook)
+    server = await push_server()
     alice = await server.new_client("alice")
     _, bob_id = await away_bob(server, hook)
     chat = await alice.create_chat([bob_id])
@@ -290,11 +316,10 @@ async def test_the_senders_push_preview_is_shown_and_never_the_body(
     assert "plain" not in msgspec.json.encode(note).decode()
 
 
-@embedded_only
 async def test_a_gone_target_is_removed_and_the_device_sees_why(
-    make_server: ServerFactory, hook: FakeHook
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
-    server = await push_server(make_server, hook)
+    server = await push_server()
     answered = outcomes(server)
     alice = await server.new_client("alice")
     bob, bob_id = await away_bob(server, hook)
@@ -308,9 +333,8 @@ async def test_a_gone_target_is_removed_and_the_device_sees_why(
     assert await bob_client.request("push_status") == {"removed": "HTTP 410"}
 
 
-@embedded_only
-async def test_registration_is_checked(make_server: ServerFactory, hook: FakeHook) -> None:
-    server = await push_server(make_server, hook)
+async def test_registration_is_checked(push_server: PushServerFactory, hook: FakeHook) -> None:
+    server = await push_server()
     client = await server.new_client("dora")
     target = {"kind": "webhook", "url": hook.url}
     await client.request("push_register", target=target)
@@ -337,13 +361,10 @@ async def test_registration_is_checked(make_server: ServerFactory, hook: FakeHoo
         assert r.status == 200 and len((await r.json())["key"]) == 87  # 65 bytes, base64url
 
 
-async def test_push_is_refused_clearly_where_it_is_not_built(
-    make_server: ServerFactory, hook: FakeHook
+async def test_push_is_refused_clearly_when_it_is_off(
+    push_server: PushServerFactory, hook: FakeHook
 ) -> None:
-    if STACK != "shared":
-        server = await push_server(make_server, hook, push={"enabled": False})
-    else:
-        server = await push_server(make_server, hook)
+    server = await push_server(push={"enabled": False})
     client = await server.new_client("erin")
     with pytest.raises(ClientError) as err:
         await client.request("push_register", target={"kind": "webhook", "url": hook.url})
@@ -352,11 +373,22 @@ async def test_push_is_refused_clearly_where_it_is_not_built(
     assert await client.request("push_status") == {}
 
 
-def process_env(hook: FakeHook, **push: str) -> dict[str, str]:
+@pytest.fixture
+def node_env(own_store: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of a `pigeon serve` process on the test's store: the SQLite file in its
+    data directory, or (shared stack) the test's PostgreSQL database and the shared Redis."""
+    if "store" not in own_store:
+        return {
+            "PIGEON_ARGON2_TIME_COST": "1",
+            "PIGEON_ARGON2_MEMORY_KIB": "8",
+            "PIGEON_STORE__SYNCHRONOUS": "FULL",
+        }
+    return cluster_env(own_store["store"]["dsn"], request.getfixturevalue("redis_url"))
+
+
+def process_env(base: dict[str, str], **push: str) -> dict[str, str]:
     env = {
-        "PIGEON_ARGON2_TIME_COST": "1",
-        "PIGEON_ARGON2_MEMORY_KIB": "8",
-        "PIGEON_STORE__SYNCHRONOUS": "FULL",
+        **base,
         "PIGEON_PUSH__WEBHOOK_HOSTS": '["127.0.0.1"]',
         "PIGEON_PUSH__ALLOW_PRIVATE_TARGETS": "true",
         "PIGEON_PUSH__POLL_INTERVAL": "0.05",
@@ -378,11 +410,10 @@ async def offline_bob(node: Node, hook: FakeHook) -> tuple[PigeonClient, str, Ac
     return alice, chat["id"], bob
 
 
-@embedded_only
 async def test_a_node_killed_right_after_the_commit_loses_no_push(
-    tmp_path: Path, hook: FakeHook
+    tmp_path: Path, hook: FakeHook, node_env: dict[str, str]
 ) -> None:
-    node = Node(process_env(hook, grace="3"), tmp_path / "data")
+    node = Node(process_env(node_env, grace="3"), tmp_path / "data")
     await node.start()
     try:
         alice, chat, bob = await offline_bob(node, hook)
@@ -399,11 +430,10 @@ async def test_a_node_killed_right_after_the_commit_loses_no_push(
         await node.close()
 
 
-@embedded_only
 async def test_a_push_in_flight_when_its_worker_dies_is_sent_after_the_lease(
-    tmp_path: Path, hook: FakeHook
+    tmp_path: Path, hook: FakeHook, node_env: dict[str, str]
 ) -> None:
-    env = process_env(hook, grace="0", visibility_timeout="1", gateway_timeout="0.4")
+    env = process_env(node_env, grace="0", visibility_timeout="1", gateway_timeout="0.4")
     node = Node(env, tmp_path / "data")
     await node.start()
     try:

@@ -19,9 +19,13 @@ page there: responses forbid sniffing and scripts (`nosniff`, a sandboxing CSP) 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pigeon.domain.errors import (
@@ -34,6 +38,11 @@ from pigeon.domain.errors import (
 from pigeon.domain.media import UploadGrant, content_disposition
 from pigeon.gateway.errors import HTTP_STATUS
 from pigeon.ports import BlobEndpoint
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from pigeon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +73,12 @@ _SAFETY_HEADERS = {
 }
 
 
-def add_blob_routes(app: web.Application, blobs: BlobEndpoint) -> None:
-    """Mount PUT/GET/HEAD `/v1/blobs/{key}` serving `blobs`; any other method gets 405."""
-    handlers = _BlobHandlers(blobs)
+def add_blob_routes(
+    app: web.Application, blobs: BlobEndpoint, metrics: Metrics | None = None
+) -> None:
+    """Mount PUT/GET/HEAD `/v1/blobs/{key}` serving `blobs`; any other method gets 405. Bytes
+    received and sent are counted in `metrics`, if given."""
+    handlers = _BlobHandlers(blobs, metrics)
     resource = app.router.add_resource(BLOB_PATH)
     resource.add_route(hdrs.METH_PUT, handlers.put, expect_handler=handlers.expect)
     resource.add_route(hdrs.METH_GET, handlers.get)
@@ -103,8 +115,10 @@ def _single_params(request: web.Request) -> dict[str, str]:
 class _BlobHandlers:
     """The endpoint's request handlers, bound to one blob store."""
 
-    def __init__(self, blobs: BlobEndpoint) -> None:
+    def __init__(self, blobs: BlobEndpoint, metrics: Metrics | None) -> None:
         self._blobs = blobs
+        self._received = None if metrics is None else metrics.blob_in
+        self._sent = None if metrics is None else metrics.blob_out
 
     def _authorize_put(self, request: web.Request) -> UploadGrant:
         """Everything that can be checked before reading the body."""
@@ -136,7 +150,10 @@ class _BlobHandlers:
     async def put(self, request: web.Request) -> web.StreamResponse:
         try:
             grant = self._authorize_put(request)
-            info = await self._blobs.receive(grant, request.content.iter_chunked(_READ_CHUNK))
+            chunks: AsyncIterator[bytes] = request.content.iter_chunked(_READ_CHUNK)
+            if self._received is not None:
+                chunks = _counted(chunks, self._received)
+            info = await self._blobs.receive(grant, chunks)
         except PigeonError as exc:
             return _refuse_upload(request, exc)
         except (ConnectionError, HttpProcessingError) as exc:  # client went away mid-body
@@ -164,7 +181,28 @@ class _BlobHandlers:
             hdrs.CONTENT_DISPOSITION: content_disposition(grant.filename, inline=inline),
             **_SAFETY_HEADERS,
         }
-        return web.FileResponse(path, chunk_size=_READ_CHUNK, headers=headers)
+        return _FileResponse(path, self._sent, chunk_size=_READ_CHUNK, headers=headers)
+
+
+class _FileResponse(web.FileResponse):
+    """A blob sent with sendfile, its body's bytes counted once sent (GET: 200 or 206)."""
+
+    def __init__(self, path: Path, sent: Counter | None, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._sent = sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        if self._sent is not None and request.method == hdrs.METH_GET and self.status in (200, 206):
+            self._sent.inc(self.content_length or 0)
+        return writer
+
+
+async def _counted(chunks: AsyncIterator[bytes], received: Counter) -> AsyncIterator[bytes]:
+    """An upload's body, its bytes counted as they arrive (refused uploads' too)."""
+    async for chunk in chunks:
+        received.inc(len(chunk))
+        yield chunk
 
 
 def _refuse_upload(request: web.Request, exc: PigeonError) -> web.Response:

@@ -11,7 +11,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, get_args
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
@@ -26,6 +27,9 @@ from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
 from pigeon.services.push import PushService
 from pigeon.services.typing import TypingService
+
+if TYPE_CHECKING:
+    from pigeon.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ class SessionServices:
     max_inflight: int
     #: `rate_limited` replies a connection may get per `_REFUSAL_WINDOW` before it is closed.
     max_refusals: int
+    #: Where commands, their reply codes and sync durations are counted (None: nowhere).
+    metrics: Metrics | None = None
 
 
 class Session:
@@ -73,25 +79,33 @@ class Session:
 
     async def handle(self, frame: bytes) -> None:
         """Decode one frame and start its command (returns once it is started)."""
+        arrived = perf_counter()
         cmd = decode_command(frame, self.services.max_frame_bytes)
         if isinstance(cmd, p.Error):
             self.conn.send(p.encode(cmd))
+            if self.services.metrics is not None:
+                self.services.metrics.command(None, cmd.code, arrived)
             return
         await self._inflight.acquire()
-        task = asyncio.get_running_loop().create_task(self._run(cmd))
+        task = asyncio.get_running_loop().create_task(self._run(cmd, arrived))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, cmd: p.Command) -> None:
+    async def _run(self, cmd: p.Command, arrived: float) -> None:
         try:
             result = await _HANDLERS[type(cmd)](self, cmd)
             self.conn.send(p.encode(p.Ok(rid=cmd.rid, result=result)))
+            code = "ok"
         except Exception as exc:
-            self.conn.send(p.encode(to_error(cmd.rid, exc)))
+            error = to_error(cmd.rid, exc)
+            self.conn.send(p.encode(error))
+            code = error.code
             if isinstance(exc, RateLimited):
                 self._refusal()
         finally:
             self._inflight.release()
+        if self.services.metrics is not None:
+            self.services.metrics.command(type(cmd), code, arrived)
 
     def _refusal(self) -> None:
         """Count a `rate_limited` reply: a client that keeps sending through them (each still
@@ -119,6 +133,7 @@ class Session:
         are not. If held frames overflowed, the inbox is read again (they are all in it).
         A failed sync closes the connection (the client reconnects and syncs afresh): a
         connection left holding would silently receive nothing. Returns the last iseq covered."""
+        started = perf_counter()
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         async with self._sync_lock:
@@ -135,6 +150,8 @@ class Session:
                     last, overflowed = await self._flush_held(last)
                     if not overflowed:
                         break
+                if self.services.metrics is not None and not conn.closing:
+                    self.services.metrics.sync.observe(perf_counter() - started)
                 return last
             except Exception:
                 log.exception("inbox sync of device %s failed", conn.device.id)

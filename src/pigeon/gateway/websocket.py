@@ -66,6 +66,18 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         decode_text=False,
     )
     await ws.prepare(request)
+    metrics = services.sessions.metrics
+    with metrics.connections.track_inprogress() if metrics else contextlib.nullcontext():
+        return await _upgraded(request, ws, device)
+
+
+async def _upgraded(
+    request: web.Request, ws: web.WebSocketResponse, device: Device | None
+) -> web.StreamResponse:
+    """The life of one WebSocket once upgraded: authenticate (if the upgrade did not), attach,
+    sync, read commands, clean up."""
+    services = request.app[SERVICES]
+    gw = request.app[SETTINGS].gateway
     if device is None:
         device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
         if device is None:

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
+from time import perf_counter
 from typing import Any, TypeVar
 
 from pigeon.domain.errors import PigeonError
 from pigeon.domain.events import Delivery, inbox_frame
-from pigeon.ports import Bus
+from pigeon.ports import Bus, SendResult
 from pigeon.services import channels
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,22 @@ def _settled(inner: asyncio.Future[Any]) -> None:
 
 
 class Fanout:
-    """Turns deliveries into device frames and publishes them."""
+    """Turns deliveries into device frames and publishes them.
 
-    def __init__(self, bus: Bus, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+    `on_delivered(seconds)`, if given, is told how long a message took from its commit to its
+    frames being published (the bus answered; an in-process bus has queued them on the
+    connections by then): what a metric of delivery latency needs, and only the fan-out
+    knows both instants."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        retry_delays: tuple[float, ...] = RETRY_DELAYS,
+        on_delivered: Callable[[float], None] | None = None,
+    ) -> None:
         self._bus = bus
         self._delays = retry_delays
+        self._on_delivered = on_delivered
         self._held: list[tuple[str, bytes]] = []
         self._retrier: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -93,23 +105,30 @@ class Fanout:
             if not outcome.done():
                 outcome.set_exception(exc)
             return
+        timed = self._on_delivered is not None and isinstance(result, SendResult)
+        committed = perf_counter() if timed else 0.0
         if not outcome.done():
             outcome.set_result(result)  # the caller is answered before the push
         try:
-            await self.push(deliveries(result))
+            pushed = await self.push(deliveries(result))
+            if pushed and timed and self._on_delivered is not None:
+                self._on_delivered(perf_counter() - committed)
         except Exception:  # a bug, not a bus failure (push takes those)
             log.exception("push failed")
 
-    async def push(self, deliveries: list[Delivery]) -> None:
-        """Best effort: a bus failure is logged, never raised to the committed caller."""
+    async def push(self, deliveries: list[Delivery]) -> bool:
+        """Best effort: a bus failure is logged, never raised to the committed caller. True if
+        frames were published."""
         if not deliveries:
-            return
+            return False
         frames = [(channels.device(d.device), inbox_frame(d.iseq, d.raw)) for d in deliveries]
         try:
             await self._bus.publish_many(frames)
         except PigeonError as exc:
             log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)
             self._hold(frames)
+            return False
+        return True
 
     def _hold(self, frames: list[tuple[str, bytes]]) -> None:
         self._held.extend(frames)

@@ -13,7 +13,7 @@ from pigeon.adapters.store.postgres.attachments import PgAttachments
 from pigeon.adapters.store.postgres.chats import PgChats
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.adapters.store.postgres.messages import PgMessages
-from pigeon.adapters.store.postgres.push import PgPushUnsupported
+from pigeon.adapters.store.postgres.push import PgPush
 from pigeon.adapters.store.postgres.schema import migrate
 from pigeon.ports import (
     AccountStore,
@@ -50,7 +50,7 @@ class PostgresStore:
             self.db, max_inflight=batches_in_flight, max_batch=max_batch
         )
         self.attachments: AttachmentStore = PgAttachments(self.db)
-        self.push: PushStore = PgPushUnsupported()
+        self.push: PushStore = PgPush(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

@@ -2,7 +2,8 @@
 
 Membership changes are cold paths: they run as short client-side transactions. Their `ChatUpdate`
 is encoded here and appended to the inboxes by `pigeon_append` (functions.py), which hands out the
-`iseq`s under the devices' locks, after the chat's row lock (the lock order).
+`iseq`s under the devices' locks, after the chat's row lock (the lock order). Users invited into
+a group get their devices' push jobs marked in the same transaction (`enqueue_invitations`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncpg
 
 from pigeon.adapters.store.postgres.db import PgDb
+from pigeon.adapters.store.postgres.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
@@ -147,7 +149,11 @@ class PgChats:
                     added=chat.member_ids(),
                 )
                 raw = encode_event(event)
-                return chat, await append_to_users(conn, chat.member_ids(), raw, chat.created_at)
+                out = await append_to_users(conn, chat.member_ids(), raw, chat.created_at)
+                if chat.kind == "group":  # a direct chat announces itself with its first message
+                    invited = set(chat.member_ids()) - {chat.created_by}
+                    await enqueue_invitations(conn, chat.id, out, invited, chat.created_at)
+                return chat, out
 
         return await self._db.run(tx)
 
@@ -213,7 +219,9 @@ class PgChats:
                     removed=list(remove),
                 )
                 users = [*chat.member_ids(), *remove]
-                return chat, await append_to_users(conn, users, encode_event(event), at)
+                out = await append_to_users(conn, users, encode_event(event), at)
+                await enqueue_invitations(conn, chat_id, out, {m.user for m in add}, at)
+                return chat, out
 
         return await self._db.run(tx)
 

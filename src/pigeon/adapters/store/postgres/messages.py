@@ -3,7 +3,8 @@
 `send` and `ack` go through group commit (batching.py): the calls in flight at once on this node
 share one call of a server-side function (batch_functions.py), one round trip and one commit.
 `mark_read` is one call of its own function (functions.py). Reads are one statement each (one
-snapshot).
+snapshot). The send batch of migration 7 (push_schema.py) stores each message's push preview
+with it.
 
 Sends of one device commit in the order they were made (the gateway relies on it: a connection's
 messages keep the order it issued them in). The SQLite store gets that from its single writer
@@ -36,7 +37,7 @@ _SEQ_PLACEHOLDER = b'"seq":0,'
 # o_status of pigeon_send / pigeon_mark_read
 _DUPLICATE, _NO_CHAT, _NOT_MEMBER = 1, 2, 3
 
-_SEND = "SELECT * FROM pigeon_send_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_SEND = "SELECT * FROM pigeon_send_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _ACK = "SELECT o_k, o_device, o_iseq, o_payload FROM pigeon_ack_batch($1, $2, $3)"
 _MARK_READ = "SELECT * FROM pigeon_mark_read($1, $2, $3, $4, $5)"
 _READ_INBOX = """
@@ -156,6 +157,9 @@ class _Send:
             self.head,
             self.tail,
             preview,
+            # kept only while the body is (erased with it: see push_schema.py); the service
+            # refuses control characters in it, NUL included
+            req.push_preview,
         )
 
     def result(self, row: Any) -> SendResult | PigeonError:

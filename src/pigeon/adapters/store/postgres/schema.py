@@ -23,7 +23,7 @@ import time
 
 import asyncpg
 
-from pigeon.adapters.store.postgres import batch_functions, functions
+from pigeon.adapters.store.postgres import batch_functions, functions, push_schema
 
 #: Key of the advisory lock that serialises migrations across nodes ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
@@ -168,6 +168,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (4, _NO_PREVIEW_WITHOUT_RECIPIENTS),
     (5, _INVITES),
     (6, batch_functions.V6),
+    (7, push_schema.V7),
 ]
 
 

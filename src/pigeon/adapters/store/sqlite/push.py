@@ -18,7 +18,15 @@ import msgspec
 from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.domain.events import Delivery
 from pigeon.domain.push import MAX_COUNT, PushTarget
-from pigeon.ports import DeadLetter, PushContext, PushJob
+from pigeon.ports import (
+    DeadLetter,
+    PushContext,
+    PushJob,
+    PushQueue,
+    PushQueueDepth,
+    PushQueueStats,
+    PushStore,
+)
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
 #: Dead letters kept at most (the oldest are dropped): clients can make pushes fail.
@@ -231,6 +239,17 @@ class SqlitePushQueue:
 
         await self._db.write(tx)
 
+    async def depth(self, now: int) -> PushQueueDepth:
+        def q(conn: sqlite3.Connection) -> PushQueueDepth:
+            pending, due, oldest = conn.execute(  # the partial index `push_jobs_due` covers it
+                "SELECT count(*), coalesce(sum(due_at <= ?), 0),"
+                " min(CASE WHEN due_at <= ? THEN due_at END) FROM push_jobs WHERE pending = 1",
+                (now, now),
+            ).fetchone()
+            return PushQueueDepth(pending=pending, due=due, oldest_due_at=oldest)
+
+        return await self._db.read(q)
+
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         def q(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
@@ -297,3 +316,8 @@ def _take_dead(conn: sqlite3.Connection, ids: list[int] | None) -> list[tuple[st
         args = list(ids)
     rows = conn.execute(f"{sql} RETURNING device_id, chat_id, invite_iseq", args)
     return [(d, c, v) for d, c, v in rows]
+
+
+_check_store: type[PushStore] = SqlitePush
+_check_queue: type[PushQueue] = SqlitePushQueue
+_check_stats: type[PushQueueStats] = SqlitePushQueue
