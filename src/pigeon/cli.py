@@ -217,15 +217,14 @@ def main() -> None:
     """Entry point of the `pigeon` script."""
     from pigeon.bench.cli import bench_app
     from pigeon.cli_backup import backup, restore
-    from pigeon.cli_client import login_cmd, send_cmd
+    from pigeon.cli_client import add_commands
     from pigeon.cli_push import push_app
 
     app.add_typer(bench_app, name="bench")
     app.add_typer(push_app, name="push")
     app.command("backup")(backup)
     app.command("restore")(restore)
-    app.command("login")(login_cmd)
-    app.command("send")(send_cmd)
+    add_commands(app)  # login, logout, send, listen, chats, download, devices
     try:
         app()
     except ConfigError as exc:

@@ -360,9 +360,15 @@ class PigeonClient:
     # -- media ---------------------------------------------------------------------------
 
     async def upload_file(
-        self, path: Path, *, content_type: str | None = None, encrypted: bool = False
+        self,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        encrypted: bool = False,
+        progress: media.Progress | None = None,
     ) -> dict[str, Any]:
-        """Upload a file as an attachment (streamed) and return it as messages carry it."""
+        """Upload a file as an attachment (streamed) and return it as messages carry it.
+        `progress(bytes_so_far, total)` is called after every chunk (e.g. for a progress bar)."""
         size, sha256, ctype = await asyncio.to_thread(media.describe, path, content_type)
         created = await self.request(
             "create_attachment",
@@ -372,7 +378,7 @@ class PigeonClient:
             filename=path.name,
             encrypted=encrypted,
         )
-        await media.upload(self.url, created["upload"], path)
+        await media.upload(self.url, created["upload"], path, progress=progress)
         done = await self.request("attachment_uploaded", attachment=created["id"])
         return dict(done["attachment"])
 
@@ -384,10 +390,12 @@ class PigeonClient:
         *,
         content_type: str | None = None,
         encrypted: bool = False,
+        progress: media.Progress | None = None,
     ) -> SendResult:
-        """Upload a file and send it to `chat` (with an optional caption `body`)."""
+        """Upload a file and send it to `chat` (with an optional caption `body`); `progress` as
+        in `upload_file`."""
         attachment = await self.upload_file(
-            Path(path), content_type=content_type, encrypted=encrypted
+            Path(path), content_type=content_type, encrypted=encrypted, progress=progress
         )
         return await self.send(chat, body, attachment=attachment["id"])
 
@@ -403,11 +411,13 @@ class PigeonClient:
         *,
         thumbnail: bool = False,
         sha256: str | None = None,
+        progress: media.Progress | None = None,
     ) -> int:
         """Download an attachment (streamed) into `target`; returns the bytes written. Pass the
-        `sha256` its message carries to have the bytes checked (not for thumbnails)."""
+        `sha256` its message carries to have the bytes checked (not for thumbnails).
+        `progress(bytes_so_far, total)` is called after every chunk (total: None if unknown)."""
         url = await self.attachment_url(attachment, thumbnail=thumbnail)
-        return await media.download(self.url, url, Path(target), sha256)
+        return await media.download(self.url, url, Path(target), sha256, progress=progress)
 
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import mimetypes
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -20,6 +20,11 @@ import aiohttp
 from yarl import URL
 
 CHUNK = 1024 * 1024
+
+#: Told how a transfer is going after every chunk: (bytes so far, total bytes or None when the
+#: total is unknown). Called on the event loop: it must be quick and must not block (e.g. update
+#: a progress bar).
+Progress = Callable[[int, int | None], None]
 
 
 def describe(path: Path, content_type: str | None = None) -> tuple[int, str, str]:
@@ -34,11 +39,17 @@ def describe(path: Path, content_type: str | None = None) -> tuple[int, str, str
     return size, digest.hexdigest(), content_type or guessed or "application/octet-stream"
 
 
-async def _chunks(path: Path) -> AsyncIterator[bytes]:
+async def _chunks(
+    path: Path, progress: Progress | None = None, total: int | None = None
+) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(path.open, "rb")
+    done = 0
     try:
         while chunk := await asyncio.to_thread(f.read, CHUNK):
             yield chunk
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
     finally:
         await asyncio.to_thread(f.close)
 
@@ -49,14 +60,18 @@ def resolve(base: str, url: str) -> URL:
     return URL(urljoin(base, url), encoded=True)
 
 
-async def upload(base: str, ticket: dict[str, Any], path: Path) -> None:
-    """PUT the file to a signed upload URL with exactly the signed headers."""
+async def upload(
+    base: str, ticket: dict[str, Any], path: Path, *, progress: Progress | None = None
+) -> None:
+    """PUT the file to a signed upload URL with exactly the signed headers. `progress` is told
+    how many bytes were handed to the connection so far."""
+    total = (await asyncio.to_thread(path.stat)).st_size if progress is not None else None
     async with (
         aiohttp.ClientSession() as http,
         http.request(
             ticket["method"],
             resolve(base, ticket["url"]),
-            data=_chunks(path),
+            data=_chunks(path, progress, total),
             headers=ticket["headers"],
         ) as resp,
     ):
@@ -64,10 +79,18 @@ async def upload(base: str, ticket: dict[str, Any], path: Path) -> None:
             raise UploadFailed(resp.status, await resp.text())
 
 
-async def download(base: str, url: str, target: Path, sha256: str | None = None) -> int:
+async def download(
+    base: str,
+    url: str,
+    target: Path,
+    sha256: str | None = None,
+    *,
+    progress: Progress | None = None,
+) -> int:
     """GET a signed download URL into `target`; returns the bytes written. With `sha256`, the
     bytes are checked against it. The file is written aside and renamed into place only when
-    complete (and correct): on any failure `target` is left as it was."""
+    complete (and correct): on any failure `target` is left as it was. `progress` is told the
+    bytes written so far and the response's Content-Length."""
     written, digest = 0, hashlib.sha256()
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     f = await asyncio.to_thread(part.open, "wb")
@@ -79,6 +102,8 @@ async def download(base: str, url: str, target: Path, sha256: str | None = None)
                 digest.update(chunk)
                 await asyncio.to_thread(f.write, chunk)
                 written += len(chunk)
+                if progress is not None:
+                    progress(written, resp.content_length)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise UploadFailed(200, "checksum_mismatch: the downloaded bytes are not the ones sent")
         await asyncio.to_thread(f.close)
