@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -19,8 +19,8 @@ from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.config import PostgresSettings, S3BlobSettings, Settings
 from pigeon.domain.push import PushKind
 from pigeon.gateway.blobs import add_blob_routes
-from pigeon.gateway.http import READY, add_routes, error_middleware
-from pigeon.gateway.hub import Hub
+from pigeon.gateway.http import READINESS, READY, Readiness, add_routes, error_middleware
+from pigeon.gateway.hub import Hub, control_socket
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
@@ -47,6 +47,9 @@ from pigeon.services.push import PushPolicy, PushService, PushWorker, TargetRule
 from pigeon.services.retention import RetentionSweeper
 from pigeon.services.throttle import Throttle
 from pigeon.services.typing import TypingService
+
+if TYPE_CHECKING:
+    from pigeon.adapters.push.rabbitmq import RabbitPushQueue
 
 STORE = web.AppKey("store", Store)
 BUS = web.AppKey("bus", Bus)
@@ -152,21 +155,87 @@ PUSH_WORKER = web.AppKey("push_worker", list[PushWorker])
 
 
 def build_push_queue(settings: Settings, store: Store) -> PushQueue | None:
-    """The store's push queue: its outbox table, leased by the workers (on PostgreSQL by every
-    node's, with SKIP LOCKED); none when push is off."""
+    """The push queue: the store's outbox table, leased by the workers (on PostgreSQL by every
+    node's, with SKIP LOCKED), or with `push.queue = "rabbitmq"` a RabbitMQ work queue fed from
+    that table by a relay (started with the worker: `start_push_worker`); none when push is
+    off."""
     if not settings.push.enabled:
         return None
+    outbox: PushQueue | None = None
     if isinstance(store, SqliteStore):
         from pigeon.adapters.store.sqlite.push import SqlitePushQueue
 
-        return SqlitePushQueue(store.db)
-    from pigeon.adapters.store.postgres import PostgresStore
+        outbox = SqlitePushQueue(store.db)
+    else:
+        from pigeon.adapters.store.postgres import PostgresStore
 
-    if isinstance(store, PostgresStore):
-        from pigeon.adapters.store.postgres.push import PgPushQueue
+        if isinstance(store, PostgresStore):
+            from pigeon.adapters.store.postgres.push import PgPushQueue
 
-        return PgPushQueue(store.db)
-    return None
+            outbox = PgPushQueue(store.db)
+    p = settings.push
+    if outbox is None or p.queue != "rabbitmq":
+        return outbox
+    from pigeon.adapters.push.rabbitmq import RabbitPushQueue
+
+    return RabbitPushQueue(
+        outbox,
+        p.rabbitmq_url,
+        p.rabbitmq_prefix,
+        relay_lease=p.relay_lease,
+        prefetch=p.concurrency,
+        poll_interval=p.poll_interval,
+    )
+
+
+async def start_push_worker(
+    settings: Settings,
+    push: PushParts,
+    store: PushStore,
+    clock: Clock,
+    *,
+    metrics: Metrics | None = None,
+    connect: bool = False,
+) -> PushWorker:
+    """Run a push worker on `push.queue` (whose senders are open), and, for a RabbitMQ queue,
+    its relay and consumer (`connect`: reach RabbitMQ now, or raise; else in the background)."""
+    assert push.queue is not None
+    queue = push.queue
+    worker = PushWorker(
+        queue if metrics is None else metrics.timed(queue, PushQueue, "push_queue_"),
+        store if metrics is None else metrics.timed(store, PushStore, "push_"),
+        push.senders,
+        clock,
+        push_policy(settings),
+    )
+    if metrics is not None:
+        worker.observe(metrics.push_outcome)
+    rabbit = _rabbit(settings, queue)
+    if rabbit is not None:
+        await rabbit.start(clock, connect=connect)
+    try:
+        await worker.start()
+    except BaseException:
+        if rabbit is not None:
+            await rabbit.aclose()
+        raise
+    return worker
+
+
+async def stop_push_worker(settings: Settings, push: PushParts, worker: PushWorker) -> None:
+    """Stop the worker (pushes in flight get a moment), then its queue's relay and consumer."""
+    await worker.aclose()
+    rabbit = _rabbit(settings, push.queue)
+    if rabbit is not None:
+        await rabbit.aclose()
+
+
+def _rabbit(settings: Settings, queue: PushQueue | None) -> RabbitPushQueue | None:
+    if settings.push.queue != "rabbitmq":  # aio-pika is imported only where it is used
+        return None
+    from pigeon.adapters.push.rabbitmq import RabbitPushQueue
+
+    return queue if isinstance(queue, RabbitPushQueue) else None
 
 
 def build_push(settings: Settings, store: Store) -> PushParts:
@@ -230,7 +299,9 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     return {"keepalive_timeout": settings.gateway.request_timeout}
 
 
-def create_app(settings: Settings, clock: Clock | None = None) -> web.Application:
+def create_app(
+    settings: Settings, clock: Clock | None = None, *, span_exporter: Any = None
+) -> web.Application:
     """Wire services to adapters; nothing is opened until the app starts."""
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
@@ -239,6 +310,12 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     # the services see the store and the bus through timing wrappers (metrics.py)
     store: Store = TimedStore(adapter, metrics)
     bus: Bus = TimedBus(build_bus(settings), metrics)
+    tracer = None
+    if settings.tracing.enabled:  # spans around commands, store calls and publishes
+        from pigeon.tracing import CommandTracer, TracedBus, TracedStore, make_tracer
+
+        otel = make_tracer(settings.tracing, span_exporter)
+        store, bus, tracer = TracedStore(store, otel), TracedBus(bus, otel), CommandTracer(otel)
     presence = build_presence(settings, clock)
     blobs = build_blobs(settings, clock)
     media = MediaService(store, blobs, clock, settings.media, limits.retention_seconds)
@@ -285,7 +362,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
         messaging=messaging,
         presence=presence_service,
         typing=typing,
-        hub=Hub(bus, settings.gateway),
+        hub=Hub(bus, settings.gateway, control_socket(settings)),
         clock=clock,
         sessions=SessionServices(
             chats=chats,
@@ -298,6 +375,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
             max_inflight=settings.gateway.max_inflight_commands,
             max_refusals=settings.gateway.max_refusals,
             metrics=metrics,
+            tracer=tracer,
         ),
         push=push_service,
         vapid_public_key=push.vapid_public_key,
@@ -309,6 +387,8 @@ def create_app(settings: Settings, clock: Clock | None = None) -> web.Applicatio
     app[BUS] = bus
     app[METRICS] = metrics
     app[PRESENCE] = presence
+    probes = {"store": store.ping, "bus": bus.ping, "presence": presence.ping}
+    app[READINESS] = Readiness(probes, settings.gateway.readiness_timeout)
     app[BLOBS] = blobs
     app[FANOUT] = fanout
     app[LIMITER] = limiter
@@ -339,20 +419,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[SERVICES].hub.start()
     app[SERVICES].presence.start()
     sweeper.start()
-    push = app[PUSH]
+    push, settings = app[PUSH], app[SETTINGS]
     worker = None
     if push.queue is not None:
         for sender in push.senders.values():
             await sender.open()
-        worker = PushWorker(
-            metrics.timed(push.queue, PushQueue, "push_queue_"),
-            metrics.timed(store.push, PushStore, "push_"),
-            push.senders,
-            app[SERVICES].clock,
-            push_policy(app[SETTINGS]),
-        )
-        worker.observe(metrics.push_outcome)
-        await worker.start()
+        if settings.push.serve_runs_worker:  # else `pigeon push-worker` processes push
+            clock = app[SERVICES].clock
+            worker = await start_push_worker(settings, push, store.push, clock, metrics=metrics)
     app[PUSH_WORKER] = [] if worker is None else [worker]
     app[READY]["ready"] = True
     try:
@@ -360,7 +434,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         app[READY]["ready"] = False
         if worker is not None:
-            await worker.aclose()
+            await stop_push_worker(settings, push, worker)
         for sender in push.senders.values():
             await sender.aclose()
         await sweeper.aclose()

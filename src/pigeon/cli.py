@@ -216,12 +216,15 @@ def invite(
 def main() -> None:
     """Entry point of the `pigeon` script."""
     from pigeon.bench.cli import bench_app
+    from pigeon.cli_admin import admin_app
     from pigeon.cli_backup import backup, restore
     from pigeon.cli_client import add_commands
-    from pigeon.cli_push import push_app
+    from pigeon.cli_push import push_app, push_worker
 
     app.add_typer(bench_app, name="bench")
     app.add_typer(push_app, name="push")
+    app.add_typer(admin_app, name="admin")
+    app.command("push-worker")(push_worker)
     app.command("backup")(backup)
     app.command("restore")(restore)
     add_commands(app)  # login, logout, send, listen, chats, download, devices

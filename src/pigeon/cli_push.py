@@ -1,4 +1,9 @@
-"""`pigeon push dlq list|retry|drop`: the operator's side of the push queue's dead letters.
+"""`pigeon push-worker`, and `pigeon push dlq list|retry|drop`: running pushes apart from the
+servers, and the operator's side of the push queue's dead letters.
+
+`pigeon push-worker` is a push worker without HTTP (and, with `push.queue = "rabbitmq"`, a relay
+from the outbox to RabbitMQ): a cluster pushes faster by adding such processes, on any machine
+that reaches the store (and RabbitMQ), while `pigeon serve` processes serve clients.
 
 A dead letter is a push that failed `push.max_attempts` times (a gateway down for long, a
 rejected credential). The commands open the configured store directly, as `pigeon invite` does:
@@ -9,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pigeon.config import load_settings
+from pigeon.config import Settings, load_settings
+from pigeon.domain.errors import PigeonError
 from pigeon.ports import PushQueue
 
 T = TypeVar("T")
@@ -94,3 +102,72 @@ def dlq_drop(
     chosen = _chosen(ids, every)
     n = _with_queue(data_dir, config, lambda q: q.drop_dead(chosen))
     typer.echo(f"{n} dropped")
+
+
+class _StartFailed(Exception):
+    """A push worker could not start: said in one line."""
+
+
+def push_worker(data_dir: DataDir = None, config: Config = None) -> None:
+    """Run a push worker (with `push.queue = "rabbitmq"`: the relay from the outbox and a
+    consumer of RabbitMQ) until SIGTERM/SIGINT, without HTTP. More processes push faster; set
+    `push.serve_runs_worker = false` on the servers to leave pushing to these. Needs the
+    servers' settings and their push keys (`vapid.pem`, `push-webhook-secret`)."""
+    from pigeon.cli import fail
+    from pigeon.logs import setup_logging
+
+    overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir is not None else {}
+    settings = load_settings(config, **overrides)
+    setup_logging(settings.log_level, settings.log_json)
+    if not settings.push.enabled:
+        raise fail("push is off (push.enabled = false): nothing to do")
+    for key in (settings.vapid_key_file(), settings.webhook_secret_file()):
+        if not key.exists():  # a key of its own would make every push fail to verify
+            raise fail(f"{key} is missing: copy it from a node that ran `pigeon serve`")
+    try:
+        asyncio.run(_push_worker(settings))
+    except _StartFailed as exc:
+        raise fail(str(exc)) from None
+    except PigeonError as exc:  # the store could not be opened
+        raise fail(f"cannot start: {exc}") from None
+
+
+async def _push_worker(settings: Settings) -> None:
+    from pigeon.adapters.push.rabbitmq import masked
+    from pigeon.app import build_push, build_store, start_push_worker, stop_push_worker
+    from pigeon.services.clock import SystemClock
+
+    log = logging.getLogger("pigeon")
+    stop = asyncio.Event()  # set by a signal from now on, even one during start-up
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = build_store(settings)
+    await store.open()
+    try:
+        push = build_push(settings, store)
+        if push.queue is None:
+            raise _StartFailed("this store has no push queue")
+        for sender in push.senders.values():
+            await sender.open()
+        try:
+            p = settings.push
+            try:
+                worker = await start_push_worker(
+                    settings, push, store.push, SystemClock(), connect=True
+                )
+            except PigeonError:
+                raise
+            except Exception as exc:
+                where = f" RabbitMQ at {masked(p.rabbitmq_url)}:" if p.queue == "rabbitmq" else ""
+                raise _StartFailed(f"cannot start:{where} {exc or type(exc).__name__}") from exc
+            log.info("pigeon push-worker running (queue: %s)", p.queue)
+            await stop.wait()
+            log.info("pigeon push-worker stopping (signal)")
+            await stop_push_worker(settings, push, worker)
+            log.info("pigeon push-worker stopped: %s", worker.counts)
+        finally:
+            for sender in push.senders.values():
+                await sender.aclose()
+    finally:
+        await store.aclose()

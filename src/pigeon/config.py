@@ -304,6 +304,9 @@ class GatewaySettings(Section):
     backlog: int = Field(2048, ge=16)
     #: Share the listening port with other processes (SO_REUSEPORT); set by `--workers`.
     reuse_port: bool = False
+    #: How long `/readyz` waits for the store, the bus and the presence registry to answer
+    #: their probes (concurrently) before it reports the silent ones as failed (503).
+    readiness_timeout: float = Field(1.0, gt=0, le=30)
     #: How long a closing handshake may wait for the peer's close frame.
     close_timeout: float = Field(2.0, gt=0)
 
@@ -396,6 +399,20 @@ class PushSettings(Section):
     fcm: FcmSettings = FcmSettings()
     apns: ApnsSettings = ApnsSettings()
     webpush: WebPushSettings = WebPushSettings()
+    #: What the workers take jobs from: `store` (the outbox table itself: one node, or a few on
+    #: PostgreSQL) or `rabbitmq` (a relay moves due jobs from the outbox to a RabbitMQ quorum
+    #: queue; for clusters: docs/architecture.md, "Push").
+    queue: Literal["store", "rabbitmq"] = "store"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Names of the queues: `<prefix>` (the work queue), `<prefix>.delay.<N>s` (retries).
+    rabbitmq_prefix: str = Field("pigeon.push", min_length=1, max_length=200)
+    #: With `rabbitmq`: how long a job handed to RabbitMQ stays leased in the outbox before a
+    #: relay hands it over again (the safety net, should RabbitMQ lose it): above the longest
+    #: wait in the work queue plus `visibility_timeout`. Retries extend it by their delay.
+    relay_lease: float = Field(600.0, gt=0)
+    #: `pigeon serve` runs a worker (and, with `rabbitmq`, a relay); a cluster with dedicated
+    #: `pigeon push-worker` processes may turn it off.
+    serve_runs_worker: bool = True
 
     @model_validator(mode="after")
     def _lease_outlives_a_send(self) -> PushSettings:
@@ -403,7 +420,31 @@ class PushSettings(Section):
         # fetch a token and then send: two gateway timeouts.
         if self.visibility_timeout <= 2 * self.gateway_timeout:
             raise ValueError("push.visibility_timeout must be > 2 * push.gateway_timeout")
+        if self.queue == "rabbitmq":
+            # a job's lease in the outbox must outlive its push, as a worker's lease does
+            if self.relay_lease <= self.visibility_timeout:
+                raise ValueError("push.relay_lease must be > push.visibility_timeout")
+            if not self.rabbitmq_url.startswith(("amqp://", "amqps://")):
+                raise ValueError("push.rabbitmq_url must be an amqp:// or amqps:// URL")
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.rabbitmq_prefix) or (
+                self.rabbitmq_prefix.startswith("amq.")
+            ):
+                raise ValueError(
+                    "push.rabbitmq_prefix: letters, digits and _ . : - only, not starting amq."
+                )
         return self
+
+
+class TracingSettings(Section):
+    """OpenTelemetry traces of WebSocket commands down to store and bus calls (`tracing.py`);
+    needs the `tracing` extra. Off: nothing is wrapped, nothing costs."""
+
+    enabled: bool = False
+    #: An OTLP/HTTP traces endpoint (an OpenTelemetry collector, Jaeger, Tempo).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "pigeon"
+    #: The share of commands traced (a trace is decided at its command: all of it or nothing).
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class Settings(BaseSettings):
@@ -431,6 +472,7 @@ class Settings(BaseSettings):
     presence: PresenceSettings = PresenceSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     push: PushSettings = PushSettings()
+    tracing: TracingSettings = TracingSettings()
     #: Who may create an account: `open` (anyone), `invite` (with a single-use code made by
     #: `pigeon invite`), `closed` (nobody; existing accounts keep working).
     registration: Literal["open", "invite", "closed"] = "open"

@@ -39,6 +39,13 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def bind_log_context(**fields: Any) -> None:
+    """Add `fields` to every line the current task (and the tasks it starts) logs from now on:
+    for a connection's handler, its user and device, once."""
+    current = _context.get()
+    _context.set({**current, **fields} if current else fields)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     """The record's context and `extra=` fields (None values left out)."""
     out: dict[str, Any] = {}

@@ -428,6 +428,9 @@ class TimedStore:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
+    async def ping(self) -> None:
+        await self._inner.ping()
+
 
 class TimedBus:
     """The Bus the node uses: the adapter's, with its publishes timed and their frames
@@ -465,6 +468,9 @@ class TimedBus:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+    async def ping(self) -> None:
+        await self._inner.ping()
 
 
 METRICS = web.AppKey("metrics", Metrics)

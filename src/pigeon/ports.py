@@ -18,12 +18,14 @@ from pigeon.domain.media import AttachmentRecord, BlobInfo, DownloadGrant, Uploa
 from pigeon.domain.models import (
     Attachment,
     ChatInfo,
+    ChatKind,
     ChatSummary,
     Credentials,
     Device,
     Member,
     MemberReceipt,
     PresenceRecord,
+    Role,
     User,
     Visibility,
 )
@@ -36,8 +38,50 @@ class Clock(Protocol):
     def now_ms(self) -> int: ...
 
 
+class DeviceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A device and whether its user may act: what authenticating a token needs, in one read."""
+
+    device: Device
+    #: When an operator disabled the user (ms); None while the account is enabled.
+    disabled_at: int | None
+
+
+class AccountRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A user as an operator sees them (`pigeon admin users list`): never sent to clients."""
+
+    id: str
+    username: str
+    created_at: int
+    #: How many devices the user has (logged in, not revoked).
+    devices: int
+    disabled_at: int | None
+
+
+class InviteBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Unspent, unexpired invite codes made together. Codes are stored as their SHA-256, so
+    how many there are and until when they are valid is all that can be listed."""
+
+    created_at: int
+    expires_at: int
+    count: int
+
+
+class AccountCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """How many accounts a store holds (`pigeon admin stats`)."""
+
+    users: int
+    #: Of `users`, those disabled.
+    disabled: int
+    devices: int
+
+
 class AccountStore(Protocol):
-    """Users and their devices."""
+    """Users and their devices.
+
+    A user may be *disabled* by an operator (`disabled_at` set): the store keeps their devices,
+    tokens and inboxes as they are; what a disabled user may not do is decided by the accounts
+    service, which reads `disabled_at` with the device when it authenticates.
+    """
 
     async def create_user(
         self, user: User, password_hash: str, invite: bytes | None = None, at: int = 0
@@ -83,6 +127,72 @@ class AccountStore(Protocol):
     async def set_last_seen(self, user_id: str, at: int) -> None:
         """Persist when the user was last seen (survives restarts of the presence registry)."""
 
+    async def set_disabled(self, user_id: str, at: int | None) -> bool:
+        """Disable the user from `at` (ms), or enable them again with None. Disabling a user
+        who is disabled already keeps the first time. False if there is no such user."""
+
+    async def device_status(self, device_id: str) -> DeviceStatus | None:
+        """The device with its user's `disabled_at`, in one read; None if it is gone
+        (revoked)."""
+
+    async def device_status_by_token(self, token_hash: bytes) -> DeviceStatus | None:
+        """The device holding this token hash with its user's `disabled_at`, in one read;
+        None if the token is unknown or its device revoked."""
+
+    async def account(self, username: str) -> AccountRecord | None:
+        """A user's record by username (case-insensitive), or None."""
+
+    async def list_accounts(self, limit: int, after: str | None = None) -> list[AccountRecord]:
+        """At most `limit` users in the order of their case-folded usernames (compared
+        bytewise, the same on every engine), starting after the username `after`
+        (case-insensitive; it need not exist): pages for an operator."""
+
+    async def list_invites(self, now: int) -> list[InviteBatch]:
+        """The invite codes neither spent nor expired at `now` (ms), grouped by when they
+        were made and until when they are valid, soonest expiry first."""
+
+    async def account_counts(self) -> AccountCounts:
+        """How many users (of them disabled) and devices exist, in one snapshot. Counts every
+        row: an operator's command, not for a hot path."""
+
+
+class ChatRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat as an operator sees it (`pigeon admin chats list`)."""
+
+    id: str
+    kind: ChatKind
+    name: str | None
+    created_at: int
+    #: How many members it has now.
+    members: int
+    #: Messages sent in it so far (its last seq; the sweeper may have deleted some).
+    last_seq: int
+    last_activity_at: int
+
+
+class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A chat member with their role and receipt marks (`pigeon admin chats show`)."""
+
+    user: str
+    username: str
+    role: Role
+    delivered_seq: int
+    read_seq: int
+
+
+class StoreCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the chat and message side of a store holds (`pigeon admin stats`)."""
+
+    chats: int
+    #: Message rows (metadata kept until the retention, bodies or not).
+    messages: int
+    #: Of `messages`, those whose body is still kept (a device has not acked them yet).
+    bodies: int
+    #: Inbox entries waiting for their device's ack, over all devices.
+    inbox: int
+    #: When the oldest of them was written (ms); None if every inbox is empty.
+    oldest_inbox_at: int | None
+
 
 class ChatStore(Protocol):
     """Chats and membership. Every change also writes a `ChatUpdate` into the inbox of every
@@ -125,6 +235,24 @@ class ChatStore(Protocol):
     async def list_chats(self, user_id: str) -> list[ChatSummary]:
         """The user's chats, newest activity first, with unread counts (others' messages after
         the user's read mark)."""
+
+    # An operator's reads (`pigeon admin`): each one statement or one read snapshot.
+
+    async def chat_records(self, limit: int, user_id: str | None = None) -> list[ChatRecord]:
+        """At most `limit` chats (only those `user_id` is a member of, if given), newest
+        activity first, ties broken by the greater id."""
+
+    async def chat_record(self, chat_id: str) -> ChatRecord | None:
+        """One chat's record, or None."""
+
+    async def member_records(self, chat_id: str) -> list[MemberRecord]:
+        """The chat's members in join order, with usernames, roles and marks ([] if there is
+        no such chat)."""
+
+    async def store_counts(self) -> StoreCounts:
+        """Chats, messages, kept bodies and waiting inbox entries, in one snapshot (the
+        message tables are counted here: the message store's adapters are the message path's
+        alone). Counts every row: an operator's command, not for a hot path."""
 
 
 class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -346,6 +474,13 @@ class PushQueue(Protocol):
     async def dead(self, job: PushJob, error: str, now: int) -> None:
         """Move the job to the dead letters (newer entries stay pending, as after `done`)."""
 
+    async def extend(self, job: PushJob, until: int) -> PushJob | None:
+        """Keep the job leased until `until` (ms; claimable again then), recording its
+        `attempts`, if its lease is still `job.lease`: the job with its new lease, else None
+        (it was answered, or its lease ran out and it was claimed again). For a queue that
+        hands jobs on (RabbitMQ's relay): the outbox's lease stays the truth while a job
+        waits elsewhere."""
+
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         """The oldest dead letters first."""
 
@@ -375,6 +510,14 @@ class PushQueueStats(Protocol):
         """The queue's depth at `now` (ms), in one snapshot. A read: it changes nothing."""
 
 
+class PushQueueFeed(Protocol):
+    """What a queue that is fed (a broker delivers its jobs) may offer besides `PushQueue`: kept
+    apart so that a worker polls a queue without it (a table) and waits on one with it."""
+
+    async def wait_due(self, timeout: float) -> None:
+        """Return once a claim may find a job, or after `timeout` seconds."""
+
+
 class Store(Protocol):
     """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
 
@@ -389,6 +532,11 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Finish in-flight writes and release connections."""
+
+    async def ping(self) -> None:
+        """A cheap probe that the store can do its work right now (the node's readiness,
+        `/readyz`): returns, or raises `Unavailable` saying what is wrong. It changes nothing.
+        Callers bound it with a timeout and may cancel it; cancelling leaves nothing behind."""
 
 
 class Presence(Protocol):
@@ -428,6 +576,11 @@ class Presence(Protocol):
         confirms them offline. A user the caller failed to confirm is returned again by a
         later reap. A single-process registry has nothing to reap."""
 
+    async def ping(self) -> None:
+        """A cheap round trip to the registry (readiness, `/readyz`): returns, or raises
+        `Unavailable`. A registry in this process always answers. Callers bound it with a
+        timeout and may cancel it."""
+
     async def open(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -465,6 +618,11 @@ class Bus(Protocol):
         """Run `callback` (on the event loop) each time the bus comes back from an outage
         during which frames may have been lost, once its subscriptions are live again. A node
         uses it to resync its connections from the durable inbox."""
+
+    async def ping(self) -> None:
+        """A cheap round trip on the connections that deliver frames to this node (readiness,
+        `/readyz`): returns, or raises `Unavailable`. A bus in this process always answers.
+        Callers bound it with a timeout and may cancel it."""
 
     async def open(self) -> None:
         """Connect."""

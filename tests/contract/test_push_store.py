@@ -641,6 +641,43 @@ async def test_retry_hands_the_job_back_for_later(store: Store, queue: PushQueue
     assert await says(store, again) == (True, 1)
 
 
+async def test_extend_keeps_the_job_leased_and_records_its_attempts(
+    store: Store, queue: PushQueue
+) -> None:
+    _, _, da, db, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS)
+    nxt = msgspec.structs.replace(job, attempts=2)  # what a RabbitMQ retry publishes
+    extended = await queue.extend(nxt, T1 + 500_000)
+    assert extended == msgspec.structs.replace(nxt, lease=T1 + 500_000)
+    (row,) = await job_rows(store)
+    assert row[2:] == (1, job.last_iseq, 0, T1 + 500_000, 2, T1 + 500_000, 0)
+    assert await queue.next_due() == T1 + 500_000
+    assert await queue.claim(T1 + 499_999, 10, VIS) == []
+    # the old lease is no longer the job's: extending or answering with it changes nothing
+    assert await queue.extend(job, T1 + 900_000) is None
+    await queue.done(job, T1 + 1, pushed=True)
+    assert (await job_rows(store))[0] == row
+    assert await queue.extend(extended, extended.lease) == extended  # still its own: a check
+    await queue.done(extended, T1 + 2, pushed=True)
+    (row,) = await job_rows(store)
+    assert (row[0], row[2], row[6], row[7]) == (db.id, 0, 0, 0)
+    assert await queue.extend(extended, T1 + 900_000) is None  # answered: not leased
+
+
+async def test_a_job_whose_extended_lease_ran_out_is_claimed_again(
+    store: Store, queue: PushQueue
+) -> None:
+    _, _, da, _, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS)
+    extended = await queue.extend(msgspec.structs.replace(job, attempts=2), T1 + 5_000)
+    assert extended is not None
+    (again,) = await queue.claim(T1 + 5_000, 10, VIS)  # lost elsewhere: the outbox hands it out
+    assert (again.last_iseq, again.attempts, again.lease) == (job.last_iseq, 3, T1 + 65_000)
+    assert await queue.extend(extended, T1 + 900_000) is None
+
+
 async def test_retry_is_due_at_its_time_whatever_the_grace(store: Store, queue: PushQueue) -> None:
     await queue.configure(0.5, WINDOW)
     _, _, da, _, c = await pair(store)

@@ -256,3 +256,13 @@ async def test_closing_mid_command_leaves_no_unretrieved_errors(
     assert reply["t"] == "error"
     gc.collect()
     assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
+async def test_a_username_with_a_trailing_newline_is_refused(server: Server) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{server.url}/v1/users", json={"username": "alice\n", "password": "long enough pw"}
+        ) as resp,
+    ):
+        assert (resp.status, (await resp.json())["code"]) == (400, "bad_request")

@@ -149,7 +149,7 @@ async def test_metrics_after_a_send_between_two_clients(server: Server, tmp_path
     assert 0 < value(s, "pigeon_send_commit_seconds_sum") < 5
     assert value(s, "pigeon_send_delivery_seconds_count") == 2
     assert value(s, "pigeon_sync_seconds_count") >= 2  # on connect
-    for op in ("send", "ack", "read_inbox", "list_devices", "attachment_create", "push_context"):
+    for op in ("send", "ack", "read_inbox", "device_status", "attachment_create", "push_context"):
         assert value(s, "pigeon_store_operation_seconds_count", op=op) >= 1, op
     assert value(s, "pigeon_store_operation_seconds_count", op="push_queue_claim") >= 1
     assert value(s, "pigeon_bus_publish_seconds_count") >= 2

@@ -4,7 +4,9 @@ The webhook sender is the platform-neutral one; the other senders have their own
 fake FCM, APNs and Web Push gateways (tests/unit/test_push_gateways.py, test_push_senders.py).
 With `PIGEON_TEST_STACK=shared` the same tests run on PostgreSQL and Redis, each in a database
 of its own: the session's database is shared by all e2e tests, and the jobs an earlier test left
-would be pushed (and answered) by this test's worker.
+would be pushed (and answered) by this test's worker. There, the tests that push run twice: on
+the store's queue, and on RabbitMQ (`push.queue = "rabbitmq"`, a queue prefix of their own), as a
+cluster runs them.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from pigeon.adapters.push.rabbitmq import RabbitPushQueue
 from pigeon.adapters.push.webhook import verify_signature
 from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.app import PUSH, PUSH_WORKER
 from pigeon.client import Account, ClientError, PigeonClient, login, register
 from pigeon.domain.events import Message
 from pigeon.gateway.keys import SETTINGS
-from pigeon.ports import PushJob
+from pigeon.ports import PushJob, PushQueue
 from pigeon.services.clock import SystemClock
 from tests.conftest import PASSWORD, STACK, Server, ServerFactory, next_of
+from tests.contract.rabbit_support import RABBITMQ_URL, rabbit_topology
 from tests.support.cluster import Node, cluster_env
 from tests.support.postgres import fresh_database
 
@@ -115,17 +119,49 @@ async def own_store() -> AsyncIterator[dict[str, Any]]:
         yield {"store": {"type": "postgres", "dsn": dsn}}
 
 
+#: The push queues a test marked `both_queues` runs on: RabbitMQ only on the shared stack,
+#: where a cluster would use it.
+QUEUES = ["store", "rabbitmq"] if STACK == "shared" else ["store"]
+both_queues = pytest.mark.parametrize("push_queue", QUEUES, indirect=True)
+
+
+@pytest.fixture
+async def push_queue(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """Push settings of the queue (`store` unless the test is parametrized): for RabbitMQ, a
+    queue prefix of the test's own, whose queues are deleted after the servers stopped."""
+    if getattr(request, "param", "store") == "store":
+        yield {}
+        return
+    async with rabbit_topology() as prefix:
+        yield {
+            "queue": "rabbitmq",
+            "rabbitmq_url": RABBITMQ_URL,
+            "rabbitmq_prefix": prefix,
+            "relay_lease": 120.0,
+        }
+
+
+def outbox_of(server: Server) -> PushQueue:
+    """The server's outbox table (its push queue, or what feeds its RabbitMQ queue)."""
+    queue = server.app[PUSH].queue
+    assert queue is not None
+    return queue.outbox if isinstance(queue, RabbitPushQueue) else queue
+
+
 PushServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
 async def push_server(
-    own_store: dict[str, Any], make_server: ServerFactory, hook: FakeHook
+    own_store: dict[str, Any],
+    push_queue: dict[str, Any],
+    make_server: ServerFactory,
+    hook: FakeHook,
 ) -> PushServerFactory:
     """Start a server that pushes to `hook` (settings overrides as for `make_server`)."""
 
     async def make(**kw: Any) -> Server:
-        push = {**PUSH_SETTINGS, **kw.pop("push", {})}
+        push = {**PUSH_SETTINGS, **push_queue, **kw.pop("push", {})}
         server = await make_server(push=push, **own_store, **kw)
         secret = server.app[SETTINGS].webhook_secret_file()
         hook.secret = load_or_create_secret(secret) if secret.exists() else b""
@@ -186,6 +222,7 @@ async def register_hook(server: Server | str, account: Account, hook: FakeHook) 
     assert status == 204
 
 
+@both_queues
 async def test_offline_member_is_pushed_online_member_is_not(
     push_server: PushServerFactory, hook: FakeHook
 ) -> None:
@@ -216,6 +253,7 @@ async def test_offline_member_is_pushed_online_member_is_not(
     assert hook.received.empty()
 
 
+@both_queues
 async def test_an_invitation_into_a_group_is_pushed(
     push_server: PushServerFactory, hook: FakeHook
 ) -> None:
@@ -233,6 +271,7 @@ async def test_an_invitation_into_a_group_is_pushed(
     assert (note["device"], note["chat"], note["count"]) == (bob.device, created["id"], 1)
 
 
+@both_queues
 async def test_a_burst_is_one_push_and_the_window_holds_the_next(
     push_server: PushServerFactory, hook: FakeHook
 ) -> None:
@@ -252,13 +291,13 @@ async def test_a_burst_is_one_push_and_the_window_holds_the_next(
     assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
 
     await alice.send(chat["id"], "one more")  # inside the window: held until it ends
-    queue = server.app[PUSH].queue
-    assert queue is not None and await queue.next_due() == clock.now + 30_000
+    assert await outbox_of(server).next_due() == clock.now + 30_000
     clock.now += 30_000
     note = await hook.next()
     assert (note["count"], note["badge"]) == (6, 6)  # bob has received none of the six
 
 
+@both_queues
 async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand(
     push_server: PushServerFactory, hook: FakeHook, own_store: dict[str, Any]
 ) -> None:
@@ -300,6 +339,7 @@ async def test_gateway_errors_are_retried_then_dead_lettered_and_retried_by_hand
     assert await queue.dead_letters(10) == []
 
 
+@both_queues
 async def test_the_senders_push_preview_is_shown_and_never_the_body(
     push_server: PushServerFactory, hook: FakeHook
 ) -> None:
@@ -316,6 +356,7 @@ async def test_the_senders_push_preview_is_shown_and_never_the_body(
     assert "plain" not in msgspec.json.encode(note).decode()
 
 
+@both_queues
 async def test_a_gone_target_is_removed_and_the_device_sees_why(
     push_server: PushServerFactory, hook: FakeHook
 ) -> None:

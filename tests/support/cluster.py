@@ -151,3 +151,56 @@ class HAProxy:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             await self.proc.wait()
+
+
+class HAProxyWithStats(HAProxy):
+    """`HAProxy` (deploy/haproxy.cfg as it is) plus an admin socket, declared in a second config
+    file of one `global` section, through which a test reads what HAProxy makes of each node."""
+
+    def __init__(self, nodes: list[Node], socket_dir: Path) -> None:
+        super().__init__(nodes)
+        self.socket = socket_dir / "haproxy.sock"
+        self._extra = socket_dir / "stats.cfg"
+
+    async def start(self) -> None:
+        if shutil.which("haproxy") is None:
+            pytest.skip("haproxy is not installed (.ci/run installs it: apt-get install haproxy)")
+        self._extra.write_text(f"global\n    stats socket {self.socket} mode 600 level admin\n")
+        env = {
+            **os.environ,
+            "PIGEON_LB_BIND": f"127.0.0.1:{self.port}",
+            **{f"PIGEON_NODE{i + 1}": n.address for i, n in enumerate(self.nodes)},
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            "haproxy",
+            "-db",
+            "-f",
+            str(REPO / "deploy" / "haproxy.cfg"),
+            "-f",
+            str(self._extra),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_healthy(self.url)
+
+    async def command(self, line: str) -> str:
+        """One command on the admin socket; its whole answer."""
+        reader, writer = await asyncio.open_unix_connection(str(self.socket))
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            return (await reader.read()).decode()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def up(self, backend: str) -> dict[str, bool]:
+        """Per server of `backend`: whether HAProxy has it UP (`show servers state`)."""
+        answer = await self.command(f"show servers state {backend}")
+        states: dict[str, bool] = {}
+        for line in answer.splitlines()[1:]:  # the first line is the format's version
+            fields = line.split()
+            if len(fields) > 5 and not line.startswith("#"):
+                states[fields[3]] = fields[5] == "2"  # srv_name, srv_op_state (2: running)
+        return states

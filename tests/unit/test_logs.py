@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
-from pigeon.logs import JsonFormatter, TextFormatter, log_context
+from pigeon.logs import JsonFormatter, TextFormatter, bind_log_context, log_context
 
 
 def record(msg: str, **extra: object) -> logging.LogRecord:
@@ -28,3 +29,20 @@ def test_text_lines_end_with_the_fields() -> None:
     with log_context(user="u1"):
         line = TextFormatter().format(record("hello", status=201))
     assert line.endswith("hello user=u1 status=201")
+
+
+async def test_a_connection_binds_its_user_and_device_for_its_tasks() -> None:
+    formatter = JsonFormatter("n")
+
+    async def connection() -> dict[str, object]:
+        bind_log_context(user="u2", device="d2")
+
+        async def command() -> dict[str, object]:  # a task the connection starts
+            doc: dict[str, object] = json.loads(formatter.format(record("cmd")))
+            return doc
+
+        return await asyncio.create_task(command())
+
+    doc = await asyncio.create_task(connection())
+    assert (doc["user"], doc["device"]) == ("u2", "d2")
+    assert "user" not in json.loads(formatter.format(record("elsewhere")))

@@ -310,3 +310,9 @@ def test_a_push_preview_is_bounded_in_bytes_and_has_no_control_characters() -> N
 )
 def test_public_addresses_see_through_ipv4_in_ipv6(address: str, public: bool) -> None:
     assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_a_malformed_url_is_a_bad_request() -> None:
+    for url in ("https://[x", "https://host:99999/x"):
+        with pytest.raises(BadRequest, match="not a valid URL"):
+            check_target(PushTarget(kind="webhook", url=url))

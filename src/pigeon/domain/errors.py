@@ -158,7 +158,19 @@ class UnsupportedMediaType(BadRequest):
     code = "unsupported_media_type"
 
 
+# --- Accounts an operator disabled (`pigeon admin users disable`) ----------------------------
+
+
+class AccountDisabled(Forbidden):
+    """The user's account was disabled by an operator: no login, no token works, until it is
+    enabled again. A subclass of `Forbidden` (the credentials are right, the account may not
+    act), with its own code so that a client can tell the person why."""
+
+    code = "account_disabled"
+
+
 ALL_ERRORS += (
+    AccountDisabled,
     SignatureInvalid,
     UrlExpired,
     SizeMismatch,

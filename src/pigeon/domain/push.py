@@ -154,7 +154,11 @@ def _b64url(value: str, name: str) -> bytes:
 
 
 def _check_url(value: str, name: str) -> None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parses the port: a bad one raises here, not in a sender
+    except ValueError:
+        raise BadRequest(f"`{name}` is not a valid URL") from None
     loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
     if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
         raise BadRequest(f"`{name}` must be an https URL")

@@ -29,6 +29,7 @@ HTTP_STATUS: dict[type[e.PigeonError], int] = {
     e.SizeMismatch: 400,
     e.ChecksumMismatch: 400,
     e.UnsupportedMediaType: 415,
+    e.AccountDisabled: 403,
 }
 
 
@@ -44,6 +45,7 @@ class Close(IntEnum):
     UNAUTHORIZED = 4501
     REVOKED = 4502
     REPLACED = 4503
+    DISABLED = 4504
 
 
 def should_reconnect(code: int) -> bool:

@@ -1,24 +1,28 @@
-"""REST endpoints: accounts and devices, health. JSON in, JSON out, errors as {code, message}."""
+"""REST endpoints: accounts and devices, health and readiness, the frames' JSON Schema. JSON in,
+JSON out, errors as {code, message}. docs/openapi.json describes every route."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from pigeon.domain.errors import BadRequest, PigeonError, PushUnsupported, RateLimited
 from pigeon.domain.models import Device
 from pigeon.domain.push import PushTarget
 from pigeon.gateway.errors import http_status
 from pigeon.gateway.keys import SERVICES, SETTINGS
+from pigeon.gateway.protocol import PROTOCOL_VERSION, frame_schema
 from pigeon.gateway.websocket import bearer_token
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 READY = web.AppKey("ready", dict[str, bool])
 _HTTP_CODES = {404: "not_found", 405: "bad_request", 413: "too_large"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,7 +67,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
-        return _json({"code": code, "message": exc.reason}, exc.status)
+        resp = _json({"code": code, "message": exc.reason}, exc.status)
+        if hdrs.ALLOW in exc.headers:  # a 405 says which methods the path has (RFC 9110)
+            resp.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return resp
+    except Exception:  # a bug: logged, and answered in the API's shape
+        log.exception("%s %s failed", request.method, request.path)
+        return _json({"code": "internal", "message": "internal error"}, 500)
 
 
 async def _body(request: web.Request, kind: type[T]) -> T:
@@ -151,15 +161,112 @@ async def vapid_key(request: web.Request) -> web.Response:
     return _json({"key": key})
 
 
+#: A readiness probe: returns if its backend answered, raises if not.
+Probe = Callable[[], Awaitable[None]]
+
+
+class Readiness:
+    """Whether this node can do its work now, for `/readyz`: each backend it cannot work
+    without (the store, the bus, the presence registry) must answer a cheap probe (`ping`)
+    within `timeout`. The probes run concurrently. One round answers every request that comes
+    while it runs and for `ttl` seconds after, so a flood of `/readyz` costs one round of
+    probes per `ttl`. A probe that starts or stops failing is logged once."""
+
+    def __init__(self, probes: Mapping[str, Probe], timeout: float, ttl: float = 0.25) -> None:
+        self._probes = dict(probes)
+        self._timeout = timeout
+        self._ttl = ttl
+        self._round: asyncio.Task[list[str]] | None = None
+        self._failed: list[str] = []
+        self._checked_at = -math.inf
+        self._down: set[str] = set()
+
+    async def failed(self) -> list[str]:
+        """The names of the probes that failed (in the order given); [] when all answered."""
+        loop = asyncio.get_running_loop()
+        if self._round is None:
+            if loop.time() - self._checked_at < self._ttl:
+                return list(self._failed)
+            self._round = loop.create_task(self._check())
+        # shielded: a caller that goes away does not cancel the round the others wait for
+        return list(await asyncio.shield(self._round))
+
+    async def aclose(self) -> None:
+        """Cancel a round still running (the server is stopping)."""
+        if self._round is not None:
+            self._round.cancel()
+            await asyncio.gather(self._round, return_exceptions=True)
+
+    async def _check(self) -> list[str]:
+        try:
+            names = list(self._probes)
+            answered = await asyncio.gather(*(self._probe(name) for name in names))
+            self._failed = [name for name, ok in zip(names, answered, strict=True) if not ok]
+            self._checked_at = asyncio.get_running_loop().time()
+            return self._failed
+        finally:
+            self._round = None
+
+    async def _probe(self, name: str) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._probes[name]()
+        except Exception as exc:
+            if name not in self._down:
+                self._down.add(name)
+                why = str(exc) or f"no answer within {self._timeout:g} s"
+                log.warning("not ready: the %s failed its probe: %s", name, why)
+            return False
+        if name in self._down:
+            self._down.discard(name)
+            log.info("the %s answers its probe again", name)
+        return True
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves (503 while starting or shutting down). Probes nothing."""
     if not request.app[READY].get("ready"):
-        return _json({"status": "starting"}, 503)
+        return _json({"status": "starting", "protocol": PROTOCOL_VERSION}, 503)
     hub = request.app[SERVICES].hub
-    return _json({"status": "ok", "connections": len(hub), "pid": os.getpid()})
+    return _json(
+        {"status": "ok", "connections": len(hub), "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
+    )
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only while the store, the bus and the presence registry answer (see
+    `Readiness`); 503 naming those that did not, and while starting or shutting down."""
+    if not request.app[READY].get("ready"):
+        return _json({"status": "starting", "protocol": PROTOCOL_VERSION}, 503)
+    failed = await request.app[READINESS].failed()
+    if failed:
+        body = {"status": "unready", "failed": failed, "protocol": PROTOCOL_VERSION}
+        return _json({**body, "pid": os.getpid()}, 503)
+    return _json({"status": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
+
+
+def _schema_handler() -> Handler:
+    """`GET /v1/schema`: the JSON Schema of every WebSocket frame, made once."""
+    body = msgspec.json.encode(frame_schema())
+
+    async def schema(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return schema
+
+
+async def _close_readiness(app: web.Application) -> None:
+    readiness = app.get(READINESS)
+    if readiness is not None:
+        await readiness.aclose()
 
 
 def add_routes(app: web.Application) -> None:
-    """Mount the REST API under /v1 and the health check."""
+    """Mount the REST API under /v1, the frames' schema, and the health and readiness checks
+    (`app[READINESS]` holds the probes)."""
     app.router.add_post("/v1/users", register)
     app.router.add_post("/v1/devices", login)
     app.router.add_get("/v1/devices", list_devices)
@@ -170,4 +277,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/devices/me/push", get_push_target)
     app.router.add_put("/v1/me/push-show-names", put_push_show_names)
     app.router.add_get("/v1/push/vapid-key", vapid_key)
+    app.router.add_get("/v1/schema", _schema_handler())
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_cleanup.append(_close_readiness)

@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from pigeon.config import GatewaySettings
+from pigeon.config import GatewaySettings, Settings
 from pigeon.domain.errors import PigeonError
 from pigeon.gateway.connection import Connection
 from pigeon.gateway.errors import Close
 from pigeon.ports import Bus, Subscription
 from pigeon.services import channels
-from pigeon.services.accounts import REVOKED_FRAME
+from pigeon.services.accounts import DISABLED_FRAME, REVOKED_FRAME
 from pigeon.turns import Turns
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,44 @@ _RESYNC_CONCURRENCY = 32
 #: How a node makes one connection catch up from the durable inbox.
 Resync = Callable[[], Awaitable[object]]
 
+#: A node on the in-process bus listens here, in its data dir, for the close frames that
+#: `pigeon admin` (another process, with no bus of its own to publish on) hands it: one line
+#: `<device channel> <frame>` each, answered `ok` once published on the node's bus, or
+#: `refused`. Only connection-closing frames pass; the socket is its owner's alone (0600).
+CONTROL_SOCKET = "admin.sock"
+CONTROL_FRAMES = frozenset({REVOKED_FRAME, DISABLED_FRAME})
+_CONTROL_CHANNEL = re.compile(rb"d:[0-9A-Za-z]{1,64}")
+
+
+def control_socket(settings: Settings) -> Path | None:
+    """Where a node listens for `pigeon admin`: with the in-process bus only (a shared bus
+    reaches every node by itself)."""
+    return settings.data_dir / CONTROL_SOCKET if settings.bus.type == "local" else None
+
+
+def control_line(channel: str, frame: bytes) -> bytes:
+    """One request to the control socket."""
+    return channel.encode() + b" " + frame + b"\n"
+
+
+def _clear_socket(path: Path) -> None:
+    """Make way for the control socket: a node that died may have left its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _own_socket(path: Path) -> int:
+    """Keep the socket to its owner (connecting needs write permission); returns its inode."""
+    path.chmod(0o600)
+    return path.stat().st_ino
+
+
+def _remove_socket(path: Path, inode: int) -> None:
+    """Remove the control socket, unless a successor's took its place."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
+
 
 class Hub:
     """Maps device id -> its one live connection on this node.
@@ -39,12 +79,15 @@ class Hub:
     nothing (not even a pong) for `idle_timeout`, and any whose queued frames made no progress
     for `stall_timeout` (its peer stopped reading; pings from it do not help). When the bus
     recovers from an outage (frames may have been lost), every connection catches up from its
-    inbox.
+    inbox. With a `control` path (a node on the in-process bus), it relays the close frames
+    that `pigeon admin` sends to that socket onto its bus.
     """
 
-    def __init__(self, bus: Bus, settings: GatewaySettings) -> None:
+    def __init__(self, bus: Bus, settings: GatewaySettings, control: Path | None = None) -> None:
         self._bus = bus
         self._settings = settings
+        self._control = control
+        self._control_task: asyncio.Task[None] | None = None
         self._conns: dict[str, tuple[Connection, Subscription]] = {}
         self._resyncs: dict[Connection, Resync] = {}
         self._attaching = Turns()
@@ -97,6 +140,8 @@ class Hub:
                     conn.close(Close.REPLACED, "replaced by a newer connection")
             elif frame == REVOKED_FRAME:
                 conn.close(Close.REVOKED, "device revoked")
+            elif frame == DISABLED_FRAME:
+                conn.close(Close.DISABLED, "account disabled")
             else:
                 conn.push(frame)
 
@@ -149,10 +194,50 @@ class Hub:
     def start(self) -> None:
         self._bus.on_recovered(self._bus_recovered)
         self._ticker = asyncio.create_task(self._tick_forever(), name="heartbeat")
+        if self._control is not None:
+            self._control_task = asyncio.create_task(
+                self._serve_control(self._control), name="admin-socket"
+            )
+
+    async def _serve_control(self, path: Path) -> None:
+        """Listen on the control socket until cancelled (see `CONTROL_SOCKET`)."""
+        try:
+            _clear_socket(path)
+            server = await asyncio.start_unix_server(self._control_client, path=path)
+            inode = _own_socket(path)
+        except OSError as exc:  # e.g. a path over the 107 bytes AF_UNIX allows
+            log.warning(
+                "no admin socket at %s (%s): connections of devices `pigeon admin` revokes"
+                " or disables stay open until they reconnect (then they are refused)",
+                path,
+                exc,
+            )
+            return
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            _remove_socket(path, inode)
+
+    async def _control_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while line := await reader.readline():
+                channel, _, frame = line.rstrip(b"\n").partition(b" ")
+                ok = frame in CONTROL_FRAMES and _CONTROL_CHANNEL.fullmatch(channel) is not None
+                if ok:
+                    await self._bus.publish(channel.decode(), frame)
+                writer.write(b"ok\n" if ok else b"refused\n")
+                await writer.drain()
+        except (OSError, ValueError, PigeonError) as exc:  # ValueError: a line over the limit
+            log.warning("admin socket request failed: %s", exc)
+        finally:
+            writer.close()
 
     async def aclose(self) -> None:
         """Close every connection with GOING_AWAY so clients reconnect (elsewhere)."""
-        for task in (self._ticker, self._recovery):
+        for task in (self._ticker, self._recovery, self._control_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -2,16 +2,26 @@
 
 Client commands are JSON text frames tagged by `t`, each with a request id `rid` that its single
 reply (`ok` or `error`) echoes. Events the server pushes from a device's inbox arrive as `event`
-frames (built in `pigeon.domain.events.inbox_frame`).
+frames (built in `pigeon.domain.events.inbox_frame`). `frame_schema()` turns these structs into
+the JSON Schema served at `GET /v1/schema`, so the published description is the code itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
+import msgspec.inspect as mi
 
+from pigeon.domain.events import Event, PresenceFrame, TypingFrame
 from pigeon.domain.push import PushTarget
+
+#: The wire protocol's version, sent in `ready` and by `/healthz` and `/readyz`. It changes only
+#: when a change could break a client written for the previous one (a frame, field or command
+#: removed or renamed, a meaning changed); additions (commands, optional fields, event types,
+#: error codes) keep it. docs/protocol.md, "Protocol version", says what a client does.
+PROTOCOL_VERSION = 1
 
 Rid = int | str
 #: A non-negative integer that fits SQLite's and PostgreSQL's 64-bit integers.
@@ -31,26 +41,35 @@ class Auth(Command, tag="auth"):
 
 
 class CreateChat(Command, tag="create_chat"):
+    """Create a chat of the caller and `participants` (user ids): a direct chat or a group."""
+
     participants: list[str]
     name: str | None = None
     kind: Literal["direct", "group"] | None = None
 
 
 class ModifyParticipants(Command, tag="modify_participants"):
+    """Add and/or remove members of a group (admins only)."""
+
     chat: str
     add: list[str] = []
     remove: list[str] = []
 
 
 class LeaveChat(Command, tag="leave_chat"):
+    """Leave a group."""
+
     chat: str
 
 
 class ListChats(Command, tag="list_chats"):
-    pass
+    """The caller's conversations, newest activity first, with unread counts."""
 
 
 class Send(Command, tag="send"):
+    """Send a message; `ok` once it is durably committed. Retried with the same `cmid`, it is
+    committed once."""
+
     chat: str
     cmid: str
     body: str | None = None
@@ -62,40 +81,56 @@ class Send(Command, tag="send"):
 
 
 class Ack(Command, tag="ack"):
+    """Acknowledge every inbox entry with `iseq <= upto` (cumulative)."""
+
     upto: Count
 
 
 class Read(Command, tag="read"):
+    """Mark the chat read by the caller's user up to `seq`."""
+
     chat: str
     seq: Count
 
 
 class Receipts(Command, tag="receipts"):
+    """Per-member delivery and read times of a message the caller sent."""
+
     chat: str
     message: str
 
 
 class Sync(Command, tag="sync"):
+    """Send the inbox again after `after` (heals a gap), then `synced`."""
+
     after: Count
 
 
 class Ping(Command, tag="ping"):
-    pass
+    """A no-op that counts as activity for the heartbeat."""
 
 
 class PresenceSubscribe(Command, tag="presence_subscribe"):
+    """Watch these users' presence (each shares a chat with the caller); `ok` has their state."""
+
     users: list[str]
 
 
 class PresenceUnsubscribe(Command, tag="presence_unsubscribe"):
+    """Stop watching these users' presence."""
+
     users: list[str]
 
 
 class SetVisibility(Command, tag="set_visibility"):
+    """Who sees the caller's presence: people sharing a chat, or nobody."""
+
     visibility: Literal["chats", "nobody"]
 
 
 class Typing(Command, tag="typing"):
+    """Tell the chat's online members that the caller is typing (or stopped)."""
+
     chat: str
     typing: bool = True
 
@@ -179,11 +214,17 @@ class Envelope(msgspec.Struct):
 
 
 class Ok(msgspec.Struct, tag="ok", tag_field="t"):
+    """The success reply to the command with this `rid`; `result` depends on the command
+    (docs/protocol.md, section 3)."""
+
     rid: Rid
     result: Any = None
 
 
 class Error(msgspec.Struct, tag="error", tag_field="t"):
+    """The failure reply to the command with this `rid` (null if it could not be read). `code`
+    is stable; `temporary`: the same command may succeed if retried unchanged."""
+
     rid: Rid | None
     code: str
     message: str
@@ -198,6 +239,8 @@ class Ready(msgspec.Struct, tag="ready", tag_field="t"):
     device: str
     acked: int
     server_time: int
+    #: `PROTOCOL_VERSION` of the server.
+    protocol: int = PROTOCOL_VERSION
 
 
 class Synced(msgspec.Struct, tag="synced", tag_field="t"):
@@ -207,11 +250,84 @@ class Synced(msgspec.Struct, tag="synced", tag_field="t"):
 
 
 class Gap(msgspec.Struct, tag="gap", tag_field="t"):
-    """Inbox entries `from_`..`to` no longer exist (retention expired them); skip them."""
+    """Inbox entries `from`..`to` no longer exist (retention expired them); skip them."""
 
     from_: int = msgspec.field(name="from")
     to: int = 0
     reason: str = "expired"
+
+
+class EventFrame(msgspec.Struct, tag="event", tag_field="t"):
+    """One entry of the device's durable inbox: ack it by `iseq`. (Sent as bytes made by
+    `inbox_frame`, the event encoded once for all its recipients; this struct describes them.)"""
+
+    iseq: int
+    event: Event
+
+
+#: Every frame the server sends.
+ServerFrame = Ok | Error | Ready | Synced | Gap | EventFrame | PresenceFrame | TypingFrame
+
+
+def frame_schema() -> dict[str, Any]:
+    """A JSON Schema (2020-12) of every WebSocket frame, generated from the structs: a frame
+    is a `ClientFrame` (a command) or a `ServerFrame`. Client frames are described as the server
+    accepts them (unknown fields refused, defaults optional); server frames as the server sends
+    them (every field it always sends is required; clients must ignore fields they do not
+    know, which a later server may add)."""
+    (client, server), defs = msgspec.json.schema_components(
+        (AnyCommand, ServerFrame), ref_template="#/$defs/{name}"
+    )
+    for struct in _structs(mi.type_info(ServerFrame), set()):
+        schema = defs[struct.cls.__name__]
+        if not struct.cls.__struct_config__.omit_defaults:
+            sent = [f.encode_name for f in struct.fields if _always_sent(f)]
+            if struct.tag_field is not None:
+                sent.insert(0, struct.tag_field)
+            schema["required"] = sent
+    defs["ClientFrame"] = {"title": "ClientFrame", "description": "A command.", **client}
+    defs["ServerFrame"] = {"title": "ServerFrame", "description": "A server frame.", **server}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Pigeon WebSocket frames",
+        "description": (
+            f"Protocol version {PROTOCOL_VERSION}. Every frame is one JSON object: a command "
+            "(ClientFrame, tagged by `t`) or a frame the server sends (ServerFrame). The "
+            "`result` of an `ok` depends on its command: docs/protocol.md, section 3."
+        ),
+        "x-protocol-version": PROTOCOL_VERSION,
+        "anyOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/ServerFrame"}],
+        "$defs": defs,
+    }
+
+
+def _structs(t: mi.Type, seen: set[type]) -> Iterator[mi.StructType]:
+    """Every struct type reachable from `t`, once each."""
+    if isinstance(t, mi.StructType):
+        if t.cls in seen:
+            return
+        seen.add(t.cls)
+        yield t
+        for field in t.fields:
+            yield from _structs(field.type, seen)
+    elif isinstance(t, mi.UnionType):
+        for member in t.types:
+            yield from _structs(member, seen)
+    elif isinstance(t, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
+        yield from _structs(t.item_type, seen)
+    elif isinstance(t, mi.DictType):
+        yield from _structs(t.value_type, seen)
+    elif isinstance(t, mi.Metadata):
+        yield from _structs(t.type, seen)
+
+
+def _always_sent(field: mi.Field) -> bool:
+    """Encoded every time (a field left UNSET by default is not)."""
+    return (
+        field.required
+        or field.default is not msgspec.NODEFAULT
+        or (field.default_factory is not msgspec.NODEFAULT)
+    )
 
 
 _encoder = msgspec.json.Encoder()

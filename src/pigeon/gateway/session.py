@@ -30,6 +30,7 @@ from pigeon.services.typing import TypingService
 
 if TYPE_CHECKING:
     from pigeon.metrics import Metrics
+    from pigeon.tracing import CommandTracer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class SessionServices:
     max_refusals: int
     #: Where commands, their reply codes and sync durations are counted (None: nowhere).
     metrics: Metrics | None = None
+    #: Runs each command in a trace span (None: tracing is off).
+    tracer: CommandTracer | None = None
 
 
 class Session:
@@ -93,7 +96,14 @@ class Session:
 
     async def _run(self, cmd: p.Command, arrived: float) -> None:
         try:
-            result = await _HANDLERS[type(cmd)](self, cmd)
+            handler = _HANDLERS[type(cmd)](self, cmd)
+            if self.services.tracer is None:
+                result = await handler
+            else:
+                device = self.conn.device
+                attributes = {"rid": cmd.rid, "user": device.user_id, "device": device.id}
+                name = str(type(cmd).__struct_config__.tag)
+                result = await self.services.tracer.run(name, handler, attributes)
             self.conn.send(p.encode(p.Ok(rid=cmd.rid, result=result)))
             code = "ok"
         except Exception as exc:

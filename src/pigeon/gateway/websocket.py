@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from pigeon.domain.errors import PigeonError, RateLimited, Unauthorized
+from pigeon.domain.errors import AccountDisabled, PigeonError, RateLimited, Unauthorized
 from pigeon.domain.ids import new_id
 from pigeon.domain.models import Device
 from pigeon.gateway import protocol as p
@@ -21,6 +21,7 @@ from pigeon.gateway.errors import Close, to_error
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import Session
 from pigeon.gateway.transport import AiohttpTransport
+from pigeon.logs import bind_log_context
 from pigeon.services.accounts import AccountService
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ async def _serve(request: web.Request) -> web.StreamResponse:
     if token is not None:
         try:
             device = await services.accounts.authenticate(token)
-        except PigeonError as exc:  # 401 for a bad token; 503 while the store is down (retry)
+        except PigeonError as exc:  # 503 while the store is down (retry); else 401, also for
+            # `account_disabled` (403 on REST): a client stops reconnecting on a 401, and its
+            # body's code says why
             body = {"code": exc.code, "message": exc.message}
             return web.json_response(body, status=503 if exc.temporary else 401)
     ws = web.WebSocketResponse(
@@ -82,6 +85,7 @@ async def _upgraded(
         device = await _auth_frame(ws, services.accounts, gw.auth_timeout)
         if device is None:
             return ws
+    bind_log_context(user=device.user_id, device=device.id)  # this connection's tasks' lines
     conn = Connection(
         AiohttpTransport(ws, request), device, gw.outbound_queue_frames, gw.outbound_queue_bytes
     )
@@ -134,10 +138,14 @@ async def _attach(services: Services, conn: Connection, session: Session) -> int
         await services.hub.attach(conn, lambda: session.sync(0))  # 0: from what it acked
         if conn.closing:  # replaced by a newer connection meanwhile
             return None
-        # A revocation committed between authentication and attach published its close frame
-        # to nobody: check again now that the hub routes this device's frames here.
-        if not await services.accounts.still_valid(device):
+        # A revocation (or a disable) committed between authentication and attach published
+        # its close frame to nobody: check again now that the hub routes this device's frames.
+        standing = await services.accounts.standing(device)
+        if standing == "revoked":
             conn.close(Close.REVOKED, "device revoked")
+            return None
+        if standing == "disabled":
+            conn.close(Close.DISABLED, "account disabled")
             return None
         return await services.messaging.acked(device)
     except PigeonError as exc:
@@ -187,6 +195,8 @@ async def _auth_frame(
             await ws.send_frame(p.encode(to_error(rid, err)), WSMsgType.TEXT)
         if err.temporary:  # the store is down: come back later, this is not a bad token
             await ws.close(code=Close.TRY_AGAIN_LATER, message=b"try again later")
+        elif isinstance(err, AccountDisabled):
+            await ws.close(code=Close.DISABLED, message=b"account disabled")
         else:
             await ws.close(code=Close.UNAUTHORIZED, message=b"unauthorized")
         return None

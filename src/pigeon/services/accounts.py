@@ -1,4 +1,5 @@
-"""Accounts and devices: registration, login, token authentication, revocation."""
+"""Accounts and devices: registration, login, token authentication, revocation, and accounts
+an operator disables."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Literal
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from pigeon.domain.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from pigeon.domain.errors import AccountDisabled, BadRequest, Forbidden, NotFound, Unauthorized
 from pigeon.domain.ids import new_id
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, User
@@ -26,6 +27,11 @@ from pigeon.services.throttle import Throttle
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
 REVOKED_FRAME = b'{"t":"revoked"}'
+#: The same, for each device of a user an operator disabled (closed with another code).
+DISABLED_FRAME = b'{"t":"disabled"}'
+
+#: Whether a device may go on: `ok`, `revoked` (the device is gone), or `disabled` (its user).
+Standing = Literal["ok", "revoked", "disabled"]
 
 
 #: `open`: anyone may register; `invite`: with a code from `pigeon invite`; `closed`: nobody.
@@ -86,21 +92,26 @@ class AccountService:
         password: str,
         address: str | None = None,
         invite: str | None = None,
+        *,
+        by_operator: bool = False,
     ) -> User:
-        """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars."""
-        if not USERNAME.match(username):
+        """Create a user. Usernames: 3-32 of letters, digits, `_.-`; passwords: 8-1024 chars.
+        An operator (`by_operator`, `pigeon admin users create`) needs no invite and no open
+        registration, and is not rate-limited."""
+        if not USERNAME.fullmatch(username):  # `$` would let a trailing newline through
             raise BadRequest("username must be 3-32 letters, digits, '_', '.' or '-'")
         if not 8 <= len(password) <= 1024:
             raise BadRequest("password must be 8 to 1024 characters")
-        if self._registration == "closed":
+        mode: Registration = "open" if by_operator else self._registration
+        if mode == "closed":
             raise Forbidden("registration is closed")
-        if self._registration == "invite" and not invite:
+        if mode == "invite" and not invite:
             raise Forbidden("an invite code is required to register")
-        if self._throttle is not None:  # `address`: the client's, to limit sign-ups per address
+        if self._throttle is not None and not by_operator:  # per client address
             await self._throttle.register(address)
         password_hash = await self._hash(password)
         user = User(id=new_id(), username=username, created_at=self._clock.now_ms())
-        spent = hash_token(invite) if self._registration == "invite" and invite else None
+        spent = hash_token(invite) if mode == "invite" and invite else None
         await self._store.create_user(user, password_hash, spent, self._clock.now_ms())
         return user
 
@@ -117,6 +128,10 @@ class AccountService:
             await self._verify(self._decoy, password)  # fails, after the same work
         if creds is None or not await self._verify(creds.password_hash, password):
             raise Unauthorized("wrong username or password")
+        # Only after the password: who does not know it learns nothing about the account.
+        account = await self._store.account(username)
+        if account is not None and account.disabled_at is not None:
+            raise AccountDisabled("this account is disabled")
         name = device_name.strip()[:64] or "device"
         device = Device(
             id=new_id(), user_id=creds.user_id, name=name, created_at=self._clock.now_ms()
@@ -152,17 +167,28 @@ class AccountService:
         self._hashing.shutdown(wait=False, cancel_futures=True)
 
     async def authenticate(self, token: str | None) -> Device:
-        """The device a bearer token belongs to; `Unauthorized` when missing, unknown or revoked."""
+        """The device a bearer token belongs to; `Unauthorized` when missing, unknown or
+        revoked, `AccountDisabled` while its user is disabled."""
         if not token or len(token) > 256:
             raise Unauthorized("missing or malformed token")
-        device = await self._store.device_by_token(hash_token(token))
-        if device is None:
+        status = await self._store.device_status_by_token(hash_token(token))
+        if status is None:
             raise Unauthorized("invalid or revoked token")
-        return device
+        if status.disabled_at is not None:
+            raise AccountDisabled("this account is disabled")
+        return status.device
+
+    async def standing(self, device: Device) -> Standing:
+        """Whether an authenticated device may still go on (checked again once its connection
+        is routed: a revocation or a disable committed meanwhile published to nobody)."""
+        status = await self._store.device_status(device.id)
+        if status is None:
+            return "revoked"
+        return "ok" if status.disabled_at is None else "disabled"
 
     async def still_valid(self, device: Device) -> bool:
-        """True while the device has not been revoked."""
-        return any(d.id == device.id for d in await self._store.list_devices(device.user_id))
+        """True while the device has not been revoked and its user is not disabled."""
+        return await self.standing(device) == "ok"
 
     async def devices(self, user_id: str) -> list[Device]:
         """The user's devices."""
@@ -177,6 +203,28 @@ class AccountService:
         if not await self._store.revoke_device(user_id, device_id):
             raise NotFound("no such device")
         await self._bus.publish(channels.device(device_id), REVOKED_FRAME)
+
+    async def disable(self, user_id: str) -> list[Device]:
+        """Disable a user (an operator's decision): no login, no token of theirs works, and
+        the live connection of each of their devices, on whichever node, is closed at once.
+        Their devices, tokens and inboxes are kept, so `enable` gives everything back; others
+        may still write to them (messages wait in their inboxes, as for an offline user).
+        Returns the devices whose connections were told to close."""
+        return await asyncio.shield(self._disable(user_id))
+
+    async def _disable(self, user_id: str) -> list[Device]:
+        if not await self._store.set_disabled(user_id, self._clock.now_ms()):
+            raise NotFound("no such user")
+        # Listed after the commit: a device added since was refused by `authenticate` anyway.
+        devices = await self._store.list_devices(user_id)
+        if devices:
+            await self._bus.publish_many([(channels.device(d.id), DISABLED_FRAME) for d in devices])
+        return devices
+
+    async def enable(self, user_id: str) -> None:
+        """Undo `disable`: the user's password and their devices' tokens work again."""
+        if not await self._store.set_disabled(user_id, None):
+            raise NotFound("no such user")
 
     async def find_user(self, username: str) -> User:
         """Look a user up by name (to start a chat with them)."""

@@ -20,6 +20,7 @@ import random
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -34,7 +35,7 @@ from pigeon.domain.push import (
     check_target,
     is_public_address,
 )
-from pigeon.ports import Clock, PushJob, PushQueue, PushSender, PushStore
+from pigeon.ports import Clock, PushJob, PushQueue, PushQueueFeed, PushSender, PushStore
 
 log = logging.getLogger(__name__)
 #: Seconds `PushWorker.aclose` lets pushes in flight finish.
@@ -150,6 +151,8 @@ class PushWorker:
         self._senders = senders
         self._clock = clock
         self._policy = policy
+        #: A queue a broker feeds is waited on when idle; a table is polled.
+        self._feed = cast(PushQueueFeed, queue) if hasattr(queue, "wait_due") else None
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         #: What happened to claimed jobs, by outcome (for metrics, the bench and tests).
@@ -210,7 +213,7 @@ class PushWorker:
         now = self._clock.now_ms()
         if due is None or due > now:
             wait = p.poll_interval if due is None else (due - now) / 1000
-            await self._pause(min(wait, p.poll_interval))
+            await self._idle(min(wait, p.poll_interval))
             return
         jobs = await self._queue.claim(now, free, p.visibility_timeout)
         for job in jobs:
@@ -218,10 +221,18 @@ class PushWorker:
             self._inflight.add(task)
             task.add_done_callback(self._finished)
         if not jobs:
-            await self._pause(p.poll_interval)
+            await self._idle(p.poll_interval)
+
+    async def _idle(self, seconds: float) -> None:
+        """Nothing to claim: poll the queue's table again later, or, if the queue is fed
+        (`PushQueueFeed`: a broker delivers to it), wake up as soon as a job arrives."""
+        if self._feed is None:
+            await self._pause(seconds)
+        else:
+            await self._feed.wait_due(max(0.0, seconds))
 
     async def _pause(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))  # polling the queue's table: an idle wait
+        await asyncio.sleep(max(0.0, seconds))
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -41,6 +41,9 @@ class LocalBus:
     def on_recovered(self, callback: Callable[[], None]) -> None:
         return None  # nothing in between to fail: frames are never lost
 
+    async def ping(self) -> None:
+        return None  # nothing in between that could fail to answer
+
     async def open(self) -> None:
         return None
 

@@ -60,6 +60,9 @@ class LocalPresence:
     async def reap(self, now: int) -> list[str]:
         return []  # sessions live and die with this process
 
+    async def ping(self) -> None:
+        return None  # a dict in this process: always there
+
     async def open(self) -> None:
         return None
 

@@ -217,6 +217,16 @@ class RedisPresence:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def ping(self) -> None:
+        """PING through the client's pool (on a cluster: every node, as the client routes it)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.execute_command("PING")
+        except TimeoutError:
+            raise Unavailable("presence registry (redis) timed out") from None
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"presence registry (redis) failed: {exc}") from exc
+
     # -- the Presence port -----------------------------------------------------------------
 
     async def session_up(self, user_id: str, session: str) -> bool:

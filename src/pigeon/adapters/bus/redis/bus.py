@@ -107,6 +107,24 @@ class RedisBus:
     def on_recovered(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
+    async def ping(self) -> None:
+        """A `PING` on every shard's subscriber connection, the one that delivers frames to
+        this node (concurrent pings share one), all shards at once: each must answer within
+        the timeout. On a cluster, every slot must also have a master."""
+        if self._closed or not self._opened:
+            raise Unavailable("redis bus is not open")
+        shards = list(self._shards.values())
+        answered = await asyncio.gather(*(self._ping_shard(shard) for shard in shards))
+        silent = [shard.listener.name for shard, ok in zip(shards, answered, strict=True) if not ok]
+        if silent:
+            raise Unavailable(f"redis bus: no answer from {', '.join(sorted(silent))}")
+        if not shards or (self._cluster and "" in self._slots):
+            raise Unavailable("redis bus: some channels have no master to live on")
+
+    async def _ping_shard(self, shard: Shard) -> bool:
+        barrier = shard.listener.barrier()  # None while the shard is down
+        return barrier is not None and await settle(barrier, self._timeout)
+
     # -- publish ---------------------------------------------------------------------------
 
     async def publish(self, channel: str, frame: bytes) -> None:

@@ -58,5 +58,8 @@ class PostgresStore:
     async def aclose(self) -> None:
         await self.db.aclose()
 
+    async def ping(self) -> None:
+        await self.db.ping()
+
 
 _check: type[Store] = PostgresStore

@@ -7,13 +7,35 @@ import asyncpg
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.domain.errors import Conflict, Forbidden, TooManyDevices
 from pigeon.domain.models import Credentials, Device, User, Visibility
-from pigeon.ports import AccountStore
+from pigeon.ports import AccountCounts, AccountRecord, AccountStore, DeviceStatus, InviteBatch
 
 _DEVICE_COLS = "id, user_id, name, created_at"
+#: A user's record: the row and its device count (`AccountRecord`).
+_RECORD = (
+    "SELECT u.id, u.username, u.created_at,"
+    " (SELECT count(*) FROM devices d WHERE d.user_id = u.id), u.disabled_at FROM users u"
+)
+#: Disable (keeping the first time) or, with NULL, enable.
+_SET_DISABLED = (
+    "UPDATE users SET disabled_at = CASE WHEN $2::bigint IS NULL THEN NULL"
+    " ELSE coalesce(disabled_at, $2) END WHERE id = $1 RETURNING true"
+)
+_STATUS = (
+    "SELECT d.id, d.user_id, d.name, d.created_at, u.disabled_at"
+    " FROM devices d JOIN users u ON u.id = d.user_id"
+)
 
 
 def _device(row: asyncpg.Record) -> Device:
     return Device(id=row[0], user_id=row[1], name=row[2], created_at=row[3])
+
+
+def _record(r: asyncpg.Record) -> AccountRecord:
+    return AccountRecord(id=r[0], username=r[1], created_at=r[2], devices=r[3], disabled_at=r[4])
+
+
+def _status(r: asyncpg.Record | None) -> DeviceStatus | None:
+    return None if r is None else DeviceStatus(device=_device(r), disabled_at=r[4])
 
 
 class PgAccounts:
@@ -143,6 +165,43 @@ class PgAccounts:
             at,
             user_id,
         )
+
+    async def set_disabled(self, user_id: str, at: int | None) -> bool:
+        return bool(await self._db.fetchval(_SET_DISABLED, user_id, at))
+
+    async def device_status(self, device_id: str) -> DeviceStatus | None:
+        return _status(await self._db.fetchrow(f"{_STATUS} WHERE d.id = $1", device_id))
+
+    async def device_status_by_token(self, token_hash: bytes) -> DeviceStatus | None:
+        return _status(await self._db.fetchrow(f"{_STATUS} WHERE d.token_hash = $1", token_hash))
+
+    async def account(self, username: str) -> AccountRecord | None:
+        row = await self._db.fetchrow(f"{_RECORD} WHERE u.username_key = $1", username.casefold())
+        return None if row is None else _record(row)
+
+    async def list_accounts(self, limit: int, after: str | None = None) -> list[AccountRecord]:
+        rows = await self._db.fetch(
+            f'{_RECORD} WHERE u.username_key COLLATE "C" > $1'
+            ' ORDER BY u.username_key COLLATE "C" LIMIT $2',
+            (after or "").casefold(),
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def list_invites(self, now: int) -> list[InviteBatch]:
+        rows = await self._db.fetch(
+            "SELECT created_at, expires_at, count(*) FROM invites WHERE expires_at > $1"
+            " GROUP BY created_at, expires_at ORDER BY expires_at, created_at",
+            now,
+        )
+        return [InviteBatch(created_at=r[0], expires_at=r[1], count=r[2]) for r in rows]
+
+    async def account_counts(self) -> AccountCounts:
+        row = await self._db.fetchrow(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(disabled_at) FROM users),"
+            " (SELECT count(*) FROM devices)"
+        )
+        return AccountCounts(users=row[0], disabled=row[1], devices=row[2])
 
 
 _check: type[AccountStore] = PgAccounts

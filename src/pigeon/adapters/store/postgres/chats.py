@@ -15,7 +15,7 @@ from pigeon.adapters.store.postgres.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
-from pigeon.ports import ChatStore
+from pigeon.ports import ChatRecord, ChatStore, MemberRecord, StoreCounts
 
 _LOAD_CHAT = """
 SELECT c.kind, c.name, c.created_by, c.created_at, c.version,
@@ -54,6 +54,37 @@ LEFT JOIN messages lm ON lm.chat_id = c.id AND lm.seq = c.last_seq
 WHERE me.user_id = $1
 ORDER BY c.last_activity_at DESC, c.id DESC
 """
+
+#: A chat's record for operators (`ChatRecord`), its member count included.
+_RECORD = """
+SELECT c.id, c.kind, c.name, c.created_at,
+    (SELECT count(*) FROM members m WHERE m.chat_id = c.id) AS members,
+    c.last_seq, c.last_activity_at
+FROM chats c
+"""
+_MEMBER_RECORDS = """
+SELECT m.user_id, u.username, m.role, m.delivered_seq, m.read_seq
+FROM members m JOIN users u ON u.id = m.user_id
+WHERE m.chat_id = $1 ORDER BY m.pos
+"""
+#: One statement, so one snapshot.
+_STORE_COUNTS = """
+SELECT (SELECT count(*) FROM chats), m.n, m.bodies, i.n, i.oldest
+FROM (SELECT count(*) AS n, count(raw) AS bodies FROM messages) m,
+    (SELECT count(*) AS n, min(at) AS oldest FROM inbox) i
+"""
+
+
+def _record(r: asyncpg.Record) -> ChatRecord:
+    return ChatRecord(
+        id=r[0],
+        kind=r[1],
+        name=r[2],
+        created_at=r[3],
+        members=r[4],
+        last_seq=r[5],
+        last_activity_at=r[6],
+    )
 
 
 def direct_key(user_a: str, user_b: str) -> str:
@@ -264,6 +295,30 @@ class PgChats:
             )
             for r in rows
         ]
+
+    async def chat_records(self, limit: int, user_id: str | None = None) -> list[ChatRecord]:
+        order = " ORDER BY c.last_activity_at DESC, c.id DESC LIMIT $1"
+        if user_id is None:
+            rows = await self._db.fetch(_RECORD + order, limit)
+        else:
+            mine = " WHERE c.id IN (SELECT chat_id FROM members WHERE user_id = $2)"
+            rows = await self._db.fetch(_RECORD + mine + order, limit, user_id)
+        return [_record(r) for r in rows]
+
+    async def chat_record(self, chat_id: str) -> ChatRecord | None:
+        row = await self._db.fetchrow(_RECORD + " WHERE c.id = $1", chat_id)
+        return None if row is None else _record(row)
+
+    async def member_records(self, chat_id: str) -> list[MemberRecord]:
+        rows = await self._db.fetch(_MEMBER_RECORDS, chat_id)
+        return [
+            MemberRecord(user=r[0], username=r[1], role=r[2], delivered_seq=r[3], read_seq=r[4])
+            for r in rows
+        ]
+
+    async def store_counts(self) -> StoreCounts:
+        r = await self._db.fetchrow(_STORE_COUNTS)
+        return StoreCounts(chats=r[0], messages=r[1], bodies=r[2], inbox=r[3], oldest_inbox_at=r[4])
 
 
 _check: type[ChatStore] = PgChats

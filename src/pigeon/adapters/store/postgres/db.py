@@ -202,6 +202,28 @@ class PgDb:
                 raise translate(exc) from exc
         raise AssertionError("unreachable")
 
+    async def ping(self) -> None:
+        """`SELECT 1` on a pooled connection (readiness): a database that is down, hung,
+        unreachable or out of connections raises `Unavailable`, within the command timeout at
+        most. A caller that gives up sooner (cancels) has the connection closed, rather than a
+        cancel request sent to a server that may not answer."""
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("store is closed")
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn:
+                loop = asyncio.get_running_loop()
+                deadline = loop.call_later(self._timeout, conn.terminate)
+                try:
+                    await conn.fetchval("SELECT 1")
+                except BaseException:
+                    conn.terminate()
+                    raise
+                finally:
+                    deadline.cancel()
+        except Exception as exc:
+            raise translate(exc) from exc
+
     async def fetch(self, sql: str, *args: Any, retry_unique: bool = False) -> list[asyncpg.Record]:
         """One statement, all rows (autocommit)."""
         return await self.run(lambda conn: conn.fetch(sql, *args), retry_unique=retry_unique)

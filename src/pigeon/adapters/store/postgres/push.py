@@ -2,12 +2,13 @@
 
 The outbox is the `push_outbox` trigger of migration 7 (push_schema.py): appending a message
 entry to the inbox of a device with a target marks that device's row of the chat in `push_jobs`
-pending, in the same transaction, as on SQLite. For now that table is also the queue of every
-node's worker: a claim leases due rows with one `UPDATE ... RETURNING` whose rows are picked
-with `FOR UPDATE SKIP LOCKED`, so workers on many nodes claiming at once never get the same job
-and never wait for each other. At scale a RabbitMQ work queue fed from the outbox is the next
-step (docs/architecture.md, "Push": a table queue puts polling and churn on the database every
-send waits on). Each port call is one statement or one function call: one round trip.
+pending, in the same transaction, as on SQLite. With `push.queue = "store"` that table is also
+the queue of every node's worker; with `"rabbitmq"` (adapters/push/rabbitmq.py) it is the outbox
+its relays claim from. Either way a claim leases due rows with one `UPDATE ... RETURNING` whose
+rows are picked with `FOR UPDATE SKIP LOCKED`, so claimers on many nodes never get the same job
+and never wait for each other (docs/architecture.md, "Push", says why clusters should use
+RabbitMQ: a table queue puts polling and churn on the database every send waits on). Each port
+call is one statement or one function call: one round trip.
 """
 
 from __future__ import annotations
@@ -277,6 +278,18 @@ class PgPushQueue:
 
     async def dead(self, job: PushJob, error: str, now: int) -> None:
         await self._answer(job, now, False, error[:500])
+
+    async def extend(self, job: PushJob, until: int) -> PushJob | None:
+        extended = await self._db.fetchval(
+            "UPDATE push_jobs SET leased_until = $1, due_at = $1, attempts = $2"
+            " WHERE device_id = $3 AND chat_id = $4 AND leased_until = $5 RETURNING 1",
+            until,
+            job.attempts,
+            job.device,
+            job.chat,
+            job.lease,
+        )
+        return None if extended is None else msgspec.structs.replace(job, lease=until)
 
     async def _answer(self, job: PushJob, now: int, pushed: bool, error: str | None) -> None:
         await self._db.fetchval(

@@ -3,9 +3,9 @@
 The same tables and rules as the SQLite store's migration 5 (docs/architecture.md, "Push"): a
 device's push target, the privacy setting on the user, a `push_preview` stored with the message
 and erased with its body, and `push_jobs`, one row per device and chat, marked pending by the
-outbox in the transaction that appends a message entry to the device's inbox. For now the same
-table is the queue too (claimed with `FOR UPDATE SKIP LOCKED` by every node's worker, see
-push.py); a RabbitMQ work queue fed from it is the next step, this table staying the outbox.
+outbox in the transaction that appends a message entry to the device's inbox. The same table is
+the queue too (claimed with `FOR UPDATE SKIP LOCKED` by every node's worker, see push.py), or
+the outbox a RabbitMQ work queue is fed from (`push.queue = "rabbitmq"`).
 
 The outbox (`push_outbox`) is a statement-level trigger on `inbox` with a transition table: the
 message path inserts all the inbox entries of a message in one statement, and a row trigger

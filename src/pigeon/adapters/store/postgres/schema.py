@@ -159,6 +159,14 @@ CREATE TABLE invites (
 );
 """
 
+#: Accounts an operator disabled (`pigeon admin users disable`; NULL while enabled), and the
+#: operator's pages of users by name, in bytewise order as on SQLite (`username_key`'s unique
+#: index has the database's collation). Adding a nullable column rewrites nothing.
+_DISABLED_USERS = """
+ALTER TABLE users ADD COLUMN disabled_at bigint;
+CREATE INDEX users_by_name ON users (username_key COLLATE "C");
+"""
+
 #: (version, SQL). Never edit a released migration: append a new one (functions included, with
 #: CREATE OR REPLACE).
 MIGRATIONS: list[tuple[int, str]] = [
@@ -169,6 +177,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (5, _INVITES),
     (6, batch_functions.V6),
     (7, push_schema.V7),
+    (8, _DISABLED_USERS),
 ]
 
 

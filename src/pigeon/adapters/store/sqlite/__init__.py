@@ -38,6 +38,9 @@ class SqliteStore:
     async def aclose(self) -> None:
         await self.db.aclose()
 
+    async def ping(self) -> None:
+        await self.db.ping()
+
 
 _check: type[Store] = SqliteStore
 _check_chats: type[ChatStore] = SqliteChats

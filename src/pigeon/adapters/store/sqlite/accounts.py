@@ -8,7 +8,33 @@ from pigeon.adapters.store.sqlite.db import SqliteDb
 from pigeon.adapters.store.sqlite.inbox import release_messages
 from pigeon.domain.errors import Conflict, Forbidden, TooManyDevices
 from pigeon.domain.models import Credentials, Device, User, Visibility
-from pigeon.ports import AccountStore
+from pigeon.ports import AccountCounts, AccountRecord, AccountStore, DeviceStatus, InviteBatch
+
+#: A user's record: the row and its device count (`AccountRecord`).
+_RECORD = (
+    "SELECT u.id, u.username, u.created_at,"
+    " (SELECT count(*) FROM devices d WHERE d.user_id = u.id), u.disabled_at FROM users u"
+)
+#: Disable (keeping the first time) or, with NULL, enable.
+_SET_DISABLED = (
+    "UPDATE users SET disabled_at = CASE WHEN ?2 IS NULL THEN NULL"
+    " ELSE coalesce(disabled_at, ?2) END WHERE id = ?1 RETURNING 1"
+)
+_STATUS = (
+    "SELECT d.id, d.user_id, d.name, d.created_at, u.disabled_at"
+    " FROM devices d JOIN users u ON u.id = d.user_id"
+)
+
+
+def _record(r: tuple[str, str, int, int, int | None]) -> AccountRecord:
+    return AccountRecord(id=r[0], username=r[1], created_at=r[2], devices=r[3], disabled_at=r[4])
+
+
+def _status(r: tuple[str, str, str, int, int | None] | None) -> DeviceStatus | None:
+    if r is None:
+        return None
+    device = Device(id=r[0], user_id=r[1], name=r[2], created_at=r[3])
+    return DeviceStatus(device=device, disabled_at=r[4])
 
 
 class SqliteAccounts:
@@ -169,6 +195,61 @@ class SqliteAccounts:
                 (at, user_id),
             )
         )
+
+    async def set_disabled(self, user_id: str, at: int | None) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_SET_DISABLED, (user_id, at)).fetchone() is not None
+
+        return await self._db.write(tx)
+
+    async def device_status(self, device_id: str) -> DeviceStatus | None:
+        return await self._db.read(
+            lambda conn: _status(conn.execute(f"{_STATUS} WHERE d.id = ?", (device_id,)).fetchone())
+        )
+
+    async def device_status_by_token(self, token_hash: bytes) -> DeviceStatus | None:
+        return await self._db.read(
+            lambda conn: _status(
+                conn.execute(f"{_STATUS} WHERE d.token_hash = ?", (token_hash,)).fetchone()
+            )
+        )
+
+    async def account(self, username: str) -> AccountRecord | None:
+        def q(conn: sqlite3.Connection) -> AccountRecord | None:
+            sql = f"{_RECORD} WHERE u.username_key = ?"
+            row = conn.execute(sql, (username.casefold(),)).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._db.read(q)
+
+    async def list_accounts(self, limit: int, after: str | None = None) -> list[AccountRecord]:
+        def q(conn: sqlite3.Connection) -> list[AccountRecord]:
+            sql = f"{_RECORD} WHERE u.username_key > ? ORDER BY u.username_key LIMIT ?"
+            rows = conn.execute(sql, ((after or "").casefold(), limit)).fetchall()
+            return [_record(r) for r in rows]
+
+        return await self._db.read(q)
+
+    async def list_invites(self, now: int) -> list[InviteBatch]:
+        def q(conn: sqlite3.Connection) -> list[InviteBatch]:
+            rows = conn.execute(
+                "SELECT created_at, expires_at, count(*) FROM invites WHERE expires_at > ?"
+                " GROUP BY created_at, expires_at ORDER BY expires_at, created_at",
+                (now,),
+            ).fetchall()
+            return [InviteBatch(created_at=r[0], expires_at=r[1], count=r[2]) for r in rows]
+
+        return await self._db.read(q)
+
+    async def account_counts(self) -> AccountCounts:
+        def q(conn: sqlite3.Connection) -> AccountCounts:
+            users, disabled = conn.execute(
+                "SELECT count(*), count(disabled_at) FROM users"
+            ).fetchone()
+            (devices,) = conn.execute("SELECT count(*) FROM devices").fetchone()
+            return AccountCounts(users=users, disabled=disabled, devices=devices)
+
+        return await self._db.read(q)
 
 
 _check: type[AccountStore] = SqliteAccounts

@@ -10,6 +10,7 @@ from pigeon.adapters.store.sqlite.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
+from pigeon.ports import ChatRecord, MemberRecord, StoreCounts
 
 
 def direct_key(user_a: str, user_b: str) -> str:
@@ -42,6 +43,25 @@ def load_chat(conn: sqlite3.Connection, chat_id: str) -> ChatInfo | None:
 
 
 _KINDS = ("delivered", "read")
+
+#: A chat's record for operators (`ChatRecord`), its member count included.
+_RECORD = (
+    "SELECT c.id, c.kind, c.name, c.created_at,"
+    " (SELECT count(*) FROM members m WHERE m.chat_id = c.id), c.last_seq, c.last_activity_at"
+    " FROM chats c"
+)
+
+
+def _record(r: tuple[str, str, str | None, int, int, int, int]) -> ChatRecord:
+    return ChatRecord(
+        id=r[0],
+        kind=r[1],  # type: ignore[arg-type]
+        name=r[2],
+        created_at=r[3],
+        members=r[4],
+        last_seq=r[5],
+        last_activity_at=r[6],
+    )
 
 
 class SqliteChats:
@@ -231,6 +251,51 @@ class SqliteChats:
                     )
                 )
             return out
+
+        return await self._db.read(q)
+
+    async def chat_records(self, limit: int, user_id: str | None = None) -> list[ChatRecord]:
+        def q(conn: sqlite3.Connection) -> list[ChatRecord]:
+            order = " ORDER BY c.last_activity_at DESC, c.id DESC LIMIT ?"
+            if user_id is None:
+                rows = conn.execute(_RECORD + order, (limit,))
+            else:
+                mine = " WHERE c.id IN (SELECT chat_id FROM members WHERE user_id = ?)"
+                rows = conn.execute(_RECORD + mine + order, (user_id, limit))
+            return [_record(r) for r in rows]
+
+        return await self._db.read(q)
+
+    async def chat_record(self, chat_id: str) -> ChatRecord | None:
+        def q(conn: sqlite3.Connection) -> ChatRecord | None:
+            row = conn.execute(f"{_RECORD} WHERE c.id = ?", (chat_id,)).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._db.read(q)
+
+    async def member_records(self, chat_id: str) -> list[MemberRecord]:
+        def q(conn: sqlite3.Connection) -> list[MemberRecord]:
+            rows = conn.execute(
+                "SELECT m.user_id, u.username, m.role, m.delivered_seq, m.read_seq"
+                " FROM members m JOIN users u ON u.id = m.user_id"
+                " WHERE m.chat_id = ? ORDER BY m.pos",
+                (chat_id,),
+            )
+            return [
+                MemberRecord(user=r[0], username=r[1], role=r[2], delivered_seq=r[3], read_seq=r[4])
+                for r in rows
+            ]
+
+        return await self._db.read(q)
+
+    async def store_counts(self) -> StoreCounts:
+        def q(conn: sqlite3.Connection) -> StoreCounts:
+            (chats,) = conn.execute("SELECT count(*) FROM chats").fetchone()
+            messages, bodies = conn.execute("SELECT count(*), count(raw) FROM messages").fetchone()
+            inbox, oldest = conn.execute("SELECT count(*), min(at) FROM inbox").fetchone()
+            return StoreCounts(
+                chats=chats, messages=messages, bodies=bodies, inbox=inbox, oldest_inbox_at=oldest
+            )
 
         return await self._db.read(q)
 

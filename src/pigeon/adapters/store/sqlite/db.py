@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -26,6 +27,9 @@ from pigeon.domain.errors import Conflict, PigeonError, Unavailable
 T = TypeVar("T")
 Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 log = logging.getLogger(__name__)
+#: Below this much free space on the file system that holds the database, the store reports
+#: itself not ready (`ping`): the next group commit may fail with "database or disk is full".
+MIN_FREE_BYTES = 16 * 1024 * 1024
 
 
 def connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -60,6 +64,10 @@ class SqliteDb:
         self._read_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closing = False
+        #: The probes `ping` has in flight: callers that come meanwhile share them, so a stuck
+        #: writer or reader collects one probe, not one per caller.
+        self._write_probe: asyncio.Future[None] | None = None
+        self._read_probe: asyncio.Future[None] | None = None
         #: Transactions committed and jobs in them, for metrics and tests of batching.
         self.commits = 0
         self.jobs_committed = 0
@@ -114,6 +122,40 @@ class SqliteDb:
         except sqlite3.Error as exc:
             raise Unavailable(f"store checkpoint failed: {exc}") from exc
 
+    async def ping(self) -> None:
+        """Whether the store can work now, in the two ways an embedded database stops working:
+
+        - the writer is stuck or dead: a marker queued behind the pending writes must come
+          back through the writer thread (it is answered once the jobs queued before it are
+          committed; no transaction of its own). A batch it rode with that failed to commit
+          (`database or disk is full`, an I/O error) fails the probe too;
+        - the disk is full or the file unreadable: a reader thread reads the schema table and
+          checks that the file system keeps at least `MIN_FREE_BYTES` free.
+
+        Both run concurrently; the caller bounds them with its timeout."""
+        loop = self._loop
+        if self._writer is None or loop is None or self._pool is None or self._closing:
+            raise Unavailable("store is closed")
+        if not self._writer.is_alive():
+            raise Unavailable("store writer thread has stopped")
+        if self._write_probe is None or self._write_probe.done():
+            self._write_probe = _probe(loop.create_future())
+            self._jobs.put((_ping_marker, self._write_probe))
+        if self._read_probe is None or self._read_probe.done():
+            self._read_probe = _probe(loop.run_in_executor(self._pool, self._run_read, self._check))
+        await asyncio.gather(asyncio.shield(self._write_probe), asyncio.shield(self._read_probe))
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        """The reader side of `ping` (on a reader thread)."""
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        try:
+            fs = os.statvfs(self._path.parent)
+        except OSError as exc:
+            raise Unavailable(f"store directory unreachable: {exc}") from exc
+        free = fs.f_bavail * fs.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise Unavailable(f"store disk is full: {free // 1024} KiB free")
+
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run `fn` inside a write transaction; resolves after the transaction committed."""
         if self._writer is None or self._loop is None or self._closing:
@@ -162,9 +204,18 @@ class SqliteDb:
                     stop = True
                     break
                 batch.append(job)
-            self._commit_batch(conn, batch)
+            jobs = [job for job in batch if job[0] is not _ping_marker]
+            failure = self._commit_batch(conn, jobs) if jobs else None
+            if len(jobs) < len(batch):  # `ping` markers: answered once the batch is done
+                answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
+                    (fut, None, failure) for fn, fut in batch if fn is _ping_marker
+                ]
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_resolve, answers)
 
-    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> Unavailable | None:
+        """Commit one batch and answer its jobs; the engine failure that failed it, if any."""
+        failure: Unavailable | None = None
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -184,6 +235,7 @@ class SqliteDb:
             outcomes = [(fut, None, failure) for _, fut in batch]
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve, outcomes)
+        return failure
 
 
 def _run_optimistically(
@@ -223,6 +275,16 @@ def _run_in_savepoint(
         return None, exc
     conn.execute("RELEASE job")
     return result, None
+
+
+def _ping_marker(conn: sqlite3.Connection) -> None:
+    """The job `ping` queues: the writer answers it without running it (see `_write_loop`)."""
+
+
+def _probe(fut: asyncio.Future[None]) -> asyncio.Future[None]:
+    """A probe future whose failure is read even if every caller gave up on it."""
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return fut
 
 
 def _resolve(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:

@@ -239,6 +239,16 @@ class SqlitePushQueue:
 
         await self._db.write(tx)
 
+    async def extend(self, job: PushJob, until: int) -> PushJob | None:
+        extended = await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE push_jobs SET leased_until = ?, due_at = ?, attempts = ?"
+                " WHERE device_id = ? AND chat_id = ? AND leased_until = ? RETURNING 1",
+                (until, until, job.attempts, job.device, job.chat, job.lease),
+            ).fetchone()
+        )
+        return None if extended is None else msgspec.structs.replace(job, lease=until)
+
     async def depth(self, now: int) -> PushQueueDepth:
         def q(conn: sqlite3.Connection) -> PushQueueDepth:
             pending, due, oldest = conn.execute(  # the partial index `push_jobs_due` covers it

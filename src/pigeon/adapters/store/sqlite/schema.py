@@ -204,6 +204,14 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
             """,
         ],
     ),
+    (
+        6,
+        # Accounts an operator disabled (`pigeon admin users disable`): NULL while enabled.
+        # (Pages of users by name use the unique index on `username_key`.)
+        """
+        ALTER TABLE users ADD COLUMN disabled_at INTEGER;
+        """,
+    ),
 ]
 
 
