@@ -96,12 +96,14 @@ def serve(
     _tune_gc(settings.gc_threshold)
     try:
         asyncio.run(_serve(app_, settings))
-    except OSError as exc:  # binding: the port is taken, or the address is not this machine's
-        raise fail(
-            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-        ) from None
-    except PigeonError as exc:  # the store, bus or presence could not be opened
+    except CannotListen as exc:  # the port is taken, or the address is not this machine's
+        raise fail(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    except (PigeonError, OSError) as exc:  # the store, bus, presence or data dir failed to open
         raise fail(f"cannot start: {exc}") from None
+
+
+class CannotListen(Exception):
+    """Binding the server's address failed (only that: other start-up failures differ)."""
 
 
 async def _serve(app_: web.Application, settings: Settings) -> None:
@@ -137,7 +139,10 @@ async def _serve(app_: web.Application, settings: Settings) -> None:
             backlog=settings.gateway.backlog,
             reuse_port=settings.gateway.reuse_port or None,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(exc.strerror or str(exc)) from None
         host, port = runner.addresses[0][:2]  # the port bound, if settings said 0
         log.info("pigeon listening on %s:%d (data in %s)", host, port, settings.data_dir)
         await stop.wait()

@@ -14,6 +14,7 @@ archiving); docs/operations.md says how.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 import time
@@ -53,6 +54,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _copy(source: str, target: str) -> None:
+    """Copy one media file; one the retention sweep deleted meanwhile is skipped (its row went
+    before it, so the snapshot may still name it: such an attachment answers 404 either way)."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copy2(source, target)
+
+
 def snapshot(source: Path, target: Path) -> None:
     """Copy the database at `source` to a new file `target`, consistent as of one moment, while
     a server may be writing it."""
@@ -87,7 +95,9 @@ def backup(
     files = 0
     if isinstance(settings.blobs, LocalBlobSettings) and blobs.exists():
         # after the snapshot: every blob it refers to is already complete on disk
-        shutil.copytree(blobs, target / BLOBS, ignore=shutil.ignore_patterns("partial"))
+        shutil.copytree(
+            blobs, target / BLOBS, ignore=shutil.ignore_patterns("partial"), copy_function=_copy
+        )
         files = sum(1 for p in (target / BLOBS).rglob("*") if p.is_file())
     for secret in _secrets(settings):
         if secret.exists():
@@ -109,8 +119,10 @@ def restore(
     if not (source / DB_NAME).is_file():
         raise _fail(f"{source} holds no {DB_NAME}: not a backup")
     db = settings.sqlite_path()
-    if db.exists():
-        raise _fail(f"{db} exists: stop the server and move it away first")
+    # a WAL left by the old database would be replayed onto the restored one
+    leftovers = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
+    if leftovers:
+        raise _fail(f"{leftovers[0]} exists: stop the server and move its database files away")
     db.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / DB_NAME, db)
     if (source / BLOBS).is_dir() and isinstance(settings.blobs, LocalBlobSettings):

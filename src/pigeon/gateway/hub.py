@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -61,6 +64,20 @@ def _own_socket(path: Path) -> int:
     """Keep the socket to its owner (connecting needs write permission); returns its inode."""
     path.chmod(0o600)
     return path.stat().st_ino
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """Is the control socket's peer this process's user (or root)? Linux's SO_PEERCRED; where
+    it is missing, the socket's 0600 mode is the only guard."""
+    sock = writer.get_extra_info("socket")
+    peercred = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or peercred is None:
+        return True
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, peercred, 12))
+    except OSError:
+        return False
+    return uid in (os.getuid(), 0)
 
 
 def _remove_socket(path: Path, inode: int) -> None:
@@ -222,6 +239,9 @@ class Hub:
     async def _control_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if not _same_user(writer):  # the 0600 mode comes just after the bind: check the peer
+            writer.close()
+            return
         try:
             while line := await reader.readline():
                 channel, _, frame = line.rstrip(b"\n").partition(b" ")

@@ -171,8 +171,9 @@ class RedisWindows:
                         await self._run(batch)
                 except Exception as exc:  # down, hung or confused: let this batch through
                     self._warn(exc)
-                for request in batch:
-                    _answer(request, None)
+                finally:  # also when closed (cancelled) mid-batch: nobody is left waiting
+                    for request in batch:
+                        _answer(request, None)
         finally:
             self._flusher = None
 
@@ -204,9 +205,12 @@ class RedisWindows:
 
     async def _send(self, commands: list[list[Any]]) -> list[Any]:
         replies = await self._pipeline(commands)
-        if any(isinstance(r, NoScriptError) for r in replies):  # Redis restarted: load it again
-            await self._client.execute_command("SCRIPT LOAD", _HIT)
-            replies = await self._pipeline(commands)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:  # a node restarted: load the script again and rerun only what it refused
+            await self._client.execute_command("SCRIPT LOAD", _HIT)  # (others were charged)
+            again = await self._pipeline([commands[i] for i in lost])
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
