@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from pigeon.adapters.redis_client import RedisClient
 from pigeon.domain.errors import Unavailable
 from pigeon.domain.models import PresenceRecord
 from pigeon.ports import Clock, Presence
@@ -141,26 +142,6 @@ return out
 SCRIPTS = (SESSION_UP, SESSION_DOWN, CONFIRM_OFFLINE, REFRESH, REAP)
 
 
-class _Pipe(Protocol):
-    """The part of redis-py's (cluster) pipeline used here (typed for mypy --strict)."""
-
-    def execute_command(self, *args: Any) -> Any: ...
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]: ...
-
-
-class _Client(Protocol):
-    """The part of redis-py's `Redis` / `RedisCluster` used here."""
-
-    async def initialize(self) -> Any: ...
-
-    async def execute_command(self, *args: Any) -> Any: ...
-
-    def pipeline(self, transaction: bool = ...) -> _Pipe: ...
-
-    async def aclose(self) -> None: ...
-
-
 class RedisPresence:
     """The presence registry shared by every node, in Redis (one server or a Redis Cluster).
 
@@ -193,7 +174,7 @@ class RedisPresence:
                 url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
             )
             client = Redis.from_pool(pool)
-        self._client = cast(_Client, client)
+        self._client = cast(RedisClient, client)
         self._ttl_ms = int(session_ttl * 1000)
         self._retain_ms = int(retain * 1000)
         self._clock = clock

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from pigeon.adapters.ratelimit.local import wait_for_fit
+from pigeon.adapters.redis_client import RedisClient
 from pigeon.domain.limits import Rate, Spend
 
 log = logging.getLogger(__name__)
@@ -72,26 +73,6 @@ return {1, p, c, into}
 _HIT_SHA = hashlib.sha1(_HIT.encode()).hexdigest()
 
 
-class _Pipe(Protocol):
-    """The part of redis-py's (cluster) pipeline used here."""
-
-    def execute_command(self, *args: Any) -> Any: ...
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]: ...
-
-
-class _Client(Protocol):
-    """The part of redis-py's `Redis` / `RedisCluster` used here."""
-
-    async def initialize(self) -> Any: ...
-
-    async def execute_command(self, *args: Any) -> Any: ...
-
-    def pipeline(self, transaction: bool = ...) -> _Pipe: ...
-
-    async def aclose(self) -> None: ...
-
-
 class _Request:
     """One caller's spends and the future its answer goes to."""
 
@@ -120,7 +101,7 @@ class RedisWindows:
             if cluster
             else Redis.from_url(url, max_connections=4, **options)
         )
-        self._client = cast(_Client, client)
+        self._client = cast(RedisClient, client)
         self._prefix = prefix + ":"
         self._timeout = timeout
         self._queue: list[_Request] = []
