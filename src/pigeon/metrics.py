@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 from bisect import bisect_left
@@ -66,6 +65,7 @@ from pigeon.ports import (
     PushStore,
     Store,
     Subscription,
+    port_operations,
 )
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class Metrics:
         """`inner` with every coroutine method of the protocol `port` timed as the store
         operation `prefix + name`; anything else is `inner`'s own."""
         methods: dict[str, Callable[..., Awaitable[Any]]] = {}
-        for name in _operations(port):
+        for name in port_operations(port):
             timing = self._timing(self._store, (prefix + name,))
             methods[name] = _timed_call(getattr(inner, name), timing)
         return cast(T, _Timed(inner, methods))
@@ -383,15 +383,6 @@ class _Timed:
 
     def __getattr__(self, name: str) -> Any:  # only for what is not timed
         return getattr(self._inner, name)
-
-
-def _operations(port: type[Any]) -> list[str]:
-    """The coroutine methods a protocol declares (its named operations)."""
-    return [
-        name
-        for name, member in vars(port).items()
-        if not name.startswith("_") and inspect.iscoroutinefunction(member)
-    ]
 
 
 def _timed_call(method: Callable[..., Awaitable[T]], timing: Timing) -> Callable[..., Awaitable[T]]:

@@ -6,6 +6,7 @@ The contract suites in tests/contract run every adapter against these words.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -787,3 +788,13 @@ class PushSender(Protocol):
     async def open(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+def port_operations(port: type[Any]) -> list[str]:
+    """The coroutine methods a protocol declares: its named operations (what the metrics and
+    tracing wrappers of a port time or trace)."""
+    return [
+        name
+        for name, member in vars(port).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(member)
+    ]

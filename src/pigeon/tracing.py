@@ -15,11 +15,18 @@ Exported over OTLP/HTTP to `tracing.endpoint` (a collector, Jaeger, Tempo...).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pigeon.ports import AccountStore, AttachmentStore, Bus, ChatStore, MessageStore, Store
+from pigeon.ports import (
+    AccountStore,
+    AttachmentStore,
+    Bus,
+    ChatStore,
+    MessageStore,
+    Store,
+    port_operations,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -88,9 +95,8 @@ class _Traced:
 
     def __init__(self, inner: object, port: type[Any], prefix: str, tracer: Tracer) -> None:
         self._inner = inner
-        for name, member in vars(port).items():
-            if not name.startswith("_") and inspect.iscoroutinefunction(member):
-                setattr(self, name, _spanned(tracer, f"{prefix}{name}", getattr(inner, name)))
+        for name in port_operations(port):
+            setattr(self, name, _spanned(tracer, f"{prefix}{name}", getattr(inner, name)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -186,10 +186,6 @@ class AccountService:
             return "revoked"
         return "ok" if status.disabled_at is None else "disabled"
 
-    async def still_valid(self, device: Device) -> bool:
-        """True while the device has not been revoked and its user is not disabled."""
-        return await self.standing(device) == "ok"
-
     async def devices(self, user_id: str) -> list[Device]:
         """The user's devices."""
         return await self._store.list_devices(user_id)
