@@ -179,13 +179,16 @@ async def test_listen_prints_and_acks_what_send_sent(server: Server, tmp_path: P
 async def test_failures_are_one_line(server: Server, tmp_path: Path) -> None:
     name, _ = await server.user("alice")
     token = (await login(server.url, name, PASSWORD)).token
+    # the cases run at once: the two that connect a WebSocket use devices of their own (a
+    # device's newer connection replaces its older one, 4503)
+    other = (await login(server.url, name, PASSWORD)).token
     cli = Cli(server, tmp_path)
     down = f"http://127.0.0.1:{free_port()}"
     cases = {
         ("chats", "--token", "nope"): "unauthorized: token refused",
         ("send", "--token", token, "--to", "nobody", "--text", "hi"): "not_found: no such user",
         ("login", "-u", name, "--password", "wrong horse"): "unauthorized: wrong username",
-        ("download", "--token", token, "01M8CJRSE7AC9NVSRRJ1T94KD3", "x"): "not_found",
+        ("download", "--token", other, "01M8CJRSE7AC9NVSRRJ1T94KD3", "x"): "not_found",
         ("listen", "--server", down, "--token", token): f"cannot reach {down}",
         ("devices", "list", "--server", down, "--token", token): f"cannot reach {down}",
     }
