@@ -24,7 +24,14 @@ from pigeon.gateway.hub import Hub, control_socket
 from pigeon.gateway.keys import SERVICES, SETTINGS, Services
 from pigeon.gateway.session import SessionServices
 from pigeon.gateway.websocket import websocket_handler
-from pigeon.metrics import METRICS, Metrics, TimedBus, TimedStore, metrics_handler
+from pigeon.metrics import (
+    METRICS,
+    Metrics,
+    ProcessMetrics,
+    TimedBus,
+    TimedStore,
+    metrics_handler,
+)
 from pigeon.ports import (
     BlobStore,
     Bus,
@@ -194,7 +201,7 @@ async def start_push_worker(
     store: PushStore,
     clock: Clock,
     *,
-    metrics: Metrics | None = None,
+    metrics: ProcessMetrics | None = None,
     connect: bool = False,
 ) -> PushWorker:
     """Run a push worker on `push.queue` (whose senders are open), and, for a RabbitMQ queue,
@@ -309,6 +316,9 @@ def create_app(
     adapter = build_store(settings)
     # the services see the store and the bus through timing wrappers (metrics.py)
     store: Store = TimedStore(adapter, metrics)
+    # the inboxes' gauges read through the timing (op `inbox_depth`), never traced: a root
+    # span every few seconds would say nothing
+    metrics.watch_inbox(store.chats.inbox_depth, clock, settings.metrics.inbox_interval)
     bus: Bus = TimedBus(build_bus(settings), metrics)
     tracer = None
     if settings.tracing.enabled:  # spans around commands, store calls and publishes
@@ -433,6 +443,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         app[READY]["ready"] = False
+        await metrics.inbox.aclose()  # it reads the store: stopped before the store closes
         if worker is not None:
             await stop_push_worker(settings, push, worker)
         for sender in push.senders.values():

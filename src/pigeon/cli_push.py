@@ -1,9 +1,10 @@
 """`pigeon push-worker`, and `pigeon push dlq list|retry|drop`: running pushes apart from the
 servers, and the operator's side of the push queue's dead letters.
 
-`pigeon push-worker` is a push worker without HTTP (and, with `push.queue = "rabbitmq"`, a relay
-from the outbox to RabbitMQ): a cluster pushes faster by adding such processes, on any machine
-that reaches the store (and RabbitMQ), while `pigeon serve` processes serve clients.
+`pigeon push-worker` is a push worker without an API (and, with `push.queue = "rabbitmq"`, a
+relay from the outbox to RabbitMQ): a cluster pushes faster by adding such processes, on any
+machine that reaches the store (and RabbitMQ), while `pigeon serve` processes serve clients. Its
+one optional port serves its Prometheus metrics (`--metrics-address`).
 
 A dead letter is a push that failed `push.max_attempts` times (a gateway down for long, a
 rejected credential). The commands open the configured store directly, as `pigeon invite` does:
@@ -15,16 +16,23 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from pigeon.config import Settings, load_settings
 from pigeon.domain.errors import PigeonError
-from pigeon.ports import PushQueue
+from pigeon.ports import Clock, PushQueue, Store
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from pigeon.app import PushParts
+    from pigeon.metrics import ProcessMetrics
 
 T = TypeVar("T")
 push_app = typer.Typer(no_args_is_help=True, help="Push notifications: the dead letters.")
@@ -108,15 +116,31 @@ class _StartFailed(Exception):
     """A push worker could not start: said in one line."""
 
 
-def push_worker(data_dir: DataDir = None, config: Config = None) -> None:
+MetricsAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="Serve GET /metrics (Prometheus) on this host:port, e.g. 127.0.0.1:9464 "
+        "(env PIGEON_METRICS__PUSH_WORKER_ADDRESS; default: no port at all).",
+        metavar="HOST:PORT",
+        show_default=False,
+    ),
+]
+
+
+def push_worker(
+    data_dir: DataDir = None, config: Config = None, metrics_address: MetricsAddress = None
+) -> None:
     """Run a push worker (with `push.queue = "rabbitmq"`: the relay from the outbox and a
-    consumer of RabbitMQ) until SIGTERM/SIGINT, without HTTP. More processes push faster; set
-    `push.serve_runs_worker = false` on the servers to leave pushing to these. Needs the
-    servers' settings and their push keys (`vapid.pem`, `push-webhook-secret`)."""
+    consumer of RabbitMQ) until SIGTERM/SIGINT, without an API (only its metrics, if asked).
+    More processes push faster; set `push.serve_runs_worker = false` on the servers to leave
+    pushing to these. Needs the servers' settings and their push keys (`vapid.pem`,
+    `push-webhook-secret`)."""
     from pigeon.cli import fail
     from pigeon.logs import setup_logging
 
     overrides: dict[str, Any] = {"data_dir": data_dir} if data_dir is not None else {}
+    if metrics_address is not None:
+        overrides["metrics"] = {"push_worker_address": metrics_address}
     settings = load_settings(config, **overrides)
     setup_logging(settings.log_level, settings.log_json)
     if not settings.push.enabled:
@@ -133,11 +157,10 @@ def push_worker(data_dir: DataDir = None, config: Config = None) -> None:
 
 
 async def _push_worker(settings: Settings) -> None:
-    from pigeon.adapters.push.rabbitmq import masked
-    from pigeon.app import build_push, build_store, start_push_worker, stop_push_worker
+    from pigeon.app import build_push, build_store
+    from pigeon.metrics import ProcessMetrics
     from pigeon.services.clock import SystemClock
 
-    log = logging.getLogger("pigeon")
     stop = asyncio.Event()  # set by a signal from now on, even one during start-up
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,26 +171,75 @@ async def _push_worker(settings: Settings) -> None:
         push = build_push(settings, store)
         if push.queue is None:
             raise _StartFailed("this store has no push queue")
-        for sender in push.senders.values():
-            await sender.open()
+        clock, metrics = SystemClock(), ProcessMetrics()
+        metrics.watch_push_queue(push.queue, clock)  # its depth and lag, at each scrape
+        exposition = await _serve_metrics(metrics, settings.metrics.push_worker_address)
         try:
-            p = settings.push
-            try:
-                worker = await start_push_worker(
-                    settings, push, store.push, SystemClock(), connect=True
-                )
-            except PigeonError:
-                raise
-            except Exception as exc:
-                where = f" RabbitMQ at {masked(p.rabbitmq_url)}:" if p.queue == "rabbitmq" else ""
-                raise _StartFailed(f"cannot start:{where} {exc or type(exc).__name__}") from exc
-            log.info("pigeon push-worker running (queue: %s)", p.queue)
-            await stop.wait()
-            log.info("pigeon push-worker stopping (signal)")
-            await stop_push_worker(settings, push, worker)
-            log.info("pigeon push-worker stopped: %s", worker.counts)
+            await _push_until(stop, settings, push, store, clock, metrics)
         finally:
-            for sender in push.senders.values():
-                await sender.aclose()
+            if exposition is not None:
+                await exposition.cleanup()
+            await metrics.aclose()
     finally:
         await store.aclose()
+
+
+async def _push_until(
+    stop: asyncio.Event,
+    settings: Settings,
+    push: PushParts,
+    store: Store,
+    clock: Clock,
+    metrics: ProcessMetrics,
+) -> None:
+    """Open the senders, run the worker until `stop` is set, then stop it gracefully."""
+    from pigeon.adapters.push.rabbitmq import masked
+    from pigeon.app import start_push_worker, stop_push_worker
+
+    log = logging.getLogger("pigeon")
+    for sender in push.senders.values():
+        await sender.open()
+    try:
+        p = settings.push
+        try:
+            worker = await start_push_worker(
+                settings, push, store.push, clock, metrics=metrics, connect=True
+            )
+        except PigeonError:
+            raise
+        except Exception as exc:
+            where = f" RabbitMQ at {masked(p.rabbitmq_url)}:" if p.queue == "rabbitmq" else ""
+            raise _StartFailed(f"cannot start:{where} {exc or type(exc).__name__}") from exc
+        log.info("pigeon push-worker running (queue: %s)", p.queue)
+        await stop.wait()
+        log.info("pigeon push-worker stopping (signal)")
+        await stop_push_worker(settings, push, worker)
+        log.info("pigeon push-worker stopped: %s", worker.counts)
+    finally:
+        for sender in push.senders.values():
+            await sender.aclose()
+
+
+async def _serve_metrics(metrics: ProcessMetrics, address: str | None) -> web.AppRunner | None:
+    """Serve `GET /metrics` on `address` (host:port), or nothing when it is None."""
+    from aiohttp import web
+
+    from pigeon.config import split_address
+    from pigeon.metrics import metrics_app
+
+    if address is None:
+        return None
+    host, port = split_address(address)
+    runner = web.AppRunner(metrics_app(metrics), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's long wording
+        raise _StartFailed(f"cannot listen on {address} for metrics: {why}") from None
+    bound_host, bound_port = runner.addresses[0][:2]
+    logging.getLogger("pigeon").info(
+        "pigeon push-worker metrics on http://%s:%d/metrics", bound_host, bound_port
+    )
+    return runner

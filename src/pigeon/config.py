@@ -22,6 +22,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -447,6 +448,33 @@ class TracingSettings(Section):
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
 
 
+class MetricsSettings(Section):
+    """Prometheus metrics (`GET /metrics`; docs/operations.md, "Metrics")."""
+
+    #: Seconds between two readings of the inboxes' depth and oldest entry from the store (the
+    #: `pigeon_inbox_*` gauges), by every `pigeon serve` process; each counts the waiting
+    #: entries. 0: never read (no such gauges).
+    inbox_interval: float = Field(15.0, ge=0, le=86400)
+    #: `pigeon push-worker`: serve `GET /metrics` on this `host:port` (port 0: any free one,
+    #: logged). Unset: the worker opens no port.
+    push_worker_address: str | None = None
+
+    @field_validator("push_worker_address")
+    @classmethod
+    def _an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)  # a ValueError says what is wrong
+        return value
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`; an empty host: every interface) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+        raise ValueError(f"{address!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
 class Settings(BaseSettings):
     """Everything `pigeon serve` needs."""
 
@@ -473,6 +501,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     push: PushSettings = PushSettings()
     tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     #: Who may create an account: `open` (anyone), `invite` (with a single-use code made by
     #: `pigeon invite`), `closed` (nobody; existing accounts keep working).
     registration: Literal["open", "invite", "closed"] = "open"

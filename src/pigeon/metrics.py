@@ -9,7 +9,13 @@ edges and is wired by the composition root (app.py):
 - thin wrappers around the ports time every call: `TimedStore` (each sub-store method is one
   named operation) and `TimedBus` (publishes);
 - two plain hooks of the core report what only it sees: `Fanout(on_delivered=...)` (commit to
-  frames published) and `PushWorker.observe` (push outcomes).
+  frames published) and `PushWorker.observe` (push outcomes);
+- gauges of the store's state are read apart from the scrape: the push queue's depth at each
+  scrape, the inboxes' depth by a task of their own every `metrics.inbox_interval` seconds
+  (`InboxGauges`: it counts rows, which a scrape should not wait for).
+
+`ProcessMetrics` is what any process working on the store reports (a `pigeon push-worker`
+serves only these); `Metrics` adds a serving node's.
 
 Hot-path cost. prometheus-client's `Histogram.observe` takes a lock (~2 µs here), and ~5 µs in
 multiprocess mode, where every value is a write into a memory-mapped file; a delivered message
@@ -22,7 +28,9 @@ the multiprocess test would notice if that changed.
 
 Several processes: `pigeon serve --workers N` sets `PROMETHEUS_MULTIPROC_DIR` (supervisor.py);
 then values go to files there and a scrape, answered by any worker, aggregates them with
-`MultiProcessCollector`. Without it, one process keeps its own registry.
+`MultiProcessCollector`. Without it, one process keeps its own registry. Gauges of the store's
+state are read by every worker alike, so they are exported as the most recent reading of a
+live worker (`livemostrecent`), not summed.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from pigeon.ports import (
     BusHandler,
     ChatStore,
     Clock,
+    InboxDepth,
     MessageStore,
     PushJob,
     PushQueue,
@@ -88,6 +97,8 @@ INVALID = "invalid"
 PUSH_RESULTS = ("sent", "skipped", "retried", "dead", "gone")
 #: What a scrape waits at most for the push queue's depth (a store that hangs).
 _DEPTH_TIMEOUT = 2.0
+#: What a reading of the inboxes' depth may take at most (it counts rows).
+_INBOX_TIMEOUT = 10.0
 
 
 class Timing:
@@ -145,11 +156,13 @@ class Tally:
             self._child.inc(n)
 
 
-class Metrics:
-    """The metrics of one node (one process): definitions, accumulators and exposition.
+class ProcessMetrics:
+    """The metrics of any process that works on the store: its store operations, push outcomes
+    and push queue, and their exposition. A `pigeon push-worker` reports these alone (a
+    serving node's connections and commands would only be zeros there).
 
-    One per app, each with its own registry, so several servers in one test process count
-    apart. Everything is called on the event-loop thread."""
+    One per process (per app in tests), each with its own registry, so several servers in one
+    test process count apart. Everything is called on the event-loop thread."""
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
@@ -158,69 +171,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self._parts: list[Timing | Tally] = []
-        self.connections = Gauge(
-            "pigeon_connections",
-            "Live WebSocket connections (from the upgrade until closed).",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._commands = Counter(
-            "pigeon_commands",
-            "WebSocket commands answered, by type and reply code (ok or the error code).",
-            ["command", "code"],
-            registry=r,
-        )
-        kinds: list[type[p.Command]] = list(get_args(p.AnyCommand))
-        self._names: dict[type[p.Command] | None, str] = {
-            kind: str(kind.__struct_config__.tag) for kind in kinds
-        }
-        self._names[None] = INVALID
-        self._ok = {
-            kind: self._tally(self._commands.labels(self._names[kind], "ok")) for kind in kinds
-        }
-        self._errors: dict[tuple[type[p.Command] | None, str], Tally] = {}
-        self._send_commit = self._timing(
-            Histogram(
-                "pigeon_send_commit_seconds",
-                "From a send command's arrival to its reply, sent after the store commit.",
-                registry=r,
-                buckets=FAST_BUCKETS,
-            ),
-        )
-        self.send_delivery = self._timing(
-            Histogram(
-                "pigeon_send_delivery_seconds",
-                "From a message's commit to its frames published to the recipients' "
-                "connections (in-process bus: queued on them; Redis: accepted by Redis).",
-                registry=r,
-                buckets=FAST_BUCKETS,
-            ),
-        )
-        self.sync = self._timing(
-            Histogram(
-                "pigeon_sync_seconds",
-                "Inbox syncs (on connect, on `sync` and after a bus outage): start to live.",
-                registry=r,
-                buckets=SYNC_BUCKETS,
-            ),
-        )
         self._store = Histogram(
             "pigeon_store_operation_seconds",
             "Store calls by operation (a sub-store method; group-commit waits included).",
             ["op"],
             registry=r,
             buckets=FAST_BUCKETS,
-        )
-        self.bus_publish = self._timing(
-            Histogram(
-                "pigeon_bus_publish_seconds",
-                "Bus publish calls (one call may carry the frames of a whole fan-out).",
-                registry=r,
-                buckets=FAST_BUCKETS,
-            ),
-        )
-        self.bus_frames = self._tally(
-            Counter("pigeon_bus_published_frames", "Frames published on the bus.", registry=r)
         )
         push = Counter(
             "pigeon_push_outcomes",
@@ -230,16 +186,6 @@ class Metrics:
         )
         self._push = {result: push.labels(result) for result in PUSH_RESULTS}
         self._push_counter = push
-        self.blob_in = Counter(
-            "pigeon_blob_received_bytes",
-            "Attachment bytes received by pigeon's own blob endpoint (local blob store).",
-            registry=r,
-        )
-        self.blob_out = Counter(
-            "pigeon_blob_sent_bytes",
-            "Attachment bytes sent by pigeon's own blob endpoint (local blob store).",
-            registry=r,
-        )
         self._queue: PushQueue | None = None
         self._clock: Clock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -253,22 +199,6 @@ class Metrics:
         tally = Tally(child)
         self._parts.append(tally)
         return tally
-
-    # -- what the gateway reports ----------------------------------------------------------
-
-    def command(self, kind: type[p.Command] | None, code: str, arrived: float) -> None:
-        """A command was answered with `code` (`ok` or an error code); `arrived` is the
-        `perf_counter()` of its frame's arrival. None: a frame that did not decode."""
-        if code == "ok" and kind is not None:
-            self._ok[kind].n += 1
-            if kind is p.Send:
-                self._send_commit.observe(perf_counter() - arrived)
-            return
-        tally = self._errors.get((kind, code))
-        if tally is None:  # first time for this pair (error codes are a small, fixed set)
-            tally = self._tally(self._commands.labels(self._names[kind], code))
-            self._errors[(kind, code)] = tally
-        tally.n += 1
 
     def push_outcome(self, result: str, job: PushJob) -> None:
         """`PushWorker.observe` callback (a few per push: not the hot path)."""
@@ -361,6 +291,220 @@ class Metrics:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)  # a period, not synchronisation
             self.flush()
+
+
+class Metrics(ProcessMetrics):
+    """The metrics of one serving node (`pigeon serve`, one process): `ProcessMetrics`, plus
+    what the gateway counts (connections, commands, sends, syncs, blob bytes), the bus's
+    publishes and the inboxes' depth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.connections = Gauge(
+            "pigeon_connections",
+            "Live WebSocket connections (from the upgrade until closed).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._commands = Counter(
+            "pigeon_commands",
+            "WebSocket commands answered, by type and reply code (ok or the error code).",
+            ["command", "code"],
+            registry=r,
+        )
+        kinds: list[type[p.Command]] = list(get_args(p.AnyCommand))
+        self._names: dict[type[p.Command] | None, str] = {
+            kind: str(kind.__struct_config__.tag) for kind in kinds
+        }
+        self._names[None] = INVALID
+        self._ok = {
+            kind: self._tally(self._commands.labels(self._names[kind], "ok")) for kind in kinds
+        }
+        self._errors: dict[tuple[type[p.Command] | None, str], Tally] = {}
+        self._send_commit = self._timing(
+            Histogram(
+                "pigeon_send_commit_seconds",
+                "From a send command's arrival to its reply, sent after the store commit.",
+                registry=r,
+                buckets=FAST_BUCKETS,
+            ),
+        )
+        self.send_delivery = self._timing(
+            Histogram(
+                "pigeon_send_delivery_seconds",
+                "From a message's commit to its frames published to the recipients' "
+                "connections (in-process bus: queued on them; Redis: accepted by Redis).",
+                registry=r,
+                buckets=FAST_BUCKETS,
+            ),
+        )
+        self.sync = self._timing(
+            Histogram(
+                "pigeon_sync_seconds",
+                "Inbox syncs (on connect, on `sync` and after a bus outage): start to live.",
+                registry=r,
+                buckets=SYNC_BUCKETS,
+            ),
+        )
+        self.bus_publish = self._timing(
+            Histogram(
+                "pigeon_bus_publish_seconds",
+                "Bus publish calls (one call may carry the frames of a whole fan-out).",
+                registry=r,
+                buckets=FAST_BUCKETS,
+            ),
+        )
+        self.bus_frames = self._tally(
+            Counter("pigeon_bus_published_frames", "Frames published on the bus.", registry=r)
+        )
+        self.blob_in = Counter(
+            "pigeon_blob_received_bytes",
+            "Attachment bytes received by pigeon's own blob endpoint (local blob store).",
+            registry=r,
+        )
+        self.blob_out = Counter(
+            "pigeon_blob_sent_bytes",
+            "Attachment bytes sent by pigeon's own blob endpoint (local blob store).",
+            registry=r,
+        )
+        self.inbox = InboxGauges(r)
+
+    # -- what the gateway reports ----------------------------------------------------------
+
+    def command(self, kind: type[p.Command] | None, code: str, arrived: float) -> None:
+        """A command was answered with `code` (`ok` or an error code); `arrived` is the
+        `perf_counter()` of its frame's arrival. None: a frame that did not decode."""
+        if code == "ok" and kind is not None:
+            self._ok[kind].n += 1
+            if kind is p.Send:
+                self._send_commit.observe(perf_counter() - arrived)
+            return
+        tally = self._errors.get((kind, code))
+        if tally is None:  # first time for this pair (error codes are a small, fixed set)
+            tally = self._tally(self._commands.labels(self._names[kind], code))
+            self._errors[(kind, code)] = tally
+        tally.n += 1
+
+    def watch_inbox(
+        self, read: Callable[[], Awaitable[InboxDepth]], clock: Clock, interval: float
+    ) -> None:
+        """Read the inboxes' depth with `read` every `interval` seconds once started (0: never;
+        the gauges then stay out of the scrapes)."""
+        self.inbox.watch(read, clock, interval)
+
+    async def start(self) -> None:
+        await super().start()
+        self.inbox.start()
+
+    async def aclose(self) -> None:
+        await self.inbox.aclose()
+        await super().aclose()
+
+
+class InboxGauges:
+    """`pigeon_inbox_entries` and `pigeon_inbox_oldest_entry_age_seconds`: how much waits in
+    every device's inbox, store-wide, read by a task of its own every few seconds.
+
+    Why a task and not the scrape: the reading counts the inbox's rows, which may take a while
+    on a big store, and a scrape must answer at once (and, with `--workers`, the worker that
+    answers cannot read for the others). Every worker reads the same store-wide figures, so
+    the gauges are exported as the most recent reading among the live workers
+    (`livemostrecent`): a sum would count the inboxes N times, a maximum would keep a stale
+    high value until every worker read again. The gauges exist from the first reading on (not
+    at all if reading is off: a zero would say "empty"); a reading that fails (the store is
+    down) leaves the last values and says so in the log."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._gauges: tuple[Gauge, Gauge] | None = None
+        self._read: Callable[[], Awaitable[InboxDepth]] | None = None
+        self._clock: Clock | None = None
+        self._interval = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        #: Waiters of `next_reading`: those of the reading under way, and of the one after.
+        self._current: list[asyncio.Future[InboxDepth]] = []
+        self._next: list[asyncio.Future[InboxDepth]] = []
+
+    def watch(
+        self, read: Callable[[], Awaitable[InboxDepth]], clock: Clock, interval: float
+    ) -> None:
+        """What `start` will read, by which clock the age is taken, and how often."""
+        self._read, self._clock, self._interval = read, clock, interval
+
+    def start(self) -> None:
+        """Read now, then every `interval` seconds, until `aclose`."""
+        if self._read is not None and self._interval > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-inbox")
+
+    async def aclose(self) -> None:
+        """Stop reading (the store is about to close); the gauges keep their last values."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for waiter in self._current + self._next:
+            waiter.cancel()
+        self._current, self._next = [], []
+
+    def _make_gauges(self) -> tuple[Gauge, Gauge]:
+        self._gauges = (
+            Gauge(
+                "pigeon_inbox_entries",
+                "Inbox entries waiting for their device's ack, over every device (store-wide; "
+                "read every metrics.inbox_interval seconds).",
+                registry=self._registry,
+                multiprocess_mode="livemostrecent",
+            ),
+            Gauge(
+                "pigeon_inbox_oldest_entry_age_seconds",
+                "Age of the oldest inbox entry still waiting for its device's ack, when last "
+                "read (0: every inbox is empty).",
+                registry=self._registry,
+                multiprocess_mode="livemostrecent",
+            ),
+        )
+        return self._gauges
+
+    async def next_reading(self) -> InboxDepth:
+        """The first reading that starts after this call (tests: what the gauges say about a
+        state the caller has just made)."""
+        waiter: asyncio.Future[InboxDepth] = asyncio.get_running_loop().create_future()
+        self._next.append(waiter)
+        return await waiter
+
+    async def _run(self) -> None:
+        while True:
+            await self._refresh()
+            await asyncio.sleep(self._interval)  # a period, not synchronisation
+
+    async def _refresh(self) -> None:
+        assert self._read is not None and self._clock is not None
+        self._current, self._next = self._next, []
+        try:
+            async with asyncio.timeout(_INBOX_TIMEOUT):
+                depth = await self._read()
+        except Exception as exc:  # the store is down: the last values stay
+            if not self._failing:
+                log.warning("inbox depth not read (the gauges keep their last values): %s", exc)
+            self._failing = True
+            self._next = self._current + self._next  # their reading is still to come
+            self._current = []
+            return
+        if self._failing:
+            log.info("inbox depth read again")
+            self._failing = False
+        now = self._clock.now_ms()
+        age = 0.0 if depth.oldest_at is None else max(0.0, (now - depth.oldest_at) / 1000)
+        entries, oldest_age = self._gauges or self._make_gauges()
+        entries.set(depth.entries)
+        oldest_age.set(age)
+        for waiter in self._current:
+            if not waiter.done():
+                waiter.set_result(depth)
+        self._current = []
 
 
 class _Fixed(Collector):
@@ -469,8 +613,23 @@ METRICS = web.AppKey("metrics", Metrics)
 
 async def metrics_handler(request: web.Request) -> web.Response:
     """`GET /metrics`: Prometheus text format."""
-    body = await request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return await _exposition(request.app[METRICS])
+
+
+async def _exposition(metrics: ProcessMetrics) -> web.Response:
+    return web.Response(body=await metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app(metrics: ProcessMetrics) -> web.Application:
+    """An app serving only `GET /metrics` (a `pigeon push-worker`, which has no other HTTP):
+    every other path is 404."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return await _exposition(metrics)
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    return app
 
 
 _check_store: type[Store] = TimedStore

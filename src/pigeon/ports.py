@@ -195,6 +195,15 @@ class StoreCounts(msgspec.Struct, frozen=True, kw_only=True):
     oldest_inbox_at: int | None
 
 
+class InboxDepth(msgspec.Struct, frozen=True, kw_only=True):
+    """How much waits in the inboxes of every device, at one instant (the metrics' gauges)."""
+
+    #: Inbox entries waiting for their device's ack, over all devices.
+    entries: int
+    #: When the oldest of them was written (ms); None if every inbox is empty.
+    oldest_at: int | None
+
+
 class ChatStore(Protocol):
     """Chats and membership. Every change also writes a `ChatUpdate` into the inbox of every
     device of every user concerned, in the same transaction, and returns those deliveries."""
@@ -254,6 +263,11 @@ class ChatStore(Protocol):
         """Chats, messages, kept bodies and waiting inbox entries, in one snapshot (the
         message tables are counted here: the message store's adapters are the message path's
         alone). Counts every row: an operator's command, not for a hot path."""
+
+    async def inbox_depth(self) -> InboxDepth:
+        """The inbox entries of every device and the oldest one's time, in one snapshot (a
+        read: it changes nothing). It counts the inbox's rows (a scan of an index), so the
+        metrics read it every few seconds, apart from the scrapes and the message path."""
 
 
 class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -383,6 +397,8 @@ class PushContext(msgspec.Struct, frozen=True, kw_only=True):
     unread: int
     #: The sender of the newest waiting message, when the user allows names in pushes.
     sender_name: str | None
+    #: The device's user is disabled (`pigeon admin users disable`): no push goes to them.
+    disabled: bool
     #: The push preview its sender attached to that message, if any.
     preview: str | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pigeon.domain.ids import new_id
 from pigeon.domain.models import Device, User
-from pigeon.ports import AccountCounts, Store, StoreCounts
+from pigeon.ports import AccountCounts, InboxDepth, Store, StoreCounts
 from tests.contract.test_store import T0, chat, device, send_req, user
 
 
@@ -166,3 +166,22 @@ async def test_store_counts(store: Store) -> None:
     assert counts == StoreCounts(chats=1, messages=3, bodies=2, inbox=4, oldest_inbox_at=T0)
     await store.messages.ack(da, 1, T0 + 6)
     assert (await store.chats.store_counts()).oldest_inbox_at == T0 + 1
+
+
+async def test_inbox_depth_counts_what_waits_for_an_ack_on_every_device(store: Store) -> None:
+    """The read behind the `pigeon_inbox_*` gauges: the same figures as `store_counts`."""
+    assert await store.chats.inbox_depth() == InboxDepth(entries=0, oldest_at=None)
+    a, b = await user(store, "da"), await user(store, "db")
+    da, db = await device(store, a), await device(store, b)
+    await device(store, b)  # bob's second device: its entries wait throughout
+    c = await chat(store, a, b)  # a chat_update in each device's inbox, at T0
+    for i in range(2):
+        sent = await store.messages.send(send_req(c, da, f"m{i}"))  # for db and db2
+    assert await store.chats.inbox_depth() == InboxDepth(entries=7, oldest_at=T0)
+    await store.messages.ack(db, max(d.iseq for d in sent.deliveries if d.device == db.id), T0)
+    await store.messages.ack(da, 1, T0 + 7)  # its chat_update: db's receipt is newer
+    depth = await store.chats.inbox_depth()
+    counts = await store.chats.store_counts()
+    assert (depth.entries, depth.oldest_at) == (counts.inbox, counts.oldest_inbox_at)
+    assert depth.entries == 4  # db2: chat_update and two messages; da: db's receipt
+    assert depth.oldest_at == T0

@@ -471,6 +471,21 @@ async def test_context_without_a_target_or_device(store: Store) -> None:
     assert await store.push.context("no-such-device", c.id, 10**6) is None
 
 
+async def test_context_says_whether_the_user_is_disabled(store: Store) -> None:
+    """The worker pushes nothing to a disabled user (`PushWorker`): the store says who is.
+    Disabling changes nothing else: the job is queued and the message waits, as before."""
+    _, b, da, db, c = await pair(store)
+    sent = await send(store, c, da, T1)
+    upto = iseq_of(sent, db)
+    assert not (await context(store, db, c, upto)).disabled
+    assert await store.accounts.set_disabled(b.id, T1 + 1)
+    ctx = await context(store, db, c, upto)
+    assert (ctx.disabled, ctx.target, ctx.waiting, ctx.count) == (True, FCM, True, 1)
+    assert not (await context(store, da, c, 10**6)).disabled  # only that user's devices
+    assert await store.accounts.set_disabled(b.id, None)
+    assert not (await context(store, db, c, upto)).disabled
+
+
 # --- leases -----------------------------------------------------------------------------------
 
 

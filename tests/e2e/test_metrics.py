@@ -21,9 +21,18 @@ from pigeon.bench.server import free_port
 from pigeon.client import PigeonClient, login, register
 from pigeon.domain.events import Message, Receipt
 from pigeon.domain.ids import new_id
+from pigeon.metrics import METRICS
 from pigeon.ports import PushJob
 from tests import conftest
-from tests.conftest import PASSWORD, STACK, Server, next_of, start_server, stop_server
+from tests.conftest import (
+    PASSWORD,
+    STACK,
+    ManualClock,
+    Server,
+    next_of,
+    start_server,
+    stop_server,
+)
 from tests.support.cluster import Node, cluster_env
 from tests.support.postgres import fresh_database
 
@@ -66,9 +75,10 @@ async def scrape(url: str) -> Samples:
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     """An embedded server whose push worker polls often and pushes at once (no grace), to
-    webhooks on loopback."""
+    webhooks on loopback, and that reads its inboxes' depth often."""
     settings = conftest.test_settings(
         tmp_path / "data",
+        metrics={"inbox_interval": 0.1},
         push={
             "grace": 0.0,
             "poll_interval": 0.05,
@@ -163,6 +173,46 @@ async def test_metrics_after_a_send_between_two_clients(server: Server, tmp_path
     assert value(s, "pigeon_blob_sent_bytes_total") == seen["size"] == 7000
 
 
+async def test_the_inbox_gauges_say_what_waits_in_the_store(tmp_path: Path) -> None:
+    """Read by a task every `metrics.inbox_interval`: entries waiting for an ack on every
+    device, and how old the oldest is (by the server's clock)."""
+    clock = ManualClock()
+    settings = conftest.test_settings(tmp_path / "data", metrics={"inbox_interval": 0.05})
+    server = await start_server(settings, clock)
+    try:
+        inbox = server.app[METRICS].inbox
+        alice = await server.new_client("alice", auto_ack=False)
+        bob_name, bob_id = await server.user("bob")
+        await server.device(bob_name)  # never connects: what is sent to bob waits for it
+        chat = await alice.create_chat([bob_id])  # a chat_update for alice and one for bob
+        for i in range(3):
+            await alice.send(chat["id"], f"m{i}")
+        clock.offset_ms += 90_000
+        depth = await asyncio.wait_for(inbox.next_reading(), 5)
+        assert depth.entries == 5
+        s = await scrape(server.url)
+        assert value(s, "pigeon_inbox_entries") == 5
+        assert 90 <= value(s, "pigeon_inbox_oldest_entry_age_seconds") < 120
+        assert value(s, "pigeon_store_operation_seconds_count", op="inbox_depth") >= 1
+
+        await alice.ack(1)  # her chat_update
+        await asyncio.wait_for(inbox.next_reading(), 5)
+        assert value(await scrape(server.url), "pigeon_inbox_entries") == 4
+    finally:
+        await stop_server(server)
+
+
+async def test_no_inbox_gauges_when_their_reading_is_off(tmp_path: Path) -> None:
+    settings = conftest.test_settings(tmp_path / "data", metrics={"inbox_interval": 0})
+    server = await start_server(settings)
+    try:
+        s = await scrape(server.url)
+        assert value(s, "pigeon_store_operation_seconds_count", op="inbox_depth") == -1
+        assert value(s, "pigeon_inbox_entries") == -1  # absent: a zero would say "empty"
+    finally:
+        await stop_server(server)
+
+
 def dashboard_queries() -> list[str]:
     doc = json.loads(DASHBOARD.read_text())
     exprs = []
@@ -178,6 +228,7 @@ async def test_the_dashboard_queries_only_metrics_a_server_exposes(
     exprs = dashboard_queries()
     assert len(exprs) >= 12
     await traffic(server, tmp_path)
+    await asyncio.wait_for(server.app[METRICS].inbox.next_reading(), 5)  # the inbox gauges
     exposed = {name for name, _, _ in await scrape(server.url)}
     used = {name for expr in exprs for name in re.findall(r"\bpigeon_[a-z0-9_]+", expr)}
     assert used, "the dashboard queries no pigeon metric"
@@ -262,4 +313,42 @@ async def test_workers_are_summed_and_a_dead_workers_connections_leave(
             assert not os.listdir(tmp_path / "tmp")  # the metrics directory, removed at exit
         finally:
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            await node.close()
+
+
+async def test_workers_show_the_store_wide_inbox_depth_once(redis_url: str, tmp_path: Path) -> None:
+    """Every worker of `--workers 2` reads the same store-wide figures: a scrape shows them
+    once (the newest reading of a live worker), not summed over the workers."""
+    async with fresh_database() as dsn:
+        (tmp_path / "tmp").mkdir()
+        env = {
+            **cluster_env(dsn, redis_url),
+            "TMPDIR": str(tmp_path / "tmp"),
+            "PIGEON_METRICS__INBOX_INTERVAL": "0.05",
+        }
+        node = Node(env, tmp_path / "node", workers=2)
+        alice: PigeonClient | None = None
+        try:
+            await node.start()
+            await register(node.url, "inbox_alice", PASSWORD)
+            bob_id = await register(node.url, "inbox_bob", PASSWORD)
+            await login(node.url, "inbox_bob", PASSWORD)  # a device that never connects
+            token = (await login(node.url, "inbox_alice", PASSWORD)).token
+            alice = PigeonClient(node.url, token, reconnect=False, auto_ack=False)
+            await alice.connect()
+            chat = await alice.create_chat([bob_id])  # a chat_update for each device
+            for i in range(3):
+                await alice.send(chat["id"], f"m{i}")
+            readings = "pigeon_store_operation_seconds_count"
+            before = max(0.0, value(await scrape(node.url), readings, op="inbox_depth"))
+
+            def both_read_since(s: Samples) -> bool:  # each worker reads 20 times a second
+                return value(s, readings, op="inbox_depth") >= before + 40
+
+            s = await _until(node.url, both_read_since, "readings of both workers")
+            assert value(s, "pigeon_inbox_entries") == 5
+            assert 0 <= value(s, "pigeon_inbox_oldest_entry_age_seconds") < 60
+        finally:
+            if alice is not None:
+                await alice.close()
             await node.close()

@@ -1,10 +1,13 @@
-"""docs/openapi.json, the OpenAPI 3.1 description of the REST API, against the server itself.
+"""The OpenAPI 3.1 description of the REST API, against the server itself.
 
-The description is kept by hand, so these tests keep it true: it is valid OpenAPI 3.1; it names
-exactly the routes the server mounts; its request bodies are the structs the server decodes;
-its error codes are the domain's; and schemathesis sends a live `pigeon serve` (embedded store)
-requests generated from it, valid and invalid, with and without a token, checking that no
-answer is a server error and that every answer (status, headers, body) is one it describes.
+The description is kept by hand in `src/pigeon/gateway/openapi.json` (package data: the server
+serves it at `GET /v1/openapi.json`, also from an installed wheel), with docs/openapi.json an
+identical copy. These tests keep it true: the copy is identical and the server serves the
+document; it is valid OpenAPI 3.1; it names exactly the routes the server mounts; its request
+bodies are the structs the server decodes; its error codes are the domain's; and schemathesis
+sends a live `pigeon serve` (embedded store) requests generated from it, valid and invalid,
+with and without a token, checking that no answer is a server error and that every answer
+(status, headers, body) is one it describes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,14 +34,37 @@ from pigeon.bench.server import free_port
 from pigeon.domain.errors import ALL_ERRORS
 from pigeon.domain.models import Device
 from pigeon.domain.push import PushTarget
-from pigeon.gateway.http import Login, PushShowNamesBody, Register
+from pigeon.gateway.http import Login, PushShowNamesBody, Register, openapi_document
 from tests.conftest import PASSWORD, STACK, Server
 
 schemathesis = pytest.importorskip("schemathesis")
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC: dict[str, Any] = json.loads((REPO / "docs" / "openapi.json").read_text())
+SPEC: dict[str, Any] = json.loads(openapi_document())
 METHODS = {"get", "put", "post", "delete", "head", "patch", "options"}
+
+
+def test_docs_openapi_json_is_the_packaged_description() -> None:
+    copy = (REPO / "docs" / "openapi.json").read_bytes()
+    assert copy == openapi_document(), (
+        "docs/openapi.json differs from src/pigeon/gateway/openapi.json: edit the latter, "
+        "then cp src/pigeon/gateway/openapi.json docs/openapi.json"
+    )
+
+
+def test_the_description_is_package_data() -> None:
+    """In every wheel: setuptools packages only the data files pyproject.toml lists."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    data = project["tool"]["setuptools"]["package-data"]["pigeon"]
+    packaged = REPO / "src" / "pigeon" / "gateway" / "openapi.json"
+    assert any(packaged.match(f"src/pigeon/{pattern}") for pattern in data), data
+
+
+async def test_the_server_serves_its_description(server: Server) -> None:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/v1/openapi.json") as r:
+        assert (r.status, r.content_type) == (200, "application/json")
+        assert await r.json() == SPEC  # no token needed
+    assert "/v1/openapi.json" in SPEC["paths"]
 
 
 def test_the_description_is_valid_openapi_3_1() -> None:

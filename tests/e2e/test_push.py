@@ -29,7 +29,7 @@ from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.app import PUSH, PUSH_WORKER
 from pigeon.client import Account, ClientError, PigeonClient, login, register
 from pigeon.domain.events import Message
-from pigeon.gateway.keys import SETTINGS
+from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.ports import PushJob, PushQueue
 from pigeon.services.clock import SystemClock
 from tests.conftest import PASSWORD, STACK, Server, ServerFactory, next_of
@@ -269,6 +269,29 @@ async def test_an_invitation_into_a_group_is_pushed(
     created = await alice.create_chat([bob_id], name="at once")
     note = await hook.next()
     assert (note["device"], note["chat"], note["count"]) == (bob.device, created["id"], 1)
+
+
+@both_queues
+async def test_a_disabled_user_gets_no_push_until_enabled(
+    push_server: PushServerFactory, hook: FakeHook
+) -> None:
+    server = await push_server()
+    answered = outcomes(server)
+    accounts = server.app[SERVICES].accounts
+    alice = await server.new_client("alice")
+    bob, bob_id = await away_bob(server, hook)
+    chat = await alice.create_chat([bob_id])  # a direct chat: no invitation to push
+    await accounts.disable(bob_id)  # as `pigeon admin users disable` does
+    await alice.send(chat["id"], "are you there?")
+    outcome, job = await asyncio.wait_for(answered.get(), 5)
+    assert (outcome, job.device, job.chat) == ("skipped", bob.device, chat["id"])
+    assert hook.received.empty()
+
+    await accounts.enable(bob_id)
+    await alice.send(chat["id"], "back?")
+    note = await hook.next()
+    assert (note["device"], note["chat"], note["count"]) == (bob.device, chat["id"], 2)
+    assert (await asyncio.wait_for(answered.get(), 5))[0] == "sent"
 
 
 @both_queues

@@ -44,9 +44,10 @@ CONCURRENCY = 4
 class PushWorkerProcess:
     """A `pigeon push-worker` OS process; its log lines are collected as they come."""
 
-    def __init__(self, env: dict[str, str], data_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], data_dir: Path, *args: str) -> None:
         self.env = env
         self.data_dir = data_dir
+        self.args = args
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._running = asyncio.Event()
@@ -60,6 +61,7 @@ class PushWorkerProcess:
             "push-worker",
             "--data-dir",
             str(self.data_dir),
+            *self.args,
             env={**os.environ, **self.env},
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -39,12 +40,15 @@ def cluster_env(dsn: str, redis_url: str, *, redis_cluster: bool = False) -> dic
     }
 
 
-async def wait_healthy(url: str, timeout: float = 30.0) -> dict[str, object]:
-    """Poll /healthz until it answers 200 (a starting process has no event to wait on)."""
+async def wait_healthy(
+    url: str, timeout: float = 30.0, *, tls: ssl.SSLContext | bool = True
+) -> dict[str, object]:
+    """Poll /healthz until it answers 200 (a starting process has no event to wait on); `tls`
+    is how an https:// URL is verified."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
         while True:
             try:
-                async with http.get(f"{url}/healthz") as resp:
+                async with http.get(f"{url}/healthz", ssl=tls) as resp:
                     if resp.status == 200:
                         body: dict[str, object] = await resp.json()
                         return body
@@ -119,13 +123,21 @@ class Node:
 
 
 class HAProxy:
-    """deploy/haproxy.cfg in front of three nodes, on its own port."""
+    """deploy/haproxy.cfg in front of three nodes (the same one thrice for a single node), on
+    its own port. With `tls_cert` (certificate, chain and key in one PEM file) it terminates
+    TLS there (`PIGEON_LB_TLS_CERT`), and its URL is https://, verified with `ca_file`."""
 
-    def __init__(self, nodes: list[Node]) -> None:
+    def __init__(
+        self, nodes: list[Node], *, tls_cert: Path | None = None, ca_file: Path | None = None
+    ) -> None:
         assert len(nodes) == 3, "deploy/haproxy.cfg names three nodes"
         self.nodes = nodes
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_cert = tls_cert
+        self.tls: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            self.tls = ssl.create_default_context(cafile=str(ca_file))
+        self.url = f"{'https' if tls_cert else 'http'}://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -136,6 +148,8 @@ class HAProxy:
             "PIGEON_LB_BIND": f"127.0.0.1:{self.port}",
             **{f"PIGEON_NODE{i + 1}": n.address for i, n in enumerate(self.nodes)},
         }
+        if self.tls_cert is not None:
+            env["PIGEON_LB_TLS_CERT"] = str(self.tls_cert)
         self.proc = await asyncio.create_subprocess_exec(
             "haproxy",
             "-db",
@@ -145,7 +159,7 @@ class HAProxy:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        await wait_healthy(self.url)
+        await wait_healthy(self.url, tls=self.tls)
 
     async def close(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -2,8 +2,10 @@
 
 They talk to a running server through the SDK (`pigeon.client`), as any application would. Who
 they act as: `--token`, else the saved login of `--username`, else `PIGEON_TOKEN`, else the one
-saved login for `--server` (see `tokens.py`). Every failure is one line on stderr,
-`pigeon: error: ...`, and exit status 1: never a traceback.
+saved login for `--server` (see `tokens.py`). `--server` takes http(s):// or ws(s):// URLs;
+`--ca-file` (or `PIGEON_CA_FILE`) names the CA bundle of a server whose certificate a private CA
+signed. Every failure is one line on stderr, `pigeon: error: ...`, and exit status 1: never a
+traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pigeon.client import (
     ConnectionLost,
     Message,
     PigeonClient,
+    TlsFailed,
     UploadFailed,
     find_user,
     list_devices,
@@ -43,7 +46,19 @@ from pigeon.client import (
 T = TypeVar("T")
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
-Server = Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="Base URL of the server.")]
+Server = Annotated[
+    str,
+    typer.Option(envvar="PIGEON_SERVER", help="Base URL of the server (http, https, ws or wss)."),
+]
+CaFile = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="PIGEON_CA_FILE",
+        help="PEM bundle of the CA that signed the server's certificate, when it is a private "
+        "CA (trusted besides the system's).",
+        show_default=False,
+    ),
+]
 Token = Annotated[
     str | None,
     typer.Option(
@@ -69,9 +84,12 @@ class Session:
     server: str
     token: str
     saved: SavedLogin | None
+    ca_file: Path | None = None
 
 
-def resolve(server: str, token: str | None, username: str | None) -> Session:
+def resolve(
+    server: str, token: str | None, username: str | None, ca_file: Path | None = None
+) -> Session:
     """Pick the token a command uses (order in the module docstring); exit with one error
     line if there is none."""
     store, server = TokenStore(), normalize_server(server)
@@ -82,13 +100,13 @@ def resolve(server: str, token: str | None, username: str | None) -> Session:
                 f"{username} is not logged in to {server}: "
                 f"run `pigeon login --server {server} --username {username}`"
             )
-        return Session(server, saved.token, saved)
+        return Session(server, saved.token, saved, ca_file)
     token = token or os.environ.get("PIGEON_TOKEN") or None
     if token is not None:
-        return Session(server, token, store.with_token(server, token))
+        return Session(server, token, store.with_token(server, token), ca_file)
     saved_logins = store.for_server(server)
     if len(saved_logins) == 1:
-        return Session(server, saved_logins[0].token, saved_logins[0])
+        return Session(server, saved_logins[0].token, saved_logins[0], ca_file)
     if not saved_logins:
         raise fail(
             f"not logged in to {server}: run `pigeon login --server {server} --username NAME`"
@@ -102,6 +120,10 @@ def run(coro: Coroutine[Any, Any, T], server: str) -> T:
     """Run a command's coroutine; any failure becomes one `pigeon: error:` line and exit 1."""
     try:
         return asyncio.run(coro)
+    except TlsFailed as exc:
+        hint = "; a private CA? give its bundle with --ca-file or PIGEON_CA_FILE"
+        why = exc.reason + (hint if exc.untrusted else "")
+        raise fail(f"cannot reach {server} over TLS: {why}") from None
     except ConnectionLost as exc:
         raise fail(f"cannot reach {server}: {_reason(exc.message)}") from None
     except ClientError as exc:
@@ -133,7 +155,13 @@ def note(message: str) -> None:
 
 async def connect(session: Session, *, auto_ack: bool = False) -> PigeonClient:
     """A connected client that fails at once (rather than retrying) if the server is down."""
-    client = PigeonClient(session.server, session.token, reconnect=False, auto_ack=auto_ack)
+    client = PigeonClient(
+        session.server,
+        session.token,
+        ca_file=session.ca_file,
+        reconnect=False,
+        auto_ack=auto_ack,
+    )
     await client.connect()
     return client
 
@@ -157,6 +185,7 @@ def login_cmd(
     ] = None,
     server: Server = DEFAULT_SERVER,
     device_name: Annotated[str, typer.Option(help="Name of the new device.")] = "cli",
+    ca_file: CaFile = None,
 ) -> None:
     """Log in (once per machine) and print the device token.
 
@@ -164,13 +193,13 @@ def login_cmd(
     needed then), so logging in again creates no new device."""
     store, server = TokenStore(), normalize_server(server)
     saved = store.load(server, username)
-    if saved is not None and run(_accepted(server, saved.token), server):
+    if saved is not None and run(_accepted(server, saved.token, ca_file), server):
         note(f"logged in as {saved.username} (device {saved.device}, saved token reused)")
         typer.echo(saved.token)
         return
     if password is None:  # prompt on the terminal, so that $(pigeon login ...) is the token
         password = getpass.getpass("Password: ")
-    account = run(login(server, username, password, device_name), server)
+    account = run(login(server, username, password, device_name, ca_file=ca_file), server)
     try:
         path = store.save(
             SavedLogin(
@@ -188,10 +217,10 @@ def login_cmd(
     typer.echo(account.token)
 
 
-async def _accepted(server: str, token: str) -> bool:
+async def _accepted(server: str, token: str, ca_file: Path | None) -> bool:
     """Whether the server still accepts a token (one cheap authenticated request)."""
     try:
-        await list_devices(server, token)
+        await list_devices(server, token, ca_file=ca_file)
     except ClientError as exc:
         if exc.code == "unauthorized":
             return False
@@ -200,10 +229,13 @@ async def _accepted(server: str, token: str) -> bool:
 
 
 def logout_cmd(
-    server: Server = DEFAULT_SERVER, token: Token = None, username: Username = None
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    username: Username = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Revoke this device on the server and forget its saved token."""
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
     revoked = run(_logout(session), session.server)
     if session.saved is not None:
         TokenStore().delete(session.server, session.saved.username)
@@ -220,7 +252,7 @@ async def _logout(session: Session) -> str | None:
         device = session.saved.device if session.saved is not None else None
         if device is None:
             device = await _identify(session)
-        await revoke_device(session.server, session.token, device)
+        await revoke_device(session.server, session.token, device, ca_file=session.ca_file)
     except ClientError as exc:
         if session.saved is not None and exc.code in ("unauthorized", "not_found"):
             return None
@@ -246,13 +278,15 @@ def devices_list_cmd(
     token: Token = None,
     username: Username = None,
     as_json: Json = False,
+    ca_file: CaFile = None,
 ) -> None:
     """Your devices: id, name, when it was logged in; the one in use is marked."""
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
 
     async def fetch() -> tuple[list[dict[str, Any]], str]:
         mine = session.saved.device if session.saved else await _identify(session)
-        return await list_devices(session.server, session.token), mine
+        devices = await list_devices(session.server, session.token, ca_file=session.ca_file)
+        return devices, mine
 
     devices, mine = run(fetch(), session.server)
     if as_json:
@@ -268,10 +302,12 @@ def devices_revoke_cmd(
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     username: Username = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Revoke one of your devices: its token stops working, its connection closes."""
-    session = resolve(server, token, username)
-    run(revoke_device(session.server, session.token, device), session.server)
+    session = resolve(server, token, username, ca_file)
+    revoked = revoke_device(session.server, session.token, device, ca_file=session.ca_file)
+    run(revoked, session.server)
     if session.saved is not None and session.saved.device == device:
         TokenStore().delete(session.server, session.saved.username)
         note("that was this device: its saved token is forgotten")
@@ -286,11 +322,12 @@ def chats_cmd(
     token: Token = None,
     username: Username = None,
     as_json: Json = False,
+    ca_file: CaFile = None,
 ) -> None:
     """Your conversations, newest activity first.
 
     Columns: id, kind, with whom (or the group's name), unread count, last message."""
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
 
     async def fetch() -> tuple[list[dict[str, Any]], str | None]:
         client = await connect(session)
@@ -322,13 +359,14 @@ def send_cmd(
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     username: Username = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Send a text or a file to a user or a chat; prints the message id and seq."""
     if (to is None) == (chat is None):
         raise fail("give exactly one of --to and --chat", 2)
     if text is None and file is None:
         raise fail("give --text, --file or both", 2)
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
     run(_send(session, to, chat, text, file, content_type), session.server)
 
 
@@ -340,10 +378,12 @@ async def _send(
     file: Path | None,
     content_type: str | None,
 ) -> None:
-    async with PigeonClient(session.server, session.token, reconnect=False) as client:
+    async with PigeonClient(
+        session.server, session.token, ca_file=session.ca_file, reconnect=False
+    ) as client:
         if chat is None:
             assert to is not None
-            peer = await find_user(session.server, session.token, to)
+            peer = await find_user(session.server, session.token, to, ca_file=session.ca_file)
             chat = (await client.create_chat([peer]))["id"]
         if file is None:
             sent = await client.send(chat, text)
@@ -370,9 +410,10 @@ def download_cmd(
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     username: Username = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Download an attachment of a message you received (or sent) into a file."""
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
 
     async def fetch() -> int:
         client = await connect(session)
@@ -400,12 +441,13 @@ def listen_cmd(
     server: Server = DEFAULT_SERVER,
     token: Token = None,
     username: Username = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Print incoming messages, receipts and chat changes, one per line, and ack them.
 
     Runs until Ctrl-C or SIGTERM (or --count messages). What arrived while this device was
     offline comes first."""
-    session = resolve(server, token, username)
+    session = resolve(server, token, username, ca_file)
     run(_listen(session, count, as_json), session.server)
 
 

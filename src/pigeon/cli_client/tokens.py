@@ -35,13 +35,18 @@ class SavedLogin(msgspec.Struct, frozen=True, kw_only=True):
 
 def normalize_server(url: str) -> str:
     """The canonical spelling of a server's base URL (the key saved logins are filed under):
-    `http://` when no scheme is given, scheme and host lowercased, no trailing slash."""
+    `http://` when no scheme is given, scheme and host lowercased, no trailing slash, and a
+    WebSocket URL as its HTTP base (`wss://h/v1/ws` is `https://h`: the same server)."""
     url = url.strip()
     if "://" not in url:
         url = f"http://{url}"
     parts = urlsplit(url)
-    path = parts.path.rstrip("/")
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}"
+    scheme = _HTTP_SCHEME.get(parts.scheme.lower(), parts.scheme.lower())
+    path = parts.path.rstrip("/").removesuffix("/v1/ws").rstrip("/")
+    return f"{scheme}://{parts.netloc.lower()}{path}"
+
+
+_HTTP_SCHEME = {"ws": "http", "wss": "https"}
 
 
 def config_dir() -> Path:

@@ -1,10 +1,12 @@
 """Async Python SDK for Pigeon: used by the CLI, the tests, the benchmark and examples/.
 
 Everything an application needs is importable from here: the connection (`PigeonClient`), the
-REST calls (accounts and devices) and the event types that `PigeonClient.events()` yields.
+REST calls (accounts and devices), the event types that `PigeonClient.events()` yields, and
+the errors (`ClientError` and its kinds).
 """
 
-from pigeon.client.client import ClientError, ConnectionLost, PigeonClient, SendResult
+from pigeon.client.client import PROTOCOL_VERSIONS, PigeonClient, SendResult
+from pigeon.client.errors import ClientError, ConnectionLost, IncompatibleProtocol, TlsFailed
 from pigeon.client.http import (
     Account,
     find_user,
@@ -18,18 +20,21 @@ from pigeon.domain.events import ChatUpdate, Event, Message, ReadState, Receipt
 from pigeon.domain.models import Attachment
 
 __all__ = [
+    "PROTOCOL_VERSIONS",
     "Account",
     "Attachment",
     "ChatUpdate",
     "ClientError",
     "ConnectionLost",
     "Event",
+    "IncompatibleProtocol",
     "Message",
     "PigeonClient",
     "Progress",
     "ReadState",
     "Receipt",
     "SendResult",
+    "TlsFailed",
     "UploadFailed",
     "find_user",
     "list_devices",

@@ -1,6 +1,10 @@
 """The WebSocket client: one connection per device, kept alive and made reliable.
 
 What it adds on top of the raw protocol (docs/protocol.md):
+- takes the server's URL in any form (http, https, ws, wss) and, for TLS, a private CA's bundle
+  (`endpoint.py`); a certificate it does not trust on the first connect is `TlsFailed`;
+- checks the server's protocol version in `ready`: another major one is `IncompatibleProtocol`,
+  and it does not reconnect;
 - reconnects with exponential backoff and jitter, unless the server said not to (close 45xx);
 - `send` retries temporary failures and lost connections under the same `cmid`, so a retried
   message is committed once (the server deduplicates by device + cmid);
@@ -26,35 +30,17 @@ import aiohttp
 import msgspec
 
 from pigeon.client import media
+from pigeon.client.endpoint import CaFile, endpoint, tls_errors
+from pigeon.client.errors import ClientError as ClientError
+from pigeon.client.errors import ConnectionLost as ConnectionLost
+from pigeon.client.errors import IncompatibleProtocol, TlsFailed
 from pigeon.domain.events import Event, Message, PresenceFrame, TypingFrame, decode_event
 from pigeon.domain.ids import new_id
 
 log = logging.getLogger(__name__)
-
-
-class ClientError(Exception):
-    """An error reply (or a connection problem) with the server's stable `code`."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str = "",
-        temporary: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.temporary = temporary
-        #: `rate_limited`: seconds until the same request would be accepted.
-        self.retry_after = retry_after
-
-
-class ConnectionLost(ClientError):
-    """The connection dropped before the reply came; the command may or may not have run."""
-
-    def __init__(self, message: str = "connection lost") -> None:
-        super().__init__("connection_lost", message, temporary=True)
+#: The protocol versions this SDK speaks (docs/protocol.md, "Protocol version"). A server that
+#: announces another one in `ready` is left at once with `IncompatibleProtocol`.
+PROTOCOL_VERSIONS = frozenset({1})
 
 
 class SendResult(msgspec.Struct, frozen=True):
@@ -82,6 +68,8 @@ class _Frame(msgspec.Struct):
     device: str | None = None
     to: int = 0
     from_: int = msgspec.field(name="from", default=0)
+    #: `ready`'s protocol version; servers from before it existed send none: version 1.
+    protocol: int = 1
 
 
 _decode_frame = msgspec.json.Decoder(_Frame).decode
@@ -90,13 +78,18 @@ _encode = msgspec.json.Encoder().encode
 
 
 class PigeonClient:
-    """A device's connection to a Pigeon server. Use as `async with PigeonClient(url, token)`."""
+    """A device's connection to a Pigeon server. Use as `async with PigeonClient(url, token)`.
+
+    `url`: the server's (`https://chat.example.com`, `wss://…/v1/ws`, `http://127.0.0.1:8080`).
+    `ca_file`: a PEM bundle of the CA that signed its certificate, when that CA is a private one
+    (trusted on top of the system's)."""
 
     def __init__(
         self,
         url: str,
         token: str,
         *,
+        ca_file: CaFile | None = None,
         reconnect: bool = True,
         auto_ack: bool = True,
         ack_interval: float = 0.005,
@@ -106,7 +99,9 @@ class PigeonClient:
         request_timeout: float = 30.0,
         send_retries: int = 20,
     ) -> None:
-        self.url = url.rstrip("/") + "/v1/ws" if not url.rstrip("/").endswith("/v1/ws") else url
+        self.endpoint = endpoint(url, ca_file)
+        #: The WebSocket URL (ws:// or wss://).
+        self.url = self.endpoint.ws
         self.token = token
         self.reconnect = reconnect
         self.auto_ack = auto_ack
@@ -378,7 +373,9 @@ class PigeonClient:
             filename=path.name,
             encrypted=encrypted,
         )
-        await media.upload(self.url, created["upload"], path, progress=progress)
+        await media.upload(
+            self.endpoint.base, created["upload"], path, progress=progress, ssl=self.endpoint.ssl
+        )
         done = await self.request("attachment_uploaded", attachment=created["id"])
         return dict(done["attachment"])
 
@@ -417,7 +414,9 @@ class PigeonClient:
         `sha256` its message carries to have the bytes checked (not for thumbnails).
         `progress(bytes_so_far, total)` is called after every chunk (total: None if unknown)."""
         url = await self.attachment_url(attachment, thumbnail=thumbnail)
-        return await media.download(self.url, url, Path(target), sha256, progress=progress)
+        return await media.download(
+            self.endpoint.base, url, Path(target), sha256, progress=progress, ssl=self.endpoint.ssl
+        )
 
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""
@@ -433,9 +432,20 @@ class PigeonClient:
         assert self._http is not None
         for attempt in itertools.count():
             try:
-                ws = await self._http.ws_connect(
-                    self.url, headers={"Authorization": f"Bearer {self.token}"}, max_msg_size=0
-                )
+                with tls_errors():
+                    ws = await self._http.ws_connect(
+                        self.url,
+                        headers={"Authorization": f"Bearer {self.token}"},
+                        max_msg_size=0,
+                        ssl=self.endpoint.ssl,
+                    )
+            except TlsFailed as exc:
+                if self.connects == 0:  # never connected: the settings are wrong, say so now
+                    self._die(exc)
+                    return
+                log.warning("%s; reconnecting", exc)  # a certificate being replaced, maybe
+                await asyncio.sleep(self._backoff(attempt))
+                continue
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 401:
                     self._die(ClientError("unauthorized", "token refused"))
@@ -453,6 +463,8 @@ class PigeonClient:
             self._connected.clear()
             self.synced.clear()
             self._fail_pending(ConnectionLost())
+            if self._fatal is not None:
+                return
             if 4500 <= code <= 4999:
                 self._die(ClientError("closed", f"server closed the connection ({code})"))
                 return
@@ -470,6 +482,9 @@ class PigeonClient:
                     self._on_frame(data)
                 except (msgspec.DecodeError, ValueError):
                     log.warning("undecodable frame from server: %.200r", data)
+                if self._fatal is not None:  # e.g. a protocol this SDK does not speak
+                    await ws.close()
+                    return 1000
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 # aiohttp reports 1006 in `close_code` after answering; the frame has the truth
                 return int(msg.data) if isinstance(msg.data, int) else 1006
@@ -491,6 +506,9 @@ class PigeonClient:
                     ClientError(f.code or "error", f.message or "", f.temporary, f.retry_after)
                 )
         elif f.t == "ready":
+            if f.protocol not in PROTOCOL_VERSIONS:  # before anything else (protocol.md)
+                self._die(IncompatibleProtocol(f.protocol, PROTOCOL_VERSIONS))
+                return
             self.user, self.device = f.user, f.device
             self._next_iseq = max(self._next_iseq, f.acked + 1)
             self._release_held()  # events that overtook `ready` may be next now

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import mimetypes
 import os
+import ssl as tls
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from urllib.parse import urljoin
 
 import aiohttp
 from yarl import URL
+
+from pigeon.client.endpoint import tls_errors
 
 CHUNK = 1024 * 1024
 
@@ -61,22 +64,29 @@ def resolve(base: str, url: str) -> URL:
 
 
 async def upload(
-    base: str, ticket: dict[str, Any], path: Path, *, progress: Progress | None = None
+    base: str,
+    ticket: dict[str, Any],
+    path: Path,
+    *,
+    progress: Progress | None = None,
+    ssl: tls.SSLContext | bool = True,
 ) -> None:
     """PUT the file to a signed upload URL with exactly the signed headers. `progress` is told
-    how many bytes were handed to the connection so far."""
+    how many bytes were handed to the connection so far; `ssl` as `Endpoint.ssl`."""
     total = (await asyncio.to_thread(path.stat)).st_size if progress is not None else None
-    async with (
-        aiohttp.ClientSession() as http,
-        http.request(
-            ticket["method"],
-            resolve(base, ticket["url"]),
-            data=_chunks(path, progress, total),
-            headers=ticket["headers"],
-        ) as resp,
-    ):
-        if resp.status >= 300:
-            raise UploadFailed(resp.status, await resp.text())
+    with tls_errors():
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                ticket["method"],
+                resolve(base, ticket["url"]),
+                data=_chunks(path, progress, total),
+                headers=ticket["headers"],
+                ssl=ssl,
+            ) as resp,
+        ):
+            if resp.status >= 300:
+                raise UploadFailed(resp.status, await resp.text())
 
 
 async def download(
@@ -86,24 +96,29 @@ async def download(
     sha256: str | None = None,
     *,
     progress: Progress | None = None,
+    ssl: tls.SSLContext | bool = True,
 ) -> int:
     """GET a signed download URL into `target`; returns the bytes written. With `sha256`, the
     bytes are checked against it. The file is written aside and renamed into place only when
     complete (and correct): on any failure `target` is left as it was. `progress` is told the
-    bytes written so far and the response's Content-Length."""
+    bytes written so far and the response's Content-Length; `ssl` as `Endpoint.ssl`."""
     written, digest = 0, hashlib.sha256()
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
     f = await asyncio.to_thread(part.open, "wb")
     try:
-        async with aiohttp.ClientSession() as http, http.get(resolve(base, url)) as resp:
-            if resp.status != 200:
-                raise UploadFailed(resp.status, await resp.text())
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                digest.update(chunk)
-                await asyncio.to_thread(f.write, chunk)
-                written += len(chunk)
-                if progress is not None:
-                    progress(written, resp.content_length)
+        with tls_errors():
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(resolve(base, url), ssl=ssl) as resp,
+            ):
+                if resp.status != 200:
+                    raise UploadFailed(resp.status, await resp.text())
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    digest.update(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+                    written += len(chunk)
+                    if progress is not None:
+                        progress(written, resp.content_length)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise UploadFailed(200, "checksum_mismatch: the downloaded bytes are not the ones sent")
         await asyncio.to_thread(f.close)

@@ -1,5 +1,6 @@
-"""REST endpoints: accounts and devices, health and readiness, the frames' JSON Schema. JSON in,
-JSON out, errors as {code, message}. docs/openapi.json describes every route."""
+"""REST endpoints: accounts and devices, health and readiness, the frames' JSON Schema and the
+REST API's OpenAPI description. JSON in, JSON out, errors as {code, message}. `openapi.json`
+beside this module (package data; docs/openapi.json is the same file) describes every route."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
 from typing import Any, TypeVar
 
 import msgspec
@@ -248,6 +250,22 @@ async def readyz(request: web.Request) -> web.Response:
     return _json({"status": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
 
 
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 description of the REST API, as packaged with pigeon (package data, so
+    it is in every wheel; docs/openapi.json is a copy the tests keep identical)."""
+    return resources.files("pigeon.gateway").joinpath("openapi.json").read_bytes()
+
+
+def _openapi_handler() -> Handler:
+    """`GET /v1/openapi.json`: the description, read once."""
+    body = openapi_document()
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return openapi
+
+
 def _schema_handler() -> Handler:
     """`GET /v1/schema`: the JSON Schema of every WebSocket frame, made once."""
     body = msgspec.json.encode(frame_schema())
@@ -265,8 +283,8 @@ async def _close_readiness(app: web.Application) -> None:
 
 
 def add_routes(app: web.Application) -> None:
-    """Mount the REST API under /v1, the frames' schema, and the health and readiness checks
-    (`app[READINESS]` holds the probes)."""
+    """Mount the REST API under /v1, the frames' schema and the API's description, and the
+    health and readiness checks (`app[READINESS]` holds the probes)."""
     app.router.add_post("/v1/users", register)
     app.router.add_post("/v1/devices", login)
     app.router.add_get("/v1/devices", list_devices)
@@ -278,6 +296,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/v1/me/push-show-names", put_push_show_names)
     app.router.add_get("/v1/push/vapid-key", vapid_key)
     app.router.add_get("/v1/schema", _schema_handler())
+    app.router.add_get("/v1/openapi.json", _openapi_handler())
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.on_cleanup.append(_close_readiness)

@@ -252,8 +252,10 @@ class PushWorker:
         now = self._clock.now_ms()
         invited = ctx is not None and job.invite_iseq > ctx.acked_iseq
         news = ctx is not None and ctx.waiting and ctx.count > 0
-        if ctx is None or ctx.target is None or not (news or invited):
-            # gone, unregistered, caught up (or read elsewhere) meanwhile, or its own user wrote
+        if ctx is None or ctx.target is None or ctx.disabled or not (news or invited):
+            # gone, unregistered, caught up (or read elsewhere) meanwhile, its own user wrote,
+            # or its user is disabled (an operator's decision: nothing reaches them, not even
+            # a wake-up; what waits in the inbox is synced once they are enabled again)
             await self._queue.done(job, now, pushed=False)
             self._count("skipped", job)
             return

@@ -15,7 +15,7 @@ from pigeon.adapters.store.postgres.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
-from pigeon.ports import ChatRecord, ChatStore, MemberRecord, StoreCounts
+from pigeon.ports import ChatRecord, ChatStore, InboxDepth, MemberRecord, StoreCounts
 
 _LOAD_CHAT = """
 SELECT c.kind, c.name, c.created_by, c.created_at, c.version,
@@ -319,6 +319,11 @@ class PgChats:
     async def store_counts(self) -> StoreCounts:
         r = await self._db.fetchrow(_STORE_COUNTS)
         return StoreCounts(chats=r[0], messages=r[1], bodies=r[2], inbox=r[3], oldest_inbox_at=r[4])
+
+    async def inbox_depth(self) -> InboxDepth:
+        # one statement, one snapshot: a scan of the inbox (or of its index on `at`)
+        r = await self._db.fetchrow("SELECT count(*), min(at) FROM inbox")
+        return InboxDepth(entries=r[0], oldest_at=r[1])
 
 
 _check: type[ChatStore] = PgChats

@@ -19,7 +19,15 @@ import msgspec
 from pigeon.adapters.store.postgres.db import PgDb
 from pigeon.domain.events import Delivery
 from pigeon.domain.push import MAX_COUNT, PushTarget
-from pigeon.ports import DeadLetter, PushContext, PushJob, PushQueue, PushStore
+from pigeon.ports import (
+    DeadLetter,
+    PushContext,
+    PushJob,
+    PushQueue,
+    PushQueueDepth,
+    PushQueueStats,
+    PushStore,
+)
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
 #: Dead letters kept at most (the oldest are dropped): clients can make pushes fail.
@@ -59,11 +67,11 @@ WITH d AS MATERIALIZED (
 )
 SELECT count(*) FROM r
 """
-# The device, its target and setting; the newest message of others in the chat that it has
-# not acked, up to `upto` (its sender's name and push preview); the user's unread messages in
-# the chat and over all chats (the badge).
+# The device, its target and setting, and whether its user is disabled; the newest message of
+# others in the chat that it has not acked, up to `upto` (its sender's name and push preview);
+# the user's unread messages in the chat and over all chats (the badge).
 _CONTEXT = """
-SELECT d.user_id, d.acked_iseq, t.target, u.push_names,
+SELECT d.user_id, d.acked_iseq, t.target, u.push_names, u.disabled_at IS NOT NULL AS disabled,
        w.username AS sender_name, w.push_preview, w.waiting,
        coalesce(c.in_chat, 0)::bigint AS in_chat, coalesce(c.total, 0)::bigint AS total
 FROM devices d
@@ -221,6 +229,7 @@ class PgPush:
             unread=max(0, row["total"]),
             sender_name=row["sender_name"] if waiting and row["push_names"] else None,
             preview=row["push_preview"] if waiting else None,
+            disabled=row["disabled"],
         )
 
 
@@ -291,6 +300,16 @@ class PgPushQueue:
         )
         return None if extended is None else msgspec.structs.replace(job, lease=until)
 
+    async def depth(self, now: int) -> PushQueueDepth:
+        # one statement over the partial index `push_jobs_due` (pending rows only); a leased
+        # job's due_at is its lease's end, so it is pending and not due
+        r = await self._db.fetchrow(
+            "SELECT count(*), count(*) FILTER (WHERE due_at <= $1),"
+            " min(due_at) FILTER (WHERE due_at <= $1) FROM push_jobs WHERE pending",
+            now,
+        )
+        return PushQueueDepth(pending=r[0], due=r[1], oldest_due_at=r[2])
+
     async def _answer(self, job: PushJob, now: int, pushed: bool, error: str | None) -> None:
         await self._db.fetchval(
             _ANSWER,
@@ -336,3 +355,4 @@ class PgPushQueue:
 
 _check_store: type[PushStore] = PgPush
 _check_queue: type[PushQueue] = PgPushQueue
+_check_stats: type[PushQueueStats] = PgPushQueue

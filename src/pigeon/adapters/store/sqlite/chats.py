@@ -10,7 +10,7 @@ from pigeon.adapters.store.sqlite.push import enqueue_invitations
 from pigeon.domain.errors import Conflict, NotFound
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
 from pigeon.domain.models import ChatInfo, ChatSummary, Member
-from pigeon.ports import ChatRecord, MemberRecord, StoreCounts
+from pigeon.ports import ChatRecord, InboxDepth, MemberRecord, StoreCounts
 
 
 def direct_key(user_a: str, user_b: str) -> str:
@@ -296,6 +296,14 @@ class SqliteChats:
             return StoreCounts(
                 chats=chats, messages=messages, bodies=bodies, inbox=inbox, oldest_inbox_at=oldest
             )
+
+        return await self._db.read(q)
+
+    async def inbox_depth(self) -> InboxDepth:
+        def q(conn: sqlite3.Connection) -> InboxDepth:
+            # one snapshot, one scan of the covering index `inbox_by_at` for both
+            entries, oldest = conn.execute("SELECT count(*), min(at) FROM inbox").fetchone()
+            return InboxDepth(entries=entries, oldest_at=oldest)
 
         return await self._db.read(q)
 

@@ -133,14 +133,15 @@ class SqlitePush:
     async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
         def q(conn: sqlite3.Connection) -> PushContext | None:
             row = conn.execute(
-                "SELECT d.user_id, d.acked_iseq, t.target, u.push_names FROM devices d"
+                "SELECT d.user_id, d.acked_iseq, t.target, u.push_names, u.disabled_at"
+                " FROM devices d"
                 " JOIN users u ON u.id = d.user_id"
                 " LEFT JOIN push_targets t ON t.device_id = d.id WHERE d.id = ?",
                 (device_id,),
             ).fetchone()
             if row is None:
                 return None
-            user_id, acked, raw, names = row
+            user_id, acked, raw, names, disabled_at = row
             args = (device_id, acked, upto, chat_id, user_id)
             newest = conn.execute(_NEWEST, args).fetchone()
             in_chat, unread = conn.execute(_UNREAD, (chat_id, user_id)).fetchone()
@@ -153,6 +154,7 @@ class SqlitePush:
                 unread=max(0, unread),
                 sender_name=newest[0] if newest and names else None,
                 preview=newest[1] if newest else None,
+                disabled=disabled_at is not None,
             )
 
         return await self._db.read(q)
