@@ -224,6 +224,7 @@ def main() -> None:
     from pigeon.cli_admin import admin_app
     from pigeon.cli_backup import backup, restore
     from pigeon.cli_client import add_commands
+    from pigeon.cli_migrate import migrate_store
     from pigeon.cli_push import push_app, push_worker
 
     app.add_typer(bench_app, name="bench")
@@ -232,6 +233,7 @@ def main() -> None:
     app.command("push-worker")(push_worker)
     app.command("backup")(backup)
     app.command("restore")(restore)
+    app.command("migrate-store")(migrate_store)
     add_commands(app)  # login, logout, send, listen, chats, download, devices
     try:
         app()
