@@ -199,10 +199,16 @@ def not_a_server_error(ctx: Any, response: Any, case: Any) -> bool | None:
 def test_the_server_answers_as_described(case: Any, live: tuple[str, str]) -> None:
     url, token = live
     headers = {"Authorization": f"Bearer {token}"} if case.operation.security else None
+    excluded = [schemathesis.checks.not_a_server_error]
+    if case.operation.path == "/v1/devices/me/push":
+        # `format: uri` admits addresses no client can reach (a port above 65535): the server
+        # refuses them with a documented 400 `bad_request` (the test below), which this check
+        # would count as valid data rejected.
+        excluded.append(schemathesis.checks.positive_data_acceptance)
     case.call_and_validate(
         base_url=url,
         headers=headers,
-        excluded_checks=[schemathesis.checks.not_a_server_error],
+        excluded_checks=excluded,
         additional_checks=[not_a_server_error],
     )
 

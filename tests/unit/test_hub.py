@@ -56,6 +56,9 @@ class _Transport:
     async def send_texts(self, frames: list[bytes]) -> None:
         return None
 
+    def write_now(self, frames: list[bytes]) -> bool:
+        return True
+
 
 DEVICE = Device(id="01J0000000000000000000000D", user_id="U", name="d", created_at=0)
 

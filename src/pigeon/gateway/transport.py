@@ -3,6 +3,7 @@ swapped (e.g. for picows) without touching sessions, the hub or the message path
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -29,6 +30,11 @@ class Transport(Protocol):
 
     async def send_texts(self, frames: list[bytes]) -> None:
         """Send text frames (UTF-8 JSON) in order; may wait while the peer's buffer is full."""
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        """Write text frames at once if that needs no waiting: True when written; False when
+        nothing was written (the peer's buffer is full, or this transport cannot write
+        without awaiting), and `send_texts` must do it."""
 
     async def ping(self) -> None:
         """Send a ping control frame."""
@@ -62,6 +68,18 @@ class AiohttpTransport:
             for frame in frames:
                 await self._ws.send_frame(frame, WSMsgType.TEXT)
             return
+        self._write(raw, frames)
+        if self._protocol.writing_paused:
+            await drain()
+
+    def write_now(self, frames: list[bytes]) -> bool:
+        raw = self._raw
+        if raw is None or self._drain is None or self._protocol.writing_paused:
+            return False
+        self._write(raw, frames)
+        return True
+
+    def _write(self, raw: asyncio.Transport, frames: list[bytes]) -> None:
         if raw.is_closing() or self._ws.closed:
             raise ConnectionResetError("connection is closing")
         parts: list[bytes] = []
@@ -69,8 +87,6 @@ class AiohttpTransport:
             parts.append(text_frame_header(len(frame)))
             parts.append(frame)
         raw.write(b"".join(parts))
-        if self._protocol.writing_paused:
-            await drain()
 
     async def ping(self) -> None:
         await self._ws.ping()
