@@ -1,7 +1,8 @@
 """PostgreSQL implementation of `MessageStore`: the message path.
 
 `send` and `ack` go through group commit (batching.py): the calls in flight at once on this node
-share one call of a server-side function (batch_functions.py), one round trip and one commit.
+share one call of a server-side function (batch_functions.py; set-based since migration 9,
+set_functions.py), one round trip and one commit.
 `mark_read` is one call of its own function (functions.py). Reads are one statement each (one
 snapshot). The send batch of migration 7 (push_schema.py) stores each message's push preview
 with it.

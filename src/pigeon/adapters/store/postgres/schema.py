@@ -23,7 +23,7 @@ import time
 
 import asyncpg
 
-from pigeon.adapters.store.postgres import batch_functions, functions, push_schema
+from pigeon.adapters.store.postgres import batch_functions, functions, push_schema, set_functions
 
 #: Key of the advisory lock that serialises migrations across nodes ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
@@ -178,6 +178,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (6, batch_functions.V6),
     (7, push_schema.V7),
     (8, _DISABLED_USERS),
+    (9, set_functions.V9),
 ]
 
 
