@@ -47,6 +47,7 @@ from pigeon.services.accounts import AccountService
 from pigeon.services.chats import ChatService
 from pigeon.services.clock import SystemClock
 from pigeon.services.fanout import Fanout
+from pigeon.services.keys import KeyService
 from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
@@ -346,7 +347,11 @@ def create_app(
     )
     push_service = PushService(store.push, clock, rules)
     chats = ChatService(store, fanout, clock, limits, throttle)
-    messaging = MessagingService(store.messages, fanout, clock, limits, media, throttle)
+    key_limits = settings.e2e.to_limits()
+    messaging = MessagingService(
+        store.messages, fanout, clock, limits, media, throttle, store.chats, key_limits
+    )
+    keys = KeyService(store.keys, store.chats, fanout, clock, key_limits, throttle)
     presence_service = PresenceService(
         presence,
         store,
@@ -366,7 +371,7 @@ def create_app(
     )
     services = Services(
         accounts=AccountService(
-            store.accounts, bus, clock, limits, hasher, throttle, settings.registration
+            store.accounts, bus, clock, limits, hasher, throttle, settings.registration, keys
         ),
         chats=chats,
         messaging=messaging,
@@ -381,6 +386,7 @@ def create_app(
             typing=typing,
             media=media,
             push=push_service,
+            keys=keys,
             max_frame_bytes=settings.gateway.max_frame_bytes,
             max_inflight=settings.gateway.max_inflight_commands,
             max_refusals=settings.gateway.max_refusals,

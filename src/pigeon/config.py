@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from pigeon.domain.keys import KeyLimits
 from pigeon.domain.limits import Limits, Rate, RateRules
 
 
@@ -217,6 +218,24 @@ class LimitSettings(Section):
         )
 
 
+class E2ESettings(Section):
+    """End-to-end encryption: what a device may publish and send (`pigeon.domain.keys.
+    KeyLimits`). The server checks shapes and sizes only; it never holds a private key."""
+
+    max_one_time_keys: int = Field(100, ge=1, le=10_000)
+    #: Decoded bytes of a public key (Curve25519, Ed25519: 32).
+    key_bytes: int = Field(32, ge=16, le=4096)
+    #: Decoded bytes of a signature (Ed25519: 64).
+    signature_bytes: int = Field(64, ge=16, le=8192)
+    max_bundle_bytes: int = Field(4096, ge=256, le=1024 * 1024)
+    max_to_device_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024)
+    max_ciphertext_bytes: int = Field(96 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_targets: int = Field(1000, ge=1, le=100_000)
+
+    def to_limits(self) -> KeyLimits:
+        return KeyLimits(**self.model_dump())
+
+
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*$")
 _UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600}
 _UNIT_SECONDS |= {"hour": 3600, "d": 86400, "day": 86400}
@@ -253,6 +272,7 @@ class RateLimitSettings(Section):
     typing_per_device: str = "20/10s"
     presence_subscribe_per_device: str = "30/minute"
     sync_per_device: str = "30/minute"
+    key_claims_per_device: str = "100/minute"
     register_per_address: str = "20/hour"
     login_per_address: str = "60/minute"
     login_per_username: str = "5/minute"
@@ -496,6 +516,7 @@ class Settings(BaseSettings):
     blobs: BlobSettings = LocalBlobSettings()
     media: MediaSettings = MediaSettings()
     limits: LimitSettings = LimitSettings()
+    e2e: E2ESettings = E2ESettings()
     gateway: GatewaySettings = GatewaySettings()
     presence: PresenceSettings = PresenceSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()

@@ -67,6 +67,7 @@ from pigeon.ports import (
     ChatStore,
     Clock,
     InboxDepth,
+    KeyStore,
     MessageStore,
     PushJob,
     PushQueue,
@@ -556,6 +557,7 @@ class TimedStore:
             inner.attachments, AttachmentStore, "attachment_"
         )
         self.push: PushStore = metrics.timed(inner.push, PushStore, "push_")
+        self.keys: KeyStore = metrics.timed(inner.keys, KeyStore, "keys_")
 
     async def open(self) -> None:
         await self._inner.open()

@@ -14,6 +14,15 @@ from typing import Any, Protocol
 import msgspec
 
 from pigeon.domain.events import Delivery, InboxPage, Message
+from pigeon.domain.keys import (
+    ClaimedKey,
+    DeviceChange,
+    DeviceIdentity,
+    DeviceKeys,
+    E2EEnvelope,
+    KeyCounts,
+    OneTimeKey,
+)
 from pigeon.domain.limits import Rate, Spend
 from pigeon.domain.media import AttachmentRecord, BlobInfo, DownloadGrant, UploadGrant, UploadTicket
 from pigeon.domain.models import (
@@ -284,6 +293,9 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
     preview: str | None
     #: The sender's own text for the recipients' pushes (stored for them, never in the event).
     push_preview: str | None = None
+    #: An encrypted message's envelope: part of the message event, stored and erased as the
+    #: body is (adapters put it into `Message.e2e`).
+    e2e: E2EEnvelope | None = None
 
 
 class SendResult(msgspec.Struct, frozen=True):
@@ -535,6 +547,72 @@ class PushQueueFeed(Protocol):
         """Return once a claim may find a job, or after `timeout` seconds."""
 
 
+class KeyStore(Protocol):
+    """What end-to-end encryption needs from the store: each device's public keys, one-time
+    keys taken atomically, device-list announcements and to-device messages.
+
+    Keys belong to their device: revoking the device (`AccountStore.revoke_device`) deletes
+    them in the same transaction (foreign keys). The store checks nothing about a key but
+    what atomicity needs; shapes, sizes and who may see whom are the services' rules.
+
+    Announcements and to-device messages are inbox entries like any other (`iseq`, ack,
+    retention), written in the transaction that causes them; each method returns them as
+    `Delivery`s to push.
+    """
+
+    async def upload(
+        self,
+        device: Device,
+        identity: DeviceIdentity | None,
+        one_time_keys: list[OneTimeKey],
+        fallback: OneTimeKey | None,
+        max_one_time_keys: int,
+        at: int,
+    ) -> tuple[KeyCounts, list[Delivery]]:
+        """Atomically: publish the device's identity keys (identical ones again: a no-op;
+        different ones: `Conflict`, they never change), add one-time keys (an id the device
+        already holds is kept as it is: a retried upload is harmless; `TooManyKeys` if the
+        device would then hold more than `max_one_time_keys`, and nothing is stored), and
+        replace the fallback key (no longer marked used). Keys without published identity
+        keys are refused (`BadRequest`). Publishing identity keys for the first time writes
+        a `DeviceList` event (`keys`) as `announce` does. Returns the device's counts after
+        the upload and the deliveries. `NotFound` if the device is gone."""
+
+    async def counts(self, device_id: str) -> KeyCounts:
+        """What the device holds (`max_one_time_keys` is left 0 for the caller to fill)."""
+
+    async def query(self, user_ids: list[str]) -> list[DeviceKeys]:
+        """Every device of these users (unknown users have none) with its identity keys or
+        None, by user in the order given, then oldest device first."""
+
+    async def owners(self, device_ids: list[str]) -> dict[str, str]:
+        """The user of each existing device among `device_ids` (revoked ones are absent)."""
+
+    async def claim(
+        self, device_ids: list[str], at: int
+    ) -> tuple[list[ClaimedKey], list[Delivery]]:
+        """For each device, take one of its one-time keys (deleted as it is taken: two
+        concurrent claims, on any node, never get the same key) or, if it has none left, its
+        fallback key (kept, and marked used). A device with neither is left out. Order of
+        `device_ids`. The first time a fallback key is handed out since it was uploaded, a
+        `KeysExhausted` event is written into its own device's inbox, in the same transaction
+        (exactly once, also under concurrent claims); those deliveries come second."""
+
+    async def announce(
+        self, user_id: str, device_id: str, change: DeviceChange, at: int
+    ) -> list[Delivery]:
+        """Write one `DeviceList` event into the inbox of every device of every user who
+        shares a chat with `user_id`, and of the user's other devices (never `device_id`
+        itself), in one transaction."""
+
+    async def to_device(
+        self, sender: Device, payloads: list[tuple[str, str]], at: int
+    ) -> list[Delivery]:
+        """Write one `ToDevice` event per (device id, payload) into that device's inbox, in
+        one transaction; devices that no longer exist are skipped. The device ids are
+        distinct."""
+
+
 class Store(Protocol):
     """The whole persistent state, one sub-store per aggregate. Opened and closed with the app."""
 
@@ -543,6 +621,7 @@ class Store(Protocol):
     messages: MessageStore
     attachments: AttachmentStore
     push: PushStore
+    keys: KeyStore
 
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""

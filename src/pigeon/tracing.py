@@ -23,6 +23,7 @@ from pigeon.ports import (
     AttachmentStore,
     Bus,
     ChatStore,
+    KeyStore,
     MessageStore,
     Store,
     port_operations,
@@ -112,6 +113,7 @@ class TracedStore:
         self.messages: MessageStore = _traced(inner.messages, MessageStore, tracer)
         self.attachments: AttachmentStore = _traced(inner.attachments, AttachmentStore, tracer)
         self.push = inner.push
+        self.keys: KeyStore = _traced(inner.keys, KeyStore, tracer)
 
     def __getattr__(self, name: str) -> Any:  # open, aclose, ping and what else the port has
         return getattr(self._inner, name)

@@ -16,7 +16,8 @@ import pytest
 from pigeon.adapters.store.postgres import PostgresStore, messages, schema
 from pigeon.adapters.store.postgres.push import PgPushQueue
 from pigeon.domain.events import Message
-from pigeon.domain.models import ChatInfo, Device
+from pigeon.domain.ids import new_id
+from pigeon.domain.models import ChatInfo, Device, Member
 from pigeon.domain.push import PushTarget
 from pigeon.ports import PushJob, SendRequest
 from tests.contract.test_push_store import FAR, T1, VIS, iseq_of, job_rows, pair, select, send
@@ -198,7 +199,27 @@ async def test_a_node_of_the_previous_version_keeps_sending_across_the_migration
         try:
             a, b = await user(old, "alice"), await user(old, "bob")
             da, db = await device(old, a), await device(old, b)
-            c = await chat(old, a, b, kind="direct")
+            # The chat as migration 6 holds it (today's create_chat writes later columns).
+            c = ChatInfo(
+                id=new_id(),
+                kind="direct",
+                name=None,
+                created_by=a.id,
+                created_at=T0,
+                members=[Member(user=a.id, role="member"), Member(user=b.id, role="member")],
+            )
+            await conn.execute(
+                "INSERT INTO chats (id, kind, created_by, created_at, direct_key, next_pos,"
+                " last_activity_at) VALUES ($1, 'direct', $2, $3, $4, 2, $3)",
+                c.id,
+                a.id,
+                T0,
+                ":".join(sorted((a.id, b.id))),
+            )
+            await conn.executemany(
+                "INSERT INTO members (chat_id, user_id, role, pos) VALUES ($1, $2, 'member', $3)",
+                [(c.id, a.id, 0), (c.id, b.id, 1)],
+            )
             statement = await conn.prepare(
                 "SELECT * FROM pigeon_send_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             )

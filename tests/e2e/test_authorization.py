@@ -27,6 +27,9 @@ SCOPED: dict[str, dict[str, Any]] = {
     "typing": {"chat": "{chat}", "typing": True},
     "attachment_url": {"attachment": "{attachment}"},
     "presence_subscribe": {"users": ["{member}"]},
+    "keys_query": {"users": ["{member}"]},
+    "keys_claim": {"devices": ["{member_device}"]},
+    "send_to_device": {"messages": [{"device": "{member_device}", "payload": "let me in"}]},
 }
 #: Commands on the device's own state only (or, for create_chat, open to anyone).
 UNSCOPED = {
@@ -44,6 +47,7 @@ UNSCOPED = {
     "push_unregister",
     "push_status",
     "push_show_names",
+    "keys_upload",  # the calling device's own keys
 }
 
 
@@ -67,12 +71,15 @@ class World:
             "{message}": self.message,
             "{attachment}": self.attachment,
             "{member}": self.bob.user or "",
+            "{member_device}": self.bob.device or "",
             "{me}": me,
         }
 
         def fill(v: Any) -> Any:
             if isinstance(v, list):
                 return [fill(x) for x in v]
+            if isinstance(v, dict):
+                return {k: fill(x) for k, x in v.items()}
             return values.get(v, v) if isinstance(v, str) else v
 
         return {k: fill(v) for k, v in SCOPED[command].items()}

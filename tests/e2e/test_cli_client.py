@@ -167,6 +167,9 @@ async def test_listen_prints_and_acks_what_send_sent(server: Server, tmp_path: P
     sender = await server.client(await login(server.url, alice, PASSWORD))
     await sender.send(chat, "third")
     event = json.loads(await line_of(listener.stdout))
+    if event["type"] == "device_list":  # alice's new login, announced to her chat partners
+        assert (event["user"], event["change"]) == (sender.user, "added")
+        event = json.loads(await line_of(listener.stdout))
     assert (event["type"], event["seq"], event["body"]) == ("message", 3, "third")
     listener.send_signal(signal.SIGTERM)
     assert (await finish(listener)).out == ""

@@ -9,6 +9,7 @@ so a field the server sends but the schema forgets fails the test.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -21,6 +22,9 @@ from pigeon.gateway import protocol as p
 from tests.conftest import Server, ServerFactory
 
 FAST = {"presence": {"grace": 0.0}}
+#: A public key (32 bytes) and a signature (64 bytes), as base64: shapes are all the server checks.
+KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
+SIG = base64.b64encode(bytes(range(64))).decode().rstrip("=")
 
 
 class Peer:
@@ -71,10 +75,13 @@ class Peer:
             if frame["t"] == "event" and frame["event"]["type"] == kind:
                 self.frames.remove(frame)
                 return frame
+        skipped = []  # events of other kinds, kept for a later `event`
         while True:
             frame = await self.until("event")
             if frame["event"]["type"] == kind:
+                self.frames += skipped
                 return frame
+            skipped.append(frame)
 
 
 async def schema_of(server: Server) -> dict[str, Any]:
@@ -144,6 +151,28 @@ async def test_every_frame_of_a_session_matches_the_served_schema(
     await bob.call({"t": "read", "chat": chat["id"], "seq": 1})
     await bob_tablet.event("read_state")
 
+    # end-to-end encryption: bob's tablet publishes keys (its login and its keys announced to
+    # alice), alice asks for them, takes one and sends the tablet a payload
+    await alice.event("device_list")
+    tablet_keys = {
+        "identity": {"curve25519": KEY, "ed25519": KEY, "bundle": "{}", "signature": SIG},
+        "one_time_keys": [{"id": "AAAAAQ", "key": KEY, "signature": SIG}],
+        "fallback_key": {"id": "AAAAAg", "key": KEY, "signature": SIG},
+    }
+    await bob_tablet.call({"t": "keys_upload", **tablet_keys})
+    await alice.event("device_list")
+    devices = await alice.call({"t": "keys_query", "users": [bob_id]})
+    for listed in devices["devices"]:
+        validator(doc, "DeviceKeys").validate(listed)
+    tablet_id = next(d["device"] for d in devices["devices"] if d["identity"] is not None)
+    claimed = await alice.call({"t": "keys_claim", "devices": [tablet_id]})
+    validator(doc, "ClaimedKey").validate(claimed["keys"][0])
+    await alice.call({"t": "keys_claim", "devices": [tablet_id]})  # the fallback key
+    await bob_tablet.event("keys_exhausted")
+    to_tablet = {"device": tablet_id, "payload": "olm"}
+    await alice.call({"t": "send_to_device", "messages": [to_tablet]})
+    await bob_tablet.event("to_device")
+
     # a file: declared, uploaded through its signed URL, confirmed, sent, fetched
     data = b"meet at 8\n"
     ticket = await alice.call(
@@ -196,7 +225,15 @@ async def test_every_frame_of_a_session_matches_the_served_schema(
     frame_types = doc["$defs"]["ServerFrame"]["discriminator"]["mapping"]
     assert {f["t"] for f in got} | {"gap"} == set(frame_types)
     kinds = {f["event"]["type"] for f in got if f["t"] == "event"}
-    assert kinds == {"message", "receipt", "chat_update", "read_state"}
+    assert kinds == {
+        "message",
+        "receipt",
+        "chat_update",
+        "read_state",
+        "device_list",
+        "to_device",
+        "keys_exhausted",
+    }
 
 
 async def test_the_schema_refuses_what_the_server_refuses(server: Server) -> None:

@@ -379,6 +379,27 @@ async def test_the_senders_push_preview_is_shown_and_never_the_body(
     assert "plain" not in msgspec.json.encode(note).decode()
 
 
+async def test_an_encrypted_message_is_pushed_with_the_senders_preview_only(
+    push_server: PushServerFactory, hook: FakeHook
+) -> None:
+    """No server-side preview of what the server cannot read: the push of an encrypted
+    message carries the sender's (encrypted) `push_preview`, never the ciphertext."""
+    server = await push_server()
+    alice = await server.new_client("alice")
+    _, bob_id = await away_bob(server, hook)
+    chat = await alice.request("create_chat", participants=[bob_id], encrypted=True)
+    sealed = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "A" * 43,
+        "session_id": "s1",
+        "ciphertext": "Q0lQSEVSVEVYVA",  # "CIPHERTEXT"
+    }
+    await alice.request("send", chat=chat["id"], cmid="e", e2e=sealed, push_preview="ENC:c2VjcmV0")
+    note = await hook.next()
+    assert (note["preview"], note["title"]) == ("ENC:c2VjcmV0", "New message")
+    assert "Q0lQSEVSVEVYVA" not in msgspec.json.encode(note).decode()
+
+
 @both_queues
 async def test_a_gone_target_is_removed_and_the_device_sees_why(
     push_server: PushServerFactory, hook: FakeHook

@@ -23,7 +23,16 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from pigeon.client import ChatUpdate, Event, Message, ReadState, Receipt
+from pigeon.client import (
+    ChatUpdate,
+    DeviceList,
+    Event,
+    KeysExhausted,
+    Message,
+    ReadState,
+    Receipt,
+    ToDevice,
+)
 from pigeon.client.media import Progress as ProgressCallback
 
 _encode = msgspec.json.Encoder().encode
@@ -68,6 +77,12 @@ def event_line(event: Event, names: Names) -> str:
         )
     if isinstance(event, ChatUpdate):
         return f"chat    {event.chat.id} {chat_change(event, names)}"
+    if isinstance(event, DeviceList):
+        return f"device  {names(event.user)} {event.change}: {event.device}"
+    if isinstance(event, KeysExhausted):
+        return "keys    this device's one-time keys ran out (its fallback key was handed out)"
+    if isinstance(event, ToDevice):
+        return f"to-device from {names(event.sender)} ({event.sender_device}): {event.payload}"
     assert isinstance(event, ReadState)
     return f"read    {event.chat} read up to #{event.seq} on another device"
 
@@ -75,6 +90,8 @@ def event_line(event: Event, names: Names) -> str:
 def message_text(message: Message) -> str:
     """A message's body, and its attachment in brackets (with the id `pigeon download` takes)."""
     parts = [message.body] if message.body else []
+    if message.e2e:  # the CLI holds no keys: it cannot read it
+        parts.append(f"[encrypted, {message.e2e.algorithm}]")
     att = message.attachment
     if att is not None:
         about = ", ".join(

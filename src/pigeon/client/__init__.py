@@ -16,7 +16,16 @@ from pigeon.client.http import (
     revoke_device,
 )
 from pigeon.client.media import Progress, UploadFailed
-from pigeon.domain.events import ChatUpdate, Event, Message, ReadState, Receipt
+from pigeon.domain.events import (
+    ChatUpdate,
+    DeviceList,
+    Event,
+    KeysExhausted,
+    Message,
+    ReadState,
+    Receipt,
+    ToDevice,
+)
 from pigeon.domain.models import Attachment
 
 __all__ = [
@@ -26,8 +35,10 @@ __all__ = [
     "ChatUpdate",
     "ClientError",
     "ConnectionLost",
+    "DeviceList",
     "Event",
     "IncompatibleProtocol",
+    "KeysExhausted",
     "Message",
     "PigeonClient",
     "Progress",
@@ -35,6 +46,7 @@ __all__ = [
     "Receipt",
     "SendResult",
     "TlsFailed",
+    "ToDevice",
     "UploadFailed",
     "find_user",
     "list_devices",

@@ -169,7 +169,25 @@ class AccountDisabled(Forbidden):
     code = "account_disabled"
 
 
+# --- End-to-end encryption ------------------------------------------------------------------
+
+
+class TooManyKeys(PigeonError):
+    """A device would hold more one-time keys than `e2e.max_one_time_keys`."""
+
+    code = "too_many_keys"
+
+
+class E2ERequired(Forbidden):
+    """The chat was created encrypted: a plaintext body (or an attachment not declared
+    encrypted) is refused; send an `e2e` envelope instead."""
+
+    code = "e2e_required"
+
+
 ALL_ERRORS += (
+    TooManyKeys,
+    E2ERequired,
     AccountDisabled,
     SignatureInvalid,
     UrlExpired,

@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from pigeon.domain.keys import DeviceChange, E2EEnvelope
 from pigeon.domain.models import Attachment, ChatInfo, PresenceStatus
 
 ReceiptKind = Literal["delivered", "read"]
@@ -31,6 +32,8 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_fiel
     at: int
     body: str | None = None
     attachment: Attachment | None = None
+    #: An encrypted message carries this instead of a body (left out of plain messages).
+    e2e: E2EEnvelope | msgspec.UnsetType = msgspec.UNSET
 
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True, tag="receipt", tag_field="type"):
@@ -67,7 +70,37 @@ class ReadState(msgspec.Struct, frozen=True, kw_only=True, tag="read_state", tag
     at: int
 
 
-Event = Message | Receipt | ChatUpdate | ReadState
+class DeviceList(msgspec.Struct, frozen=True, kw_only=True, tag="device_list", tag_field="type"):
+    """`user` added a device, the device published its identity keys, or it was revoked: go
+    to everyone sharing a chat with the user and to the user's other devices, so that senders
+    share keys with a new device and stop encrypting for a revoked one (`keys_query` again)."""
+
+    user: str
+    device: str
+    change: DeviceChange
+    at: int
+
+
+class ToDevice(msgspec.Struct, frozen=True, kw_only=True, tag="to_device", tag_field="type"):
+    """An opaque payload one device sent to this one (`send_to_device`): Olm-encrypted room
+    keys, typically. No chat, no seq; delivered, acked and retained like any inbox entry."""
+
+    sender: str
+    sender_device: str
+    payload: str
+    at: int
+
+
+class KeysExhausted(
+    msgspec.Struct, frozen=True, kw_only=True, tag="keys_exhausted", tag_field="type"
+):
+    """This device's one-time keys ran out: a claim just got its fallback key (the first time
+    since it was uploaded). Upload one-time keys and a new fallback key (`keys_upload`)."""
+
+    at: int
+
+
+Event = Message | Receipt | ChatUpdate | ReadState | DeviceList | ToDevice | KeysExhausted
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)

@@ -51,6 +51,9 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     typing_per_device: Rate = Rate(20, 10)
     presence_subscribe_per_device: Rate = Rate(30, 60)
     sync_per_device: Rate = Rate(30, 60)
+    #: Keys taken from other devices by `keys_claim` (each key one unit): a chat partner cannot
+    #: drain someone's one-time keys faster than this.
+    key_claims_per_device: Rate = Rate(100, 60)
     register_per_address: Rate = Rate(20, 3600)
     login_per_address: Rate = Rate(60, 60)
     #: Login attempts per username, in tiers: the wait grows with persistence (a minute, an

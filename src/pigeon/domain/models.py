@@ -60,6 +60,8 @@ class ChatInfo(msgspec.Struct, frozen=True, kw_only=True):
     created_at: int
     members: list[Member]
     version: int = 0
+    #: Created end-to-end encrypted: its messages carry `e2e` envelopes, never a plaintext body.
+    encrypted: bool = False
 
     def role_of(self, user_id: str) -> Role | None:
         """The user's role in this chat, or None when they are not a participant."""
@@ -85,6 +87,8 @@ class ChatSummary(msgspec.Struct, frozen=True, kw_only=True):
     last_sender: str | None
     last_preview: str | None
     unread: int
+    #: The chat was created end-to-end encrypted (its previews are then always null).
+    encrypted: bool = False
 
 
 class Attachment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -30,6 +30,8 @@ HTTP_STATUS: dict[type[e.PigeonError], int] = {
     e.ChecksumMismatch: 400,
     e.UnsupportedMediaType: 415,
     e.AccountDisabled: 403,
+    e.TooManyKeys: 409,
+    e.E2ERequired: 403,
 }
 
 

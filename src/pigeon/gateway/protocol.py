@@ -15,6 +15,14 @@ import msgspec
 import msgspec.inspect as mi
 
 from pigeon.domain.events import Event, PresenceFrame, TypingFrame
+from pigeon.domain.keys import (
+    ClaimedKey,
+    DeviceIdentity,
+    DeviceKeys,
+    E2EEnvelope,
+    KeyCounts,
+    OneTimeKey,
+)
 from pigeon.domain.push import PushTarget
 
 #: The wire protocol's version, sent in `ready` and by `/healthz` and `/readyz`. It changes only
@@ -46,6 +54,8 @@ class CreateChat(Command, tag="create_chat"):
     participants: list[str]
     name: str | None = None
     kind: Literal["direct", "group"] | None = None
+    #: End-to-end encrypted: every message must then carry an `e2e` envelope.
+    encrypted: bool = False
 
 
 class ModifyParticipants(Command, tag="modify_participants"):
@@ -78,6 +88,8 @@ class Send(Command, tag="send"):
     #: Shown in the recipients' pushes as is (an encrypted one in end-to-end encrypted chats);
     #: the server never puts the body in a push.
     push_preview: str | None = None
+    #: An encrypted message, instead of a `body` (required in an encrypted chat).
+    e2e: E2EEnvelope | None = None
 
 
 class Ack(Command, tag="ack"):
@@ -179,6 +191,41 @@ class PushShowNames(Command, tag="push_show_names"):
     show: bool
 
 
+class KeysUpload(Command, tag="keys_upload"):
+    """Publish this device's identity keys (once), add one-time keys, replace its fallback key;
+    the reply says how many one-time keys it holds (send it empty to ask)."""
+
+    identity: DeviceIdentity | None = None
+    one_time_keys: list[OneTimeKey] = []
+    fallback_key: OneTimeKey | None = None
+
+
+class KeysQuery(Command, tag="keys_query"):
+    """The devices and identity keys of these users (each shares a chat with the caller)."""
+
+    users: list[str]
+
+
+class KeysClaim(Command, tag="keys_claim"):
+    """One key per named device, to start an Olm session with it: a one-time key, taken for
+    good, or the device's fallback key when none is left."""
+
+    devices: list[str]
+
+
+class ToDeviceMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One payload of a `send_to_device`, for one device."""
+
+    device: str
+    payload: str
+
+
+class SendToDevice(Command, tag="send_to_device"):
+    """Opaque payloads into named devices' inboxes (no chat, no seq): room keys, typically."""
+
+    messages: list[ToDeviceMessage]
+
+
 AnyCommand = (
     Auth
     | CreateChat
@@ -202,6 +249,10 @@ AnyCommand = (
     | PushUnregister
     | PushStatus
     | PushShowNames
+    | KeysUpload
+    | KeysQuery
+    | KeysClaim
+    | SendToDevice
 )
 COMMAND_NAMES = frozenset(c.__struct_config__.tag for c in get_args(AnyCommand))
 
@@ -267,6 +318,8 @@ class EventFrame(msgspec.Struct, tag="event", tag_field="t"):
 
 #: Every frame the server sends.
 ServerFrame = Ok | Error | Ready | Synced | Gap | EventFrame | PresenceFrame | TypingFrame
+#: Structures of `ok` results that no event carries, described in the schema as well.
+RESULTS = (KeyCounts, DeviceKeys, ClaimedKey)
 
 
 def frame_schema() -> dict[str, Any]:
@@ -275,10 +328,12 @@ def frame_schema() -> dict[str, Any]:
     accepts them (unknown fields refused, defaults optional); server frames as the server sends
     them (every field it always sends is required; clients must ignore fields they do not
     know, which a later server may add)."""
-    (client, server), defs = msgspec.json.schema_components(
-        (AnyCommand, ServerFrame), ref_template="#/$defs/{name}"
+    (client, server, *_), defs = msgspec.json.schema_components(
+        (AnyCommand, ServerFrame, *RESULTS), ref_template="#/$defs/{name}"
     )
-    for struct in _structs(mi.type_info(ServerFrame), set()):
+    seen: set[type] = set()
+    infos = mi.multi_type_info((ServerFrame, *RESULTS))
+    for struct in (s for info in infos for s in _structs(info, seen)):
         schema = defs[struct.cls.__name__]
         if not struct.cls.__struct_config__.omit_defaults:
             sent = [f.encode_name for f in struct.fields if _always_sent(f)]

@@ -22,6 +22,7 @@ from pigeon.gateway import protocol as p
 from pigeon.gateway.connection import Connection, frame_iseq
 from pigeon.gateway.errors import Close, to_error
 from pigeon.services.chats import ChatService
+from pigeon.services.keys import KeyService
 from pigeon.services.media import MediaService
 from pigeon.services.messaging import MessagingService
 from pigeon.services.presence import PresenceService
@@ -48,6 +49,7 @@ class SessionServices:
     typing: TypingService
     media: MediaService
     push: PushService
+    keys: KeyService
     max_frame_bytes: int
     max_inflight: int
     #: `rate_limited` replies a connection may get per `_REFUSAL_WINDOW` before it is closed.
@@ -214,6 +216,7 @@ class Session:
             cmd.attachment,
             ack=cmd.ack,
             push_preview=cmd.push_preview,
+            e2e=cmd.e2e,
         )
         return {"id": message.id, "seq": message.seq, "at": message.at, "duplicate": duplicate}
 
@@ -225,7 +228,7 @@ class Session:
 
     async def _create_chat(self, cmd: p.CreateChat) -> Any:
         return await self.services.chats.create(
-            self.conn.device, cmd.participants, cmd.name, cmd.kind
+            self.conn.device, cmd.participants, cmd.name, cmd.kind, cmd.encrypted
         )
 
     async def _modify(self, cmd: p.ModifyParticipants) -> Any:
@@ -292,6 +295,21 @@ class Session:
     async def _push_show_names(self, cmd: p.PushShowNames) -> None:
         await self.services.push.show_names(self.conn.device, cmd.show)
 
+    async def _keys_upload(self, cmd: p.KeysUpload) -> Any:
+        return await self.services.keys.upload(
+            self.conn.device, cmd.identity, cmd.one_time_keys, cmd.fallback_key
+        )
+
+    async def _keys_query(self, cmd: p.KeysQuery) -> Any:
+        return {"devices": await self.services.keys.query(self.conn.device, cmd.users)}
+
+    async def _keys_claim(self, cmd: p.KeysClaim) -> Any:
+        return {"keys": await self.services.keys.claim(self.conn.device, cmd.devices)}
+
+    async def _send_to_device(self, cmd: p.SendToDevice) -> Any:
+        messages = [(m.device, m.payload) for m in cmd.messages]
+        return {"missing": await self.services.keys.send_to_device(self.conn.device, messages)}
+
     async def _auth_again(self, cmd: p.Auth) -> None:
         raise BadRequest("already authenticated")
 
@@ -319,6 +337,10 @@ _HANDLERS: dict[type[p.Command], Callable[[Session, Any], Awaitable[Any]]] = {
     p.PushUnregister: Session._push_unregister,
     p.PushStatus: Session._push_status,
     p.PushShowNames: Session._push_show_names,
+    p.KeysUpload: Session._keys_upload,
+    p.KeysQuery: Session._keys_query,
+    p.KeysClaim: Session._keys_claim,
+    p.SendToDevice: Session._send_to_device,
 }
 assert set(_HANDLERS) == set(get_args(p.AnyCommand)), "every command needs a handler"
 

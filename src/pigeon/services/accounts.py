@@ -6,23 +6,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from pigeon.domain.errors import AccountDisabled, BadRequest, Forbidden, NotFound, Unauthorized
+from pigeon.domain.errors import (
+    AccountDisabled,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PigeonError,
+    Unauthorized,
+)
 from pigeon.domain.ids import new_id
+from pigeon.domain.keys import DeviceChange
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Device, User
 from pigeon.ports import AccountStore, Bus, Clock
 from pigeon.services import channels
 from pigeon.services.throttle import Throttle
+
+if TYPE_CHECKING:
+    from pigeon.services.keys import KeyService
+
+log = logging.getLogger(__name__)
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 #: Published on a device's channel to close its live connection at once (see the hub).
@@ -69,7 +83,10 @@ class AccountService:
         hasher: PasswordHasher | None = None,
         throttle: Throttle | None = None,
         registration: Registration = "open",
+        keys: KeyService | None = None,
     ) -> None:
+        #: Announces device-list changes to the people who share a chat with the user.
+        self._keys = keys
         self._throttle = throttle
         self._registration = registration
         self._store = store
@@ -138,7 +155,19 @@ class AccountService:
         )
         token = secrets.token_urlsafe(32)
         await self._store.add_device(device, hash_token(token), self._limits.max_devices_per_user)
+        await self._announce(device.user_id, device.id, "added")
         return device, token
+
+    async def _announce(self, user_id: str, device_id: str, change: DeviceChange) -> None:
+        """A device-list change, committed already: its announcement must not undo it (a
+        login the client would retry, making another device), so a failure is logged. Peers
+        still learn of a new device from its `keys` announcement, atomic with its keys."""
+        if self._keys is None:
+            return
+        try:
+            await self._keys.device_changed(user_id, device_id, change)
+        except PigeonError as exc:
+            log.warning("device %s %s, not announced: %s", device_id, change, exc)
 
     async def create_invites(self, count: int, valid_days: float) -> list[str]:
         """New single-use invite codes (operator command: `pigeon invite`)."""
@@ -199,6 +228,7 @@ class AccountService:
         if not await self._store.revoke_device(user_id, device_id):
             raise NotFound("no such device")
         await self._bus.publish(channels.device(device_id), REVOKED_FRAME)
+        await self._announce(user_id, device_id, "removed")
 
     async def disable(self, user_id: str) -> list[Device]:
         """Disable a user (an operator's decision): no login, no token of theirs works, and

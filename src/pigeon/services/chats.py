@@ -39,11 +39,17 @@ class ChatService:
         self._limits = limits
 
     async def create(
-        self, actor: Device, participants: list[str], name: str | None, kind: ChatKind | None
+        self,
+        actor: Device,
+        participants: list[str],
+        name: str | None,
+        kind: ChatKind | None,
+        encrypted: bool = False,
     ) -> ChatInfo:
         """Create a chat of the actor and `participants` (user ids). Without `kind`, one other
         participant and no name means a direct chat. A direct chat is unique per pair: creating
-        it again returns the existing one."""
+        it again returns the existing one (as it was created: check its `encrypted`). An
+        `encrypted` chat refuses plaintext messages for good."""
         others = _unique([p for p in participants if p != actor.user_id])
         if kind is None:
             kind = "direct" if len(others) == 1 and name is None else "group"
@@ -69,6 +75,7 @@ class ChatService:
             created_by=actor.user_id,
             created_at=self._clock.now_ms(),
             members=members,
+            encrypted=encrypted,
         )
         created, _ = await self._fanout.commit(self._store.chats.create_chat(chat), _second)
         return created

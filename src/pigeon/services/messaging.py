@@ -10,13 +10,14 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from pigeon.domain.errors import BadRequest, Forbidden, NotFound, TooLarge
+from pigeon.domain.errors import BadRequest, E2ERequired, Forbidden, NotFound, TooLarge
 from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
+from pigeon.domain.keys import E2EEnvelope, KeyLimits, check_envelope
 from pigeon.domain.limits import Limits
 from pigeon.domain.models import Attachment, Device, MemberReceipt
 from pigeon.domain.push import check_push_preview
-from pigeon.ports import Clock, MessageStore, SendRequest, SendResult
+from pigeon.ports import ChatStore, Clock, MessageStore, SendRequest, SendResult
 from pigeon.services.fanout import Fanout
 from pigeon.services.throttle import Throttle
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from pigeon.services.media import MediaService
 
 MAX_CMID_CHARS = 64
+#: Chats whose `encrypted` flag is remembered (it never changes; beyond this, relearned).
+_MAX_REMEMBERED = 100_000
 
 
 def _same(deliveries: list[Delivery]) -> list[Delivery]:
@@ -46,8 +49,14 @@ class MessagingService:
         limits: Limits,
         media: MediaService | None = None,
         throttle: Throttle | None = None,
+        chats: ChatStore | None = None,
+        key_limits: KeyLimits | None = None,
     ) -> None:
         self._store = store
+        #: Where a chat's `encrypted` flag is read, once per chat (None: no encrypted chats).
+        self._chats = chats
+        self._encrypted: dict[str, bool] = {}
+        self._key_limits = key_limits or KeyLimits()
         self._throttle = throttle
         self._fanout = fanout
         self._clock = clock
@@ -67,6 +76,7 @@ class MessagingService:
         *,
         ack: int | None = None,
         push_preview: str | None = None,
+        e2e: E2EEnvelope | None = None,
     ) -> tuple[Message, bool]:
         """Commit a message and push it. Returns (message, duplicate). Re-sending a `cmid` from
         the same device returns the original message and changes nothing.
@@ -80,11 +90,19 @@ class MessagingService:
         await first (the rate limiter, which may be a Redis round trip; a media send's
         attachment check): each hands its change over only after the send issued before it
         did (`_handovers`), and a media send holds the sends behind it until its check is
-        done."""
+        done.
+
+        `e2e`: an encrypted message, instead of a body; only its shape and size are checked.
+        In a chat created encrypted, a message without one (or with an attachment not
+        declared encrypted) is refused with `E2ERequired`."""
         if not 1 <= len(cmid) <= MAX_CMID_CHARS:
             raise BadRequest(f"cmid must be 1 to {MAX_CMID_CHARS} characters")
-        if body is None and attachment is None:
-            raise BadRequest("a message needs a body or an attachment")
+        if body is None and attachment is None and e2e is None:
+            raise BadRequest("a message needs a body, an e2e envelope or an attachment")
+        if e2e is not None:
+            if body is not None:
+                raise BadRequest("an encrypted message carries its body inside `e2e`")
+            check_envelope(e2e, self._key_limits)
         body_bytes = len(body.encode()) if body else 0
         if body_bytes > self._limits.max_body_bytes:
             raise TooLarge(f"body exceeds {self._limits.max_body_bytes} bytes")
@@ -98,8 +116,10 @@ class MessagingService:
         if ack is not None:  # handed over first: as if sent just before the message
             change = self._store.ack(device, ack, self._clock.now_ms())
             acking = self._fanout.start(change, _same)
+        if e2e is not None:  # what it spends, like a body
+            body_bytes = len(e2e.ciphertext)
         committing = await self._hand_over(
-            device, chat_id, cmid, body, body_bytes, attachment, push_preview
+            device, chat_id, cmid, body, body_bytes, attachment, push_preview, e2e
         )
         sent = await committing
         if acking is not None:
@@ -115,6 +135,7 @@ class MessagingService:
         body_bytes: int,
         attachment: str | None,
         push_preview: str | None,
+        e2e: E2EEnvelope | None,
     ) -> Awaitable[tuple[Message, bool]]:
         """Check what must be checked, wait for the device's previous send to hand over, hand
         this one over; returns what to await for its outcome."""
@@ -132,14 +153,36 @@ class MessagingService:
                 if self._media is None:
                     raise BadRequest("this server does not accept attachments")
                 media = await self._media.for_message(device, chat_id, attachment)
+            if (e2e is None or (media is not None and not media.encrypted)) and (
+                await self._is_encrypted(chat_id)
+            ):
+                raise E2ERequired(
+                    "this chat is end-to-end encrypted: send an e2e envelope"
+                    if e2e is None
+                    else "this chat is end-to-end encrypted: attach encrypted files only"
+                )
             if self._throttle is not None:  # the last await: what passes it is handed over
                 await self._throttle.fanout(chat_id)
-            return self._commit(device, chat_id, cmid, body, media, push_preview)
+            return self._commit(device, chat_id, cmid, body, media, push_preview, e2e)
         finally:
             if before is None or before.done():
                 mine.set_result(None)
             else:  # cancelled while waiting: the sends behind this one still wait for `before`
                 before.add_done_callback(lambda _: _resolve(mine))
+
+    async def _is_encrypted(self, chat_id: str) -> bool:
+        """Whether the chat was created encrypted: read once per chat and node (it never
+        changes). An unknown chat is not remembered (the store's send says `not_found`)."""
+        known = self._encrypted.get(chat_id)
+        if known is not None or self._chats is None:
+            return bool(known)
+        chat = await self._chats.get_chat(chat_id)
+        if chat is None:
+            return False
+        if len(self._encrypted) >= _MAX_REMEMBERED:
+            self._encrypted.clear()
+        self._encrypted[chat_id] = chat.encrypted
+        return chat.encrypted
 
     def _forget(self, device_id: str, done: asyncio.Future[None]) -> None:
         if self._handovers.get(device_id) is done:
@@ -153,12 +196,14 @@ class MessagingService:
         body: str | None,
         attachment: Attachment | None,
         push_preview: str | None,
+        e2e: E2EEnvelope | None,
     ) -> Awaitable[tuple[Message, bool]]:
-        """Hand the message over to the store now; returns what to await for the outcome."""
+        """Hand the message over to the store now; returns what to await for the outcome.
+        An encrypted message gets no preview: the server cannot read it."""
         preview = (
             body[: self._limits.preview_chars] if body and self._limits.preview_chars else None
         )
-        if preview is None and attachment is not None:
+        if preview is None and attachment is not None and e2e is None:
             preview = f"[{(attachment.content_type or 'file').split('/', 1)[0]}]"
         req = SendRequest(
             message_id=new_id(),
@@ -171,6 +216,7 @@ class MessagingService:
             attachment=attachment,
             preview=preview,
             push_preview=push_preview,
+            e2e=e2e,
         )
         return self._committed(
             chat_id, self._fanout.start(self._store.send(req), lambda r: r.deliveries)

@@ -18,12 +18,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from pigeon.domain.errors import BadRequest, Forbidden, PigeonError
+from pigeon.domain.errors import BadRequest, PigeonError
 from pigeon.domain.events import PresenceFrame, encode_frame
 from pigeon.domain.ids import is_id
 from pigeon.domain.models import Device, PresenceRecord, Visibility
 from pigeon.ports import Bus, Clock, Presence, Store, Subscription
 from pigeon.services import channels
+from pigeon.services.peers import require_peers
 from pigeon.services.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,12 @@ class PresenceService:
         mine = self._watching.setdefault(sink, set())
         if len(mine | set(users)) > self._max_subs:
             raise BadRequest(f"at most {self._max_subs} presence subscriptions per connection")
-        others = [u for u in users if u != watcher.user_id]
-        allowed = await self._store.chats.shares_chat(watcher.user_id, others)
-        if len(allowed) != len(others):
-            raise Forbidden("presence is visible only to people who share a chat")
+        await require_peers(
+            self._store.chats,
+            watcher.user_id,
+            users,
+            "presence is visible only to people who share a chat",
+        )
         for user_id in users:
             if user_id in mine:
                 continue

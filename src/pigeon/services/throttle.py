@@ -121,6 +121,12 @@ class Throttle:
         rule = self._rules.presence_subscribe_per_device
         await self._spend(rule, "ps:" + device_id, 1, "subscriptions")
 
+    async def key_claims(self, device_id: str, keys: int) -> None:
+        """`keys_claim`: each key asked for is one unit (one-time keys are a scarce resource
+        of their owners)."""
+        rule = self._rules.key_claims_per_device
+        await self._spend(rule, "kc:" + device_id, keys, "key claims")
+
     async def sync(self, device_id: str) -> None:
         await self._spend(self._rules.sync_per_device, "sy:" + device_id, 1, "syncs")
 

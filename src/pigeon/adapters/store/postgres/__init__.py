@@ -12,6 +12,7 @@ from pigeon.adapters.store.postgres.accounts import PgAccounts
 from pigeon.adapters.store.postgres.attachments import PgAttachments
 from pigeon.adapters.store.postgres.chats import PgChats
 from pigeon.adapters.store.postgres.db import PgDb
+from pigeon.adapters.store.postgres.keys import PgKeys
 from pigeon.adapters.store.postgres.messages import PgMessages
 from pigeon.adapters.store.postgres.push import PgPush
 from pigeon.adapters.store.postgres.schema import migrate
@@ -19,6 +20,7 @@ from pigeon.ports import (
     AccountStore,
     AttachmentStore,
     ChatStore,
+    KeyStore,
     MessageStore,
     PushStore,
     Store,
@@ -51,6 +53,7 @@ class PostgresStore:
         )
         self.attachments: AttachmentStore = PgAttachments(self.db)
         self.push: PushStore = PgPush(self.db)
+        self.keys: KeyStore = PgKeys(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

@@ -18,7 +18,7 @@ from pigeon.domain.models import ChatInfo, ChatSummary, Member
 from pigeon.ports import ChatRecord, ChatStore, InboxDepth, MemberRecord, StoreCounts
 
 _LOAD_CHAT = """
-SELECT c.kind, c.name, c.created_by, c.created_at, c.version,
+SELECT c.kind, c.name, c.created_by, c.created_at, c.version, c.encrypted,
     array(SELECT m.user_id FROM members m WHERE m.chat_id = c.id ORDER BY m.pos) AS users,
     array(SELECT m.role FROM members m WHERE m.chat_id = c.id ORDER BY m.pos) AS roles
 FROM chats c WHERE c.id = $1
@@ -45,6 +45,7 @@ ON CONFLICT DO NOTHING
 """
 _LIST_CHATS = """
 SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_at, c.last_sender, lm.preview,
+    c.encrypted,
     (SELECT count(*) FROM messages x
         WHERE x.chat_id = c.id AND x.seq > me.read_seq AND x.sender <> $1) AS unread,
     array(SELECT m.user_id FROM members m WHERE m.chat_id = c.id ORDER BY m.pos) AS members
@@ -104,6 +105,7 @@ async def load_chat(conn: asyncpg.Connection, chat_id: str) -> ChatInfo | None:
         created_by=row["created_by"],
         created_at=row["created_at"],
         version=row["version"],
+        encrypted=row["encrypted"],
         members=[Member(user=u, role=r) for u, r in zip(row["users"], row["roles"], strict=True)],
     )
 
@@ -147,7 +149,8 @@ class PgChats:
                 # ON CONFLICT waits for a concurrent creator of the same pair, then yields.
                 created = await conn.fetchval(
                     "INSERT INTO chats (id, kind, name, created_by, created_at, direct_key,"
-                    " next_pos, last_activity_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $5)"
+                    " next_pos, last_activity_at, encrypted)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $5, $8)"
                     " ON CONFLICT (direct_key) DO NOTHING RETURNING true",
                     chat.id,
                     chat.kind,
@@ -156,6 +159,7 @@ class PgChats:
                     chat.created_at,
                     key,
                     len(chat.members),
+                    chat.encrypted,
                 )
                 if not created:
                     existing_id = await conn.fetchval(
@@ -292,6 +296,7 @@ class PgChats:
                 last_sender=r["last_sender"],
                 last_preview=r["preview"],
                 unread=r["unread"],
+                encrypted=r["encrypted"],
             )
             for r in rows
         ]

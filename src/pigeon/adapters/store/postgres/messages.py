@@ -143,6 +143,7 @@ class _Send:
             at=req.at,
             body=req.body,
             attachment=req.attachment,
+            e2e=msgspec.UNSET if req.e2e is None else req.e2e,
         )
         self.head, self.tail = split_at_seq(self.draft)
         # PostgreSQL text cannot hold NUL; the preview is only a display aid (the body, in

@@ -24,6 +24,7 @@ import time
 import asyncpg
 
 from pigeon.adapters.store.postgres import batch_functions, functions, push_schema, set_functions
+from pigeon.adapters.store.postgres import keys as e2e_keys
 
 #: Key of the advisory lock that serialises migrations across nodes ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
@@ -179,6 +180,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (7, push_schema.V7),
     (8, _DISABLED_USERS),
     (9, set_functions.V9),
+    (10, e2e_keys.V10),
 ]
 
 

@@ -8,6 +8,7 @@ from pigeon.adapters.store.sqlite.accounts import SqliteAccounts
 from pigeon.adapters.store.sqlite.attachments import SqliteAttachments
 from pigeon.adapters.store.sqlite.chats import SqliteChats
 from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.adapters.store.sqlite.keys import SqliteKeys
 from pigeon.adapters.store.sqlite.messages import SqliteMessages
 from pigeon.adapters.store.sqlite.push import SqlitePush
 from pigeon.adapters.store.sqlite.schema import migrate
@@ -15,6 +16,7 @@ from pigeon.ports import (
     AccountStore,
     AttachmentStore,
     ChatStore,
+    KeyStore,
     MessageStore,
     PushStore,
     Store,
@@ -31,6 +33,7 @@ class SqliteStore:
         self.messages: MessageStore = SqliteMessages(self.db)
         self.attachments: AttachmentStore = SqliteAttachments(self.db)
         self.push: PushStore = SqlitePush(self.db)
+        self.keys: KeyStore = SqliteKeys(self.db)
 
     async def open(self) -> None:
         await self.db.open(migrate)

@@ -21,7 +21,8 @@ def direct_key(user_a: str, user_b: str) -> str:
 def load_chat(conn: sqlite3.Connection, chat_id: str) -> ChatInfo | None:
     """Read a chat and its members (join order) inside the caller's transaction."""
     row = conn.execute(
-        "SELECT kind, name, created_by, created_at, version FROM chats WHERE id = ?", (chat_id,)
+        "SELECT kind, name, created_by, created_at, version, encrypted FROM chats WHERE id = ?",
+        (chat_id,),
     ).fetchone()
     if row is None:
         return None
@@ -39,6 +40,7 @@ def load_chat(conn: sqlite3.Connection, chat_id: str) -> ChatInfo | None:
         created_at=row[3],
         version=row[4],
         members=members,
+        encrypted=bool(row[5]),
     )
 
 
@@ -95,7 +97,7 @@ class SqliteChats:
                     return existing, []
             conn.execute(
                 "INSERT INTO chats (id, kind, name, created_by, created_at, direct_key, next_pos,"
-                " last_activity_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " last_activity_at, encrypted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     chat.id,
                     chat.kind,
@@ -105,6 +107,7 @@ class SqliteChats:
                     key,
                     len(chat.members),
                     chat.created_at,
+                    chat.encrypted,
                 ),
             )
             conn.executemany(
@@ -221,12 +224,13 @@ class SqliteChats:
         def q(conn: sqlite3.Connection) -> list[ChatSummary]:
             rows = conn.execute(
                 "SELECT c.id, c.kind, c.name, c.last_seq, c.last_activity_at, c.last_sender,"
-                " c.last_preview, m.read_seq FROM members m JOIN chats c ON c.id = m.chat_id"
+                " c.last_preview, m.read_seq, c.encrypted"
+                " FROM members m JOIN chats c ON c.id = m.chat_id"
                 " WHERE m.user_id = ? ORDER BY c.last_activity_at DESC, c.id DESC",
                 (user_id,),
             ).fetchall()
             out = []
-            for cid, kind, name, last_seq, activity, sender, preview, read_seq in rows:
+            for cid, kind, name, last_seq, activity, sender, preview, read_seq, sealed in rows:
                 (unread,) = conn.execute(
                     "SELECT count(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender != ?",
                     (cid, read_seq, user_id),
@@ -248,6 +252,7 @@ class SqliteChats:
                         last_sender=sender,
                         last_preview=preview,
                         unread=unread,
+                        encrypted=bool(sealed),
                     )
                 )
             return out

@@ -133,6 +133,7 @@ class SqliteMessages:
             at=req.at,
             body=req.body,
             attachment=attachment,
+            e2e=msgspec.UNSET if req.e2e is None else req.e2e,
         )
         raw = encode_event(message)
         conn.execute(

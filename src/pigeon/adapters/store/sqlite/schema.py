@@ -212,6 +212,34 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
         ALTER TABLE users ADD COLUMN disabled_at INTEGER;
         """,
     ),
+    (
+        7,
+        # End-to-end encryption (keys.py): each device's public identity keys and fallback key,
+        # its one-time keys (deleted as they are claimed), both deleted with their device; and
+        # chats created encrypted, which refuse plaintext.
+        """
+        CREATE TABLE device_keys (
+            device_id TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+            curve25519 TEXT NOT NULL,
+            ed25519 TEXT NOT NULL,
+            bundle TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            fallback_id TEXT,
+            fallback_key TEXT,
+            fallback_signature TEXT,
+            fallback_used INTEGER NOT NULL DEFAULT 0,
+            published_at INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE one_time_keys (
+            device_id TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+            key_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            PRIMARY KEY (device_id, key_id)
+        ) WITHOUT ROWID;
+        ALTER TABLE chats ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 
