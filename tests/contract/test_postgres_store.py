@@ -212,3 +212,16 @@ async def test_the_single_call_functions_of_the_previous_version_still_work(
     acked = await pg_store.db.fetch("SELECT * FROM pigeon_ack($1, $2, $3)", db.id, iseq, T0)
     assert [r["o_device"] for r in acked] == [da.id]  # the delivered receipt
     assert isinstance(decode_event(acked[0]["o_payload"]), Receipt)
+
+
+async def test_each_migration_is_logged_once_as_it_applies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="pigeon.adapters.store.postgres.schema")
+    async with fresh_database() as dsn:
+        for _ in range(2):  # the second node finds the schema up to date: nothing to log
+            store = PostgresStore(dsn, min_connections=1, max_connections=1)
+            await store.open()
+            await store.aclose()
+    logged = [r.getMessage() for r in caplog.records if "schema migration" in r.getMessage()]
+    assert logged == [f"store schema migration {v} applied" for v, _ in MIGRATIONS]

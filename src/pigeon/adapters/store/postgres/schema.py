@@ -19,12 +19,15 @@ is not done at this size; see docs/architecture.md.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import asyncpg
 
 from pigeon.adapters.store.postgres import batch_functions, functions, push_schema, set_functions
 from pigeon.adapters.store.postgres import keys as e2e_keys
+
+log = logging.getLogger(__name__)
 
 #: Key of the advisory lock that serialises migrations across nodes ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
@@ -205,4 +208,6 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 int(time.time() * 1000),
             )
             applied.append(version)
+    for version in applied:  # after the commit: logged only once they hold
+        log.info("store schema migration %d applied", version, extra={"version": version})
     return applied
