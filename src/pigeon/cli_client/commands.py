@@ -33,6 +33,7 @@ from pigeon.cli_client.tokens import SavedLogin, TokenStore, normalize_server
 from pigeon.client import (
     ClientError,
     ConnectionLost,
+    Event,
     Message,
     PigeonClient,
     TlsFailed,
@@ -482,6 +483,8 @@ async def _print_events(session: Session, count: int | None, as_json: bool) -> N
         note(f"listening as {who} on {session.server} (device {client.device}); Ctrl-C to stop")
         messages = 0
         async for event in client.events():
+            if not isinstance(event, Event):  # an E2E notice: this CLI does not turn E2E on
+                continue
             typer.echo(render.event_json(event) if as_json else render.event_line(event, names))
             if isinstance(event, Message):
                 messages += 1

@@ -2,10 +2,20 @@
 
 Everything an application needs is importable from here: the connection (`PigeonClient`), the
 REST calls (accounts and devices), the event types that `PigeonClient.events()` yields, and
-the errors (`ClientError` and its kinds).
+the errors (`ClientError` and its kinds), and end-to-end encryption (`E2EConfig`; the crypto
+core is `pigeon.client.e2e`).
 """
 
-from pigeon.client.client import PROTOCOL_VERSIONS, PigeonClient, SendResult
+from pigeon.client.client import PROTOCOL_VERSIONS, ClientEvent, PigeonClient, SendResult
+from pigeon.client.e2e import AttachmentKey, IdentityKeyChanged, RotationPolicy
+from pigeon.client.encryption import (
+    DecryptedMessage,
+    DeviceCrypto,
+    E2EConfig,
+    E2ENotice,
+    Unreadable,
+    WaitingForKey,
+)
 from pigeon.client.errors import ClientError, ConnectionLost, IncompatibleProtocol, TlsFailed
 from pigeon.client.http import (
     Account,
@@ -32,11 +42,18 @@ __all__ = [
     "PROTOCOL_VERSIONS",
     "Account",
     "Attachment",
+    "AttachmentKey",
     "ChatUpdate",
     "ClientError",
+    "ClientEvent",
     "ConnectionLost",
+    "DecryptedMessage",
+    "DeviceCrypto",
     "DeviceList",
+    "E2EConfig",
+    "E2ENotice",
     "Event",
+    "IdentityKeyChanged",
     "IncompatibleProtocol",
     "KeysExhausted",
     "Message",
@@ -44,10 +61,13 @@ __all__ = [
     "Progress",
     "ReadState",
     "Receipt",
+    "RotationPolicy",
     "SendResult",
     "TlsFailed",
     "ToDevice",
+    "Unreadable",
     "UploadFailed",
+    "WaitingForKey",
     "find_user",
     "list_devices",
     "login",

@@ -11,7 +11,9 @@ What it adds on top of the raw protocol (docs/protocol.md):
 - delivers inbox events in `iseq` order without gaps: out-of-order frames are held, and a gap
   that does not fill within `gap_timeout` is healed with a `sync` command;
 - drops redelivered events (by `iseq`, and messages also by id);
-- acks cumulatively, in batches, once the application has taken an event from `events()`.
+- acks cumulatively, in batches, once the application has taken an event from `events()`;
+- with `e2e=E2EConfig(...)`, encrypts and decrypts transparently in encrypted chats
+  (`encryption.py`): an event is acked once it has been decrypted and taken.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import contextlib
 import itertools
 import logging
 import random
-from collections import OrderedDict
+import shutil
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ import aiohttp
 import msgspec
 
 from pigeon.client import media
+from pigeon.client.e2e import AttachmentKey, decrypt_file
+from pigeon.client.encryption import DeviceCrypto, E2EConfig, E2ENotice
 from pigeon.client.endpoint import CaFile, endpoint, tls_errors
 from pigeon.client.errors import ClientError as ClientError
 from pigeon.client.errors import ConnectionLost as ConnectionLost
@@ -75,6 +80,8 @@ class _Frame(msgspec.Struct):
 _decode_frame = msgspec.json.Decoder(_Frame).decode
 _decode_signal = msgspec.json.Decoder(PresenceFrame | TypingFrame).decode
 _encode = msgspec.json.Encoder().encode
+#: What `events()` yields: inbox events, and with E2E on, its notices (`encryption.py`).
+ClientEvent = Event | E2ENotice
 
 
 class PigeonClient:
@@ -82,7 +89,9 @@ class PigeonClient:
 
     `url`: the server's (`https://chat.example.com`, `wss://…/v1/ws`, `http://127.0.0.1:8080`).
     `ca_file`: a PEM bundle of the CA that signed its certificate, when that CA is a private one
-    (trusted on top of the system's)."""
+    (trusted on top of the system's).
+    `e2e`: turns end-to-end encryption on (`E2EConfig`: the key store's path and the 32-byte
+    key it is sealed with); off, nothing of it runs."""
 
     def __init__(
         self,
@@ -98,6 +107,7 @@ class PigeonClient:
         max_rate_wait: float = 5.0,
         request_timeout: float = 30.0,
         send_retries: int = 20,
+        e2e: E2EConfig | None = None,
     ) -> None:
         self.endpoint = endpoint(url, ca_file)
         #: The WebSocket URL (ws:// or wss://).
@@ -146,6 +156,10 @@ class PigeonClient:
         self._ack_wanted = asyncio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._signals: asyncio.Queue[PresenceFrame | TypingFrame | ClientError] = asyncio.Queue()
+        #: The device's encryption (None unless `e2e` was given); its store opens on connect.
+        self.crypto = DeviceCrypto(e2e, self.request) if e2e is not None else None
+        self._ready: deque[ClientEvent] = deque()
+        self._processing: asyncio.Task[tuple[int, list[ClientEvent]]] | None = None
 
     async def __aenter__(self) -> PigeonClient:
         await self.connect()
@@ -166,6 +180,10 @@ class PigeonClient:
             self._acker = loop.create_task(self._ack_loop())
         try:
             await asyncio.wait_for(asyncio.shield(self._first), timeout)
+            if self.crypto is not None:
+                assert self.user is not None and self.device is not None
+                self.crypto.open(self.user, self.device)
+                await self.crypto.publish_keys()
         except BaseException:
             await self.close()
             raise
@@ -179,7 +197,7 @@ class PigeonClient:
                 async with asyncio.timeout(2.0):
                     await self.ack(self._handled)
         self._closing = True
-        for task in (self._acker, self._runner):
+        for task in (self._acker, self._runner, self._processing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -240,11 +258,24 @@ class PigeonClient:
         push_preview: str | None = None,
     ) -> SendResult:
         """Send a message; returns once it is durably committed. Retries under the same cmid.
-        `push_preview`: the text recipients' pushes show (else they show none)."""
+        `push_preview`: the text recipients' pushes show (else they show none). With E2E on, a
+        message to an encrypted chat is encrypted (its room key shared first)."""
+        return await self._send(
+            chat, body, attachment=attachment, cmid=cmid, push_preview=push_preview
+        )
+
+    async def _send(
+        self,
+        chat: str,
+        body: str | None,
+        *,
+        attachment: str | None,
+        cmid: str | None,
+        push_preview: str | None,
+        file: dict[str, Any] | None = None,
+    ) -> SendResult:
         cmid = cmid or new_id()
-        fields: dict[str, Any] = {"chat": chat, "cmid": cmid}
-        if body is not None:
-            fields["body"] = body
+        fields: dict[str, Any] = {"chat": chat, "cmid": cmid, **await self._body(chat, body, file)}
         if push_preview is not None:
             fields["push_preview"] = push_preview
         if attachment is not None:
@@ -274,25 +305,63 @@ class PigeonClient:
                 await asyncio.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
 
-    async def create_chat(
-        self, participants: list[str], name: str | None = None, kind: str | None = None
+    async def _body(
+        self, chat: str, body: str | None, file: dict[str, Any] | None
     ) -> dict[str, Any]:
+        """The message's `body`, or its `e2e` envelope in an encrypted chat (E2E on)."""
+        if self.crypto is None or not await self.crypto.is_encrypted(chat):
+            return {} if body is None else {"body": body}
+        content: dict[str, Any] = {} if body is None else {"body": body}
+        if file is not None:
+            content["attachment"] = file
+        return {"e2e": await self.crypto.encrypt(chat, content)}
+
+    async def create_chat(
+        self,
+        participants: list[str],
+        name: str | None = None,
+        kind: str | None = None,
+        *,
+        encrypted: bool = False,
+    ) -> dict[str, Any]:
+        """Create a chat; `encrypted=True` makes it end-to-end encrypted for good (a direct
+        chat that exists already is returned as it is: check its `encrypted`)."""
         fields: dict[str, Any] = {"participants": participants}
         if name is not None:
             fields["name"] = name
         if kind is not None:
             fields["kind"] = kind
-        return dict(await self.request("create_chat", **fields))
+        if encrypted:
+            fields["encrypted"] = True
+        chat = dict(await self.request("create_chat", **fields))
+        if self.crypto is not None:
+            self.crypto.learn_chat(chat)
+        return chat
 
     async def modify_participants(
         self, chat: str, add: list[str] | None = None, remove: list[str] | None = None
     ) -> dict[str, Any]:
-        return dict(
+        """Add or remove members; with E2E on, a removal rotates the chat's session."""
+        info = dict(
             await self.request("modify_participants", chat=chat, add=add or [], remove=remove or [])
         )
+        if self.crypto is not None:
+            self.crypto.learn_chat(info)
+            self.crypto.members_changed(chat, removed=bool(remove))
+        return info
 
     async def leave_chat(self, chat: str) -> None:
         await self.request("leave_chat", chat=chat)
+        if self.crypto is not None:
+            self.crypto.forget_chat(chat)
+
+    async def fingerprint(self, user: str) -> str:
+        """The safety number of this user and `user` (60 digits in groups of five), from the
+        identity keys of both users' devices: read it out or compare it with theirs; it is the
+        same on both sides unless someone's keys were swapped. Needs E2E on."""
+        if self.crypto is None:
+            raise ClientError("e2e_off", "end-to-end encryption is not on for this client")
+        return await self.crypto.fingerprint(user)
 
     async def list_chats(self) -> list[dict[str, Any]]:
         return list((await self.request("list_chats"))["chats"])
@@ -310,9 +379,13 @@ class PigeonClient:
 
     # -- events ----------------------------------------------------------------------------
 
-    async def next_event(self, timeout: float | None = None) -> Event:
-        """The next inbox event, in order. Raises `ClientError` if the server closed us for good."""
+    async def next_event(self, timeout: float | None = None) -> ClientEvent:
+        """The next inbox event, in order. Raises `ClientError` if the server closed us for good.
+        With E2E on, messages come decrypted, room keys are consumed, and E2E notices come
+        too (`WaitingForKey`, `Unreadable`, `IdentityKeyChanged`)."""
         async with asyncio.timeout(timeout):
+            if self.crypto is not None:
+                return await self._next_decrypted()
             while True:
                 item = await self._events.get()
                 if isinstance(item, ClientError):
@@ -323,7 +396,35 @@ class PigeonClient:
                 if event is not None:
                     return event
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def _next_decrypted(self) -> ClientEvent:
+        assert self.crypto is not None
+        self._ready.extend(self.crypto.take_notices())  # e.g. a key change seen by a send
+        while not self._ready:
+            if self._processing is None:
+                item = await self._events.get()
+                if isinstance(item, ClientError):
+                    self._events.put_nowait(item)
+                    raise item
+                self._processing = asyncio.get_running_loop().create_task(self._decrypt(*item))
+            # shielded: a timeout in the application does not lose the event half handled
+            task = self._processing
+            try:
+                iseq, out = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    raise ClientError("closed", "client closed") from None  # by close()
+                raise
+            self._processing = None
+            self._mark_handled(iseq)
+            self._ready.extend(out)
+        return self._ready.popleft()
+
+    async def _decrypt(self, iseq: int, event: Event | None) -> tuple[int, list[ClientEvent]]:
+        assert self.crypto is not None
+        return iseq, [] if event is None else await self.crypto.process(event)
+
+    async def events(self) -> AsyncIterator[ClientEvent]:
         """All inbox events, forever (until a permanent close)."""
         while True:
             yield await self.next_event()
@@ -390,11 +491,41 @@ class PigeonClient:
         progress: media.Progress | None = None,
     ) -> SendResult:
         """Upload a file and send it to `chat` (with an optional caption `body`); `progress` as
-        in `upload_file`."""
+        in `upload_file`. With E2E on and `chat` encrypted, the file is encrypted before upload
+        and its key, type and name travel inside the encrypted message."""
+        if self.crypto is not None and await self.crypto.is_encrypted(chat):
+            return await self._send_encrypted_file(chat, Path(path), body, content_type, progress)
         attachment = await self.upload_file(
             Path(path), content_type=content_type, encrypted=encrypted, progress=progress
         )
         return await self.send(chat, body, attachment=attachment["id"])
+
+    async def _send_encrypted_file(
+        self,
+        chat: str,
+        path: Path,
+        body: str | None,
+        content_type: str | None,
+        progress: media.Progress | None,
+    ) -> SendResult:
+        assert self.crypto is not None
+        size, _, ctype = await asyncio.to_thread(media.describe, path, content_type)
+        sealed, key = await self.crypto.encrypt_attachment(path)
+        try:
+            uploaded = await self.upload_file(
+                sealed, content_type="application/octet-stream", encrypted=True, progress=progress
+            )
+        finally:
+            shutil.rmtree(sealed.parent, ignore_errors=True)
+        file = {
+            "key": msgspec.to_builtins(key),
+            "content_type": ctype,
+            "filename": path.name,
+            "size": size,
+        }
+        return await self._send(
+            chat, body, attachment=uploaded["id"], cmid=None, push_preview=None, file=file
+        )
 
     async def attachment_url(self, attachment: str, *, thumbnail: bool = False) -> str:
         """A signed download URL of an attachment (or its thumbnail) shared with this user."""
@@ -409,18 +540,32 @@ class PigeonClient:
         thumbnail: bool = False,
         sha256: str | None = None,
         progress: media.Progress | None = None,
+        key: AttachmentKey | None = None,
     ) -> int:
         """Download an attachment (streamed) into `target`; returns the bytes written. Pass the
         `sha256` its message carries to have the bytes checked (not for thumbnails).
-        `progress(bytes_so_far, total)` is called after every chunk (total: None if unknown)."""
+        `progress(bytes_so_far, total)` is called after every chunk (total: None if unknown).
+        `key` (a `DecryptedMessage`'s `attachment_key`): the file is encrypted; it is decrypted
+        into `target`, which appears only if its hash matched (else `AttachmentCorrupt`)."""
         url = await self.attachment_url(attachment, thumbnail=thumbnail)
-        return await media.download(
-            self.endpoint.base, url, Path(target), sha256, progress=progress, ssl=self.endpoint.ssl
-        )
+        target = Path(target)
+        if key is None:
+            return await media.download(
+                self.endpoint.base, url, target, sha256, progress=progress, ssl=self.endpoint.ssl
+            )
+        sealed = target.with_name(f".{target.name}.{new_id()}.sealed")
+        try:
+            await media.download(
+                self.endpoint.base, url, sealed, sha256, progress=progress, ssl=self.endpoint.ssl
+            )
+            await asyncio.to_thread(decrypt_file, sealed, target, key)
+        finally:
+            sealed.unlink(missing_ok=True)
+        return key.size
 
     def pending_events(self) -> int:
         """Events received and not yet taken by the application."""
-        return self._events.qsize()
+        return self._events.qsize() + len(self._ready)
 
     # -- internals -------------------------------------------------------------------------
 

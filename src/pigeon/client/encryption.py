@@ -1,0 +1,450 @@
+"""End-to-end encryption wired into a connection: `PigeonClient(..., e2e=E2EConfig(...))`.
+
+Why it exists apart from `e2e/`: the crypto core knows no server; this module is what talks to
+it on the core's behalf (keys_upload, keys_query, keys_claim, send_to_device) and keeps what a
+device must remember between events: which chats are encrypted and who is in them, whose
+devices were verified, which messages wait for a key.
+
+What it guarantees:
+- **sending**: before each encrypted message the chat's Megolm session is shared with every
+  current member device that lacks it (a one-time key is claimed and an Olm session started
+  for a device met for the first time); the session is replaced when a member leaves or is
+  removed, when a device is revoked, and per the `RotationPolicy`;
+- **receiving**: a room key is imported only if it came over Olm from a verified device of a
+  member of its chat; a message decrypts into a `DecryptedMessage` (a `Message`, so code that
+  reads `body` keeps working) only if its sender's identity key is the one the device list
+  gave; one that cannot be decrypted yet is a `WaitingForKey` event and comes again, decrypted,
+  when its key arrives; nothing here raises into the event loop;
+- **trust**: a known device whose identity keys change is never encrypted to, and is reported
+  as an `IdentityKeyChanged` event; `fingerprint(user)` gives the safety number to compare.
+The store is saved after every change (a key used, a session moved or imported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pigeon.client.e2e import (
+    AttachmentKey,
+    CryptoStore,
+    Decrypted,
+    DeviceIdentity,
+    DeviceInfo,
+    E2EError,
+    Envelope,
+    IdentityKeyChanged,
+    MissingKey,
+    NewDevice,
+    RotationPolicy,
+    StoreCorrupt,
+    encrypt_file,
+    safety_number,
+    verify_identity,
+)
+from pigeon.client.errors import ClientError
+from pigeon.domain.events import ChatUpdate, DeviceList, Event, KeysExhausted, Message, ToDevice
+from pigeon.domain.keys import E2EEnvelope
+from pigeon.domain.models import Attachment
+
+log = logging.getLogger(__name__)
+Request = Callable[..., Awaitable[Any]]
+#: Devices per `keys_claim` and `send_to_device` (the server's default `e2e.max_targets`).
+MAX_TARGETS = 1000
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """Turns end-to-end encryption on for a client.
+
+    `store`: the device's key store file (created on the first connect, opened afterwards; one
+    file per device). `pickle_key`: 32 bytes the application keeps (e.g. in the OS keychain):
+    the store is sealed with it. `one_time_keys`: how many one-time keys to keep on the server
+    (capped by the server's and vodozemac's maxima)."""
+
+    store: Path
+    pickle_key: bytes
+    policy: RotationPolicy | None = None
+    one_time_keys: int = 50
+
+
+class DecryptedMessage(Message, frozen=True, kw_only=True):
+    """An encrypted message, decrypted: `body` holds its text, `e2e` still holds the envelope
+    (so the application knows it was encrypted), `sender_ed25519` the sender device's verified
+    key, and `attachment_key` the key of its encrypted file (pass it to `download(key=...)`)."""
+
+    sender_ed25519: str = ""
+    attachment_key: AttachmentKey | None = None
+    #: The message's whole decrypted content (`body`, `attachment`, anything the sender added).
+    content: dict[str, Any] = {}
+
+
+class WaitingForKey(msgspec.Struct, frozen=True, kw_only=True):
+    """ "Waiting for this message": an encrypted message whose room key has not arrived. When it
+    does, the message comes again as a `DecryptedMessage` with the same `id`."""
+
+    message: Message
+    session_id: str
+
+
+class Unreadable(msgspec.Struct, frozen=True, kw_only=True):
+    """An encrypted message that will never decrypt (tampered with, replayed, or not from the
+    device it claims): show that it could not be read, never its content."""
+
+    message: Message
+    reason: str
+
+
+#: What `PigeonClient.events()` yields besides the inbox's events when E2E is on.
+E2ENotice = WaitingForKey | Unreadable | IdentityKeyChanged
+
+
+class _Chat(msgspec.Struct, kw_only=True):
+    encrypted: bool
+    members: set[str]
+
+
+class DeviceCrypto:
+    """One device's encryption state bound to its connection (`request`)."""
+
+    def __init__(self, config: E2EConfig, request: Request) -> None:
+        self.config = config
+        self._request = request
+        self.store: CryptoStore | None = None
+        self._chats: dict[str, _Chat] = {}
+        #: Verified, trusted devices of each user, as last queried (dropped on `device_list`).
+        self._devices: dict[str, list[DeviceInfo]] = {}
+        #: Messages waiting for a room key, by (sender key, session id).
+        self._waiting: dict[tuple[str, str], list[Message]] = {}
+        self._notices: list[E2ENotice] = []
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self, user: str, device: str) -> CryptoStore:
+        """Open the device's store, or create it on the first connect."""
+        if self.store is not None:
+            return self.store
+        path, key = self.config.store, self.config.pickle_key
+        if path.exists():
+            store = CryptoStore.open(path, key, policy=self.config.policy)
+            if (store.me.user, store.me.device) != (user, device):
+                raise StoreCorrupt(f"{path} belongs to device {store.me.device}, not {device}")
+        else:
+            store = CryptoStore.create(
+                path, key, user=user, device=device, policy=self.config.policy
+            )
+        self.store = store
+        return store
+
+    def _me(self) -> CryptoStore:
+        if self.store is None:
+            raise E2EError("e2e_not_ready", "the key store opens on connect")
+        return self.store
+
+    async def publish_keys(self) -> dict[str, Any]:
+        """Publish the identity keys (harmless when already published) and top up the one-time
+        and fallback keys from the server's counts; returns the counts after the upload."""
+        store = self._me()
+        counts = await self._request("keys_upload")
+        upload = store.keys_to_upload(
+            on_server=int(counts["one_time_keys"]),
+            target=min(self.config.one_time_keys, int(counts["max_one_time_keys"])),
+            fallback_needed=not counts["fallback_key"] or bool(counts["fallback_used"]),
+            first=True,
+        )
+        result = await self._request("keys_upload", **msgspec.to_builtins(upload))
+        store.keys_published()
+        return dict(result)
+
+    # -- chats -------------------------------------------------------------------------------
+
+    def learn_chat(self, chat: dict[str, Any]) -> None:
+        """Remember a chat from a ChatInfo reply (create_chat, modify_participants)."""
+        members = {m["user"] if isinstance(m, dict) else str(m) for m in chat["members"]}
+        self._chats[chat["id"]] = _Chat(encrypted=bool(chat.get("encrypted")), members=members)
+
+    def members_changed(self, chat: str, removed: bool) -> None:
+        """After a membership change this device made or heard of: a removal rotates."""
+        if removed:
+            self._me().groups.rotate(chat)
+            self._me().save()
+
+    def forget_chat(self, chat: str) -> None:
+        self._chats.pop(chat, None)
+        self._me().groups.rotate(chat)
+        self._me().save()
+
+    async def _chat(self, chat: str) -> _Chat | None:
+        known = self._chats.get(chat)
+        if known is None:
+            for summary in (await self._request("list_chats"))["chats"]:
+                self.learn_chat(summary)
+            known = self._chats.get(chat)
+        return known
+
+    async def is_encrypted(self, chat: str) -> bool:
+        known = await self._chat(chat)
+        return known is not None and known.encrypted
+
+    # -- devices -----------------------------------------------------------------------------
+
+    async def _query(self, users: list[str]) -> list[DeviceInfo]:
+        """The users' devices whose identity verifies and is the one known (trust on first use);
+        a changed one is left out and reported."""
+        store = self._me()
+        reply = await self._request("keys_query", users=users)
+        found: dict[str, list[DeviceInfo]] = {user: [] for user in users}
+        changed = False
+        for entry in reply["devices"]:
+            if entry["identity"] is None:
+                continue
+            try:
+                identity = msgspec.convert(entry["identity"], DeviceIdentity)
+                info = verify_identity(identity, entry["user"], entry["device"])
+            except (msgspec.ValidationError, E2EError) as exc:
+                log.warning("device %s/%s: %s", entry["user"], entry["device"], exc)
+                continue
+            check = store.devices.check(info)
+            if isinstance(check, IdentityKeyChanged):
+                log.warning("identity keys of %s/%s changed", info.user, info.device)
+                self._notices.append(check)
+                continue
+            changed |= isinstance(check, NewDevice)
+            found.setdefault(info.user, []).append(info)
+        if changed:
+            store.save()
+        self._devices.update(found)
+        return [device for user in users for device in found.get(user, [])]
+
+    async def devices_of(self, users: list[str]) -> list[DeviceInfo]:
+        """The trusted devices of `users` (queried once, again after a `device_list` event)."""
+        unknown = sorted({u for u in users if u not in self._devices})
+        if unknown:
+            await self._query(unknown)
+        return [d for user in users for d in self._devices.get(user, [])]
+
+    async def _sender(self, user: str, device: str) -> DeviceInfo | None:
+        known = self._me().devices.get(user, device)
+        if known is not None:
+            return known
+        for info in await self._query([user]):
+            if info.device == device:
+                return info
+        return None
+
+    async def fingerprint(self, user: str) -> str:
+        """The safety number of this user and `user` (the same on both sides)."""
+        me = self._me().me
+        mine = [d.ed25519 for d in await self._query([me.user])] + [me.ed25519]
+        theirs = [d.ed25519 for d in await self._query([user])]
+        return await asyncio.to_thread(safety_number, me.user, mine, user, theirs)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def encrypt(self, chat: str, content: dict[str, Any]) -> dict[str, Any]:
+        """Share the chat's session with every member device lacking it, then encrypt
+        `content`; returns the `e2e` envelope (wire form). One send (or event being handled) at
+        a time per device."""
+        async with self._lock:
+            store = self._me()
+            known = await self._chat(chat)
+            members = sorted(known.members) if known is not None else [store.me.user]
+            devices = await self.devices_of(members)
+            to_share = store.groups.share(chat, devices)
+            if to_share:
+                try:
+                    await self._share(to_share)
+                except BaseException:
+                    store.groups.rotate(chat)  # some may lack the key: start afresh next time
+                    store.save()
+                    raise
+            envelope = store.groups.encrypt(chat, content)
+            store.save()
+            return msgspec.to_builtins(envelope)  # type: ignore[no-any-return]
+
+    async def _share(self, to_share: list[tuple[DeviceInfo, Any]]) -> None:
+        store = self._me()
+        fresh = [d for d, _ in to_share if not store.olm.has_session(d)]
+        if fresh:
+            await self._start_sessions(fresh)
+        messages = []
+        for device, key in to_share:
+            if store.olm.has_session(device):
+                payload = store.olm.encrypt(device, msgspec.to_builtins(key))
+                messages.append({"device": device.device, "payload": payload})
+            else:
+                log.warning("no key for %s/%s: it cannot read this session", *device_name(device))
+        store.save()
+        for start in range(0, len(messages), MAX_TARGETS):
+            await self._request("send_to_device", messages=messages[start : start + MAX_TARGETS])
+
+    async def _start_sessions(self, devices: list[DeviceInfo]) -> None:
+        store = self._me()
+        by_id = {d.device: d for d in devices}
+        ids = sorted(by_id)
+        keys: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MAX_TARGETS):
+            claimed = await self._request("keys_claim", devices=ids[start : start + MAX_TARGETS])
+            keys.extend(claimed["keys"])
+        for key in keys:
+            device = by_id.get(key["device"])
+            if device is None or device.user != key["user"]:
+                continue
+            try:
+                store.olm.start(
+                    device, key["id"], key["key"], key["signature"], fallback=bool(key["fallback"])
+                )
+            except E2EError as exc:
+                log.warning("cannot start a session with %s/%s: %s", *device_name(device), exc)
+
+    async def encrypt_attachment(self, path: Path) -> tuple[Path, AttachmentKey]:
+        """Encrypt a file for upload into a temporary file (the caller deletes its directory)."""
+        folder = Path(tempfile.mkdtemp(prefix="pigeon-e2e-"))
+        sealed = folder / "encrypted"
+        key = await asyncio.to_thread(encrypt_file, path, sealed)
+        return sealed, key
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def take_notices(self) -> list[E2ENotice]:
+        """Notices raised outside event handling (a key change seen while sending)."""
+        notices, self._notices = self._notices, []
+        return notices
+
+    async def process(self, event: Event) -> list[Event | E2ENotice]:
+        """What the application gets for one inbox event; never raises but for cancellation."""
+        try:
+            async with self._lock:  # a rotation must not land between a send's share and encrypt
+                out = await self._process(event)
+        except (ClientError, ValueError, msgspec.ValidationError) as exc:
+            log.warning("e2e: could not handle a %s event: %s", type(event).__name__, exc)
+            out = [] if isinstance(event, ToDevice) else [event]
+        notices, self._notices = self._notices, []
+        return [*notices, *out]
+
+    async def _process(self, event: Event) -> list[Event | E2ENotice]:
+        if isinstance(event, Message):
+            return [self._decrypt(event)] if isinstance(event.e2e, E2EEnvelope) else [event]
+        if isinstance(event, ToDevice):
+            return await self._to_device(event)
+        if isinstance(event, ChatUpdate):
+            self._chat_update(event)
+        elif isinstance(event, DeviceList):
+            self._device_list(event)
+        elif isinstance(event, KeysExhausted):
+            await self.publish_keys()
+        return [event]
+
+    def _chat_update(self, event: ChatUpdate) -> None:
+        store = self._me()
+        info = event.chat
+        if store.me.user in event.removed:
+            self.forget_chat(info.id)
+            return
+        members = {m.user for m in info.members}
+        self._chats[info.id] = _Chat(encrypted=info.encrypted, members=members)
+        self.members_changed(info.id, removed=bool(event.removed))
+
+    def _device_list(self, event: DeviceList) -> None:
+        store = self._me()
+        self._devices.pop(event.user, None)  # queried again before the next share
+        if event.change == "removed":
+            store.groups.device_revoked(event.user, event.device)
+            store.devices.forget(event.user, event.device)
+            store.save()
+
+    async def _to_device(self, event: ToDevice) -> list[Event | E2ENotice]:
+        store = self._me()
+        sender = await self._sender(event.sender, event.sender_device)
+        if sender is None:
+            log.warning("to-device payload from unknown device %s", event.sender_device)
+            return []
+        try:
+            content = store.olm.decrypt(sender, event.payload)
+        except E2EError as exc:
+            log.warning("to-device payload from %s dropped: %s", event.sender_device, exc)
+            return []
+        finally:
+            store.save()
+        if content.get("type") != "room_key":
+            return []
+        chat = await self._chat(str(content.get("chat")))
+        if chat is None or sender.user not in chat.members:
+            log.warning("room key from %s for a chat it is not in", event.sender_device)
+            return []
+        key = store.groups.import_room_key(sender, content)
+        store.save()
+        if key is None:
+            return []
+        waiting = self._waiting.pop((sender.curve25519, key.session_id), [])
+        return [self._decrypt(message) for message in waiting]
+
+    def _decrypt(self, message: Message) -> DecryptedMessage | E2ENotice:
+        store = self._me()
+        envelope = msgspec.convert(msgspec.to_builtins(message.e2e), Envelope)
+        result = store.groups.decrypt(
+            message.chat,
+            envelope,
+            sender=message.sender,
+            sender_device=message.sender_device,
+            message_id=message.id,
+        )
+        store.save()
+        if isinstance(result, MissingKey):
+            where = (envelope.sender_key, envelope.session_id)
+            self._waiting.setdefault(where, []).append(message)
+            return WaitingForKey(message=message, session_id=envelope.session_id)
+        if not isinstance(result, Decrypted):
+            reason = getattr(result, "reason", type(result).__name__.lower())
+            return Unreadable(message=message, reason=reason)
+        known = store.devices.get(result.sender, result.sender_device)
+        if known is None or known.ed25519 != result.sender_ed25519:
+            return Unreadable(message=message, reason="sender keys not in the device list")
+        return _decrypted(message, result)
+
+
+def _decrypted(message: Message, result: Decrypted) -> DecryptedMessage:
+    content = result.content
+    body = content.get("body")
+    key: AttachmentKey | None = None
+    attachment = message.attachment
+    described = content.get("attachment")
+    if isinstance(described, dict):
+        try:
+            key = msgspec.convert(described.get("key"), AttachmentKey)
+        except msgspec.ValidationError:
+            key = None
+        if attachment is not None:  # what the sender said the file is (the server saw none)
+            attachment = msgspec.structs.replace(
+                attachment,
+                content_type=described.get("content_type"),
+                filename=described.get("filename"),
+                size=described.get("size"),
+            )
+    return DecryptedMessage(
+        id=message.id,
+        chat=message.chat,
+        seq=message.seq,
+        sender=message.sender,
+        sender_device=message.sender_device,
+        cmid=message.cmid,
+        at=message.at,
+        body=body if isinstance(body, str) else None,
+        attachment=attachment if isinstance(attachment, Attachment) else None,
+        e2e=message.e2e,
+        sender_ed25519=result.sender_ed25519,
+        attachment_key=key,
+        content=content,
+    )
+
+
+def device_name(device: DeviceInfo) -> tuple[str, str]:
+    return device.user, device.device

@@ -1,0 +1,405 @@
+"""The SDK's transparent end-to-end encryption over real servers on loopback: `PigeonClient(...,
+e2e=E2EConfig(...))` publishes keys on connect, shares Megolm sessions over Olm before sending,
+and yields decrypted messages from `events()`. The server's stored rows hold ciphertext only; a
+removed member cannot read later messages; a device added later reads new ones; encrypted
+attachments round-trip; safety numbers agree; a changed identity key is reported."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from pigeon.app import STORE
+from pigeon.client import (
+    ChatUpdate,
+    ClientError,
+    DecryptedMessage,
+    DeviceList,
+    E2EConfig,
+    IdentityKeyChanged,
+    KeysExhausted,
+    Message,
+    PigeonClient,
+    ToDevice,
+    Unreadable,
+    WaitingForKey,
+    revoke_device,
+)
+from pigeon.client.e2e import DeviceInfo, MissingKey
+from pigeon.config import PostgresSettings
+from pigeon.gateway.keys import SETTINGS
+from tests.conftest import Server, ServerFactory, next_of
+from tests.e2e.test_retention import _bodies
+
+pytest.importorskip("vodozemac")
+
+
+class People:
+    """Users of one test and their E2E devices (each with its own store and key)."""
+
+    def __init__(self, server: Server, tmp_path: Path) -> None:
+        self.server = server
+        self.tmp_path = tmp_path
+        self.names: dict[str, str] = {}
+        tmp_path.mkdir(parents=True, exist_ok=True)
+
+    async def device(self, who: str, name: str = "phone", **kw: Any) -> PigeonClient:
+        if who not in self.names:
+            self.names[who], _ = await self.server.user(who)
+        account = await self.server.device(self.names[who], name)
+        config = E2EConfig(
+            store=self.tmp_path / f"{who}-{account.device}.keys",
+            pickle_key=secrets.token_bytes(32),
+        )
+        return await self.server.client(account, e2e=config, **kw)
+
+
+async def decrypted(client: PigeonClient, timeout: float = 5.0) -> DecryptedMessage:
+    return await next_of(client, DecryptedMessage, timeout)
+
+
+def user(client: PigeonClient) -> str:
+    assert client.user is not None
+    return client.user
+
+
+async def test_direct_chat_and_group_both_ways_with_no_plaintext_on_the_server(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_phone = await people.device("bob", "phone")
+    bob_laptop = await people.device("bob", "laptop", auto_ack=False)  # keeps rows undeleted
+    carol = await people.device("carol")
+    plaintexts = []
+
+    direct = await alice.create_chat([user(bob_phone)], encrypted=True)
+    assert direct["encrypted"] is True
+    text = "psst bob, the code is 4711"
+    plaintexts.append(text)
+    sent = await alice.send(direct["id"], text)
+    for device in (bob_phone, bob_laptop):
+        message = await decrypted(device)
+        assert (message.id, message.body, message.sender) == (sent.id, text, user(alice))
+        assert isinstance(message, Message) and message.e2e
+    reply = "got it alice, burning this note"
+    plaintexts.append(reply)
+    await bob_phone.send(direct["id"], reply)
+    assert (await decrypted(alice)).body == reply
+    assert (await decrypted(bob_laptop)).body == reply  # bob's other device reads it too
+
+    group = await alice.create_chat(
+        [user(bob_phone), user(carol)], "plotters", "group", encrypted=True
+    )
+    for sender, receivers in (
+        (alice, (bob_phone, bob_laptop, carol)),
+        (carol, (alice, bob_phone, bob_laptop)),
+        (bob_laptop, (alice, bob_phone, carol)),
+    ):
+        text = f"group secret from {sender.device}"
+        plaintexts.append(text)
+        sent = await sender.send(group["id"], text)
+        for receiver in receivers:
+            message = await decrypted(receiver)
+            assert (message.id, message.body, message.chat) == (sent.id, text, group["id"])
+
+    rows = await _bodies(server)
+    assert any(raw is not None for raw in rows.values())  # bob's laptop never acked
+    for raw in rows.values():
+        for text in plaintexts:
+            assert text.encode() not in (raw or b"")
+    await assert_nowhere_on_the_server(server, plaintexts)
+    assert not [t for t in plaintexts if t in caplog.text]  # nor in the server's log
+
+
+async def assert_nowhere_on_the_server(server: Server, plaintexts: list[str]) -> None:
+    """No plaintext in any file of the server's data directory (SQLite, blobs) nor, on
+    PostgreSQL, in any row of any table."""
+    settings = server.app[SETTINGS]
+    if isinstance(settings.store, PostgresSettings):
+        conn = await asyncpg.connect(settings.store.dsn)
+        try:
+            tables = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+            for table in tables:
+                name = table["table_name"]
+                rows = await conn.fetch(f'SELECT t::text AS row FROM "{name}" t')
+                dump = "\n".join(r["row"] for r in rows)
+                assert not [t for t in plaintexts if t in dump], name
+        finally:
+            await conn.close()
+    else:
+        path = Path(server.app[STORE].db._path)
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(FULL)")
+    _assert_not_in_files(Path(settings.data_dir), plaintexts)
+
+
+def _assert_not_in_files(folder: Path, plaintexts: list[str]) -> None:
+    files = [file for file in folder.rglob("*") if file.is_file()]
+    assert files
+    for file in files:
+        data = file.read_bytes()
+        assert not [t for t in plaintexts if t.encode() in data], file
+
+
+async def test_plaintext_to_an_encrypted_chat_is_refused(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    plain = await server.client(await server.device(people.names["alice"], "old app"))
+    with pytest.raises(ClientError) as err:
+        await plain.send(chat["id"], "in the clear")
+    assert err.value.code == "e2e_required"
+
+
+async def test_a_removed_member_cannot_read_later_messages(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob, carol = [await people.device(w) for w in ("alice", "bob", "carol")]
+    group = await alice.create_chat([user(bob), user(carol)], "g", "group", encrypted=True)
+    await alice.send(group["id"], "before")
+    before = await decrypted(carol)
+    assert before.body == "before" == (await decrypted(bob)).body
+
+    await alice.modify_participants(group["id"], remove=[user(carol)])
+    await alice.send(group["id"], "after")
+    after = await decrypted(bob)
+    assert after.body == "after"
+    assert after.e2e and before.e2e and after.e2e.session_id != before.e2e.session_id  # rotated
+    update = await next_of(carol, ChatUpdate)
+    assert user(carol) in update.removed
+    # were the ciphertext handed to carol anyway (a leak), she has no key to it
+    assert carol.crypto is not None
+    leaked = Message(
+        id=after.id,
+        chat=after.chat,
+        seq=after.seq,
+        sender=after.sender,
+        sender_device=after.sender_device,
+        cmid=after.cmid,
+        at=after.at,
+        e2e=after.e2e,
+    )
+    (result,) = await carol.crypto.process(leaked)
+    assert isinstance(result, WaitingForKey)
+
+
+async def test_a_device_added_later_reads_new_messages(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    await alice.send(chat["id"], "old news")
+    assert (await decrypted(bob)).body == "old news"
+
+    tablet = await people.device("bob", "tablet")
+    while True:  # alice hears of the tablet and of its keys
+        change = await next_of(alice, DeviceList)
+        if (change.device, change.change) == (tablet.device, "keys"):
+            break
+    sent = await alice.send(chat["id"], "fresh news")
+    message = await decrypted(tablet)
+    assert (message.id, message.body) == (sent.id, "fresh news")
+    assert (await decrypted(bob)).body == "fresh news"
+
+
+async def test_an_encrypted_attachment_round_trips(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    photo = tmp_path / "holiday.jpg"
+    secret = b"\xff\xd8\xff" + b"a photo of the treasure map " * 2000
+    photo.write_bytes(secret)
+    await alice.send_file(chat["id"], photo, "see attached")
+
+    message = await decrypted(bob)
+    assert message.body == "see attached" and message.attachment is not None
+    assert message.attachment_key is not None
+    assert message.attachment.encrypted
+    assert (message.attachment.filename, message.attachment.size) == ("holiday.jpg", len(secret))
+    assert message.attachment.content_type == "image/jpeg"
+    out = tmp_path / "received.jpg"
+    size = await bob.download(message.attachment.id, out, key=message.attachment_key)
+    assert (size, out.read_bytes()) == (len(secret), secret)
+    blob = tmp_path / "as-stored.bin"
+    await bob.download(message.attachment.id, blob)  # what the server keeps: ciphertext
+    assert blob.read_bytes() != secret and secret[100:200] not in blob.read_bytes()
+    await assert_nowhere_on_the_server(server, ["a photo of the treasure map", "see attached"])
+    assert message.attachment.meta["thumbnail_skipped"] == "encrypted"  # none of ciphertext
+
+
+async def test_fingerprints_match_and_a_changed_identity_key_is_reported(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    carol = await people.device("carol")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    await alice.create_chat([user(carol)], encrypted=True)
+    await alice.send(chat["id"], "hello")
+    assert (await decrypted(bob)).body == "hello"
+
+    number = await alice.fingerprint(user(bob))
+    assert number == await bob.fingerprint(user(alice))
+    assert len(number.split()) == 12
+    assert number != await alice.fingerprint(user(carol))
+
+    # alice's store knew other keys for bob's device than the server now gives
+    assert alice.crypto is not None and alice.crypto.store is not None
+    real = alice.crypto.store.devices.get(user(bob), str(bob.device))
+    assert real is not None
+    forged = DeviceInfo(user=real.user, device=real.device, curve25519="A" * 43, ed25519="B" * 43)
+    alice.crypto.store.devices.accept(forged)
+    await alice.fingerprint(user(bob))  # asks the server for bob's keys again
+    warning = await next_of(alice, IdentityKeyChanged)
+    assert (warning.known, warning.new) == (forged, real)
+
+
+async def test_two_nodes_encrypted_both_ways(
+    make_server: ServerFactory, tmp_path: Path, postgres_dsn: str, redis_url: str
+) -> None:
+    shared = {
+        "store": {"type": "postgres", "dsn": postgres_dsn},
+        "bus": {"type": "redis"},
+        "presence": {"type": "redis"},
+        "redis": {"url": redis_url},
+    }
+    node_a, node_b = await make_server(**shared), await make_server(**shared)
+    alice = await People(node_a, tmp_path / "a").device("alice")
+    bob = await People(node_b, tmp_path / "b").device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    await alice.send(chat["id"], "from node a")
+    assert (await decrypted(bob)).body == "from node a"
+    await bob.send(chat["id"], "from node b")
+    assert (await decrypted(alice)).body == "from node b"
+
+
+async def test_a_revoked_device_gets_no_key_to_later_messages(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_phone, bob_laptop = await people.device("bob"), await people.device("bob", "laptop")
+    chat = await alice.create_chat([user(bob_phone)], encrypted=True)
+    await alice.send(chat["id"], "one")
+    first = await decrypted(bob_phone)
+    await revoke_device(server.url, bob_phone.token, str(bob_laptop.device))
+    while (await next_of(alice, DeviceList)).change != "removed":
+        pass
+    await alice.send(chat["id"], "two")
+    second = await decrypted(bob_phone)
+    assert second.body == "two"
+    assert first.e2e and second.e2e and first.e2e.session_id != second.e2e.session_id
+
+
+async def test_a_message_waits_for_its_key_and_tampering_is_refused(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    sent = await alice.send(chat["id"], "patience")
+    assert bob.crypto is not None
+    # take the inbox events as they came (room key, then message) and hand them over reversed
+    arrived: list[Any] = []
+    while len(arrived) < 2:
+        item = await asyncio.wait_for(bob._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if isinstance(item[1], ToDevice | Message):
+            arrived.append(item[1])
+    room_key, message = arrived
+    assert isinstance(room_key, ToDevice) and isinstance(message, Message)
+    (waiting,) = await bob.crypto.process(message)
+    assert isinstance(waiting, WaitingForKey) and waiting.message.id == sent.id
+    (late,) = await bob.crypto.process(room_key)
+    assert isinstance(late, DecryptedMessage) and (late.id, late.body) == (sent.id, "patience")
+
+    assert message.e2e
+    cipher = message.e2e.ciphertext
+    flipped = cipher[:-8] + ("A" if cipher[-8] != "A" else "B") + cipher[-7:]
+    tampered = msgspec.structs.replace(
+        message,
+        id="01TAMPERED0000000000000000",
+        e2e=msgspec.structs.replace(message.e2e, ciphertext=flipped),
+    )
+    (refused,) = await bob.crypto.process(tampered)
+    assert isinstance(refused, Unreadable)
+
+
+async def test_keys_run_out_the_fallback_is_used_and_topped_up(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    bob_name, _ = await server.user("bob")
+    people.names["bob"] = bob_name
+    account = await server.device(bob_name)
+    config = E2EConfig(
+        store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32), one_time_keys=1
+    )
+    bob = await server.client(account, e2e=config)
+    assert (await bob.request("keys_upload"))["one_time_keys"] == 1
+    alice, carol = await people.device("alice"), await people.device("carol")
+    for sender in (alice, carol):  # the second claim gets bob's fallback key
+        chat = await sender.create_chat([user(bob)], encrypted=True)
+        await sender.send(chat["id"], f"hi from {sender.device}")
+    bodies, exhausted = set(), 0
+    while len(bodies) < 2:
+        event = await bob.next_event(5)
+        exhausted += isinstance(event, KeysExhausted)  # handled (keys uploaded) when yielded
+        if isinstance(event, DecryptedMessage):
+            bodies.add(event.body)
+    assert bodies == {f"hi from {alice.device}", f"hi from {carol.device}"}
+    assert exhausted == 1
+    counts = await bob.request("keys_upload")
+    assert (counts["one_time_keys"], counts["fallback_used"]) == (1, False)
+
+
+async def test_a_restarted_device_keeps_its_keys(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_name, _ = await server.user("bob")
+    account = await server.device(bob_name)
+    config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
+    bob = await server.client(account, e2e=config)
+    chat = await alice.create_chat([str(bob.user)], encrypted=True)
+    await alice.send(chat["id"], "before the restart")
+    assert (await decrypted(bob)).body == "before the restart"
+    await bob.close()
+    bob = await server.client(account, e2e=config)
+    await alice.send(chat["id"], "after the restart")
+    assert (await decrypted(bob)).body == "after the restart"
+    await bob.send(chat["id"], "back")
+    assert (await decrypted(alice)).body == "back"
+
+
+async def test_a_room_key_from_a_non_member_is_not_imported(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob, carol = [await people.device(w) for w in ("alice", "bob", "carol")]
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    await carol.create_chat([user(bob)], encrypted=True)  # carol may write to bob's devices
+    assert carol.crypto is not None and carol.crypto.store is not None
+    assert bob.crypto is not None and bob.crypto.store is not None
+    (bob_device,) = await carol.crypto.devices_of([user(bob)])
+    # carol pushes a room key for alice and bob's chat, which she is not in
+    shares = carol.crypto.store.groups.share(chat["id"], [bob_device])
+    await carol.crypto._share(shares)
+    await alice.send(chat["id"], "only us")
+    assert (await decrypted(bob)).body == "only us"  # carol's key was handled before
+    (_, key) = shares[0]
+    forged = MissingKey(
+        chat=chat["id"], sender_key=carol.crypto.store.me.curve25519, session_id=key.session_id
+    )
+    envelope = carol.crypto.store.groups.encrypt(chat["id"], {"body": "trust me"})
+    result = bob.crypto.store.groups.decrypt(
+        chat["id"], envelope, sender=user(carol), sender_device=str(carol.device), message_id="x"
+    )
+    assert result == forged  # bob holds no key of hers for that chat
