@@ -20,3 +20,16 @@ async def test_compare_smoke(server: Server) -> None:
     assert pigeon[1].workload == "200 msgs/s" and 150 < pigeon[1].delivered_per_s < 250
     lines = compare.table([*pigeon, *relay], ["relay", "pigeon"])
     assert any("pigeon/relay" in line for line in lines)
+
+
+async def test_compare_smoke_e2e(server: Server) -> None:
+    """--e2e: encrypted chats, envelopes instead of bodies, the stamp read from the ciphertext."""
+    closed = compare.Workload(pairs=2, inflight=2, duration=0.5, warmup=0.2, size=99, e2e=True)
+    opened = compare.Workload(pairs=2, rate=200, duration=0.5, warmup=0.2, e2e=True)
+    results = await compare.compare(["pigeon"], [closed, opened], Target(url=server.url), 1)
+    for r in results:
+        assert r.delivered_per_s > 0 and r.lost == 0
+        assert r.latency_ms["count"] > 0
+        assert 0 < r.latency_ms["p50_ms"] <= r.latency_ms["p99_ms"]
+    assert [r.workload for r in results] == ["saturation e2e", "200 msgs/s e2e"]
+    assert any("e2e" in line for line in compare.table(results, ["pigeon"]))

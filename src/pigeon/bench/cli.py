@@ -16,7 +16,17 @@ from typing import Annotated, Any
 
 import typer
 
-from pigeon.bench import abuse, compare, idle, offline, one_to_one, presence_storm, push
+from pigeon.bench import (
+    abuse,
+    compare,
+    crypto,
+    idle,
+    keys,
+    offline,
+    one_to_one,
+    presence_storm,
+    push,
+)
 from pigeon.bench.report import Run, print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
 from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
@@ -402,6 +412,13 @@ def compare_cmd(
     ride_acks: Annotated[
         bool, typer.Option(help="Senders' acks ride on their next send (off: separate acks).")
     ] = True,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            help="Pigeon only: encrypted chats, each message an e2e envelope (ciphertext of"
+            " --size, stamped) instead of a body."
+        ),
+    ] = False,
     *,
     target: Target,
     out: Path,
@@ -415,7 +432,9 @@ def compare_cmd(
         raise typer.BadParameter(
             f"unknown targets {sorted(unknown)}; known: {list(compare.RUNNERS)}"
         )
-    base = compare.Workload(pairs, inflight, None, duration, warmup, size, ride_acks)
+    if e2e and names != ["pigeon"]:
+        raise typer.BadParameter("--e2e applies to Pigeon only: use --targets pigeon")
+    base = compare.Workload(pairs, inflight, None, duration, warmup, size, ride_acks, e2e)
     workloads = ([base] if inflight > 0 else []) + [
         dataclasses.replace(base, rate=float(r)) for r in rates.split(",") if r.strip()
     ]
@@ -432,6 +451,51 @@ def compare_cmd(
     for line in compare.table(results, names):
         print(line)
     print(f"result file {path}")
+
+
+@bench_app.command("keys")
+@with_target
+def keys_cmd(
+    claimers: Annotated[int, typer.Option(help="Users claiming the target's keys at once.")] = 50,
+    target_devices: Annotated[
+        int, typer.Option(help="The target user's devices (a key claimed for each).")
+    ] = 3,
+    keys_per_device: Annotated[
+        int, typer.Option(help="One-time keys each target device uploads before each round.")
+    ] = 40,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of simultaneous claims.")] = 10,
+    *,
+    target: Target,
+    out: Path,
+) -> None:
+    """`keys_claim` latency with many claimers at once on one user's devices, the fallback keys
+    handed out, and a check that no one-time key is handed out twice."""
+    target = _single_node(target, "keys")
+    p = keys.Params(claimers, target_devices, keys_per_device, rounds)
+
+    async def runner(handle: ServerHandle, client_cpu: int | None) -> dict[str, Any]:
+        return await keys.run(handle, p)
+
+    _execute("keys", target, out, runner, keys.summary)
+
+
+@bench_app.command("crypto")
+def crypto_cmd(
+    messages: Annotated[
+        int, typer.Option(min=1, help="Messages encrypted, then decrypted.")
+    ] = 2000,
+    devices: Annotated[int, typer.Option(min=1, help="Member devices of the group.")] = 100,
+    size: Annotated[int, typer.Option(help="Message body size in characters.")] = 100,
+    shares: Annotated[int, typer.Option(min=1, help="Room key shares measured per case.")] = 5,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """The SDK's CPU cost per encrypted message (Megolm encrypt/decrypt) and of sharing a room
+    key with a group's devices over Olm, in µs, with no server (pin it with taskset)."""
+    p = crypto.Params(messages, devices, size, shares)
+    run = Run("crypto", dataclasses.asdict(p))
+    results = crypto.run(p)
+    path = write_result(out, run.finish(results=results))
+    print_summary("crypto", [*crypto.summary(results), ("result file", str(path))], [])
 
 
 @bench_app.command("abuse")

@@ -11,7 +11,12 @@ pinned to `client_cpu`:
 
 Per run: delivered msgs/s, send-to-receive latency (the body starts with the send time,
 CLOCK_MONOTONIC, comparable across processes), the server's CPU per delivered message, and for
-Pigeon the messages committed but never received (must be 0). The receiver and sender ack
+Pigeon the messages committed but never received (must be 0).
+
+With `e2e` (Pigeon only) the chats are created encrypted and every message is an `e2e` envelope
+instead of a body: a fixed algorithm, sender key and session id, and a base64 ciphertext of the
+body's size (rounded up to a multiple of 4) that starts with the send time, so the server does
+its envelope checks and the receiver still reads its stamp. The receiver and sender ack
 events as the SDK does (cumulatively, 5 ms after the first unacked one), so Pigeon does the work
 a real client causes: send, recipient ack, delivered receipt, sender ack.
 """
@@ -19,6 +24,7 @@ a real client causes: send, recipient ack, delivered receipt, sender ack.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import statistics
 import subprocess
@@ -50,6 +56,15 @@ from pigeon.bench.wire import WireSocket
 _EVENT = b'{"t":"event","iseq":'
 _OK = b'{"t":"ok","rid":'
 _BODY = b'"body":"'
+_CIPHERTEXT = b'"ciphertext":"'
+#: A valid-looking envelope's fixed fields: 32 bytes of base64 for the key, a session id.
+_E2E_HEAD = (
+    b'"e2e":{"algorithm":"pigeon.megolm.v1","sender_key":"'
+    + base64.b64encode(bytes(range(32))).rstrip(b"=")
+    + b'","session_id":"'
+    + base64.b64encode(bytes(range(32, 64))).rstrip(b"=")
+    + b'","ciphertext":"'
+)
 ACK_DELAY = 0.005  # as the SDK's ack window
 TICK = 0.001  # open-loop scheduling granularity
 
@@ -66,10 +81,13 @@ class Workload:
     size: int = 100
     #: Senders' acks ride on their next `send` (as the SDK does); off for servers before it.
     ride_acks: bool = True
+    #: Encrypted chats, messages sent as `e2e` envelopes of the same size (Pigeon only).
+    e2e: bool = False
 
     @property
     def name(self) -> str:
-        return "saturation" if self.rate is None else f"{self.rate:g} msgs/s"
+        name = "saturation" if self.rate is None else f"{self.rate:g} msgs/s"
+        return f"{name} e2e" if self.e2e else name
 
 
 @dataclass
@@ -138,7 +156,12 @@ class _Generator:
         self.relay = relay
         self.loop = asyncio.get_running_loop()
         self.pairs: list[_Pair] = []
-        self.pad = b"x" * max(0, w.size - STAMP_DIGITS)
+        if w.e2e:  # base64 text: a length of 4k, characters of its alphabet
+            self.pad = b"x" * max(0, -(-w.size // 4) * 4 - STAMP_DIGITS)
+            self.marker = _CIPHERTEXT
+        else:
+            self.pad = b"x" * max(0, w.size - STAMP_DIGITS)
+            self.marker = _BODY
         self.sending = False
         self.measuring = False
         self.samples: list[int] = []
@@ -156,6 +179,16 @@ class _Generator:
         if self.w.ride_acks and tx.last_iseq > tx.acked:  # the ack rides along, as in the SDK
             tx.acked = tx.last_iseq
             ack = b',"ack":%d' % tx.acked
+        if self.w.e2e:
+            return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d",%s%020d%s"}%s}' % (
+                self.rid,
+                pair.chat,
+                self.rid,
+                _E2E_HEAD,
+                stamp,
+                self.pad,
+                ack,
+            )
         return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d","body":"%020d%s"%s}' % (
             self.rid,
             pair.chat,
@@ -173,11 +206,11 @@ class _Generator:
             pair.tx.sock.send(self.frame(pair, time.perf_counter_ns()))
 
     def on_event(self, frame: bytes) -> None:
-        i = frame.find(_BODY)
+        i = frame.find(self.marker)
         if i < 0:
             return  # a receipt (to the sender)
         now = time.perf_counter_ns()
-        i += len(_BODY)
+        i += len(self.marker)
         self.received += 1
         if self.measuring:
             self.received_in_window += 1
@@ -233,7 +266,7 @@ async def _run_pigeon(w: Workload, target: Target) -> Result:
             chats = await bounded(
                 50,
                 [
-                    partial(_create_chat, socks[2 * i], accounts[2 * i + 1].user)
+                    partial(_create_chat, socks[2 * i], accounts[2 * i + 1].user, w.e2e)
                     for i in range(w.pairs)
                 ],
             )
@@ -257,7 +290,7 @@ def _close(socks: list[_Socket]) -> None:
             s.sock.close()
 
 
-async def _create_chat(s: _Socket, peer: str) -> str:
+async def _create_chat(s: _Socket, peer: str, encrypted: bool = False) -> str:
     """create_chat through the raw socket (set-up only, so a plain decode is fine)."""
     assert s.sock is not None
     loop = asyncio.get_running_loop()
@@ -272,15 +305,15 @@ async def _create_chat(s: _Socket, peer: str) -> str:
             previous(frame)
 
     s.sock.on_frame = on_frame
-    body = msgspec.json.encode(
-        {"t": "create_chat", "rid": "c", "participants": [peer], "kind": "direct"}
-    )
+    request: dict[str, Any] = {"t": "create_chat", "rid": "c", "participants": [peer]}
+    request |= {"kind": "direct", "encrypted": True} if encrypted else {"kind": "direct"}
+    body = msgspec.json.encode(request)
     s.sock.send(body)
     async with asyncio.timeout(30):
         frame = await reply
     s.sock.on_frame = previous
     decoded = msgspec.json.decode(frame)
-    if decoded.get("t") != "ok":
+    if decoded.get("t") != "ok" or decoded["result"].get("encrypted", False) != encrypted:
         raise RuntimeError(f"create_chat failed: {frame!r}")
     return str(decoded["result"]["id"])
 
@@ -303,6 +336,8 @@ async def _relay(target: Target) -> AsyncIterator[tuple[str, Node]]:
 
 
 async def _run_relay(w: Workload, target: Target) -> Result:
+    if w.e2e:
+        raise ValueError("e2e applies to the pigeon target only")
     async with _relay(target) as (url, node):
         gen = _Generator(w, relay=True)
         socks = [_Socket(gen) for _ in range(2 * w.pairs)]
