@@ -238,6 +238,29 @@ async def test_concurrent_claimers_never_get_the_same_one_time_key(nodes: list[S
     assert len(told) == 1  # the fallback key's first hand-out, told once whoever won
 
 
+async def test_concurrent_uploads_of_one_device_respect_the_cap(nodes: list[Store]) -> None:
+    """Uploads of one device on several nodes at once: the cap counts every upload's keys,
+    not only those of its own transaction."""
+    d = await published(nodes[0], await user(nodes[0], "alice"))
+    start = asyncio.Event()
+
+    async def upload(i: int, node: Store) -> bool:
+        await start.wait()
+        keys = [otk(f"n{i}-{k:02}") for k in range(40)]
+        try:
+            await node.keys.upload(d, None, keys, None, 100, T0)
+        except TooManyKeys:
+            return False
+        return True
+
+    racing = [asyncio.create_task(upload(i, node)) for i, node in enumerate(nodes)]
+    start.set()
+    accepted = sum(await asyncio.gather(*racing))
+    held = (await nodes[0].keys.counts(d.id)).one_time_keys
+    assert held == 40 * accepted <= 100
+    assert accepted == 2  # two uploads of 40 fit under 100, a third would not
+
+
 # -- encrypted messages: the envelope is stored, delivered and erased as a body is --------
 
 

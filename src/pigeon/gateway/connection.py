@@ -223,8 +223,8 @@ class Connection:
                 self._out_bytes -= size
                 self._progress_at = asyncio.get_running_loop().time()
                 self._wake_waiters()
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("write to device %s failed: %s", self.device.id, exc)
+        except Exception as exc:  # a loop callback: nothing above it would see the failure
+            log.debug("write to device %s failed: %r", self.device.id, exc)
             self.close(Close.GOING_AWAY, "write failed")
             return
         if out:

@@ -179,6 +179,12 @@ class PgKeys:
                 ):
                     raise BadRequest("publish the device's identity keys first")
                 if one_time_keys:
+                    # One upload of this device at a time from here on, so that the cap below
+                    # counts every key another upload adds (a count alone sees only this
+                    # transaction's uncommitted rows). The row exists: checked just above.
+                    await conn.execute(
+                        "SELECT 1 FROM device_keys WHERE device_id = $1 FOR UPDATE", device.id
+                    )
                     await conn.execute(
                         "INSERT INTO one_time_keys (device_id, key_id, key, signature)"
                         " SELECT $1, k.id, k.key, k.sig"
