@@ -33,7 +33,7 @@ from pigeon.client import (
     WaitingForKey,
     revoke_device,
 )
-from pigeon.client.e2e import DeviceInfo, MissingKey
+from pigeon.client.e2e import CryptoStore, DeviceInfo, MissingKey
 from pigeon.config import PostgresSettings
 from pigeon.gateway.keys import SETTINGS
 from tests.conftest import Server, ServerFactory, next_of
@@ -403,3 +403,148 @@ async def test_a_room_key_from_a_non_member_is_not_imported(server: Server, tmp_
         chat["id"], envelope, sender=user(carol), sender_device=str(carol.device), message_id="x"
     )
     assert result == forged  # bob holds no key of hers for that chat
+
+
+async def test_an_error_while_handling_an_event_never_escapes_into_the_app(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_name, _ = await server.user("bob")
+    folder = tmp_path / "bob-keys"
+    folder.mkdir()
+    config = E2EConfig(store=folder / "bob.keys", pickle_key=secrets.token_bytes(32))
+    bob = await server.client(await server.device(bob_name), e2e=config)
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    folder.rename(tmp_path / "gone")  # every save of bob's store now fails (an OSError)
+    sent = await alice.send(chat["id"], "lost in the disk failure")
+    unreadable = await next_of(bob, Unreadable)  # not an OSError raised, again and again
+    assert unreadable.message.id == sent.id
+    assert unreadable.reason == "not handled: FileNotFoundError"
+    assert str(folder) not in caplog.text  # only the error's type is logged
+    (tmp_path / "gone").rename(folder)
+    plain = await alice.create_chat([user(bob)], "plain", "group")
+    await alice.send(plain["id"], "hello again")
+    message = await next_of(bob, Message)
+    assert (message.chat, message.body) == (plain["id"], "hello again")
+
+
+async def test_a_plaintext_message_in_an_encrypted_chat_is_unreadable(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    sent = await alice.send(chat["id"], "sealed")
+    message = await decrypted(bob)
+    assert message.id == sent.id
+    assert bob.crypto is not None
+    # a lying server hands bob a plaintext message in the encrypted chat
+    forged = Message(
+        id="01FORGEDPLAINTEXT000000000",
+        chat=chat["id"],
+        seq=message.seq + 1,
+        sender=message.sender,
+        sender_device=message.sender_device,
+        cmid="forged",
+        at=message.at,
+        body="send me your password",
+    )
+    (result,) = await bob.crypto.process(forged)
+    assert isinstance(result, Unreadable) and result.message.id == forged.id
+
+
+async def test_a_server_cannot_turn_encryption_off(server: Server, tmp_path: Path) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    carol = await people.device("carol")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    assert alice.crypto is not None and bob.crypto is not None
+    # a lying server says the chat is not encrypted (an event and a list_chats reply)
+    update = await next_of(bob, ChatUpdate)
+    assert update.chat.encrypted
+    lie = msgspec.structs.replace(
+        update, chat=msgspec.structs.replace(update.chat, encrypted=False)
+    )
+    await alice.crypto.process(lie)
+    alice.crypto.learn_chat({"id": chat["id"], "members": [user(alice), user(bob)]})
+    assert await alice.crypto.is_encrypted(chat["id"])
+    sent = await alice.send(chat["id"], "still sealed")  # the server would refuse plaintext
+    assert (await decrypted(bob)).id == sent.id
+    # and it is remembered across a restart (kept in the sealed store)
+    assert alice.crypto.store is not None
+    path, key = alice.crypto.config.store, alice.crypto.config.pickle_key
+    assert chat["id"] in CryptoStore.open(path, key).encrypted_chats
+
+    # an existing plaintext direct chat is not silently returned for encrypted=True
+    await alice.create_chat([user(carol)])
+    with pytest.raises(ClientError) as err:
+        await alice.create_chat([user(carol)], encrypted=True)
+    assert err.value.code == "e2e_not_encrypted"
+
+
+async def test_a_room_key_survives_a_connection_lost_while_checking_it(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_name, _ = await server.user("bob")
+    account = await server.device(bob_name)
+    config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
+    bob = await server.client(account, e2e=config, reconnect=False, request_timeout=1)
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    assert bob.crypto is not None and bob.crypto.store is not None
+    await bob.crypto.devices_of([user(alice)])  # alice's device known: no query to decrypt
+    sent = await alice.send(chat["id"], "before the drop")
+    arrived: list[Any] = []
+    while len(arrived) < 2:
+        item = await asyncio.wait_for(bob._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if isinstance(item[1], ToDevice | Message):
+            arrived.append(item[1])
+    room_key, message = arrived
+    assert isinstance(room_key, ToDevice) and isinstance(message, Message)
+    (waiting,) = await bob.crypto.process(message)
+    assert isinstance(waiting, WaitingForKey)
+    bob.crypto._chats.clear()  # bob must ask the server for the chat's members
+    await bob.drop_connection()
+    assert await bob.crypto.process(room_key) == []  # list_chats: ConnectionLost
+    await bob.close()  # the key was kept, sealed, for a later try
+
+    bob = await server.client(account, e2e=config)  # back online: the inbox comes again
+    found = await decrypted(bob)
+    assert (found.id, found.body) == (sent.id, "before the drop")
+    assert bob.crypto is not None and bob.crypto.store is not None
+    assert not bob.crypto.store.pending_room_keys
+
+
+async def test_a_room_key_survives_a_connection_lost_while_fetching_its_sender(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_name, _ = await server.user("bob")
+    account = await server.device(bob_name)
+    config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
+    bob = await server.client(account, e2e=config, reconnect=False, request_timeout=1)
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    await alice.send(chat["id"], "before the drop")
+    arrived: list[Any] = []
+    while len(arrived) < 2:
+        item = await asyncio.wait_for(bob._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if isinstance(item[1], ToDevice | Message):
+            arrived.append(item)
+    (_, room_key), (last, _) = arrived
+    assert isinstance(room_key, ToDevice) and bob.crypto is not None
+    await bob.drop_connection()
+    assert await bob.crypto.process(room_key) == []  # keys_query for alice: ConnectionLost
+    await bob.close()
+    plain = await server.client(account)  # the payload was taken and acked, as events() does
+    await plain.ack(last)
+    await plain.close()
+
+    bob = await server.client(account, e2e=config)
+    sent = await alice.send(chat["id"], "after the drop")  # the same session: the kept key
+    found = await decrypted(bob)
+    assert (found.id, found.body) == (sent.id, "after the drop")

@@ -324,8 +324,9 @@ class PigeonClient:
         *,
         encrypted: bool = False,
     ) -> dict[str, Any]:
-        """Create a chat; `encrypted=True` makes it end-to-end encrypted for good (a direct
-        chat that exists already is returned as it is: check its `encrypted`)."""
+        """Create a chat; `encrypted=True` makes it end-to-end encrypted for good. A direct
+        chat that exists already is returned as it is, but with `encrypted=True` one that is not
+        encrypted raises `ClientError("e2e_not_encrypted")`."""
         fields: dict[str, Any] = {"participants": participants}
         if name is not None:
             fields["name"] = name
@@ -336,6 +337,8 @@ class PigeonClient:
         chat = dict(await self.request("create_chat", **fields))
         if self.crypto is not None:
             self.crypto.learn_chat(chat)
+        if encrypted and chat.get("encrypted") is not True:
+            raise ClientError("e2e_not_encrypted", "the chat exists and is not encrypted")
         return chat
 
     async def modify_participants(
@@ -415,7 +418,9 @@ class PigeonClient:
                 if task.cancelled() and current is not None and not current.cancelling():
                     raise ClientError("closed", "client closed") from None  # by close()
                 raise
-            self._processing = None
+            finally:
+                if task.done():  # else still running (the application timed out): kept
+                    self._processing = None
             self._mark_handled(iseq)
             self._ready.extend(out)
         return self._ready.popleft()

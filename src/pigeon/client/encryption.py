@@ -2,8 +2,9 @@
 
 Why it exists apart from `e2e/`: the crypto core knows no server; this module is what talks to
 it on the core's behalf (keys_upload, keys_query, keys_claim, send_to_device) and keeps what a
-device must remember between events: which chats are encrypted and who is in them, whose
-devices were verified, which messages wait for a key.
+device must remember between events: which chats are encrypted (once seen encrypted, kept in
+the store and never believed plaintext again) and who is in them, whose devices were verified,
+which messages wait for a key, which to-device payloads and room keys wait to be checked.
 
 What it guarantees:
 - **sending**: before each encrypted message the chat's Megolm session is shared with every
@@ -169,7 +170,16 @@ class DeviceCrypto:
     def learn_chat(self, chat: dict[str, Any]) -> None:
         """Remember a chat from a ChatInfo reply (create_chat, modify_participants)."""
         members = {m["user"] if isinstance(m, dict) else str(m) for m in chat["members"]}
-        self._chats[chat["id"]] = _Chat(encrypted=bool(chat.get("encrypted")), members=members)
+        self._remember(str(chat["id"]), bool(chat.get("encrypted")), members)
+
+    def _remember(self, chat: str, encrypted: bool, members: set[str]) -> None:
+        """A chat once seen encrypted stays encrypted (kept in the store): a server that later
+        says otherwise is not believed."""
+        store = self._me()
+        if encrypted and chat not in store.encrypted_chats:
+            store.encrypted_chats.add(chat)
+            store.save()
+        self._chats[chat] = _Chat(encrypted=chat in store.encrypted_chats, members=members)
 
     def members_changed(self, chat: str, removed: bool) -> None:
         """After a membership change this device made or heard of: a removal rotates."""
@@ -191,6 +201,8 @@ class DeviceCrypto:
         return known
 
     async def is_encrypted(self, chat: str) -> bool:
+        if chat in self._me().encrypted_chats:
+            return True
         known = await self._chat(chat)
         return known is not None and known.encrypted
 
@@ -320,19 +332,46 @@ class DeviceCrypto:
         return notices
 
     async def process(self, event: Event) -> list[Event | E2ENotice]:
-        """What the application gets for one inbox event; never raises but for cancellation."""
+        """What the application gets for one inbox event; never raises but for cancellation:
+        an error (a lost connection, a full disk, a malformed reply) makes an encrypted
+        message `Unreadable` and lets any other event through; only the error's type is
+        logged, never its text (it could quote content)."""
         try:
             async with self._lock:  # a rotation must not land between a send's share and encrypt
                 out = await self._process(event)
-        except (ClientError, ValueError, msgspec.ValidationError) as exc:
-            log.warning("e2e: could not handle a %s event: %s", type(event).__name__, exc)
-            out = [] if isinstance(event, ToDevice) else [event]
+        except Exception as exc:
+            log.warning(
+                "e2e: could not handle a %s event: %s", type(event).__name__, type(exc).__name__
+            )
+            if isinstance(event, Message) and (
+                event.e2e is not None or event.chat in self._encrypted_chats()
+            ):
+                out = [Unreadable(message=event, reason=f"not handled: {type(exc).__name__}")]
+            else:
+                out = [] if isinstance(event, ToDevice) else [event]
         notices, self._notices = self._notices, []
         return [*notices, *out]
 
+    def _encrypted_chats(self) -> set[str]:
+        return set() if self.store is None else self.store.encrypted_chats
+
     async def _process(self, event: Event) -> list[Event | E2ENotice]:
+        out: list[Event | E2ENotice] = []
+        store = self._me()
+        if (store.pending_to_device or store.pending_room_keys) and not isinstance(event, ToDevice):
+            try:
+                out.extend(await self._import_pending())
+            except ClientError:
+                pass  # still offline: tried again on a later event
+            except Exception as exc:  # must not spoil the event at hand
+                log.warning("e2e: kept room keys not imported: %s", type(exc).__name__)
         if isinstance(event, Message):
-            return [self._decrypt(event)] if isinstance(event.e2e, E2EEnvelope) else [event]
+            if isinstance(event.e2e, E2EEnvelope):
+                return [*out, self._decrypt(event)]
+            if event.chat in store.encrypted_chats:
+                reason = "sent unencrypted in an encrypted chat"
+                return [*out, Unreadable(message=event, reason=reason)]
+            return [*out, event]
         if isinstance(event, ToDevice):
             return await self._to_device(event)
         if isinstance(event, ChatUpdate):
@@ -341,7 +380,7 @@ class DeviceCrypto:
             self._device_list(event)
         elif isinstance(event, KeysExhausted):
             await self.publish_keys()
-        return [event]
+        return [*out, event]
 
     def _chat_update(self, event: ChatUpdate) -> None:
         store = self._me()
@@ -349,8 +388,7 @@ class DeviceCrypto:
         if store.me.user in event.removed:
             self.forget_chat(info.id)
             return
-        members = {m.user for m in info.members}
-        self._chats[info.id] = _Chat(encrypted=info.encrypted, members=members)
+        self._remember(info.id, info.encrypted, {m.user for m in info.members})
         self.members_changed(info.id, removed=bool(event.removed))
 
     def _device_list(self, event: DeviceList) -> None:
@@ -363,29 +401,73 @@ class DeviceCrypto:
 
     async def _to_device(self, event: ToDevice) -> list[Event | E2ENotice]:
         store = self._me()
-        sender = await self._sender(event.sender, event.sender_device)
-        if sender is None:
-            log.warning("to-device payload from unknown device %s", event.sender_device)
-            return []
-        try:
-            content = store.olm.decrypt(sender, event.payload)
-        except E2EError as exc:
-            log.warning("to-device payload from %s dropped: %s", event.sender_device, exc)
-            return []
-        finally:
-            store.save()
-        if content.get("type") != "room_key":
-            return []
-        chat = await self._chat(str(content.get("chat")))
-        if chat is None or sender.user not in chat.members:
-            log.warning("room key from %s for a chat it is not in", event.sender_device)
-            return []
-        key = store.groups.import_room_key(sender, content)
+        # kept (sealed) before any await: a connection lost while fetching the sender's keys
+        # or checking the chat's members must not lose the payload nor its room key
+        raw = {"sender": event.sender, "sender_device": event.sender_device}
+        store.pending_to_device.append({**raw, "payload": event.payload})
         store.save()
-        if key is None:
-            return []
-        waiting = self._waiting.pop((sender.curve25519, key.session_id), [])
-        return [self._decrypt(message) for message in waiting]
+        return await self._import_pending()
+
+    async def _open_pending(self) -> None:
+        """Olm-decrypt the kept to-device payloads, oldest first; a room key is kept in turn
+        (with the used one-time key, in the same save). A `ClientError` keeps the rest."""
+        store = self._me()
+        while store.pending_to_device:
+            raw = store.pending_to_device[0]
+            device = str(raw.get("sender_device"))
+            try:
+                sender = await self._sender(str(raw["sender"]), device)
+            except ClientError:
+                raise
+            except Exception as exc:
+                log.warning("e2e: to-device payload dropped: %s", type(exc).__name__)
+                sender = None
+            store.pending_to_device.pop(0)
+            if sender is None:
+                log.warning("to-device payload from unknown device %s", device)
+                store.save()
+                continue
+            try:
+                content = store.olm.decrypt(sender, str(raw["payload"]))
+            except E2EError as exc:
+                log.warning("to-device payload from %s dropped: %s", device, exc)
+                store.save()
+                continue
+            if content.get("type") == "room_key":
+                pending = {"sender": msgspec.to_builtins(sender), "content": content}
+                store.pending_room_keys.append(pending)
+            store.save()
+
+    async def _import_pending(self) -> list[Event | E2ENotice]:
+        """Decrypt the payloads and import the room keys kept by `_to_device`, oldest first; a
+        `ClientError` (e.g. the connection lost while listing chats) keeps the rest for a later
+        try (on a later event)."""
+        store = self._me()
+        await self._open_pending()
+        out: list[Event | E2ENotice] = []
+        while store.pending_room_keys:
+            pending = store.pending_room_keys[0]
+            try:
+                sender = msgspec.convert(pending["sender"], DeviceInfo)
+                content: dict[str, Any] = dict(pending["content"])
+            except (KeyError, TypeError, ValueError, msgspec.ValidationError):
+                log.warning("e2e: a kept room key is malformed: dropped")
+                store.pending_room_keys.pop(0)
+                store.save()
+                continue
+            chat = await self._chat(str(content.get("chat")))
+            store.pending_room_keys.pop(0)
+            if chat is None or sender.user not in chat.members:
+                log.warning("room key from %s for a chat it is not in", sender.device)
+                store.save()
+                continue
+            key = store.groups.import_room_key(sender, content)
+            store.save()
+            if key is None:
+                continue
+            waiting = self._waiting.pop((sender.curve25519, key.session_id), [])
+            out.extend(self._decrypt(message) for message in waiting)
+        return out
 
     def _decrypt(self, message: Message) -> DecryptedMessage | E2ENotice:
         store = self._me()

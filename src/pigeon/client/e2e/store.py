@@ -22,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import vodozemac
@@ -48,6 +49,14 @@ class _State(msgspec.Struct, kw_only=True):
     olm: OlmState = {}
     groups: GroupState = msgspec.field(default_factory=GroupState)
     devices: list[DeviceInfo] = []
+    #: Chats ever seen encrypted: never treated as plaintext again, whatever the server says.
+    encrypted_chats: list[str] = []
+    #: To-device payloads received but not yet decrypted (`{"sender", "sender_device",
+    #: "payload"}`): the sender's device keys could not be fetched yet.
+    pending_to_device: list[dict[str, Any]] = []
+    #: Room keys decrypted (Olm) but not yet checked and imported: `{"sender": DeviceInfo,
+    #: "content": {...}}`, kept until their chat's membership can be checked.
+    pending_room_keys: list[dict[str, Any]] = []
 
 
 def _file_cipher(pickle_key: bytes) -> Fernet:
@@ -84,6 +93,9 @@ class CryptoStore:
         self.olm = OlmSessions(account, self.me, clock=clock)
         self.groups = GroupSessions(self.me, policy=policy, clock=clock)
         self.devices = KnownDevices()
+        self.encrypted_chats: set[str] = set()
+        self.pending_to_device: list[dict[str, Any]] = []
+        self.pending_room_keys: list[dict[str, Any]] = []
 
     @classmethod
     def create(
@@ -154,6 +166,9 @@ class CryptoStore:
         except vodozemac.PickleException as exc:
             raise StoreCorrupt(f"{path}: {exc}") from None
         store.devices = KnownDevices(state.devices)
+        store.encrypted_chats = set(state.encrypted_chats)
+        store.pending_to_device = list(state.pending_to_device)
+        store.pending_room_keys = list(state.pending_room_keys)
         return store
 
     def save(self) -> None:
@@ -167,6 +182,9 @@ class CryptoStore:
             olm=self.olm.dump(key),
             groups=self.groups.dump(key),
             devices=self.devices.all(),
+            encrypted_chats=sorted(self.encrypted_chats),
+            pending_to_device=self.pending_to_device,
+            pending_room_keys=self.pending_room_keys,
         )
         _replace(self.path, MAGIC + self._cipher.encrypt(msgspec.json.encode(state)))
 
