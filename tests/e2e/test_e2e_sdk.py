@@ -310,13 +310,7 @@ async def test_a_message_waits_for_its_key_and_tampering_is_refused(
     sent = await alice.send(chat["id"], "patience")
     assert bob.crypto is not None
     # take the inbox events as they came (room key, then message) and hand them over reversed
-    arrived: list[Any] = []
-    while len(arrived) < 2:
-        item = await asyncio.wait_for(bob._events.get(), 5)
-        assert not isinstance(item, ClientError)
-        if isinstance(item[1], ToDevice | Message):
-            arrived.append(item[1])
-    room_key, message = arrived
+    (_, room_key), (_, message) = await _room_key_then_message(bob)
     assert isinstance(room_key, ToDevice) and isinstance(message, Message)
     (waiting,) = await bob.crypto.process(message)
     assert isinstance(waiting, WaitingForKey) and waiting.message.id == sent.id
@@ -483,9 +477,11 @@ async def test_a_server_cannot_turn_encryption_off(server: Server, tmp_path: Pat
     assert err.value.code == "e2e_not_encrypted"
 
 
-async def test_a_room_key_survives_a_connection_lost_while_checking_it(
+async def _alice_and_a_fragile_bob(
     server: Server, tmp_path: Path
-) -> None:
+) -> tuple[Any, Any, E2EConfig, Any, dict[str, Any]]:
+    """Alice, and bob's account, key store and a client of it that does not reconnect and gives
+    up on requests after 1 s, in an encrypted direct chat."""
     people = People(server, tmp_path)
     alice = await people.device("alice")
     bob_name, _ = await server.user("bob")
@@ -493,16 +489,28 @@ async def test_a_room_key_survives_a_connection_lost_while_checking_it(
     config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
     bob = await server.client(account, e2e=config, reconnect=False, request_timeout=1)
     chat = await alice.create_chat([user(bob)], encrypted=True)
-    assert bob.crypto is not None and bob.crypto.store is not None
-    await bob.crypto.devices_of([user(alice)])  # alice's device known: no query to decrypt
-    sent = await alice.send(chat["id"], "before the drop")
+    return alice, account, config, bob, chat
+
+
+async def _room_key_then_message(bob: Any) -> list[Any]:
+    """The next to-device event and message of bob's raw event queue, as (iseq, event)."""
     arrived: list[Any] = []
     while len(arrived) < 2:
         item = await asyncio.wait_for(bob._events.get(), 5)
         assert not isinstance(item, ClientError)
         if isinstance(item[1], ToDevice | Message):
-            arrived.append(item[1])
-    room_key, message = arrived
+            arrived.append(item)
+    return arrived
+
+
+async def test_a_room_key_survives_a_connection_lost_while_checking_it(
+    server: Server, tmp_path: Path
+) -> None:
+    alice, account, config, bob, chat = await _alice_and_a_fragile_bob(server, tmp_path)
+    assert bob.crypto is not None and bob.crypto.store is not None
+    await bob.crypto.devices_of([user(alice)])  # alice's device known: no query to decrypt
+    sent = await alice.send(chat["id"], "before the drop")
+    (_, room_key), (_, message) = await _room_key_then_message(bob)
     assert isinstance(room_key, ToDevice) and isinstance(message, Message)
     (waiting,) = await bob.crypto.process(message)
     assert isinstance(waiting, WaitingForKey)
@@ -521,21 +529,9 @@ async def test_a_room_key_survives_a_connection_lost_while_checking_it(
 async def test_a_room_key_survives_a_connection_lost_while_fetching_its_sender(
     server: Server, tmp_path: Path
 ) -> None:
-    people = People(server, tmp_path)
-    alice = await people.device("alice")
-    bob_name, _ = await server.user("bob")
-    account = await server.device(bob_name)
-    config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
-    bob = await server.client(account, e2e=config, reconnect=False, request_timeout=1)
-    chat = await alice.create_chat([user(bob)], encrypted=True)
+    alice, account, config, bob, chat = await _alice_and_a_fragile_bob(server, tmp_path)
     await alice.send(chat["id"], "before the drop")
-    arrived: list[Any] = []
-    while len(arrived) < 2:
-        item = await asyncio.wait_for(bob._events.get(), 5)
-        assert not isinstance(item, ClientError)
-        if isinstance(item[1], ToDevice | Message):
-            arrived.append(item)
-    (_, room_key), (last, _) = arrived
+    (_, room_key), (last, _) = await _room_key_then_message(bob)
     assert isinstance(room_key, ToDevice) and bob.crypto is not None
     await bob.drop_connection()
     assert await bob.crypto.process(room_key) == []  # keys_query for alice: ConnectionLost
