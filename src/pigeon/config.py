@@ -272,7 +272,14 @@ class RateLimitSettings(Section):
     typing_per_device: str = "20/10s"
     presence_subscribe_per_device: str = "30/minute"
     sync_per_device: str = "30/minute"
-    key_claims_per_device: str = "100/minute"
+    key_uploads_per_device: str = "60/minute"
+    key_queries_per_device: str = "120/minute"
+    #: Claimed keys (one per device asked for): keep it above group_cap x max_devices_per_user
+    #: (a full group's claim), and per user that times the devices a user has.
+    key_claims_per_device: str = "400/minute"
+    key_claims_per_user: str = "1000/minute"
+    #: Keys of one device one user may take: keep it at least max_devices_per_user.
+    key_claims_per_target: str = "10/hour"
     register_per_address: str = "20/hour"
     login_per_address: str = "60/minute"
     login_per_username: str = "5/minute"
@@ -535,6 +542,21 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
 
+    @model_validator(mode="after")
+    def _claims_reach_every_device(self) -> Settings:
+        # Each of a user's devices claims a key of each device it starts a session with: a
+        # per-target rule below the devices a user may have would leave some of them out.
+        allowed = parse_rate(self.rate_limits.key_claims_per_target).amount
+        devices = self.limits.max_devices_per_user
+        if self.rate_limits.enabled and allowed < devices:
+            raise ValueError(
+                "rate_limits.key_claims_per_target (PIGEON_RATE_LIMITS__KEY_CLAIMS_PER_TARGET) "
+                f"allows {allowed} keys of one device per user, fewer than "
+                f"limits.max_devices_per_user ({devices}): not every device of a user could "
+                "start a session with it"
+            )
+        return self
+
     def blob_dir(self) -> Path:
         path = self.blobs.path if isinstance(self.blobs, LocalBlobSettings) else None
         return path or self.data_dir / "blobs"
@@ -606,10 +628,12 @@ def describe(exc: ValidationError) -> str:
     for error in exc.errors():
         # discriminated sections put the engine's tag in the path (store.sqlite.dsn): drop it
         loc = [str(x) for x in error["loc"] if x not in ("sqlite", "postgres", "local", "s3")]
-        name = ".".join(loc) or "settings"
-        env = "PIGEON_" + "__".join(x.upper() for x in loc)
         what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
-        parts.append(f"{name} ({env}): {what}")
+        if not loc:  # a rule across sections: its message names the settings
+            parts.append(what.removeprefix("Value error, "))
+            continue
+        env = "PIGEON_" + "__".join(x.upper() for x in loc)
+        parts.append(f"{'.'.join(loc)} ({env}): {what}")
     return "bad settings: " + "; ".join(parts)
 
 

@@ -12,7 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from pigeon.adapters.ratelimit.windows import WindowRateLimiter
-from pigeon.domain.limits import Rate
+from pigeon.domain.limits import Rate, RateRules
+from pigeon.domain.models import Device
+from pigeon.services.throttle import Throttle
 from tests.support.redis import RedisServer
 
 Factory = Callable[[], WindowRateLimiter]
@@ -151,3 +153,26 @@ async def test_a_hung_redis_does_not_hold_requests(tmp_path: Path) -> None:
         server.resume()
         await limiter.aclose()
         await server.close()
+
+
+async def test_a_claims_target_checks_leave_together(redis_url: str) -> None:
+    """`Throttle.key_claims` checks one counter per target device: on Redis, a full group's
+    claim costs two round trips (the device's and user's counters, then every target's), not
+    one per target."""
+    limiter = WindowRateLimiter(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=10.0)
+    await limiter.open()
+    try:
+        throttle = Throttle(limiter, RateRules(key_claims_per_target=Rate(1, 3600)))
+        claimer = Device(id="d1", user_id="u1", name="phone", created_at=0)
+        group = [f"target{i}" for i in range(299)]
+        redis = limiter._redis
+        assert redis is not None
+        before = redis.batches
+        assert await throttle.key_claims(claimer, group) == group
+        assert redis.batches - before == 2
+        # counted on Redis: the same user gets none of them again, another user all of them
+        assert await throttle.key_claims(claimer, [*group[:3], "other"]) == ["other"]
+        someone = Device(id="d2", user_id="u2", name="phone", created_at=0)
+        assert await throttle.key_claims(someone, group[:3]) == group[:3]
+    finally:
+        await limiter.aclose()

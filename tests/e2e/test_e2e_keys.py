@@ -11,12 +11,13 @@ import itertools
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 
 from pigeon.client import ClientError, PigeonClient
 from pigeon.client.http import revoke_device
 from pigeon.domain.events import DeviceList, KeysExhausted, ToDevice
-from tests.conftest import Server, next_of
+from tests.conftest import Server, ServerFactory, next_of
 
 _serial = itertools.count(1)
 
@@ -336,6 +337,10 @@ async def test_to_device_and_claims_are_rate_limited(make_server) -> None:  # ty
             "enabled": True,
             "send_per_device": "2/minute",
             "key_claims_per_device": "3/minute",
+            # on the shared stack, the counters are in the session's Redis, which keeps the
+            # registrations of this address from earlier runs
+            "register_per_address": "1000000/minute",
+            "login_per_address": "1000000/minute",
         }
     )
     alice, bob = await partners(server)
@@ -348,6 +353,126 @@ async def test_to_device_and_claims_are_rate_limited(make_server) -> None:  # ty
     for _ in range(3):
         await alice.request("keys_claim", devices=[bob.device])
     await refused(alice.request("keys_claim", devices=[bob.device]), "rate_limited")
+    assert (await bob.request("keys_upload"))["one_time_keys"] == 2
+
+
+@pytest.fixture(params=["local", "redis"])
+def counters(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings that turn the rate limits on, with the counters in this process or in Redis
+    (where a cluster keeps them); a test adds its rules to `rate_limits`."""
+    # the tests register and log in many users from one address, and the session's Redis
+    # keeps the per-address counters of earlier tests and runs
+    rules = {"register_per_address": "1000000/minute", "login_per_address": "1000000/minute"}
+    if request.param == "local":
+        return {"rate_limits": {"enabled": True, "type": "local", **rules}}
+    return {
+        "rate_limits": {"enabled": True, "type": "redis", **rules},
+        "redis": {"url": request.getfixturevalue("redis_url")},
+    }
+
+
+def with_rules(counters: dict[str, Any], **rules: str) -> dict[str, Any]:
+    return counters | {"rate_limits": counters["rate_limits"] | rules}
+
+
+async def answer(ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any]) -> dict[str, Any]:
+    """Send a command on a bare WebSocket; its reply (events on the way are skipped)."""
+    await ws.send_json(frame)
+    while True:
+        reply: dict[str, Any] = await ws.receive_json(timeout=5)
+        if reply.get("rid") == frame["rid"]:
+            return reply
+
+
+async def test_key_commands_over_their_limits_get_rate_limited_and_the_connection_lives_on(
+    make_server: ServerFactory, counters: dict[str, Any]
+) -> None:
+    server = await make_server(
+        **with_rules(
+            counters,
+            key_uploads_per_device="2/minute",
+            key_queries_per_device="2/minute",
+            key_claims_per_device="2/minute",
+        )
+    )
+    bob = await person(server, "bob")
+    await publish(bob, otks=5)
+    alice_name, _ = await server.user("alice")
+    ws = await server.raw_ws(await server.device(alice_name))
+    created = await answer(ws, {"t": "create_chat", "rid": "chat", "participants": [bob.user]})
+    assert created["t"] == "ok"
+    commands: dict[str, dict[str, Any]] = {
+        "keys_upload": {},
+        "keys_query": {"users": [bob.user]},
+        "keys_claim": {"devices": [bob.device]},
+    }
+    for command, fields in commands.items():
+        for i in range(2):
+            ok = await answer(ws, {"t": command, "rid": f"{command}{i}", **fields})
+            assert ok["t"] == "ok", ok
+        refusal = await answer(ws, {"t": command, "rid": f"{command}-over", **fields})
+        assert refusal == {
+            "t": "error",
+            "rid": f"{command}-over",
+            "code": "rate_limited",
+            "message": refusal["message"],
+            "temporary": True,
+            "retry_after": refusal["retry_after"],
+        }
+        assert 0 < refusal["retry_after"] <= 120 and "2/60s" in refusal["message"]
+    # the connection lives on: its other commands are answered, and it was not closed
+    assert await answer(ws, {"t": "ping", "rid": "alive"}) == {
+        "t": "ok",
+        "rid": "alive",
+        "result": None,
+    }
+    listed = await answer(ws, {"t": "list_chats", "rid": "chats"})
+    assert listed["t"] == "ok" and not ws.closed
+    assert (await bob.request("keys_upload"))["one_time_keys"] == 3  # the refusal took none
+
+
+async def test_claims_count_every_device_of_the_claiming_user(
+    make_server: ServerFactory, counters: dict[str, Any]
+) -> None:
+    server = await make_server(**with_rules(counters, key_claims_per_user="3/minute"))
+    alice, bob = await partners(server)
+    assert alice.user is not None
+    await publish(bob, otks=5)
+    laptop = await server.client(await server.device(USERNAMES[alice.user], "laptop"))
+    for claimer in (alice, alice, laptop):
+        (key,) = (await claimer.request("keys_claim", devices=[bob.device]))["keys"]
+        assert not key["fallback"]
+    for claimer in (laptop, alice):  # a fresh device is the same user
+        error = await refused(claimer.request("keys_claim", devices=[bob.device]), "rate_limited")
+        assert "per user" in error.message
+    assert (await bob.request("keys_upload"))["one_time_keys"] == 2
+
+
+async def test_a_device_claimed_too_often_by_one_user_is_left_out_of_their_claims(
+    make_server: ServerFactory, counters: dict[str, Any]
+) -> None:
+    server = await make_server(
+        limits={"max_devices_per_user": 2},
+        **with_rules(counters, key_claims_per_target="2/hour"),
+    )
+    eve, bob = await partners(server)
+    carol = await person(server, "carol")
+    alice = await person(server, "alice")
+    assert bob.user is not None and carol.user is not None
+    await eve.create_chat([carol.user])
+    await alice.create_chat([bob.user])
+    await publish(bob, otks=5)
+    await publish(carol, otks=5)
+    for _ in range(2):
+        (key,) = (await eve.request("keys_claim", devices=[bob.device]))["keys"]
+        assert key["device"] == bob.device
+    # past it, bob's phone is left out of eve's claims (no error: the rest still comes)
+    (key,) = (await eve.request("keys_claim", devices=[bob.device, carol.device]))["keys"]
+    assert (key["device"], key["fallback"]) == (carol.device, False)
+    assert (await eve.request("keys_claim", devices=[bob.device]))["keys"] == []
+    # others still start sessions with bob: a one-time key, not the fallback
+    (key,) = (await alice.request("keys_claim", devices=[bob.device]))["keys"]
+    assert (key["device"], key["fallback"]) == (bob.device, False)
     assert (await bob.request("keys_upload"))["one_time_keys"] == 2
 
 

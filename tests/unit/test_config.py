@@ -117,3 +117,36 @@ def test_a_missing_or_broken_config_file_is_one_clear_error(tmp_path: Path) -> N
     bad.write_text("port = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad)
+
+
+def test_key_directory_limits_are_read_from_their_env_vars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The names docs/operations.md and docs/protocol.md give are the ones read."""
+    for name, value in {
+        "KEY_UPLOADS_PER_DEVICE": "7/minute",
+        "KEY_QUERIES_PER_DEVICE": "8/minute",
+        "KEY_CLAIMS_PER_DEVICE": "9/10s",
+        "KEY_CLAIMS_PER_USER": "11/hour",
+        "KEY_CLAIMS_PER_TARGET": "4/day",
+    }.items():
+        monkeypatch.setenv(f"PIGEON_RATE_LIMITS__{name}", value)
+    rules = load_settings(None).rate_limits.to_rules()
+    assert (rules.key_uploads_per_device.amount, rules.key_queries_per_device.amount) == (7, 8)
+    assert (rules.key_claims_per_device.amount, rules.key_claims_per_device.seconds) == (9, 10)
+    assert (rules.key_claims_per_user.amount, rules.key_claims_per_user.seconds) == (11, 3600)
+    assert (rules.key_claims_per_target.amount, rules.key_claims_per_target.seconds) == (4, 86400)
+
+
+def test_a_target_limit_must_reach_every_device_of_a_user() -> None:
+    """Each device of a user claims one key of a device it starts a session with: fewer than
+    `max_devices_per_user` would silently leave some of them without a session."""
+    load_settings(None, limits={"max_devices_per_user": 10})  # the default, 10/hour, fits
+    with pytest.raises(ConfigError, match=r"PIGEON_RATE_LIMITS__KEY_CLAIMS_PER_TARGET") as err:
+        load_settings(None, limits={"max_devices_per_user": 11})
+    assert "max_devices_per_user (11)" in str(err.value)
+    assert "PIGEON_)" not in str(err.value)  # a rule across sections names its own settings
+    load_settings(  # raised together, or with the limits off
+        None, limits={"max_devices_per_user": 11}, rate_limits={"key_claims_per_target": "20/h"}
+    )
+    load_settings(None, limits={"max_devices_per_user": 11}, rate_limits={"enabled": False})

@@ -63,3 +63,20 @@ def test_dead_counters_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.t += 5  # every counter is two windows old
     windows.hit(rate, "d")
     assert len(windows._counts) == 1
+
+
+def test_live_counters_are_not_rescanned_for_every_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Long windows keep many counters alive: a sweep that frees nothing waits until the live
+    counters double, instead of scanning them all again for the next new counter."""
+    monkeypatch.setattr(local, "_SWEEP_AT", 3)
+    windows = SlidingWindows(Clock())
+    sweeps = []
+    sweep = windows._sweep
+    monkeypatch.setattr(windows, "_sweep", lambda now: sweeps.append(now) or sweep(now))
+    rate = Rate(5, 3600)
+    for i in range(12):
+        windows.hit(rate, f"k{i}")
+    assert len(windows._counts) == 12
+    assert len(sweeps) == 2  # at 3 live counters, then at 6 (the next would be at 12)

@@ -51,9 +51,27 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     typing_per_device: Rate = Rate(20, 10)
     presence_subscribe_per_device: Rate = Rate(30, 60)
     sync_per_device: Rate = Rate(30, 60)
-    #: Keys taken from other devices by `keys_claim` (each key one unit): a chat partner cannot
-    #: drain someone's one-time keys faster than this.
-    key_claims_per_device: Rate = Rate(100, 60)
+    #: `keys_upload` calls, with keys or without (asking for the counts): a client makes two
+    #: when it connects and one per top-up. Counted per call: a call is one transaction,
+    #: whatever its keys (at most `e2e.max_one_time_keys` of them).
+    key_uploads_per_device: Rate = Rate(60, 60)
+    #: `keys_query` calls, however many users each names (a call is two store reads either
+    #: way): a client asks when it opens a chat and for each sender it does not know yet, so
+    #: a full group (99 others) fits in one window.
+    key_queries_per_device: Rate = Rate(120, 60)
+    #: One-time keys taken by `keys_claim` (each device asked for is one unit): room for one
+    #: claim of every other device of a full group (100 members x 3 devices: 299) and more.
+    #: A claim asking for more than a whole window spends all of it (it passes once the
+    #: window is empty, instead of never).
+    key_claims_per_device: Rate = Rate(400, 60)
+    #: The same over all of a user's devices: each of them claims for the same partners (3 x
+    #: 299), and more devices or fresh logins do not multiply what one account may take.
+    key_claims_per_user: Rate = Rate(1000, 60)
+    #: Keys of one target device taken by one user (all their devices together). A session
+    #: needs one per pair of devices, so a few are plenty (keep it at least
+    #: `max_devices_per_user`); past it the device is left out of that user's claims (as one
+    #: without keys is), never an error: one account cannot drain a device's one-time keys.
+    key_claims_per_target: Rate = Rate(10, 3600)
     register_per_address: Rate = Rate(20, 3600)
     login_per_address: Rate = Rate(60, 60)
     #: Login attempts per username, in tiers: the wait grows with persistence (a minute, an

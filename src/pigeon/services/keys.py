@@ -4,8 +4,9 @@ Why a service of its own: these are the rules the server keeps while knowing no 
 Devices publish public keys whose shape and size are checked here (never their signatures:
 clients verify those); only people who share a chat may read someone's device list and keys,
 take their one-time keys or write to their devices' inboxes (`services.peers`, the same rule
-as presence); claims and to-device writes spend rate limits like sends. The store does the
-atomic parts (`KeyStore`); every inbox entry it writes is pushed by the fan-out after commit.
+as presence); uploads, queries and claims spend rate limits of their own (`Throttle`), and
+to-device writes the send limits. The store does the atomic parts (`KeyStore`); every inbox
+entry it writes is pushed by the fan-out after commit.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class KeyService:
             raise BadRequest("one-time key ids must be distinct")
         if len(one_time_keys) > limits.max_one_time_keys:
             raise TooManyKeys(f"a device holds at most {limits.max_one_time_keys} one-time keys")
+        if self._throttle is not None:
+            await self._throttle.key_uploads(device.id)
         if identity is None and not one_time_keys and fallback is None:
             counts = await self._keys.counts(device.id)
         else:
@@ -108,21 +111,25 @@ class KeyService:
         """The devices, with their identity keys, of the caller or people who share a chat
         with them; `Forbidden` if any other user is asked for."""
         users = self._targets(users, "users", "user ids")
+        if self._throttle is not None:
+            await self._throttle.key_queries(device.id)
         await require_peers(self._chats, device.user_id, users, _STRANGERS)
         return await self._keys.query(users)
 
     async def claim(self, device: Device, devices: list[str]) -> list[ClaimedKey]:
         """One key for each named device (a one-time key, else its fallback key). Devices that
-        no longer exist are left out; a device of someone who shares no chat with the caller
-        is `Forbidden` (and nothing is taken)."""
+        no longer exist are left out, and so are those whose keys the caller's user took too
+        often lately (`Throttle.key_claims`); a device of someone who shares no chat with the
+        caller is `Forbidden` (and nothing is taken)."""
         devices = self._targets(devices, "devices", "device ids")
         owners = await self._keys.owners(devices)
         await require_peers(self._chats, device.user_id, list(owners.values()), _STRANGERS)
-        if not owners:
+        targets = [d for d in devices if d in owners]
+        if targets and self._throttle is not None:
+            targets = await self._throttle.key_claims(device, targets)
+        if not targets:
             return []
-        if self._throttle is not None:
-            await self._throttle.key_claims(device.id, len(owners))
-        change = self._keys.claim([d for d in devices if d in owners], self._clock.now_ms())
+        change = self._keys.claim(targets, self._clock.now_ms())
         claimed, _ = await self._fanout.commit(change, _second)
         return claimed
 

@@ -10,6 +10,7 @@ after which it would pass); the wire turns that into `rate_limited` + `retry_aft
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from pigeon.domain.errors import RateLimited
 from pigeon.domain.limits import Rate, RateRules, Spend
@@ -121,11 +122,41 @@ class Throttle:
         rule = self._rules.presence_subscribe_per_device
         await self._spend(rule, "ps:" + device_id, 1, "subscriptions")
 
-    async def key_claims(self, device_id: str, keys: int) -> None:
-        """`keys_claim`: each key asked for is one unit (one-time keys are a scarce resource
-        of their owners)."""
-        rule = self._rules.key_claims_per_device
-        await self._spend(rule, "kc:" + device_id, keys, "key claims")
+    async def key_uploads(self, device_id: str) -> None:
+        """`keys_upload`: one unit per call (with keys, or asking for the counts)."""
+        rule = self._rules.key_uploads_per_device
+        await self._spend(rule, "kp:" + device_id, 1, "key uploads")
+
+    async def key_queries(self, device_id: str) -> None:
+        """`keys_query`: one unit per call, however many users it names."""
+        rule = self._rules.key_queries_per_device
+        await self._spend(rule, "kq:" + device_id, 1, "key queries")
+
+    async def key_claims(self, device: Device, targets: Sequence[str]) -> list[str]:
+        """`keys_claim` of one key for each of `targets` (existing devices; one-time keys are
+        their owners' scarce resource). Each key is one unit for the claiming device and for
+        its user, all or nothing (`RateLimited`); a claim asking for more than a whole window
+        spends all of it. Then, per target device, what this user took of it lately: returns
+        the targets still within `key_claims_per_target`, in order (the others are left out
+        of the claim, not refused: one account cannot drain a device's one-time keys, and a
+        claimer that keeps failing to use one device's keys still reaches every other)."""
+        r = self._rules
+        device_rule, user_rule = r.key_claims_per_device, r.key_claims_per_user
+        wait = await self._limiter.hit_all(
+            [
+                (device_rule, "kc:" + device.id, min(len(targets), device_rule.amount)),
+                (user_rule, "kcu:" + device.user_id, min(len(targets), user_rule.amount)),
+            ]
+        )
+        if wait is not None:
+            limits = f"{device_rule} per device, {user_rule} per user"
+            raise RateLimited(f"too many key claims (limits {limits}); retry in {wait:.1f} s", wait)
+        # one counter each, independent of the others: concurrent hits leave together (one
+        # round trip to Redis)
+        prefix = f"kct:{device.user_id}:"
+        target_rule = r.key_claims_per_target
+        waits = await asyncio.gather(*(self._limiter.hit(target_rule, prefix + t) for t in targets))
+        return [t for t, w in zip(targets, waits, strict=True) if w is None]
 
     async def sync(self, device_id: str) -> None:
         await self._spend(self._rules.sync_per_device, "sy:" + device_id, 1, "syncs")

@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 from pigeon.domain.limits import Rate, Spend
 
-#: Counters kept before dead ones (two windows old) are swept.
+#: Counters kept before dead ones (two windows old) are swept; after a sweep, the next one
+#: waits until the live counters double (long windows, such as an hour's per pair of user
+#: and device for key claims, keep many alive: a sweep per new counter would scan them all).
 _SWEEP_AT = 100_000
 
 
@@ -30,6 +32,7 @@ class SlidingWindows:
         self._now = now
         #: (seconds, amount, key) -> [window index, previous window's count, current count]
         self._counts: dict[tuple[int, int, str], list[int]] = {}
+        self._sweep_at = _SWEEP_AT
 
     def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
         """Spend `cost` if it fits (None), else the seconds until it would (nothing spent)."""
@@ -62,7 +65,7 @@ class SlidingWindows:
         counter = self._counts.get((period, rate.amount, key))
         if counter is None:
             counter = [int(window), 0, 0]
-            if len(self._counts) >= _SWEEP_AT:
+            if len(self._counts) >= self._sweep_at:
                 self._sweep(now)
             self._counts[(period, rate.amount, key)] = counter
         elif counter[0] != window:  # roll over: the current window becomes the previous one
@@ -75,6 +78,7 @@ class SlidingWindows:
         dead = [k for k, c in self._counts.items() if now // k[0] - c[0] >= 2]
         for k in dead:
             del self._counts[k]
+        self._sweep_at = max(_SWEEP_AT, 2 * len(self._counts))
 
 
 def wait_for_fit(
