@@ -2,20 +2,25 @@
 e2e=E2EConfig(...))` publishes keys on connect, shares Megolm sessions over Olm before sending,
 and yields decrypted messages from `events()`. The server's stored rows hold ciphertext only; a
 removed member cannot read later messages; a device added later reads new ones; encrypted
-attachments round-trip; safety numbers agree; a changed identity key is reported."""
+attachments round-trip; safety numbers agree; a changed identity key is reported; a message
+waiting for its key survives a restart; a missing key is asked for and given only to devices
+entitled to it; a revoked device stays refused when the server announces it again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
+import vodozemac
 
 from pigeon.app import STORE
 from pigeon.client import (
@@ -33,7 +38,8 @@ from pigeon.client import (
     WaitingForKey,
     revoke_device,
 )
-from pigeon.client.e2e import CryptoStore, DeviceInfo, MissingKey
+from pigeon.client.e2e import CryptoStore, DeviceInfo, KeyRequest, MissingKey
+from pigeon.client.e2e.keys import signed_identity
 from pigeon.config import PostgresSettings
 from pigeon.gateway.keys import SETTINGS
 from tests.conftest import Server, ServerFactory, next_of
@@ -544,3 +550,227 @@ async def test_a_room_key_survives_a_connection_lost_while_fetching_its_sender(
     sent = await alice.send(chat["id"], "after the drop")  # the same session: the kept key
     found = await decrypted(bob)
     assert (found.id, found.body) == (sent.id, "after the drop")
+
+
+async def _raw(client: Any, count: int) -> list[Any]:
+    """The next `count` to-device events and messages of the client's raw event queue, as
+    (iseq, event), not handled (as if the app had not taken them yet)."""
+    arrived: list[Any] = []
+    while len(arrived) < count:
+        item = await asyncio.wait_for(client._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if isinstance(item[1], ToDevice | Message):
+            arrived.append(item)
+    return arrived
+
+
+@contextlib.asynccontextmanager
+async def handling_events(*clients: PigeonClient) -> AsyncIterator[None]:
+    """The clients take and handle their events in the background, as an app's loop does
+    (answering key requests among them)."""
+
+    async def take_all(client: PigeonClient) -> None:
+        async for _ in client.events():
+            pass
+
+    tasks = [asyncio.create_task(take_all(client)) for client in clients]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ClientError):
+                await task
+
+
+def recorded(client: PigeonClient) -> list[tuple[str, dict[str, Any]]]:
+    """From now on, the commands the client's E2E layer sends (name, fields)."""
+    assert client.crypto is not None
+    calls: list[tuple[str, dict[str, Any]]] = []
+    send = client.crypto._request
+
+    async def recording(t: str, **fields: Any) -> Any:
+        calls.append((t, fields))
+        return await send(t, **fields)
+
+    client.crypto._request = recording
+    return calls
+
+
+def to_device_targets(calls: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [m["device"] for t, f in calls if t == "send_to_device" for m in f["messages"]]
+
+
+async def test_a_message_waiting_for_its_key_survives_a_restart(
+    server: Server, tmp_path: Path
+) -> None:
+    alice, account, config, bob, chat = await _alice_and_a_fragile_bob(server, tmp_path)
+    sent = await alice.send(chat["id"], "worth the wait")
+    (_, room_key), (iseq, message) = await _room_key_then_message(bob)
+    assert isinstance(room_key, ToDevice) and isinstance(message, Message)
+    assert bob.crypto is not None
+    (waiting,) = await bob.crypto.process(message)  # before its room key: it waits
+    assert isinstance(waiting, WaitingForKey) and waiting.message.id == sent.id
+    await bob.ack(iseq)  # taken by the app: the server forgets both
+    await bob.close()
+
+    bob = await server.client(account, e2e=config)  # the app restarts on the same store
+    assert bob.crypto is not None
+    (found,) = await bob.crypto.process(room_key)  # the room key comes at last
+    assert isinstance(found, DecryptedMessage)
+    assert (found.id, found.body, found.seq) == (sent.id, "worth the wait", message.seq)
+    assert bob.crypto.store is not None and len(bob.crypto.store.waiting) == 0
+
+
+async def test_a_key_asked_for_before_a_restart_is_used_after_it(
+    server: Server, tmp_path: Path
+) -> None:
+    alice, account, config, bob, chat = await _alice_and_a_fragile_bob(server, tmp_path)
+    sent = await alice.send(chat["id"], "asked for")
+    _, (iseq, message) = await _room_key_then_message(bob)
+    assert bob.crypto is not None
+    (waiting,) = await bob.crypto.process(message)  # the room key is lost: bob asks alice
+    assert isinstance(waiting, WaitingForKey)
+    await bob.ack(iseq)
+    await bob.close()
+
+    async with handling_events(alice):  # alice answers while bob is away
+        bob = await server.client(account, e2e=config)
+        found = await decrypted(bob)
+    assert (found.id, found.body) == (sent.id, "asked for")
+
+
+async def test_a_device_that_missed_its_room_key_asks_once_and_gets_it(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice, bob = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    sent = [await alice.send(chat["id"], f"part {i}") for i in range(3)]
+    room_key, *messages = await _raw(bob, 4)
+    assert isinstance(room_key[1], ToDevice)  # skipped: lost in transit
+    calls = recorded(bob)
+    assert bob.crypto is not None
+    for _, message in messages:
+        (waiting,) = await bob.crypto.process(message)
+        assert isinstance(waiting, WaitingForKey)
+    assert len([t for t, _ in calls if t == "send_to_device"]) == 1  # one request for three
+    assert to_device_targets(calls) == [alice.device]
+
+    async with handling_events(alice):
+        found = [await decrypted(bob) for _ in sent]
+    assert [(m.id, m.body) for m in found] == [(s.id, f"part {i}") for i, s in enumerate(sent)]
+
+
+async def test_a_new_device_gets_the_key_from_its_users_other_device(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice, phone = await people.device("alice"), await people.device("bob")
+    chat = await alice.create_chat([user(phone)], encrypted=True)
+    await alice.send(chat["id"], "before the tablet")
+    assert (await decrypted(phone)).body == "before the tablet"
+    tablet = await people.device("bob", "tablet")
+    # alice has not heard of the tablet yet (she handles no events): it gets no room key
+    sent = await alice.send(chat["id"], "the tablet is new here")
+    calls = recorded(alice)
+    assert (await next_of(tablet, WaitingForKey)).message.id == sent.id
+    async with handling_events(phone):  # only bob's phone answers (alice takes no events)
+        found = await decrypted(tablet)
+    assert (found.id, found.body) == (sent.id, "the tablet is new here")
+    assert alice.crypto is not None and alice.crypto.store is not None
+    assert found.sender_ed25519 == alice.crypto.store.me.ed25519  # alice's session, forwarded
+    assert not to_device_targets(calls)
+
+
+async def test_a_requester_who_is_not_a_member_gets_nothing(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    people = People(server, tmp_path)
+    alice, bob, carol = [await people.device(w) for w in ("alice", "bob", "carol")]
+    await alice.create_chat([user(carol)])  # carol may still write to alice's devices
+    group = await alice.create_chat([user(bob), user(carol)], "g", "group", encrypted=True)
+    await alice.send(group["id"], "before")
+    assert (await decrypted(carol)).body == "before"
+    await alice.modify_participants(group["id"], remove=[user(carol)])
+    await alice.send(group["id"], "after")
+    after = await decrypted(bob)
+    assert after.e2e
+    assert carol.crypto is not None and alice.crypto is not None
+    # carol got hold of the ciphertext and asks alice for its key (her SDK would not: she
+    # is not in the chat)
+    (alice_device,) = await carol.crypto.devices_of([user(alice)])
+    request = KeyRequest(
+        chat=group["id"], sender_key=after.e2e.sender_key, session_id=after.e2e.session_id
+    )
+    await carol.crypto._send_olm([(alice_device, msgspec.to_builtins(request))])
+    calls = recorded(alice)
+    while True:  # alice handles her events up to carol's request
+        item = await asyncio.wait_for(alice._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if item[1] is not None:  # None: a message delivered twice
+            await alice.crypto.process(item[1])
+        if isinstance(item[1], ToDevice) and item[1].sender_device == carol.device:
+            break
+    assert "refused: not a member" in caplog.text
+    assert not to_device_targets(calls)  # nothing sent to carol (nor anyone)
+
+
+async def test_a_revoked_device_stays_refused_when_the_server_announces_it_again(
+    server: Server, tmp_path: Path
+) -> None:
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_phone, bob_laptop = await people.device("bob"), await people.device("bob", "laptop")
+    chat = await alice.create_chat([user(bob_phone)], encrypted=True)
+    await alice.send(chat["id"], "to both")
+    assert (await decrypted(bob_laptop)).body == "to both"
+    await decrypted(bob_phone)
+    from_laptop = await bob_laptop.send(chat["id"], "from the laptop")
+    seen = await decrypted(alice)
+    assert seen.id == from_laptop.id
+    listed = await alice.request("keys_query", users=[user(bob_phone)])
+    (laptop_entry,) = [d for d in listed["devices"] if d["device"] == bob_laptop.device]
+
+    await revoke_device(server.url, bob_phone.token, str(bob_laptop.device))
+    while (await next_of(alice, DeviceList)).change != "removed":
+        pass
+    assert alice.crypto is not None and alice.crypto.store is not None
+    assert alice.crypto.store.devices.is_revoked(user(bob_phone), str(bob_laptop.device))
+    forged = signed_identity(vodozemac.Account(), user(bob_phone), str(bob_laptop.device))
+    query = alice.crypto._request
+    announced: list[dict[str, Any]] = []
+
+    async def lying(t: str, **fields: Any) -> Any:  # the server lists the laptop again
+        reply = await query(t, **fields)
+        if t == "keys_query":
+            reply = {**reply, "devices": [*reply["devices"], *announced]}
+        return reply
+
+    for entry in (laptop_entry, {**laptop_entry, "identity": msgspec.to_builtins(forged)}):
+        announced[:] = [entry]  # with its old keys, then with others (properly self-signed)
+        alice.crypto._request = lying
+        alice.crypto._devices.clear()
+        calls = recorded(alice)
+        sent = await alice.send(chat["id"], "not for the laptop")
+        warning = await next_of(alice, IdentityKeyChanged)
+        assert warning.revoked and warning.new.device == bob_laptop.device
+        assert bob_laptop.device not in to_device_targets(calls)  # never encrypted to
+        assert (await decrypted(bob_phone)).id == sent.id
+    # a message of the laptop's (replayed by the server) is not trusted any more
+    replay = Message(
+        id=seen.id,
+        chat=seen.chat,
+        seq=seen.seq,
+        sender=seen.sender,
+        sender_device=seen.sender_device,
+        cmid=seen.cmid,
+        at=seen.at,
+        e2e=seen.e2e,
+    )
+    (result,) = await alice.crypto.process(replay)
+    assert isinstance(result, Unreadable) and "revoked" in result.reason
+    path, key = alice.crypto.config.store, alice.crypto.config.pickle_key
+    reopened = CryptoStore.open(path, key)  # the tombstone is in the sealed store
+    assert reopened.devices.is_revoked(user(bob_phone), str(bob_laptop.device))

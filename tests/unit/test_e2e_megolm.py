@@ -1,6 +1,7 @@
 """Megolm across simulated devices (pigeon.client.e2e.megolm): Alice, Bob with two devices and
 Carol in one chat; rotation when members or devices go and by count or age; a device added
-later; and the results for messages that cannot, or must not, be shown."""
+later; the results for messages that cannot, or must not, be shown; and keys sent again on
+request, only to devices entitled to them and from the index they were entitled to."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pigeon.client.e2e import (
     CryptoStore,
     Decrypted,
     Envelope,
+    ForwardedRoomKey,
+    KeyRequest,
     MissingKey,
     NoSession,
     Replayed,
@@ -212,6 +215,80 @@ def test_sessions_survive_a_reopen_of_the_store(world: World) -> None:
     assert isinstance(replay, Replayed)  # the record of used indexes was saved
     reply = world.send(world.carol, "three")  # Olm sessions reloaded on both sides
     assert body(world.read(world.alice, world.carol, reply)) == "three"
+
+
+def request_for(message: tuple[str, Envelope], chat: str = CHAT) -> KeyRequest:
+    _, envelope = message
+    return KeyRequest(chat=chat, sender_key=envelope.sender_key, session_id=envelope.session_id)
+
+
+def forwarded(key: ForwardedRoomKey | None) -> dict[str, object]:
+    assert key is not None
+    return dict(msgspec.to_builtins(key))
+
+
+def test_a_device_that_missed_its_room_key_gets_it_from_the_sender(
+    world: World, tmp_path: Path
+) -> None:
+    first = world.send(world.alice, "one")
+    late = world.new("dave", tmp_path)  # a member device whose room key was lost in transit
+    world.members.append(late)
+    keys = world.alice.store.groups.share(CHAT, [m.info for m in world.members])
+    assert [device for device, _ in keys] == [late.info]  # counted as shared, never received
+    second = ("msg-two", world.alice.store.groups.encrypt(CHAT, {"body": "two"}))
+    assert isinstance(world.read(late, world.alice, second), MissingKey)
+    answer = world.alice.store.groups.forward(request_for(second), late.info)
+    assert answer is not None and answer.first_index == 1  # shared at index 1, not before
+    assert (answer.sender, answer.sender_key) == ("alice", world.alice.info.curve25519)
+    assert late.store.groups.import_forwarded_key(world.alice.info, forwarded(answer))
+    assert body(world.read(late, world.alice, second)) == "two"
+    missing = world.read(late, world.alice, first)
+    assert isinstance(missing, MissingKey) and missing.message_index == 0
+
+
+def test_only_entitled_devices_get_a_key_on_request(world: World, tmp_path: Path) -> None:
+    message = world.send(world.alice, "for members")
+    stranger = world.new("eve", tmp_path)
+    groups = world.alice.store.groups
+    assert groups.forward(request_for(message), stranger.info) is None  # never shared with
+    assert groups.forward(request_for(message, "chat-2"), world.bob1.info) is None  # chat
+    # carol holds alice's session but it is not hers: she forwards it to nobody of another user
+    assert world.carol.store.groups.forward(request_for(message), world.bob1.info) is None
+    assert groups.forward(request_for(message), world.alice.info) is None  # itself
+    unknown = KeyRequest(chat=CHAT, sender_key=world.alice.info.curve25519, session_id="nope")
+    assert groups.forward(unknown, world.bob1.info) is None
+
+
+def test_a_users_other_device_gets_what_this_one_holds(world: World, tmp_path: Path) -> None:
+    message = world.send(world.alice, "history")
+    world.send(world.alice, "more")
+    bob3 = world.new("bob", tmp_path)  # bob's new device, never sent alice's session
+    answer = world.bob1.store.groups.forward(request_for(message), bob3.info)
+    assert answer is not None and answer.first_index == 0
+    assert (answer.sender, answer.sender_device) == ("alice", world.alice.info.device)
+    assert bob3.store.groups.import_forwarded_key(world.alice.info, forwarded(answer))
+    assert body(world.read(bob3, world.alice, message)) == "history"
+
+
+def test_a_forwarded_key_must_name_its_sessions_device(world: World, tmp_path: Path) -> None:
+    message = world.send(world.alice, "x")
+    bob3 = world.new("bob", tmp_path)
+    answer = forwarded(world.bob1.store.groups.forward(request_for(message), bob3.info))
+    groups = bob3.store.groups
+    assert groups.import_forwarded_key(world.carol.info, answer) is None  # not carol's
+    assert groups.import_forwarded_key(world.alice.info, {**answer, "session_key": "AAAA"}) is None
+    assert groups.import_forwarded_key(world.alice.info, {**answer, "session_id": "x"}) is None
+    assert groups.import_forwarded_key(world.alice.info, {"type": "junk"}) is None
+    assert isinstance(world.read(bob3, world.alice, message), MissingKey)
+
+
+def test_who_got_a_session_is_kept_in_the_store(world: World, tmp_path: Path) -> None:
+    message = world.send(world.alice, "x")
+    world.alice.store.save()
+    world.alice.store = CryptoStore.open(world.alice.store.path, bytes(32), clock=world.clock)
+    assert world.alice.store.groups.forward(request_for(message), world.carol.info) is not None
+    stranger = world.new("eve", tmp_path)
+    assert world.alice.store.groups.forward(request_for(message), stranger.info) is None
 
 
 _text = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ !{}")

@@ -1,5 +1,6 @@
 """Safety numbers and key continuity (pigeon.client.e2e.trust): the number is the same for
-both users and stable, and a known device whose identity key changes is reported."""
+both users and stable, a known device whose identity key changes is reported, and a revoked
+device is never trusted again, whatever keys it comes back with."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import re
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from pigeon.client.e2e import (
     CryptoStore,
+    DeviceInfo,
+    DeviceRevoked,
     IdentityKeyChanged,
     KnownDevices,
     KnownKeys,
@@ -66,3 +70,43 @@ def test_known_devices_are_kept_in_the_store(tmp_path: Path) -> None:
     assert reopened.devices.of_user("bob") == [bob.info]
     moved = msgspec.structs.replace(bob.info, curve25519=alice.info.curve25519)
     assert isinstance(reopened.devices.check(moved), IdentityKeyChanged)
+
+
+def test_a_revoked_device_is_never_trusted_again(tmp_path: Path) -> None:
+    directory = Directory()
+    bob = new_device(tmp_path, directory, "bob").info
+    known = KnownDevices()
+    known.check(bob)
+    assert known.revoke("bob", bob.device) == bob
+    assert known.is_revoked("bob", bob.device) and known.get("bob", bob.device) is None
+    assert known.check(bob) == IdentityKeyChanged(known=bob, new=bob, revoked=True)  # same keys
+    impostor = CryptoStore.create(tmp_path / "x", bytes(32), user="bob", device=bob.device).me
+    assert known.check(impostor) == IdentityKeyChanged(known=bob, new=impostor, revoked=True)
+    with pytest.raises(DeviceRevoked) as caught:
+        known.accept(impostor)
+    assert caught.value.code == "e2e_device_revoked"
+    assert known.get("bob", bob.device) is None and known.of_user("bob") == []
+    known.revoke("bob", bob.device)  # told twice: the keys it had are kept
+    assert known.revoked() == [bob]
+
+
+def test_a_device_revoked_before_its_keys_were_seen_is_refused_too(tmp_path: Path) -> None:
+    bob = new_device(tmp_path, Directory(), "bob").info
+    known = KnownDevices()
+    unseen = DeviceInfo(user="bob", device=bob.device, curve25519="", ed25519="")
+    assert known.revoke("bob", bob.device) == unseen
+    assert known.check(bob) == IdentityKeyChanged(known=unseen, new=bob, revoked=True)
+
+
+def test_tombstones_are_kept_in_the_store(tmp_path: Path) -> None:
+    directory = Directory()
+    alice = new_device(tmp_path, directory, "alice")
+    bob = new_device(tmp_path, directory, "bob")
+    alice.store.devices.check(bob.info)
+    alice.store.devices.revoke("bob", bob.info.device)
+    alice.store.save()
+    reopened = CryptoStore.open(alice.store.path, bytes(32))
+    assert reopened.devices.is_revoked("bob", bob.info.device)
+    assert reopened.devices.get("bob", bob.info.device) is None
+    check = reopened.devices.check(bob.info)
+    assert isinstance(check, IdentityKeyChanged) and check.revoked

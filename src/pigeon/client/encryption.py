@@ -3,8 +3,9 @@
 Why it exists apart from `e2e/`: the crypto core knows no server; this module is what talks to
 it on the core's behalf (keys_upload, keys_query, keys_claim, send_to_device) and keeps what a
 device must remember between events: which chats are encrypted (once seen encrypted, kept in
-the store and never believed plaintext again) and who is in them, whose devices were verified,
-which messages wait for a key, which to-device payloads and room keys wait to be checked.
+the store and never believed plaintext again) and who is in them, whose devices were verified
+(and which were revoked), which messages wait for a key, which to-device payloads and room
+keys wait to be checked.
 
 What it guarantees:
 - **sending**: before each encrypted message the chat's Megolm session is shared with every
@@ -14,10 +15,20 @@ What it guarantees:
 - **receiving**: a room key is imported only if it came over Olm from a verified device of a
   member of its chat; a message decrypts into a `DecryptedMessage` (a `Message`, so code that
   reads `body` keeps working) only if its sender's identity key is the one the device list
-  gave; one that cannot be decrypted yet is a `WaitingForKey` event and comes again, decrypted,
-  when its key arrives; nothing here raises into the event loop;
+  gave; one that cannot be decrypted yet is a `WaitingForKey` event, is kept in the sealed
+  store (at most `E2EConfig.max_waiting`, the oldest dropped) and comes again, decrypted, when
+  a key to its session is imported, by this client or a later one on the same store; nothing
+  here raises into the event loop;
+- **key requests**: for such a message the device asks the sender's device and its own other
+  devices for the key (`room_key_request` over Olm; one per session per
+  `E2EConfig.key_request_interval`), and answers such requests from a current member device
+  of the chat with what it is entitled to (`GroupSessions.forward`); a forwarded key is taken
+  only if asked for, and only from the session's own device or one of this user's;
 - **trust**: a known device whose identity keys change is never encrypted to, and is reported
-  as an `IdentityKeyChanged` event; `fingerprint(user)` gives the safety number to compare.
+  as an `IdentityKeyChanged` event; a revoked device leaves a tombstone in the store, so that
+  if it is announced again (same keys or others) it is refused and reported
+  (`IdentityKeyChanged(revoked=True)`), and its messages are `Unreadable`;
+  `fingerprint(user)` gives the safety number to compare.
 The store is saved after every change (a key used, a session moved or imported).
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +53,19 @@ from pigeon.client.e2e import (
     DeviceInfo,
     E2EError,
     Envelope,
+    ForwardedRoomKey,
     IdentityKeyChanged,
+    KeyRequest,
     MissingKey,
     NewDevice,
     RotationPolicy,
     StoreCorrupt,
+    WaitingMessage,
     encrypt_file,
     safety_number,
     verify_identity,
 )
+from pigeon.client.e2e.megolm import FORWARDED_ROOM_KEY, ROOM_KEY, ROOM_KEY_REQUEST
 from pigeon.client.errors import ClientError
 from pigeon.domain.events import ChatUpdate, DeviceList, Event, KeysExhausted, Message, ToDevice
 from pigeon.domain.keys import E2EEnvelope
@@ -68,12 +84,16 @@ class E2EConfig:
     `store`: the device's key store file (created on the first connect, opened afterwards; one
     file per device). `pickle_key`: 32 bytes the application keeps (e.g. in the OS keychain):
     the store is sealed with it. `one_time_keys`: how many one-time keys to keep on the server
-    (capped by the server's and vodozemac's maxima)."""
+    (capped by the server's and vodozemac's maxima). `max_waiting`: how many messages are kept
+    waiting for their key (the oldest dropped first). `key_request_interval`: seconds between
+    two requests for the key of one session."""
 
     store: Path
     pickle_key: bytes
     policy: RotationPolicy | None = None
     one_time_keys: int = 50
+    max_waiting: int = 1000
+    key_request_interval: float = 60.0
 
 
 class DecryptedMessage(Message, frozen=True, kw_only=True):
@@ -88,8 +108,9 @@ class DecryptedMessage(Message, frozen=True, kw_only=True):
 
 
 class WaitingForKey(msgspec.Struct, frozen=True, kw_only=True):
-    """ "Waiting for this message": an encrypted message whose room key has not arrived. When it
-    does, the message comes again as a `DecryptedMessage` with the same `id`."""
+    """ "Waiting for this message": an encrypted message whose room key has not arrived (it was
+    asked for). When it does, even after a restart, the message comes again as a
+    `DecryptedMessage` with the same `id`."""
 
     message: Message
     session_id: str
@@ -105,6 +126,8 @@ class Unreadable(msgspec.Struct, frozen=True, kw_only=True):
 
 #: What `PigeonClient.events()` yields besides the inbox's events when E2E is on.
 E2ENotice = WaitingForKey | Unreadable | IdentityKeyChanged
+#: What a kept message or room key becomes once handled.
+E2EResult = DecryptedMessage | E2ENotice
 
 
 class _Chat(msgspec.Struct, kw_only=True):
@@ -115,15 +138,16 @@ class _Chat(msgspec.Struct, kw_only=True):
 class DeviceCrypto:
     """One device's encryption state bound to its connection (`request`)."""
 
-    def __init__(self, config: E2EConfig, request: Request) -> None:
+    def __init__(
+        self, config: E2EConfig, request: Request, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self._request = request
+        self._clock = clock
         self.store: CryptoStore | None = None
         self._chats: dict[str, _Chat] = {}
         #: Verified, trusted devices of each user, as last queried (dropped on `device_list`).
         self._devices: dict[str, list[DeviceInfo]] = {}
-        #: Messages waiting for a room key, by (sender key, session id).
-        self._waiting: dict[tuple[str, str], list[Message]] = {}
         self._notices: list[E2ENotice] = []
         self._lock = asyncio.Lock()
 
@@ -226,7 +250,10 @@ class DeviceCrypto:
                 continue
             check = store.devices.check(info)
             if isinstance(check, IdentityKeyChanged):
-                log.warning("identity keys of %s/%s changed", info.user, info.device)
+                what = (
+                    "revoked device announced again" if check.revoked else "identity keys changed"
+                )
+                log.warning("%s: %s/%s", what, info.user, info.device)
                 self._notices.append(check)
                 continue
             changed |= isinstance(check, NewDevice)
@@ -255,8 +282,9 @@ class DeviceCrypto:
     async def fingerprint(self, user: str) -> str:
         """The safety number of this user and `user` (the same on both sides)."""
         me = self._me().me
-        mine = [d.ed25519 for d in await self._query([me.user])] + [me.ed25519]
-        theirs = [d.ed25519 for d in await self._query([user])]
+        async with self._lock:  # a reply must not land after a revocation handled meanwhile
+            mine = [d.ed25519 for d in await self._query([me.user])] + [me.ed25519]
+            theirs = [d.ed25519 for d in await self._query([user])]
         return await asyncio.to_thread(safety_number, me.user, mine, user, theirs)
 
     # -- sending -----------------------------------------------------------------------------
@@ -283,17 +311,22 @@ class DeviceCrypto:
             return msgspec.to_builtins(envelope)  # type: ignore[no-any-return]
 
     async def _share(self, to_share: list[tuple[DeviceInfo, Any]]) -> None:
+        await self._send_olm([(device, msgspec.to_builtins(key)) for device, key in to_share])
+
+    async def _send_olm(self, contents: list[tuple[DeviceInfo, dict[str, Any]]]) -> None:
+        """Olm-encrypt each content for its device (claiming a key and starting a session with
+        a device met for the first time) and send them all to-device."""
         store = self._me()
-        fresh = [d for d, _ in to_share if not store.olm.has_session(d)]
+        fresh = [d for d, _ in contents if not store.olm.has_session(d)]
         if fresh:
             await self._start_sessions(fresh)
         messages = []
-        for device, key in to_share:
+        for device, content in contents:
             if store.olm.has_session(device):
-                payload = store.olm.encrypt(device, msgspec.to_builtins(key))
+                payload = store.olm.encrypt(device, content)
                 messages.append({"device": device.device, "payload": payload})
             else:
-                log.warning("no key for %s/%s: it cannot read this session", *device_name(device))
+                log.warning("no key for %s/%s: nothing sent to it", *device_name(device))
         store.save()
         for start in range(0, len(messages), MAX_TARGETS):
             await self._request("send_to_device", messages=messages[start : start + MAX_TARGETS])
@@ -358,6 +391,8 @@ class DeviceCrypto:
     async def _process(self, event: Event) -> list[Event | E2ENotice]:
         out: list[Event | E2ENotice] = []
         store = self._me()
+        if isinstance(event, Message) and store.waiting.discard(event.id):
+            store.save()  # it came again (not acked before a restart): handled anew, once
         if (store.pending_to_device or store.pending_room_keys) and not isinstance(event, ToDevice):
             try:
                 out.extend(await self._import_pending())
@@ -367,7 +402,7 @@ class DeviceCrypto:
                 log.warning("e2e: kept room keys not imported: %s", type(exc).__name__)
         if isinstance(event, Message):
             if isinstance(event.e2e, E2EEnvelope):
-                return [*out, self._decrypt(event)]
+                return [*out, await self._receive(event)]
             if event.chat in store.encrypted_chats:
                 reason = "sent unencrypted in an encrypted chat"
                 return [*out, Unreadable(message=event, reason=reason)]
@@ -396,7 +431,8 @@ class DeviceCrypto:
         self._devices.pop(event.user, None)  # queried again before the next share
         if event.change == "removed":
             store.groups.device_revoked(event.user, event.device)
-            store.devices.forget(event.user, event.device)
+            if (event.user, event.device) != (store.me.user, store.me.device):
+                store.devices.revoke(event.user, event.device)  # a tombstone, for good
             store.save()
 
     async def _to_device(self, event: ToDevice) -> list[Event | E2ENotice]:
@@ -409,8 +445,9 @@ class DeviceCrypto:
         return await self._import_pending()
 
     async def _open_pending(self) -> None:
-        """Olm-decrypt the kept to-device payloads, oldest first; a room key is kept in turn
-        (with the used one-time key, in the same save). A `ClientError` keeps the rest."""
+        """Olm-decrypt the kept to-device payloads, oldest first; a room key (or a forwarded
+        key, or a key request) is kept in turn (with the used one-time key, in the same save).
+        A `ClientError` keeps the rest."""
         store = self._me()
         while store.pending_to_device:
             raw = store.pending_to_device[0]
@@ -433,15 +470,15 @@ class DeviceCrypto:
                 log.warning("to-device payload from %s dropped: %s", device, exc)
                 store.save()
                 continue
-            if content.get("type") == "room_key":
+            if content.get("type") in (ROOM_KEY, FORWARDED_ROOM_KEY, ROOM_KEY_REQUEST):
                 pending = {"sender": msgspec.to_builtins(sender), "content": content}
                 store.pending_room_keys.append(pending)
             store.save()
 
     async def _import_pending(self) -> list[Event | E2ENotice]:
-        """Decrypt the payloads and import the room keys kept by `_to_device`, oldest first; a
-        `ClientError` (e.g. the connection lost while listing chats) keeps the rest for a later
-        try (on a later event)."""
+        """Decrypt the payloads kept by `_to_device`, then act on their contents (import a room
+        key, answer a key request), oldest first; a `ClientError` (e.g. the connection lost
+        while listing chats) keeps the rest for a later try (on a later event)."""
         store = self._me()
         await self._open_pending()
         out: list[Event | E2ENotice] = []
@@ -455,22 +492,144 @@ class DeviceCrypto:
                 store.pending_room_keys.pop(0)
                 store.save()
                 continue
-            chat = await self._chat(str(content.get("chat")))
+            out.extend(await self._act_on(sender, content))
             store.pending_room_keys.pop(0)
-            if chat is None or sender.user not in chat.members:
-                log.warning("room key from %s for a chat it is not in", sender.device)
-                store.save()
-                continue
-            key = store.groups.import_room_key(sender, content)
             store.save()
-            if key is None:
-                continue
-            waiting = self._waiting.pop((sender.curve25519, key.session_id), [])
-            out.extend(self._decrypt(message) for message in waiting)
         return out
 
-    def _decrypt(self, message: Message) -> DecryptedMessage | E2ENotice:
+    async def _act_on(self, sender: DeviceInfo, content: dict[str, Any]) -> list[E2EResult]:
+        """One kept Olm content from `sender` (verified): what it makes decryptable."""
+        kind = content.get("type")
+        if kind == ROOM_KEY_REQUEST:
+            await self._answer(sender, content)
+            return []
+        if kind == FORWARDED_ROOM_KEY:
+            return await self._import_forwarded(sender, content)
+        return await self._import_room_key(sender, content)
+
+    async def _import_room_key(
+        self, sender: DeviceInfo, content: dict[str, Any]
+    ) -> list[E2EResult]:
+        chat = await self._chat(str(content.get("chat")))
+        if chat is None or sender.user not in chat.members:
+            log.warning("room key from %s for a chat it is not in", sender.device)
+            return []
+        key = self._me().groups.import_room_key(sender, content)
+        if key is None:
+            return []
+        return self._retry_waiting(sender.curve25519, key.session_id)
+
+    async def _import_forwarded(
+        self, forwarder: DeviceInfo, content: dict[str, Any]
+    ) -> list[E2EResult]:
+        """A key sent in answer to this device's request: taken only if asked for, and from
+        the session's own device or one of this user's (which vouches for the device it names);
+        the session's device must be trusted and a member of the chat."""
         store = self._me()
+        try:
+            key = msgspec.convert(content, ForwardedRoomKey)
+        except msgspec.ValidationError:
+            log.warning("e2e: a malformed forwarded key from %s: dropped", forwarder.device)
+            return []
+        if not store.key_requests.asked(key.sender_key, key.session_id):
+            log.warning("e2e: a forwarded key from %s not asked for: dropped", forwarder.device)
+            return []
+        if forwarder.curve25519 == key.sender_key:
+            original: DeviceInfo | None = forwarder
+        elif forwarder.user == store.me.user:
+            original = await self._sender(key.sender, key.sender_device)
+        else:
+            log.warning("e2e: %s forwarded another device's key: dropped", forwarder.device)
+            return []
+        chat = await self._chat(key.chat)
+        if original is None or chat is None or original.user not in chat.members:
+            log.warning("e2e: a forwarded key from %s refused", forwarder.device)
+            return []
+        imported = store.groups.import_forwarded_key(original, content)
+        if imported is None:
+            log.warning("e2e: a forwarded key from %s does not match its device", forwarder.device)
+            return []
+        return self._retry_waiting(original.curve25519, imported.session_id)
+
+    async def _answer(self, requester: DeviceInfo, content: dict[str, Any]) -> None:
+        """Answer a key request (best effort: the requester asks again later) if `requester`
+        is a current device of a member of the chat and entitled to the session."""
+        store = self._me()
+        try:
+            request = msgspec.convert(content, KeyRequest)
+        except msgspec.ValidationError:
+            log.warning("e2e: a malformed key request from %s: dropped", requester.device)
+            return
+        try:
+            chat = await self._chat(request.chat)
+            if chat is None or requester.user not in chat.members:
+                log.warning("e2e: key request from %s refused: not a member", requester.device)
+                return
+            current = await self._query([requester.user])  # a revoked one is no longer listed
+            if requester not in current:
+                log.warning("e2e: key request from %s refused: not listed", requester.device)
+                return
+            key = store.groups.forward(request, requester)
+            if key is None:
+                log.info("e2e: key request from %s refused: not entitled", requester.device)
+                return
+            await self._send_olm([(requester, msgspec.to_builtins(key))])
+        except ClientError as exc:
+            log.warning("e2e: key request from %s unanswered: %s", requester.device, exc.code)
+
+    def _retry_waiting(self, sender_key: str, session_id: str) -> list[E2EResult]:
+        """The messages that waited for this session, decrypted now (or unreadable); those it
+        still cannot decrypt (their index is before the key's) keep waiting, unannounced."""
+        store = self._me()
+        entries = store.waiting.take(sender_key, session_id)
+        if not entries:
+            return []
+        out: list[E2EResult] = []
+        still: list[WaitingMessage] = []
+        for entry in entries:
+            try:
+                message = msgspec.convert(entry.message, Message)
+            except msgspec.ValidationError:
+                log.warning("e2e: a kept waiting message is malformed: dropped")
+                continue
+            result = self._open(message)
+            if isinstance(result, MissingKey):
+                still.append(entry)
+            else:
+                out.append(result)
+        store.waiting.put_back(still)
+        store.save()
+        return out
+
+    async def _receive(self, message: Message) -> E2EResult:
+        """An encrypted message from the inbox: decrypted, or kept and its key asked for."""
+        store = self._me()
+        result = self._open(message)
+        if not isinstance(result, MissingKey):
+            store.save()
+            return result
+        entry = WaitingMessage(
+            sender_key=result.sender_key,
+            session_id=result.session_id,
+            message_id=message.id,
+            message=msgspec.to_builtins(message),
+            since=self._clock(),
+        )
+        dropped = store.waiting.add(entry, cap=self.config.max_waiting)
+        if dropped:
+            log.warning(
+                "e2e: more than %d messages wait for a key: the oldest %d dropped",
+                self.config.max_waiting,
+                len(dropped),
+            )
+        store.save()
+        await self._ask_for_key(message, result)
+        return WaitingForKey(message=message, session_id=result.session_id)
+
+    def _open(self, message: Message) -> DecryptedMessage | Unreadable | MissingKey:
+        store = self._me()
+        if store.devices.is_revoked(message.sender, message.sender_device):
+            return Unreadable(message=message, reason="the sender's device was revoked")
         envelope = msgspec.convert(msgspec.to_builtins(message.e2e), Envelope)
         result = store.groups.decrypt(
             message.chat,
@@ -479,11 +638,8 @@ class DeviceCrypto:
             sender_device=message.sender_device,
             message_id=message.id,
         )
-        store.save()
         if isinstance(result, MissingKey):
-            where = (envelope.sender_key, envelope.session_id)
-            self._waiting.setdefault(where, []).append(message)
-            return WaitingForKey(message=message, session_id=envelope.session_id)
+            return result
         if not isinstance(result, Decrypted):
             reason = getattr(result, "reason", type(result).__name__.lower())
             return Unreadable(message=message, reason=reason)
@@ -491,6 +647,46 @@ class DeviceCrypto:
         if known is None or known.ed25519 != result.sender_ed25519:
             return Unreadable(message=message, reason="sender keys not in the device list")
         return _decrypted(message, result)
+
+    async def _ask_for_key(self, message: Message, missing: MissingKey) -> None:
+        """Ask the sender's device and this user's other devices for the key to `missing`'s
+        session, over Olm; at most once per session per `key_request_interval` (recorded
+        before sending, so a flood of such messages sends one). Best effort: never raises."""
+        store = self._me()
+        now = self._clock()
+        interval = self.config.key_request_interval
+        if not store.key_requests.due(missing.sender_key, missing.session_id, now, interval):
+            return
+        store.key_requests.sent(missing.sender_key, missing.session_id, now)
+        store.save()
+        try:
+            targets = await self._key_holders(message, missing)
+            if targets:
+                request = KeyRequest(
+                    chat=missing.chat,
+                    sender_key=missing.sender_key,
+                    session_id=missing.session_id,
+                    message_index=missing.message_index,
+                )
+                await self._send_olm([(d, msgspec.to_builtins(request)) for d in targets])
+        except Exception as exc:
+            log.warning("e2e: key request not sent: %s", type(exc).__name__)
+
+    async def _key_holders(self, message: Message, missing: MissingKey) -> list[DeviceInfo]:
+        """Who may hold the key: the message's sender device (if its key is the envelope's)
+        and this user's other devices; nobody if this user is not in the chat."""
+        store = self._me()
+        chat = await self._chat(missing.chat)
+        if chat is None or store.me.user not in chat.members:
+            return []
+        targets: list[DeviceInfo] = []
+        sender = await self._sender(message.sender, message.sender_device)
+        if sender is not None and sender.curve25519 == missing.sender_key:
+            targets.append(sender)
+        for device in await self.devices_of([store.me.user]):
+            if device not in targets:
+                targets.append(device)
+        return [d for d in targets if d.curve25519 != store.me.curve25519]
 
 
 def _decrypted(message: Message, result: Decrypted) -> DecryptedMessage:

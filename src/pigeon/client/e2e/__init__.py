@@ -12,7 +12,9 @@ cryptography of its own: Olm and Megolm are vodozemac's, the store file is seale
 - `olm.OlmSessions`: device-to-device payloads (room keys);
 - `megolm.GroupSessions`: chat messages, with rotation, and results instead of exceptions;
 - `attachments`: files encrypted before upload;
-- `trust`: safety numbers, and warnings when a known device's identity key changes.
+- `trust`: safety numbers, warnings when a known device's identity key changes, and the
+  tombstones of revoked devices;
+- `waiting`: messages kept until their key arrives, and the key requests sent for them.
 """
 
 from pigeon.client.e2e.attachments import (
@@ -26,6 +28,7 @@ from pigeon.client.e2e.attachments import (
 )
 from pigeon.client.e2e.errors import (
     AttachmentCorrupt,
+    DeviceRevoked,
     E2EError,
     InvalidSignature,
     NoSession,
@@ -51,7 +54,9 @@ from pigeon.client.e2e.megolm import (
     Decrypted,
     DecryptResult,
     Envelope,
+    ForwardedRoomKey,
     GroupSessions,
+    KeyRequest,
     MissingKey,
     Replayed,
     RoomKey,
@@ -68,6 +73,7 @@ from pigeon.client.e2e.trust import (
     NewDevice,
     safety_number,
 )
+from pigeon.client.e2e.waiting import KeyRequests, WaitingMessage, WaitingMessages
 
 __all__ = [
     "MEGOLM_ALGORITHM",
@@ -79,12 +85,16 @@ __all__ = [
     "Decrypted",
     "DeviceIdentity",
     "DeviceInfo",
+    "DeviceRevoked",
     "E2EError",
     "Envelope",
+    "ForwardedRoomKey",
     "GroupSessions",
     "IdentityKeyChanged",
     "InvalidSignature",
     "KeyCheck",
+    "KeyRequest",
+    "KeyRequests",
     "KeysUpload",
     "KnownDevices",
     "KnownKeys",
@@ -102,6 +112,8 @@ __all__ = [
     "StoreCorrupt",
     "StoreExists",
     "Undecryptable",
+    "WaitingMessage",
+    "WaitingMessages",
     "WrongPickleKey",
     "decrypt_bytes",
     "decrypt_file",

@@ -84,3 +84,11 @@ class NoSession(E2EError):
 
     def __init__(self, message: str) -> None:
         super().__init__("e2e_no_session", message)
+
+
+class DeviceRevoked(E2EError):
+    """The device was revoked: its id and keys are never trusted again, even if the server
+    announces it anew (a revoked device's id is never reused)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("e2e_device_revoked", message)

@@ -18,6 +18,12 @@ What it guarantees:
 - **Decrypting never raises.** `decrypt` returns a `DecryptResult`: `Decrypted`, `MissingKey`
   ("waiting for this message": ask the sender's devices for the key, or wait for it),
   `Replayed` (a message index already used by another message), or `Undecryptable`.
+- **Key requests answer only what the asker was entitled to.** A device that lacks a key sends
+  a `KeyRequest`; `forward` answers it with a `ForwardedRoomKey` (vodozemac's `export_at`)
+  only for this user's other devices (from the index this device holds it), or for a device
+  this device shared one of its own sessions with, from the index it shared it at (each own
+  session records who got it, and at which index). Everyone else gets nothing: a device added
+  later, or one that was never sent the session, reads no earlier message through a request.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from pigeon.client.e2e.errors import NoSession
 from pigeon.client.e2e.keys import MEGOLM_ALGORITHM, DeviceInfo
 
 ROOM_KEY = "room_key"
+ROOM_KEY_REQUEST = "room_key_request"
+FORWARDED_ROOM_KEY = "forwarded_room_key"
 DeviceRef = tuple[str, str, str]  # (user, device, curve25519)
 
 
@@ -62,6 +70,35 @@ class RoomKey(msgspec.Struct, frozen=True, kw_only=True):
     chat: str
     session_id: str
     session_key: str
+
+
+class KeyRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A request for a Megolm session key this device lacks, as the content of an Olm
+    to-device payload to the session's sender device and this user's other devices.
+    `message_index`: of the message that could not be decrypted (informative)."""
+
+    type: Literal["room_key_request"] = "room_key_request"
+    chat: str
+    sender_key: str
+    session_id: str
+    message_index: int | None = None
+
+
+class ForwardedRoomKey(msgspec.Struct, frozen=True, kw_only=True):
+    """A Megolm session key sent again in answer to a `KeyRequest`, as the content of an Olm
+    to-device payload: exported from `first_index` (vodozemac's `export_at`), and naming the
+    device whose session it is (`sender*`), which may be another than the one forwarding it."""
+
+    type: Literal["forwarded_room_key"] = "forwarded_room_key"
+    algorithm: str = MEGOLM_ALGORITHM
+    chat: str
+    session_id: str
+    session_key: str
+    first_index: int
+    sender: str
+    sender_device: str
+    sender_key: str
+    sender_ed25519: str
 
 
 class Decrypted(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +161,9 @@ class _Inbound:
         self.sender = sender
         #: message index -> the id of the message that used it (replay detection).
         self.seen: dict[int, str] = {}
+        #: This device's own sessions: each device it was shared with, and the message index
+        #: it was shared at (what that device may be sent again on request).
+        self.shared: dict[DeviceRef, int] = {}
 
 
 class _OutboundState(msgspec.Struct, kw_only=True):
@@ -137,6 +177,7 @@ class _InboundState(msgspec.Struct, kw_only=True):
     chat: str
     sender: DeviceInfo
     seen: dict[int, str]
+    shared: list[tuple[str, str, str, int]] = []
 
 
 class GroupState(msgspec.Struct, kw_only=True):
@@ -188,6 +229,11 @@ class GroupSessions:
         )
         missing = [device for ref, device in current.items() if ref not in outbound.shared]
         outbound.shared.update(_ref(d) for d in missing)
+        own = self._inbound.get((self._me.curve25519, outbound.session.session_id))
+        if own is not None:  # who may ask for it again, and from which index
+            index = outbound.session.message_index
+            for device in missing:
+                own.shared.setdefault(_ref(device), index)
         return [(device, key) for device in missing]
 
     def encrypt(self, chat: str, content: dict[str, Any]) -> Envelope:
@@ -258,15 +304,80 @@ class GroupSessions:
             return None
         if session.session_id != key.session_id:
             return None
-        where = (sender.curve25519, key.session_id)
-        held = self._inbound.get(where)
-        if held is not None and (held.chat != key.chat or held.sender != sender):
+        return key if self._keep(sender, key.chat, session) else None
+
+    def import_forwarded_key(
+        self, sender: DeviceInfo, content: dict[str, Any]
+    ) -> ForwardedRoomKey | None:
+        """Keep a key forwarded in answer to a `KeyRequest`, as a session of `sender`: the
+        verified device the key names as its session's (not necessarily the one that forwarded
+        it). Returns it, or None if `content` is not a valid forwarded key of that device's.
+        The caller checks first that it asked for it, that the forwarding device may forward
+        it (the session's own device, or one of this user's), and that `sender` is a member of
+        `key.chat`."""
+        try:
+            key = msgspec.convert(content, ForwardedRoomKey)
+            named = (key.sender, key.sender_device, key.sender_key, key.sender_ed25519)
+            if key.algorithm != MEGOLM_ALGORITHM or named != (
+                sender.user,
+                sender.device,
+                sender.curve25519,
+                sender.ed25519,
+            ):
+                return None
+            exported = vodozemac.ExportedSessionKey(key.session_key)
+            session = vodozemac.InboundGroupSession.import_session(exported)
+        except (msgspec.ValidationError, vodozemac.SessionKeyDecodeException, ValueError):
             return None
+        if session.session_id != key.session_id:
+            return None
+        return key if self._keep(sender, key.chat, session) else None
+
+    def _keep(self, sender: DeviceInfo, chat: str, session: vodozemac.InboundGroupSession) -> bool:
+        """File `session` under its sender device; False if a session of that id is held for
+        another chat or device. One held from an earlier index is kept."""
+        where = (sender.curve25519, session.session_id)
+        held = self._inbound.get(where)
+        if held is not None and (held.chat != chat or held.sender != sender):
+            return False
         if held is None or session.first_known_index < held.session.first_known_index:
-            fresh = _Inbound(session, key.chat, sender)
-            fresh.seen = held.seen if held is not None else {}
+            fresh = _Inbound(session, chat, sender)
+            if held is not None:
+                fresh.seen, fresh.shared = held.seen, held.shared
             self._inbound[where] = fresh
-        return key
+        return True
+
+    def forward(self, request: KeyRequest, requester: DeviceInfo) -> ForwardedRoomKey | None:
+        """The answer to `requester`'s `request` (a verified device that is, as the caller
+        checked, a current member device of `request.chat`), or None if it is not entitled to
+        the session: this user's other devices get any session held, from the first index held;
+        another user's device gets a session of this device's own only if it was shared with
+        it, from the index it was shared at."""
+        inbound = self._inbound.get((request.sender_key, request.session_id))
+        if inbound is None or inbound.chat != request.chat:
+            return None
+        if requester.curve25519 == self._me.curve25519:
+            return None
+        first = inbound.session.first_known_index
+        if requester.user == self._me.user:
+            index = first
+        elif inbound.sender == self._me and _ref(requester) in inbound.shared:
+            index = max(first, inbound.shared[_ref(requester)])
+        else:
+            return None
+        exported = inbound.session.export_at(index)
+        if exported is None:
+            return None
+        return ForwardedRoomKey(
+            chat=inbound.chat,
+            session_id=inbound.session.session_id,
+            session_key=exported.to_base64(),
+            first_index=index,
+            sender=inbound.sender.user,
+            sender_device=inbound.sender.device,
+            sender_key=inbound.sender.curve25519,
+            sender_ed25519=inbound.sender.ed25519,
+        )
 
     def decrypt(
         self, chat: str, envelope: Envelope, *, sender: str, sender_device: str, message_id: str
@@ -340,7 +451,11 @@ class GroupSessions:
             },
             inbound=[
                 _InboundState(
-                    pickle=i.session.pickle(pickle_key), chat=i.chat, sender=i.sender, seen=i.seen
+                    pickle=i.session.pickle(pickle_key),
+                    chat=i.chat,
+                    sender=i.sender,
+                    seen=i.seen,
+                    shared=[(*ref, index) for ref, index in sorted(i.shared.items())],
                 )
                 for i in self._inbound.values()
             ],
@@ -360,4 +475,5 @@ class GroupSessions:
             session = vodozemac.InboundGroupSession.from_pickle(i.pickle, pickle_key)
             inbound = _Inbound(session, i.chat, i.sender)
             inbound.seen = dict(i.seen)
+            inbound.shared = {(u, d, k): index for u, d, k, index in i.shared}
             self._inbound[(i.sender.curve25519, session.session_id)] = inbound

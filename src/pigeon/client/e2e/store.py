@@ -1,5 +1,6 @@
-"""The device's key store: its vodozemac account, its Olm and Megolm sessions and the identity
-keys it has seen, in one local file that is never plaintext on disk.
+"""The device's key store: its vodozemac account, its Olm and Megolm sessions, the identity
+keys it has seen (and the tombstones of revoked devices), and the messages that wait for a key,
+in one local file that is never plaintext on disk.
 
 Why one file, rewritten whole: the account and the sessions change together (a pre-key
 message uses up a one-time key *and* creates a session), and a device must never reopen with
@@ -35,6 +36,7 @@ from pigeon.client.e2e.keys import DeviceInfo, KeysUpload, own_device, prepare_u
 from pigeon.client.e2e.megolm import GroupSessions, GroupState, RotationPolicy
 from pigeon.client.e2e.olm import OlmSessions, OlmState
 from pigeon.client.e2e.trust import KnownDevices
+from pigeon.client.e2e.waiting import KeyRequests, WaitingMessage, WaitingMessages
 
 MAGIC = b"pigeon-e2e-store\n"
 VERSION = 1
@@ -49,14 +51,21 @@ class _State(msgspec.Struct, kw_only=True):
     olm: OlmState = {}
     groups: GroupState = msgspec.field(default_factory=GroupState)
     devices: list[DeviceInfo] = []
+    #: Tombstones of revoked devices (id and last trusted keys): never trusted again.
+    revoked: list[DeviceInfo] = []
     #: Chats ever seen encrypted: never treated as plaintext again, whatever the server says.
     encrypted_chats: list[str] = []
     #: To-device payloads received but not yet decrypted (`{"sender", "sender_device",
     #: "payload"}`): the sender's device keys could not be fetched yet.
     pending_to_device: list[dict[str, Any]] = []
-    #: Room keys decrypted (Olm) but not yet checked and imported: `{"sender": DeviceInfo,
-    #: "content": {...}}`, kept until their chat's membership can be checked.
+    #: Olm contents decrypted but not yet acted on (room keys, forwarded keys, key requests):
+    #: `{"sender": DeviceInfo, "content": {...}}`, kept until their chat's membership can be
+    #: checked.
     pending_room_keys: list[dict[str, Any]] = []
+    #: Messages that wait for their Megolm session's key, oldest first (bounded).
+    waiting: list[WaitingMessage] = []
+    #: (sender key, session id, when) of the key requests this device sent.
+    key_requests: list[tuple[str, str, float]] = []
 
 
 def _file_cipher(pickle_key: bytes) -> Fernet:
@@ -96,6 +105,8 @@ class CryptoStore:
         self.encrypted_chats: set[str] = set()
         self.pending_to_device: list[dict[str, Any]] = []
         self.pending_room_keys: list[dict[str, Any]] = []
+        self.waiting = WaitingMessages()
+        self.key_requests = KeyRequests()
 
     @classmethod
     def create(
@@ -165,10 +176,12 @@ class CryptoStore:
             store.groups.restore(state.groups, pickle_key)
         except vodozemac.PickleException as exc:
             raise StoreCorrupt(f"{path}: {exc}") from None
-        store.devices = KnownDevices(state.devices)
+        store.devices = KnownDevices(state.devices, state.revoked)
         store.encrypted_chats = set(state.encrypted_chats)
         store.pending_to_device = list(state.pending_to_device)
         store.pending_room_keys = list(state.pending_room_keys)
+        store.waiting = WaitingMessages(state.waiting)
+        store.key_requests = KeyRequests(state.key_requests)
         return store
 
     def save(self) -> None:
@@ -182,9 +195,12 @@ class CryptoStore:
             olm=self.olm.dump(key),
             groups=self.groups.dump(key),
             devices=self.devices.all(),
+            revoked=self.devices.revoked(),
             encrypted_chats=sorted(self.encrypted_chats),
             pending_to_device=self.pending_to_device,
             pending_room_keys=self.pending_room_keys,
+            waiting=self.waiting.all(),
+            key_requests=self.key_requests.all(),
         )
         _replace(self.path, MAGIC + self._cipher.encrypt(msgspec.json.encode(state)))
 

@@ -7,7 +7,11 @@ out keys of a device it made up. Two defences, both on the client:
 - **key continuity**: a device id whose identity key changes is never silently accepted (a
   device's keys never change: a reinstalled app logs in as a new device), so `KnownDevices`
   reports the change as `IdentityKeyChanged` and keeps trusting the keys it knew until the
-  application accepts the new ones.
+  application accepts the new ones;
+- **revocation is final**: a revoked device leaves a tombstone (its id and the identity keys
+  last trusted for it). Device ids are never reused, so a device id that comes back, with the
+  same keys or others, is a server replaying or forging it: `check` reports it as
+  `IdentityKeyChanged(revoked=True)` and it is never trusted again (`accept` refuses it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from pigeon.client.e2e.errors import DeviceRevoked
 from pigeon.client.e2e.keys import DeviceInfo, b64decode
 
 #: Rounds of SHA-512 per side: makes finding keys that give a chosen number costlier.
@@ -58,24 +63,38 @@ class KnownKeys(msgspec.Struct, frozen=True, kw_only=True):
 
 class IdentityKeyChanged(msgspec.Struct, frozen=True, kw_only=True):
     """A known device now has other identity keys: warn the user. `known` stays the trusted
-    one until `KnownDevices.accept(new)`; do not encrypt to `new` before."""
+    one until `KnownDevices.accept(new)`; do not encrypt to `new` before.
+
+    With `revoked`, the device was revoked and its id is announced again (with the keys it had
+    or others): never trusted again, whatever the application accepts. `known` then holds the
+    keys it had when revoked (empty strings if this device never saw them)."""
 
     known: DeviceInfo
     new: DeviceInfo
+    revoked: bool = False
 
 
 KeyCheck = NewDevice | KnownKeys | IdentityKeyChanged
 
 
 class KnownDevices:
-    """The identity keys first seen for each (user, device): trust on first use."""
+    """The identity keys first seen for each (user, device): trust on first use; and the
+    tombstones of revoked devices, never trusted again."""
 
-    def __init__(self, devices: Iterable[DeviceInfo] = ()) -> None:
+    def __init__(
+        self, devices: Iterable[DeviceInfo] = (), revoked: Iterable[DeviceInfo] = ()
+    ) -> None:
         self._devices = {(d.user, d.device): d for d in devices}
+        self._revoked = {(d.user, d.device): d for d in revoked}
+        for where in self._revoked:
+            self._devices.pop(where, None)
 
     def check(self, device: DeviceInfo) -> KeyCheck:
         """Compare a device from `keys_query` (verified) with what was seen before; a new one
-        is remembered."""
+        is remembered. A revoked one is `IdentityKeyChanged(revoked=True)`, keys alike or not."""
+        tombstone = self._revoked.get((device.user, device.device))
+        if tombstone is not None:
+            return IdentityKeyChanged(known=tombstone, new=device, revoked=True)
         known = self._devices.get((device.user, device.device))
         if known is None:
             self._devices[(device.user, device.device)] = device
@@ -85,12 +104,35 @@ class KnownDevices:
         return IdentityKeyChanged(known=known, new=device)
 
     def accept(self, device: DeviceInfo) -> None:
-        """Trust these keys for the device from now on (the user accepted a change)."""
+        """Trust these keys for the device from now on (the user accepted a change).
+        `DeviceRevoked` for a revoked device: revocation is final."""
+        if (device.user, device.device) in self._revoked:
+            raise DeviceRevoked(f"{device.user}/{device.device} was revoked")
         self._devices[(device.user, device.device)] = device
 
     def forget(self, user: str, device: str) -> None:
-        """The device was revoked."""
+        """Drop what is known of the device, leaving no tombstone (it may be met anew)."""
         self._devices.pop((user, device), None)
+
+    def revoke(self, user: str, device: str) -> DeviceInfo:
+        """The device was revoked: its keys are no longer trusted and a tombstone (its id and
+        the keys last trusted for it, or empty ones if none were seen) is kept for good, so
+        that the id is refused if it is ever announced again. Returns the tombstone."""
+        where = (user, device)
+        known = self._devices.pop(where, None)
+        tombstone = self._revoked.get(where) or known
+        if tombstone is None:
+            tombstone = DeviceInfo(user=user, device=device, curve25519="", ed25519="")
+        self._revoked[where] = tombstone
+        return tombstone
+
+    def is_revoked(self, user: str, device: str) -> bool:
+        """Whether the device was revoked (a tombstone is kept for it)."""
+        return (user, device) in self._revoked
+
+    def revoked(self) -> list[DeviceInfo]:
+        """Every tombstone (for the store)."""
+        return list(self._revoked.values())
 
     def get(self, user: str, device: str) -> DeviceInfo | None:
         """The trusted keys of a device, if it was seen."""
