@@ -589,14 +589,20 @@ class KeyStore(Protocol):
         """The user of each existing device among `device_ids` (revoked ones are absent)."""
 
     async def claim(
-        self, device_ids: list[str], at: int
+        self, device_ids: list[str], at: int, fallback_only: frozenset[str] = frozenset()
     ) -> tuple[list[ClaimedKey], list[Delivery]]:
         """For each device, take one of its one-time keys (deleted as it is taken: two
         concurrent claims, on any node, never get the same key) or, if it has none left, its
         fallback key (kept, and marked used). A device with neither is left out. Order of
         `device_ids`. The first time a fallback key is handed out since it was uploaded, a
         `KeysExhausted` event is written into its own device's inbox, in the same transaction
-        (exactly once, also under concurrent claims); those deliveries come second."""
+        (exactly once, also under concurrent claims); those deliveries come second.
+
+        A device in `fallback_only` (the claimer took too many of its keys lately) gets its
+        fallback key whatever one-time keys it holds: none of them is taken, and the fallback
+        key is neither marked used nor told of (`KeysExhausted`), since the device's one-time
+        keys did not run out and it has nothing to top up; without a fallback key it is left
+        out. Ids in `fallback_only` but not in `device_ids` are ignored."""
 
     async def announce(
         self, user_id: str, device_id: str, change: DeviceChange, at: int

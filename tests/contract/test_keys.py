@@ -120,6 +120,37 @@ async def test_a_claim_takes_one_time_keys_then_the_fallback_key(store: Store) -
     del a
 
 
+async def test_a_fallback_only_claim_takes_no_one_time_key_and_tells_no_one(
+    store: Store,
+) -> None:
+    b, c = await user(store, "bob"), await user(store, "carol")
+    bob = await published(store, b, n=2, fallback=True)
+    carol = await published(store, c, n=2, fallback=True)
+    bare = await published(store, c, n=2)  # one-time keys, no fallback key
+    claimed, told = await store.keys.claim(
+        [bob.id, carol.id, bare.id], T0, fallback_only=frozenset({bob.id, bare.id})
+    )
+    # bob's fallback key, carol's first one-time key; the device without one is left out
+    assert [(k.user, k.device, k.id, k.fallback) for k in claimed] == [
+        (b.id, bob.id, "fb", True),
+        (c.id, carol.id, "k000", False),
+    ]
+    assert told == []
+    counts = await store.keys.counts(bob.id)  # nothing taken, not marked used
+    assert (counts.one_time_keys, counts.fallback_key, counts.fallback_used) == (2, True, False)
+    assert (await store.keys.counts(bare.id)).one_time_keys == 2
+    again, _ = await store.keys.claim([bob.id], T0, fallback_only=frozenset({bob.id}))
+    assert [(k.id, k.fallback) for k in again] == [("fb", True)]  # as often as asked
+    # everyone else still gets one-time keys, and when they run out the device is told once
+    first, _ = await store.keys.claim([bob.id], T0)
+    second, _ = await store.keys.claim([bob.id], T0)
+    assert [(k.id, k.fallback) for k in first + second] == [("k000", False), ("k001", False)]
+    last, told = await store.keys.claim([bob.id], T0 + 1)
+    assert [(k.id, k.fallback) for k in last] == [("fb", True)]
+    assert [d.device for d in told] == [bob.id]
+    assert await events(store, bob) == [KeysExhausted(at=T0 + 1)]
+
+
 async def test_keys_go_with_their_device(store: Store) -> None:
     u = await user(store, "alice")
     d = await published(store, u, n=2, fallback=True)

@@ -448,7 +448,7 @@ async def test_claims_count_every_device_of_the_claiming_user(
     assert (await bob.request("keys_upload"))["one_time_keys"] == 2
 
 
-async def test_a_device_claimed_too_often_by_one_user_is_left_out_of_their_claims(
+async def test_a_device_claimed_too_often_by_one_user_gives_them_its_fallback_key(
     make_server: ServerFactory, counters: dict[str, Any]
 ) -> None:
     server = await make_server(
@@ -465,15 +465,26 @@ async def test_a_device_claimed_too_often_by_one_user_is_left_out_of_their_claim
     await publish(carol, otks=5)
     for _ in range(2):
         (key,) = (await eve.request("keys_claim", devices=[bob.device]))["keys"]
-        assert key["device"] == bob.device
-    # past it, bob's phone is left out of eve's claims (no error: the rest still comes)
-    (key,) = (await eve.request("keys_claim", devices=[bob.device, carol.device]))["keys"]
-    assert (key["device"], key["fallback"]) == (carol.device, False)
-    assert (await eve.request("keys_claim", devices=[bob.device]))["keys"] == []
+        assert (key["device"], key["fallback"]) == (bob.device, False)
+    # past it, eve gets bob's phone's fallback key (no error, no one-time key; the rest as
+    # ever), as often as she asks
+    for devices in ([bob.device, carol.device], [bob.device]):
+        keys = (await eve.request("keys_claim", devices=devices))["keys"]
+        assert [(k["device"], k["fallback"]) for k in keys] == [
+            (d, d == bob.device) for d in devices
+        ]
+    counts = await bob.request("keys_upload")
+    assert (counts["one_time_keys"], counts["fallback_used"]) == (3, False)  # nothing to top up
     # others still start sessions with bob: a one-time key, not the fallback
     (key,) = (await alice.request("keys_claim", devices=[bob.device]))["keys"]
     assert (key["device"], key["fallback"]) == (bob.device, False)
     assert (await bob.request("keys_upload"))["one_time_keys"] == 2
+    # and bob was never told to top up: everything before alice's marker is no KeysExhausted
+    marker = [{"device": bob.device, "payload": "marker"}]
+    await alice.request("send_to_device", messages=marker)
+    while not isinstance(event := await bob.next_event(5), ToDevice):
+        assert not isinstance(event, KeysExhausted)
+    assert event.payload == "marker"
 
 
 async def test_claims_racing_over_websockets_never_share_a_key(server: Server) -> None:

@@ -3,8 +3,9 @@ e2e=E2EConfig(...))` publishes keys on connect, shares Megolm sessions over Olm 
 and yields decrypted messages from `events()`. The server's stored rows hold ciphertext only; a
 removed member cannot read later messages; a device added later reads new ones; encrypted
 attachments round-trip; safety numbers agree; a changed identity key is reported; a message
-waiting for its key survives a restart; a missing key is asked for and given only to devices
-entitled to it; a revoked device stays refused when the server announces it again."""
+waiting for its key survives a restart; a missing key is asked for (again after a restart or a
+reconnect) and given only to devices entitled to it; a revoked device stays refused when the
+server announces it again; rate-limited key commands are waited out, then raised."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pigeon.client import (
     KeysExhausted,
     Message,
     PigeonClient,
+    RateLimited,
     ToDevice,
     Unreadable,
     WaitingForKey,
@@ -774,3 +776,121 @@ async def test_a_revoked_device_stays_refused_when_the_server_announces_it_again
     path, key = alice.crypto.config.store, alice.crypto.config.pickle_key
     reopened = CryptoStore.open(path, key)  # the tombstone is in the sealed store
     assert reopened.devices.is_revoked(user(bob_phone), str(bob_laptop.device))
+
+
+async def _lose_key_request(holder: PigeonClient, requester: PigeonClient) -> None:
+    """Take the next to-device payload from `requester` off `holder`'s raw event queue, never
+    handled: a key request lost (or one its holder could not answer then)."""
+    while True:
+        item = await asyncio.wait_for(holder._events.get(), 5)
+        assert not isinstance(item, ClientError)
+        if isinstance(item[1], ToDevice) and item[1].sender_device == requester.device:
+            return
+
+
+async def _bob_waiting_for_alices_key(
+    server: Server, tmp_path: Path
+) -> tuple[PigeonClient, Any, E2EConfig, PigeonClient, Any]:
+    """Alice, and bob (account, key store, client) keeping a message of hers whose room key
+    was lost, and so was his request for it; the message was acked (the server forgot it)."""
+    people = People(server, tmp_path)
+    alice = await people.device("alice")
+    bob_name, _ = await server.user("bob")
+    account = await server.device(bob_name)
+    config = E2EConfig(store=tmp_path / "bob.keys", pickle_key=secrets.token_bytes(32))
+    bob = await server.client(account, e2e=config)
+    chat = await alice.create_chat([user(bob)], encrypted=True)
+    sent = await alice.send(chat["id"], "asked for again")
+    _, (iseq, message) = await _room_key_then_message(bob)  # the room key is lost
+    assert bob.crypto is not None
+    (waiting,) = await bob.crypto.process(message)  # bob asks alice...
+    assert isinstance(waiting, WaitingForKey)
+    await bob.ack(iseq)
+    await _lose_key_request(alice, bob)  # ...and his request is lost too
+    return alice, account, config, bob, sent
+
+
+def _asked_an_hour_ago(store: CryptoStore) -> None:
+    """Move every key request recorded in `store` an hour back (time passing)."""
+    for sender_key, session_id, at in store.key_requests.all():
+        store.key_requests.sent(sender_key, session_id, at - 3600)
+    store.save()
+
+
+async def test_a_waiting_message_is_asked_for_again_after_a_restart(
+    server: Server, tmp_path: Path
+) -> None:
+    alice, account, config, bob, sent = await _bob_waiting_for_alices_key(server, tmp_path)
+    await bob.close()
+    bob = await server.client(account, e2e=config)  # restarted within the interval
+    await bob.synced.wait()
+    assert bob._asking is not None and await bob._asking == 0  # not asked again yet
+    await bob.close()
+
+    _asked_an_hour_ago(CryptoStore.open(config.store, config.pickle_key))
+    async with handling_events(alice):  # alice answers what reaches her from now on
+        bob = await server.client(account, e2e=config)  # restarted an hour later
+        found = await decrypted(bob)  # and no new message comes to bob meanwhile
+    assert (found.id, found.body) == (sent.id, "asked for again")
+    assert bob._asking is not None and await bob._asking == 1
+    assert bob.crypto is not None and bob.crypto.store is not None
+    assert len(bob.crypto.store.waiting) == 0
+
+
+async def test_a_waiting_message_is_asked_for_again_on_reconnect(
+    server: Server, tmp_path: Path
+) -> None:
+    alice, _, _, bob, sent = await _bob_waiting_for_alices_key(server, tmp_path)
+    assert bob.crypto is not None and bob.crypto.store is not None
+    _asked_an_hour_ago(bob.crypto.store)
+    async with handling_events(alice):
+        await bob.drop_connection()  # the same app, a new connection (and its sync)
+        found = await decrypted(bob)
+    assert (found.id, found.body) == (sent.id, "asked for again")
+    assert bob.connects == 2
+
+
+async def test_rate_limited_key_commands_are_waited_out_then_raised(
+    make_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pigeon.client.encryption")
+    server = await make_server(
+        rate_limits={
+            "enabled": True,
+            # two calls of a kind within a second are one too many (retry_after: up to 2 s)
+            "key_uploads_per_device": "1/second",
+            "key_queries_per_device": "1/second",
+            "key_claims_per_device": "1/second",
+            # many registrations and logins from this address (and, on Redis, earlier runs)
+            "register_per_address": "1000000/minute",
+            "login_per_address": "1000000/minute",
+        }
+    )
+    people = People(server, tmp_path)
+    alice = await people.device("alice")  # connecting uploads twice: the second waits
+    bob, carol = await people.device("bob"), await people.device("carol")
+    to_bob = await alice.create_chat([user(bob)], encrypted=True)
+    to_carol = await alice.create_chat([user(carol)], encrypted=True)
+    assert alice.crypto is not None
+    await alice.crypto.devices_of([user(carol)])
+    await alice.fingerprint(user(bob))  # two queries in a row: the second waits
+    # each send claims a key (the devices are known): the second claim waits
+    sent = [await alice.send(chat["id"], "through") for chat in (to_bob, to_carol)]
+    for receiver, message in zip((bob, carol), sent, strict=True):
+        assert (await decrypted(receiver)).id == message.id
+    waited = {r.args[0] for r in caplog.records if "rate limited" in r.msg}
+    assert waited == {"keys_upload", "keys_query", "keys_claim"}
+
+    # told to wait longer than it will: a typed error, at once (here, on connect)
+    dave_name, _ = await server.user("dave")
+    config = E2EConfig(
+        store=tmp_path / "dave.keys", pickle_key=secrets.token_bytes(32), max_rate_wait=0.0
+    )
+    with pytest.raises(RateLimited) as err:
+        await server.client(await server.device(dave_name), e2e=config)
+    assert (err.value.code, err.value.command, err.value.temporary) == (
+        "rate_limited",
+        "keys_upload",
+        True,
+    )
+    assert err.value.retry_after is not None and err.value.retry_after > 0

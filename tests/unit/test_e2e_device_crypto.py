@@ -1,7 +1,8 @@
 """The SDK's E2E wiring (pigeon.client.encryption.DeviceCrypto) against an in-memory stand-in for
 the server: messages that wait for their key survive a restart and are bounded; key requests go
-out once per session per interval and are answered only for devices entitled to the key; and
-a revoked device stays refused when it is announced again."""
+out once per session per interval (also when asked again after a connect) and are answered
+only for devices entitled to the key; a revoked device stays refused when it is announced
+again; and `rate_limited` replies to key commands are waited out a few times, then raised."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import msgspec
 import pytest
 import vodozemac
 
-from pigeon.client import ClientError, DeviceList, Message, ToDevice
+from pigeon.client import ClientError, DeviceList, Message, RateLimited, ToDevice
 from pigeon.client.e2e import DeviceInfo, IdentityKeyChanged, KeyRequest
 from pigeon.client.e2e.keys import signed_identity
 from pigeon.client.encryption import (
@@ -35,7 +36,8 @@ CHAT = "chat-1"
 class Hub:
     """What the server does for `DeviceCrypto`, in memory: the chats' members, the key
     directory, and each device's to-device inbox. `gone`: revoked devices (left out of
-    `keys_query`); `extra`: entries a lying server adds to `keys_query` replies."""
+    `keys_query`); `extra`: entries a lying server adds to `keys_query` replies; `refusals`:
+    per command, the `retry_after` of each `rate_limited` reply it gets before it passes."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -46,6 +48,7 @@ class Hub:
         self.calls: list[tuple[str, str]] = []
         self.gone: set[tuple[str, str]] = set()
         self.extra: list[dict[str, Any]] = []
+        self.refusals: dict[str, list[float]] = defaultdict(list)
         self.ids = iter(range(1_000_000))
 
     def device(self, user: str, **config: Any) -> DeviceCrypto:
@@ -61,10 +64,14 @@ class Hub:
         e2e = E2EConfig(store=self.tmp / f"{name}.keys", pickle_key=bytes(32), **config)
         crypto = DeviceCrypto(e2e, partial(self.request, user, name), clock=self.clock)
         crypto.open(user, name)
+        crypto._published.set()  # as `publish_keys` does on connect
         return crypto
 
     async def request(self, user: str, device: str, t: str, **fields: Any) -> Any:
         self.calls.append((device, t))
+        if self.refusals[t]:
+            wait = self.refusals[t].pop(0)
+            raise ClientError("rate_limited", f"retry in {wait} s", True, wait)
         if t == "list_chats":
             chats = [
                 {"id": chat, "members": sorted(members), "encrypted": True}
@@ -117,8 +124,8 @@ class Hub:
             out.extend(await crypto.process(inbox.pop(0)))
         return out
 
-    def sends_of(self, crypto: DeviceCrypto) -> int:
-        return self.calls.count((info(crypto).device, "send_to_device"))
+    def sends_of(self, crypto: DeviceCrypto, command: str = "send_to_device") -> int:
+        return self.calls.count((info(crypto).device, command))
 
 
 def info(crypto: DeviceCrypto) -> DeviceInfo:
@@ -300,3 +307,93 @@ async def test_a_revoked_device_is_refused_when_announced_again(hub: Hub) -> Non
     assert isinstance(notice, IdentityKeyChanged) and notice.revoked
     (result,) = await alice.process(from_laptop)
     assert isinstance(result, Unreadable)
+
+
+async def test_waiting_sessions_are_asked_for_again_after_a_restart_when_due(hub: Hub) -> None:
+    alice, carol = hub.device("alice"), hub.device("carol")
+    bob = hub.device("bob", key_request_interval=60)
+    hub.chats[CHAT] = {"alice", "bob"}
+    hub.chats["chat-2"] = {"carol", "bob"}
+    messages = [await hub.send(alice, "a0"), await hub.send(alice, "a1")]
+    messages.append(await hub.send(carol, "c0", chat="chat-2"))
+    hub.inbox.pop(info(bob).device)  # the room keys are lost
+    for message in messages:
+        assert isinstance((await bob.process(message))[0], WaitingForKey)
+    assert hub.sends_of(bob) == 2  # one request per session
+    hub.inbox.clear()  # and so are the requests
+
+    bob = hub.reopen("bob", info(bob).device, key_request_interval=60)  # the app restarts
+    assert await bob.ask_for_waiting_keys() == 0  # within the interval: nothing
+    hub.clock.now += 60
+    assert await bob.ask_for_waiting_keys() == 2  # one per session, not per message
+    assert await bob.ask_for_waiting_keys() == 0  # recorded: not again before the interval
+    assert hub.sends_of(bob) == 4
+    await hub.deliver(alice)
+    await hub.deliver(carol)
+    assert bodies(await hub.deliver(bob)) == ["a0", "a1", "c0"]
+    assert bob.store is not None and len(bob.store.waiting) == 0
+    hub.clock.now += 60
+    assert await bob.ask_for_waiting_keys() == 0  # nothing waits any more
+
+
+async def test_asking_again_skips_revoked_senders_and_stops_at_the_first_failure(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, carol, bob = hub.device("alice"), hub.device("carol"), hub.device("bob")
+    hub.chats[CHAT] = {"alice", "bob", "carol"}
+    messages = [await hub.send(sender, "lost key") for sender in (carol, alice)]
+    hub.inbox.pop(info(bob).device)
+    for message in messages:
+        assert isinstance((await bob.process(message))[0], WaitingForKey)
+    hub.inbox.clear()
+    await bob.process(DeviceList(user="carol", device=info(carol).device, change="removed", at=0))
+    hub.clock.now += 60
+    sent = hub.sends_of(bob)
+    assert await bob.ask_for_waiting_keys() == 1  # not carol's: her device was revoked
+    assert hub.inbox[info(carol).device] == [] and len(hub.inbox[info(alice).device]) == 1
+    hub.clock.now += 60
+    hub.refusals["send_to_device"] = [3600.0]  # refused for an hour: given up at once
+    assert await bob.ask_for_waiting_keys() == 0
+    assert "stopped: RateLimited" in caplog.text
+    assert hub.sends_of(bob) == sent + 2
+
+
+async def test_rate_limited_key_commands_are_waited_out_a_few_times_then_raised(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = hub.device("alice", max_rate_wait=1.0), hub.device("bob")
+    hub.chats[CHAT] = {"alice", "bob"}
+    hub.refusals.update(
+        keys_query=[0.01, 0.01], keys_claim=[0.01], send_to_device=[0.01, 0.01, 0.01]
+    )
+    message = await hub.send(alice, "patience")  # three refusals in a row at most: waited out
+    commands = ("keys_query", "keys_claim", "send_to_device")
+    assert [hub.sends_of(alice, t) for t in commands] == [3, 2, 4]
+    await hub.deliver(bob)
+    assert bodies(await bob.process(message)) == ["patience"]
+
+    alice._devices.clear()  # queried again for the next send
+    hub.refusals["keys_query"] = [0.01] * 4  # one refusal too many
+    with pytest.raises(RateLimited) as err:
+        await hub.send(alice, "not sent")
+    assert (err.value.code, err.value.command, err.value.retry_after) == (
+        "rate_limited",
+        "keys_query",
+        0.01,
+    )
+    queried = hub.sends_of(alice, "keys_query")
+    hub.refusals["keys_query"] = [2.0]  # a longer wait than max_rate_wait: raised at once
+    with pytest.raises(RateLimited) as err:
+        await hub.send(alice, "not sent")
+    assert err.value.retry_after == 2.0 and hub.sends_of(alice, "keys_query") == queried + 1
+
+    # an event being handled is not held up: the room key is kept and used with the next event
+    carol = hub.device("carol")
+    hub.chats["chat-2"] = {"carol", "bob"}
+    later = await hub.send(carol, "from carol", chat="chat-2")
+    (room_key,) = hub.inbox.pop(info(bob).device)
+    hub.refusals["keys_query"] = [3600.0]  # bob must query carol's device: refused for long
+    assert await bob.process(room_key) == []
+    assert "could not handle a ToDevice event: RateLimited" in caplog.text
+    assert bob.store is not None and len(bob.store.pending_to_device) == 1
+    assert bodies(await bob.process(later)) == ["from carol"]

@@ -67,10 +67,12 @@ def test_key_requests_are_bounded() -> None:
 def test_waiting_messages_and_requests_survive_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "device.keys"
     store = CryptoStore.create(path, KEY, user="bob", device="phone")
-    store.waiting.add(entry("m1"), cap=10)
+    # an id long enough that the sealed file's base64 cannot contain it by chance
+    kept = entry("the-kept-message-id")
+    store.waiting.add(kept, cap=10)
     store.key_requests.sent("K", "s1", 5.0)
     store.save()
-    assert b"m1" not in path.read_bytes()  # sealed like everything else
+    assert b"the-kept-message-id" not in path.read_bytes()  # sealed like everything else
     reopened = CryptoStore.open(path, KEY)
-    assert reopened.waiting.all() == [entry("m1")]
+    assert reopened.waiting.all() == [kept]
     assert reopened.key_requests.all() == [("K", "s1", 5.0)]

@@ -16,7 +16,13 @@ from pigeon.client.encryption import (
     Unreadable,
     WaitingForKey,
 )
-from pigeon.client.errors import ClientError, ConnectionLost, IncompatibleProtocol, TlsFailed
+from pigeon.client.errors import (
+    ClientError,
+    ConnectionLost,
+    IncompatibleProtocol,
+    RateLimited,
+    TlsFailed,
+)
 from pigeon.client.http import (
     Account,
     find_user,
@@ -59,6 +65,7 @@ __all__ = [
     "Message",
     "PigeonClient",
     "Progress",
+    "RateLimited",
     "ReadState",
     "Receipt",
     "RotationPolicy",

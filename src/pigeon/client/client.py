@@ -13,7 +13,8 @@ What it adds on top of the raw protocol (docs/protocol.md):
 - drops redelivered events (by `iseq`, and messages also by id);
 - acks cumulatively, in batches, once the application has taken an event from `events()`;
 - with `e2e=E2EConfig(...)`, encrypts and decrypts transparently in encrypted chats
-  (`encryption.py`): an event is acked once it has been decrypted and taken.
+  (`encryption.py`): an event is acked once it has been decrypted and taken; after each
+  connect's sync, the keys that waiting messages lack are asked for again.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class PigeonClient:
         self.crypto = DeviceCrypto(e2e, self.request) if e2e is not None else None
         self._ready: deque[ClientEvent] = deque()
         self._processing: asyncio.Task[tuple[int, list[ClientEvent]]] | None = None
+        #: With E2E on: this connection's key requests for waiting messages (after the sync).
+        self._asking: asyncio.Task[int] | None = None
 
     async def __aenter__(self) -> PigeonClient:
         await self.connect()
@@ -197,7 +200,7 @@ class PigeonClient:
                 async with asyncio.timeout(2.0):
                     await self.ack(self._handled)
         self._closing = True
-        for task in (self._acker, self._runner, self._processing):
+        for task in (self._acker, self._runner, self._processing, self._asking):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -673,10 +676,23 @@ class PigeonClient:
         elif f.t in ("presence", "typing"):
             self._signals.put_nowait(_decode_signal(data))
         elif f.t == "synced":
-            self.synced.set()
+            self._on_synced()
         elif f.t == "gap" and f.from_ <= self._next_iseq <= f.to:
             self._next_iseq = f.to + 1
             self._release_held()
+
+    def _on_synced(self) -> None:
+        """The connect's sync is done (a `sync` command ends with `synced` too: only the first
+        of a connection counts). With E2E on, the keys that waiting messages lack are asked for
+        again, in the background (events keep flowing meanwhile)."""
+        if self.synced.is_set():
+            return
+        self.synced.set()
+        if self.crypto is None:
+            return
+        if self._asking is not None:
+            self._asking.cancel()
+        self._asking = asyncio.get_running_loop().create_task(self.crypto.ask_for_waiting_keys())
 
     def _on_event(self, iseq: int, raw: bytes) -> None:
         if iseq < self._next_iseq or iseq in self._held:

@@ -21,9 +21,15 @@ What it guarantees:
   here raises into the event loop;
 - **key requests**: for such a message the device asks the sender's device and its own other
   devices for the key (`room_key_request` over Olm; one per session per
-  `E2EConfig.key_request_interval`), and answers such requests from a current member device
-  of the chat with what it is entitled to (`GroupSessions.forward`); a forwarded key is taken
-  only if asked for, and only from the session's own device or one of this user's;
+  `E2EConfig.key_request_interval`, recorded in the store), and again after each connect's
+  sync for the sessions kept messages still wait for; it answers such requests from a current
+  member device of the chat with what it is entitled to (`GroupSessions.forward`); a
+  forwarded key is taken only if asked for, and only from the session's own device or one of
+  this user's;
+- **rate limits**: a `keys_*` or `send_to_device` command refused with `rate_limited` is sent
+  again after the `retry_after` it was told, a few times (`E2EConfig.rate_limit_retries`, each
+  wait at most `max_rate_wait`), then fails with `RateLimited`: a send is not failed by a
+  short refusal, and event handling is never held up for long;
 - **trust**: a known device whose identity keys change is never encrypted to, and is reported
   as an `IdentityKeyChanged` event; a revoked device leaves a tombstone in the store, so that
   if it is announced again (same keys or others) it is refused and reported
@@ -35,6 +41,7 @@ The store is saved after every change (a key used, a session moved or imported).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import tempfile
 import time
@@ -66,7 +73,7 @@ from pigeon.client.e2e import (
     verify_identity,
 )
 from pigeon.client.e2e.megolm import FORWARDED_ROOM_KEY, ROOM_KEY, ROOM_KEY_REQUEST
-from pigeon.client.errors import ClientError
+from pigeon.client.errors import ClientError, ConnectionLost, RateLimited
 from pigeon.domain.events import ChatUpdate, DeviceList, Event, KeysExhausted, Message, ToDevice
 from pigeon.domain.keys import E2EEnvelope
 from pigeon.domain.models import Attachment
@@ -86,7 +93,11 @@ class E2EConfig:
     the store is sealed with it. `one_time_keys`: how many one-time keys to keep on the server
     (capped by the server's and vodozemac's maxima). `max_waiting`: how many messages are kept
     waiting for their key (the oldest dropped first). `key_request_interval`: seconds between
-    two requests for the key of one session."""
+    two requests for the key of one session. `rate_limit_retries` and `max_rate_wait`: a key
+    directory command (or a to-device send) refused with `rate_limited` is tried again after
+    the `retry_after` it was told, at most that many times and only if told to wait at most
+    that many seconds; else `RateLimited` is raised (so a send, or an event being handled,
+    waits at most `rate_limit_retries * max_rate_wait` seconds for it)."""
 
     store: Path
     pickle_key: bytes
@@ -94,6 +105,8 @@ class E2EConfig:
     one_time_keys: int = 50
     max_waiting: int = 1000
     key_request_interval: float = 60.0
+    rate_limit_retries: int = 3
+    max_rate_wait: float = 5.0
 
 
 class DecryptedMessage(Message, frozen=True, kw_only=True):
@@ -150,6 +163,9 @@ class DeviceCrypto:
         self._devices: dict[str, list[DeviceInfo]] = {}
         self._notices: list[E2ENotice] = []
         self._lock = asyncio.Lock()
+        #: Set once the keys were published on connect: the store is open and the server
+        #: knows this device's keys.
+        self._published = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -178,16 +194,41 @@ class DeviceCrypto:
         """Publish the identity keys (harmless when already published) and top up the one-time
         and fallback keys from the server's counts; returns the counts after the upload."""
         store = self._me()
-        counts = await self._request("keys_upload")
+        counts = await self._call("keys_upload")
         upload = store.keys_to_upload(
             on_server=int(counts["one_time_keys"]),
             target=min(self.config.one_time_keys, int(counts["max_one_time_keys"])),
             fallback_needed=not counts["fallback_key"] or bool(counts["fallback_used"]),
             first=True,
         )
-        result = await self._request("keys_upload", **msgspec.to_builtins(upload))
+        result = await self._call("keys_upload", **msgspec.to_builtins(upload))
         store.keys_published()
+        self._published.set()
         return dict(result)
+
+    async def _call(self, t: str, **fields: Any) -> Any:
+        """`request` for the commands this layer sends on its own (keys_*, send_to_device):
+        a `rate_limited` reply is waited out (`retry_after`) and the command sent again, at
+        most `rate_limit_retries` times and only for waits up to `max_rate_wait` seconds; past
+        that, `RateLimited`. Such a command did nothing when refused: sending it again is
+        safe."""
+        config = self.config
+        for attempt in itertools.count():
+            try:
+                return await self._request(t, **fields)
+            except ClientError as exc:
+                if exc.code != "rate_limited":
+                    raise
+                wait = exc.retry_after
+                if (
+                    wait is None
+                    or wait > config.max_rate_wait
+                    or attempt >= config.rate_limit_retries
+                ):
+                    raise RateLimited(t, exc.message, wait) from exc
+                log.info("e2e: %s rate limited: trying again in %.1f s", t, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     # -- chats -------------------------------------------------------------------------------
 
@@ -236,7 +277,7 @@ class DeviceCrypto:
         """The users' devices whose identity verifies and is the one known (trust on first use);
         a changed one is left out and reported."""
         store = self._me()
-        reply = await self._request("keys_query", users=users)
+        reply = await self._call("keys_query", users=users)
         found: dict[str, list[DeviceInfo]] = {user: [] for user in users}
         changed = False
         for entry in reply["devices"]:
@@ -329,7 +370,7 @@ class DeviceCrypto:
                 log.warning("no key for %s/%s: nothing sent to it", *device_name(device))
         store.save()
         for start in range(0, len(messages), MAX_TARGETS):
-            await self._request("send_to_device", messages=messages[start : start + MAX_TARGETS])
+            await self._call("send_to_device", messages=messages[start : start + MAX_TARGETS])
 
     async def _start_sessions(self, devices: list[DeviceInfo]) -> None:
         store = self._me()
@@ -337,7 +378,7 @@ class DeviceCrypto:
         ids = sorted(by_id)
         keys: list[dict[str, Any]] = []
         for start in range(0, len(ids), MAX_TARGETS):
-            claimed = await self._request("keys_claim", devices=ids[start : start + MAX_TARGETS])
+            claimed = await self._call("keys_claim", devices=ids[start : start + MAX_TARGETS])
             keys.extend(claimed["keys"])
         for key in keys:
             device = by_id.get(key["device"])
@@ -649,28 +690,75 @@ class DeviceCrypto:
         return _decrypted(message, result)
 
     async def _ask_for_key(self, message: Message, missing: MissingKey) -> None:
+        """`_request_key`, best effort: never raises."""
+        try:
+            await self._request_key(message, missing)
+        except Exception as exc:
+            log.warning("e2e: key request not sent: %s", type(exc).__name__)
+
+    async def _request_key(self, message: Message, missing: MissingKey) -> bool:
         """Ask the sender's device and this user's other devices for the key to `missing`'s
-        session, over Olm; at most once per session per `key_request_interval` (recorded
-        before sending, so a flood of such messages sends one). Best effort: never raises."""
+        session, over Olm; at most once per session per `key_request_interval` (recorded in
+        the store before sending, so a flood of such messages sends one, and a restart does
+        not reset it). Returns whether a request went out."""
         store = self._me()
         now = self._clock()
         interval = self.config.key_request_interval
         if not store.key_requests.due(missing.sender_key, missing.session_id, now, interval):
-            return
+            return False
         store.key_requests.sent(missing.sender_key, missing.session_id, now)
         store.save()
+        targets = await self._key_holders(message, missing)
+        if not targets:
+            return False
+        request = KeyRequest(
+            chat=missing.chat,
+            sender_key=missing.sender_key,
+            session_id=missing.session_id,
+            message_index=missing.message_index,
+        )
+        await self._send_olm([(d, msgspec.to_builtins(request)) for d in targets])
+        return True
+
+    async def ask_for_waiting_keys(self) -> int:
+        """After a connect's sync (`PigeonClient` calls it in the background, once per
+        connection): ask again for the key of each session that kept messages wait for, as
+        when one of its messages arrives (once per session per `key_request_interval`, as
+        recorded in the store), so that a message that waited across a restart or a lost
+        connection (its request, or the answer, lost; the key's holder offline then) is not
+        left waiting until the session's next message. One session at a time under the lock,
+        so events are handled in between. Best effort: never raises (but for cancellation),
+        and stops at the first failure (a lost connection: the next connect asks again).
+        Returns the number of requests sent."""
+        await self._published.wait()  # the store is open
+        store = self._me()
+        oldest: dict[tuple[str, str], WaitingMessage] = {}
+        for entry in store.waiting.all():
+            oldest.setdefault((entry.sender_key, entry.session_id), entry)
+        sent = 0
         try:
-            targets = await self._key_holders(message, missing)
-            if targets:
-                request = KeyRequest(
-                    chat=missing.chat,
-                    sender_key=missing.sender_key,
-                    session_id=missing.session_id,
-                    message_index=missing.message_index,
-                )
-                await self._send_olm([(d, msgspec.to_builtins(request)) for d in targets])
+            for entry in oldest.values():
+                async with self._lock:
+                    sent += await self._ask_again(entry)
         except Exception as exc:
-            log.warning("e2e: key request not sent: %s", type(exc).__name__)
+            level = logging.INFO if isinstance(exc, ConnectionLost) else logging.WARNING
+            log.log(level, "e2e: key requests for waiting messages stopped: %s", type(exc).__name__)
+        return sent
+
+    async def _ask_again(self, entry: WaitingMessage) -> bool:
+        """The key request for a kept message's session, if still missing and due."""
+        store = self._me()
+        now, interval = self._clock(), self.config.key_request_interval
+        if not store.key_requests.due(entry.sender_key, entry.session_id, now, interval):
+            return False
+        try:
+            message = msgspec.convert(entry.message, Message)
+        except msgspec.ValidationError:
+            return False
+        missing = self._open(message)  # the key may have come meanwhile, the sender revoked
+        if not isinstance(missing, MissingKey):
+            return False
+        return await self._request_key(message, missing)
 
     async def _key_holders(self, message: Message, missing: MissingKey) -> list[DeviceInfo]:
         """Who may hold the key: the message's sender device (if its key is the envelope's)

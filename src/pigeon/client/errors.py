@@ -3,8 +3,9 @@
 Why one base: an application catches `ClientError` and looks at `code` (the server's reply
 codes of docs/protocol.md, and the SDK's own below), as it would read a reply frame. The
 subclasses exist for the failures an application handles differently from a refused command:
-a lost connection (retry), a TLS certificate it does not trust, and a server that speaks a
-protocol version this SDK does not (update the app). None of them is retried by the SDK.
+a lost connection (retry), a TLS certificate it does not trust, a server that speaks a
+protocol version this SDK does not (update the app), and a rate limit the SDK waited out in
+vain (try later). None of them is retried by the SDK.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ class ConnectionLost(ClientError):
 
     def __init__(self, message: str = "connection lost") -> None:
         super().__init__("connection_lost", message, temporary=True)
+
+
+class RateLimited(ClientError):
+    """A command the SDK sends on its own (the key directory's `keys_upload`, `keys_query`,
+    `keys_claim`, and `send_to_device` for room keys) was still refused with `rate_limited`
+    after the SDK waited as told a few times, or was told to wait longer than it would (code
+    `rate_limited`, temporary). `retry_after`: seconds until the server would accept it;
+    `command`: which one it was. The operation that needed it (a `send`, connecting) failed
+    and may be tried again then."""
+
+    def __init__(self, command: str, message: str, retry_after: float | None) -> None:
+        super().__init__("rate_limited", message, temporary=True, retry_after=retry_after)
+        #: The command refused (`keys_claim`, say).
+        self.command = command
 
 
 class TlsFailed(ClientError):

@@ -69,8 +69,8 @@ class RateRules(msgspec.Struct, frozen=True, kw_only=True):
     key_claims_per_user: Rate = Rate(1000, 60)
     #: Keys of one target device taken by one user (all their devices together). A session
     #: needs one per pair of devices, so a few are plenty (keep it at least
-    #: `max_devices_per_user`); past it the device is left out of that user's claims (as one
-    #: without keys is), never an error: one account cannot drain a device's one-time keys.
+    #: `max_devices_per_user`); past it that user's claims get the device's fallback key (no
+    #: one-time key taken), never an error: one account cannot drain a device's one-time keys.
     key_claims_per_target: Rate = Rate(10, 3600)
     register_per_address: Rate = Rate(20, 3600)
     login_per_address: Rate = Rate(60, 60)

@@ -118,18 +118,22 @@ class KeyService:
 
     async def claim(self, device: Device, devices: list[str]) -> list[ClaimedKey]:
         """One key for each named device (a one-time key, else its fallback key). Devices that
-        no longer exist are left out, and so are those whose keys the caller's user took too
-        often lately (`Throttle.key_claims`); a device of someone who shares no chat with the
-        caller is `Forbidden` (and nothing is taken)."""
+        no longer exist are left out. A device whose keys the caller's user took too often
+        lately (`Throttle.key_claims`) gets its fallback key instead of a one-time key: the
+        claimer can still start a session (with weaker forward secrecy for its first
+        message), and the device's one-time keys stay for everyone else. A device of someone
+        who shares no chat with the caller is `Forbidden` (and nothing is taken)."""
         devices = self._targets(devices, "devices", "device ids")
         owners = await self._keys.owners(devices)
         await require_peers(self._chats, device.user_id, list(owners.values()), _STRANGERS)
         targets = [d for d in devices if d in owners]
-        if targets and self._throttle is not None:
-            targets = await self._throttle.key_claims(device, targets)
         if not targets:
             return []
-        change = self._keys.claim(targets, self._clock.now_ms())
+        fallback_only: frozenset[str] = frozenset()
+        if self._throttle is not None:
+            within = await self._throttle.key_claims(device, targets)
+            fallback_only = frozenset(targets).difference(within)
+        change = self._keys.claim(targets, self._clock.now_ms(), fallback_only=fallback_only)
         claimed, _ = await self._fanout.commit(change, _second)
         return claimed
 

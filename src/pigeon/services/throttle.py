@@ -137,9 +137,10 @@ class Throttle:
         their owners' scarce resource). Each key is one unit for the claiming device and for
         its user, all or nothing (`RateLimited`); a claim asking for more than a whole window
         spends all of it. Then, per target device, what this user took of it lately: returns
-        the targets still within `key_claims_per_target`, in order (the others are left out
-        of the claim, not refused: one account cannot drain a device's one-time keys, and a
-        claimer that keeps failing to use one device's keys still reaches every other)."""
+        the targets still within `key_claims_per_target`, in order (the others get their
+        fallback key instead of a one-time key, not a refusal: one account cannot drain a
+        device's one-time keys, and a claimer that keeps failing to use one device's keys
+        still reaches it and every other)."""
         r = self._rules
         device_rule, user_rule = r.key_claims_per_device, r.key_claims_per_user
         wait = await self._limiter.hit_all(

@@ -95,6 +95,12 @@ UPDATE device_keys k SET fallback_used = true FROM old
 WHERE k.device_id = old.device_id
 RETURNING k.device_id, k.fallback_id, k.fallback_key, k.fallback_signature, old.fallback_used
 """
+#: The fallback keys handed out in place of one-time keys (a claimer over its per-target
+#: limit): read only, neither marked used nor told of, so no row lock either.
+_READ_FALLBACK = """
+SELECT device_id, fallback_id, fallback_key, fallback_signature FROM device_keys
+WHERE device_id = ANY($1::text[]) AND fallback_key IS NOT NULL
+"""
 _QUERY = """
 SELECT d.user_id, d.id, k.curve25519, k.ed25519, k.bundle, k.signature
 FROM unnest($1::text[]) WITH ORDINALITY AS u(id, ord)
@@ -241,7 +247,7 @@ class PgKeys:
         return {r[0]: r[1] for r in rows}
 
     async def claim(
-        self, device_ids: list[str], at: int
+        self, device_ids: list[str], at: int, fallback_only: frozenset[str] = frozenset()
     ) -> tuple[list[ClaimedKey], list[Delivery]]:
         wanted = list(dict.fromkeys(device_ids))
 
@@ -254,11 +260,15 @@ class PgKeys:
                         "SELECT id, user_id FROM devices WHERE id = ANY($1::text[])", wanted
                     )
                 }
-                present = sorted(d for d in wanted if d in owners)
+                present = sorted(d for d in wanted if d in owners and d not in fallback_only)
                 taken = {
                     r[0]: (r[1], r[2], r[3], False)
                     for r in await conn.fetch(_TAKE_ONE_TIME, present)
                 }
+                spared = [d for d in wanted if d in owners and d in fallback_only]
+                if spared:
+                    for r in await conn.fetch(_READ_FALLBACK, spared):
+                        taken[r[0]] = (r[1], r[2], r[3], True)
                 rest = [d for d in present if d not in taken]
                 if rest:
                     for r in await conn.fetch(_TAKE_FALLBACK, rest):

@@ -49,6 +49,12 @@ _TAKE_FALLBACK = (
     "UPDATE device_keys SET fallback_used = 1 WHERE device_id = ? AND fallback_key IS NOT NULL"
     " RETURNING fallback_id, fallback_key, fallback_signature"
 )
+#: The fallback key handed out in place of a one-time key (a claimer over its per-target
+#: limit): read only, neither marked used nor told of.
+_READ_FALLBACK = (
+    "SELECT fallback_id, fallback_key, fallback_signature FROM device_keys"
+    " WHERE device_id = ? AND fallback_key IS NOT NULL"
+)
 
 
 def _counts(conn: sqlite3.Connection, device_id: str) -> KeyCounts:
@@ -59,6 +65,25 @@ def _counts(conn: sqlite3.Connection, device_id: str) -> KeyCounts:
         fallback_key=bool(fallback),
         fallback_used=bool(used),
     )
+
+
+def _take(
+    conn: sqlite3.Connection, device_id: str, at: int
+) -> tuple[tuple[str, str, str] | None, bool, list[Delivery]]:
+    """One of the device's one-time keys, taken (`fallback` False); else its fallback key,
+    marked used, with a `KeysExhausted` event in its inbox the first time since its upload;
+    else nothing. Returns (id, key, signature) or None, `fallback`, the deliveries."""
+    row = conn.execute(_TAKE_ONE_TIME, (device_id,)).fetchone()
+    if row is not None:
+        return row, False, []
+    used = conn.execute(
+        "SELECT fallback_used FROM device_keys WHERE device_id = ?", (device_id,)
+    ).fetchone()
+    row = conn.execute(_TAKE_FALLBACK, (device_id,)).fetchone()
+    if row is None or used is None or used[0]:
+        return row, True, []
+    raw = encode_event(KeysExhausted(at=at))
+    return row, True, inbox.append(conn, [device_id], raw, at)
 
 
 def announce(
@@ -159,7 +184,7 @@ class SqliteKeys:
         return await self._db.read(q)
 
     async def claim(
-        self, device_ids: list[str], at: int
+        self, device_ids: list[str], at: int, fallback_only: frozenset[str] = frozenset()
     ) -> tuple[list[ClaimedKey], list[Delivery]]:
         def tx(conn: sqlite3.Connection) -> tuple[list[ClaimedKey], list[Delivery]]:
             out: list[ClaimedKey] = []
@@ -170,16 +195,11 @@ class SqliteKeys:
                 ).fetchone()
                 if owner is None:
                     continue
-                row = conn.execute(_TAKE_ONE_TIME, (device_id,)).fetchone()
-                fallback = row is None
-                if fallback:
-                    used = conn.execute(
-                        "SELECT fallback_used FROM device_keys WHERE device_id = ?", (device_id,)
-                    ).fetchone()
-                    row = conn.execute(_TAKE_FALLBACK, (device_id,)).fetchone()
-                    if row is not None and used is not None and not used[0]:
-                        raw = encode_event(KeysExhausted(at=at))
-                        deliveries += inbox.append(conn, [device_id], raw, at)
+                if device_id in fallback_only:
+                    row, fallback = conn.execute(_READ_FALLBACK, (device_id,)).fetchone(), True
+                else:
+                    row, fallback, told = _take(conn, device_id, at)
+                    deliveries += told
                 if row is not None:
                     out.append(
                         ClaimedKey(
