@@ -144,7 +144,11 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
 
     kind = settings.rate_limits.type or ("redis" if settings.bus.type == "redis" else "local")
     if kind == "redis":
-        return WindowRateLimiter(settings.redis.url, cluster=settings.redis.cluster)
+        return WindowRateLimiter(
+            settings.redis.url,
+            cluster=settings.redis.cluster,
+            sync_interval=settings.rate_limits.sync_interval,
+        )
     return WindowRateLimiter()
 
 

@@ -262,6 +262,10 @@ class RateLimitSettings(Section):
     #: Where the counters live: `local` (this process) or `redis` (shared by every node).
     #: Unset: `redis` when the bus is Redis (a cluster), else `local`.
     type: Literal["local", "redis"] | None = None
+    #: With `redis`: seconds between a node's syncs of the message path's counters (sends,
+    #: a chat's fan-out, typing), which it decides on its own view and shares after; other
+    #: nodes' spends reach it this late (architecture.md, "Abuse limits").
+    sync_interval: float = Field(default=0.1, gt=0, le=10)
     send_per_device: str = "300/10s"
     send_per_user: str = "600/10s"
     send_bytes_per_device: str = f"{4 * 1024 * 1024}/10s"

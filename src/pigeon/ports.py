@@ -856,13 +856,19 @@ class RateLimiter(Protocol):
     message path down with them.
     """
 
-    async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+    async def hit(
+        self, rate: Rate, key: str, cost: int = 1, *, deferred: bool = False
+    ) -> float | None:
         """Spend `cost` under `rate` for `key`: None if it fits (and is counted), else the
-        seconds after which it would fit (nothing counted)."""
+        seconds after which it would fit (nothing counted). `deferred`: in a cluster, decide on
+        this node's view of the counter and share the spend shortly after, without waiting
+        for the other nodes (other nodes' spends are then seen up to a sync interval late);
+        for the message path's rules, not for those that stop guessing."""
 
-    async def hit_all(self, spends: Sequence[Spend]) -> float | None:
+    async def hit_all(self, spends: Sequence[Spend], *, deferred: bool = False) -> float | None:
         """One request's spends on several counters, all or nothing: None if every one fits
-        (all counted), else the longest wait among those that do not (none counted)."""
+        (all counted), else the longest wait among those that do not (none counted).
+        `deferred` as for `hit`."""
 
     async def open(self) -> None:
         """Connect (no-op for in-process counters)."""

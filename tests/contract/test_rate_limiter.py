@@ -176,3 +176,84 @@ async def test_a_claims_target_checks_leave_together(redis_url: str) -> None:
         assert await throttle.key_claims(someone, group[:3]) == group[:3]
     finally:
         await limiter.aclose()
+
+
+async def test_deferred_hits_decide_locally_and_share_their_spends(redis_url: str) -> None:
+    """The message path's counters: a node decides on its own view without a round trip, and
+    its spends reach the other nodes at the next sync, in the same counters exact hits use."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
+    b = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
+    await asyncio.gather(a.open(), b.open())
+    try:
+        rate = Rate(5, 60)
+        assert a._redis is not None and a._deferred is not None and b._deferred is not None
+        batches = a._redis.batches
+        assert [await a.hit(rate, "d", deferred=True) for _ in range(5)] == [None] * 5
+        assert await a.hit(rate, "d", deferred=True) is not None  # this node's own count
+        # one round trip: the read of the counter new to this node; the spends wait for a sync
+        assert a._redis.batches == batches + 1 and a._deferred.syncs == 0
+        assert await b.hit(rate, "d") is None  # an exact hit elsewhere does not see them yet
+        await a._deferred.settle()
+        assert a._deferred.syncs == 1
+        assert await b.hit(rate, "d") is not None  # now it does (5 + 1)
+        assert await b.hit(rate, "d", deferred=True) is not None  # and so does b's view
+        assert await a.hit(Rate(5, 60), "other", deferred=True) is None  # keys apart
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_deferred_spends_are_all_or_nothing(redis_url: str) -> None:
+    limiter = WindowRateLimiter(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=10.0)
+    await limiter.open()
+    try:
+        small, big = Rate(1, 60), Rate(3, 60)
+        both = [(big, "user", 1), (small, "device", 1)]
+        assert await limiter.hit_all(both, deferred=True) is None
+        assert await limiter.hit_all(both, deferred=True) is not None  # the device is full
+        # the refused request charged the user nothing: two more fit, then no more
+        assert await limiter.hit(big, "user", deferred=True) is None
+        assert await limiter.hit(big, "user", deferred=True) is None
+        assert await limiter.hit(big, "user", deferred=True) is not None
+        assert limiter._deferred is not None
+        await limiter._deferred.settle()
+        assert await limiter.hit(big, "user") is not None  # all three reached Redis
+        assert await limiter.hit(Rate(4, 60), "user") is None  # (another rule's counter)
+    finally:
+        await limiter.aclose()
+
+
+async def test_deferred_hits_limit_on_the_local_view_while_redis_is_away() -> None:
+    limiter = WindowRateLimiter("redis://127.0.0.1:1/0", timeout=0.2, sync_interval=0.01)
+    await limiter.open()
+    try:
+        rate = Rate(2, 60)
+        assert await limiter.hit(rate, "x", deferred=True) is None
+        assert limiter._deferred is not None
+        await limiter._deferred.settle()  # fails (nothing listens): the spend is kept
+        assert await limiter.hit(rate, "x", deferred=True) is None
+        assert await limiter.hit(rate, "x", deferred=True) is not None  # limited all the same
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_counter_new_to_a_node_is_read_first(redis_url: str) -> None:
+    """A device that reconnects to another node brings its counts: the node's first deferred
+    hit of a counter waits for its counts (hits of one moment share the read)."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    a = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
+    b = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
+    await asyncio.gather(a.open(), b.open())
+    try:
+        rate = Rate(4, 60)
+        assert [await a.hit(rate, "moved", deferred=True) for _ in range(3)] == [None] * 3
+        assert a._deferred is not None and b._redis is not None
+        await a._deferred.settle()
+        batches = b._redis.batches
+        results = await asyncio.gather(*(b.hit(rate, "moved", deferred=True) for _ in range(3)))
+        assert results.count(None) == 1  # the fourth, wherever it is sent from
+        assert b._redis.batches == batches + 1  # one read for the three
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -8,9 +8,25 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from pigeon.client import ClientError
 from tests.conftest import PASSWORD, ServerFactory
+
+
+async def _until_counted(redis_url: str, counter: str, count: int, timeout: float = 10.0) -> None:
+    """Until the one counter whose name ends with `counter` holds `count` (polling Redis: the
+    spends arrive from another process, with no event to await)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                keys = [k async for k in redis.scan_iter(match=f"*{counter}")]
+                if len(keys) == 1 and int(await redis.hget(keys[0], "c") or 0) >= count:
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
 
 
 def limits(**rules: str) -> dict[str, Any]:
@@ -156,6 +172,9 @@ async def test_two_nodes_share_the_counters(
     for i in range(3):
         await on_a.send(chat["id"], f"a{i}")
     await on_a.close()
+    # A node shares its message-path spends within `sync_interval` (decided on its own view,
+    # architecture.md "Abuse limits"): wait until node A's three are in Redis
+    await _until_counted(redis_url, f"4/60:sd:{alice_account.device}", 3)
     on_b = await node_b.client(alice_account, max_rate_wait=0)
     await on_b.send(chat["id"], "b0")  # the fourth, wherever it is sent from
     with pytest.raises(ClientError) as err:

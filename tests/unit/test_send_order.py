@@ -97,10 +97,12 @@ class _SlowFirstLimiter:
         self._called = asyncio.Event()
         self.windows = SlidingWindows()
 
-    async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+    async def hit(
+        self, rate: Rate, key: str, cost: int = 1, *, deferred: bool = False
+    ) -> float | None:
         return await self.hit_all(((rate, key, cost),))
 
-    async def hit_all(self, spends: Sequence[Spend]) -> float | None:
+    async def hit_all(self, spends: Sequence[Spend], *, deferred: bool = False) -> float | None:
         self.calls += 1
         self._called.set()
         if self.calls == 1:

@@ -24,10 +24,12 @@ class ManualLimiter:
         self.t = 1_000_000.0  # the start of a minute and of an hour
         self._windows = SlidingWindows(lambda: self.t)
 
-    async def hit(self, rate: Rate, key: str, cost: int = 1) -> float | None:
+    async def hit(
+        self, rate: Rate, key: str, cost: int = 1, *, deferred: bool = False
+    ) -> float | None:
         return self._windows.hit(rate, key, cost)
 
-    async def hit_all(self, spends: Sequence[Spend]) -> float | None:
+    async def hit_all(self, spends: Sequence[Spend], *, deferred: bool = False) -> float | None:
         return self._windows.hit_all(spends)
 
     async def open(self) -> None:

@@ -45,9 +45,10 @@ class Throttle:
         ]
         if body_bytes:
             spends.append((r.send_bytes_per_device, "sb:" + device.id, body_bytes))
-        # all or nothing, in one call (one round trip on a cluster): a refused message costs
-        # none of its counters
-        wait = await self._limiter.hit_all(spends)
+        # all or nothing, in one call: a refused message costs none of its counters. Deferred
+        # on a cluster (the message path waits for no round trip; other nodes' spends of the
+        # user's counter are seen up to a sync interval late)
+        wait = await self._limiter.hit_all(spends, deferred=True)
         if wait is not None:
             limits = (
                 f"{r.send_per_device} per device, {r.send_per_user} per user, "
@@ -77,7 +78,9 @@ class Throttle:
         # at most a whole window: a chat larger than the budget still gets one message per window
         estimate = min(known or 1, r.fanout_per_chat.amount)
         try:
-            wait = await self._limiter.hit(r.fanout_per_chat, "fc:" + chat_id, estimate)
+            wait = await self._limiter.hit(
+                r.fanout_per_chat, "fc:" + chat_id, estimate, deferred=True
+            )
             if wait is not None:
                 raise RateLimited(f"this chat is too busy; retry in {wait:.1f} s", wait)
         except BaseException:  # refused or cancelled: this send will tell nothing
@@ -100,7 +103,7 @@ class Throttle:
         self._learned(chat_id)
         extra = min(deliveries, rule.amount) - estimate
         if extra > 0:
-            await self._limiter.hit(rule, "fc:" + chat_id, extra)
+            await self._limiter.hit(rule, "fc:" + chat_id, extra, deferred=True)
 
     def _learned(self, chat_id: str) -> None:
         learner = self._learning.pop(chat_id, None)
@@ -116,7 +119,8 @@ class Throttle:
         await self._spend(self._rules.modify_members_per_user, "mm:" + user_id, 1, "changes")
 
     async def typing(self, device_id: str) -> None:
-        await self._spend(self._rules.typing_per_device, "ty:" + device_id, 1, "typing")
+        rule = self._rules.typing_per_device
+        await self._spend(rule, "ty:" + device_id, 1, "typing", deferred=True)
 
     async def presence_subscribe(self, device_id: str) -> None:
         rule = self._rules.presence_subscribe_per_device
@@ -178,7 +182,9 @@ class Throttle:
         for tier, rule in enumerate(tiers):
             await self._spend(rule, f"lu{tier}:{key}", 1, "logins for this username")
 
-    async def _spend(self, rate: Rate, key: str, cost: int, what: str) -> None:
-        wait = await self._limiter.hit(rate, key, cost)
+    async def _spend(
+        self, rate: Rate, key: str, cost: int, what: str, *, deferred: bool = False
+    ) -> None:
+        wait = await self._limiter.hit(rate, key, cost, deferred=deferred)
         if wait is not None:
             raise RateLimited(f"too many {what} (limit {rate}); retry in {wait:.1f} s", wait)

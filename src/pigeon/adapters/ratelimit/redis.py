@@ -72,6 +72,32 @@ return {1, p, c, into}
 """
 _HIT_SHA = hashlib.sha1(_HIT.encode()).hexdigest()
 
+# The same counters, charged without a check (spends a node admitted on its own view,
+# `deferred.py`). KEYS: the counters; ARGV: period (ms) and cost of each, in turn. Returns the
+# window index, previous and current count of each after it, flat.
+_ADD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local period, cost = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local window = math.floor(now / period)
+  local v = redis.call('HMGET', key, 'w', 'p', 'c')
+  local w, p, c = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if w ~= window then
+    if w == window - 1 then p = c else p = 0 end
+    c = 0
+  end
+  c = c + cost
+  redis.call('HSET', key, 'w', window, 'p', p, 'c', c)
+  redis.call('PEXPIRE', key, 2 * period)
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = window, p, c
+end
+return out
+"""
+_ADD_SHA = hashlib.sha1(_ADD.encode()).hexdigest()
+_SCRIPTS = {_HIT_SHA: _HIT, _ADD_SHA: _ADD}
+
 
 class _Request:
     """One caller's spends and the future its answer goes to."""
@@ -102,6 +128,7 @@ class RedisWindows:
             else Redis.from_url(url, max_connections=4, **options)
         )
         self._client = cast(RedisClient, client)
+        self._cluster = cluster
         self._prefix = prefix + ":"
         self._timeout = timeout
         self._queue: list[_Request] = []
@@ -116,7 +143,8 @@ class RedisWindows:
         try:
             async with asyncio.timeout(self._timeout * 4):
                 await self._client.initialize()
-                await self._client.execute_command("SCRIPT LOAD", _HIT)  # a cluster: every master
+                for script in _SCRIPTS.values():  # a cluster: every master
+                    await self._client.execute_command("SCRIPT LOAD", script)
         except Exception as exc:
             self._warn(exc)
 
@@ -180,15 +208,40 @@ class RedisWindows:
         if refunds:
             await self._send(refunds)
 
+    async def add(self, spends: Sequence[Spend]) -> list[tuple[int, int, int]] | None:
+        """Charge every spend without a check; the counters' (window index, previous, current)
+        after it, or None if Redis did not answer in time (logged). One command for them all
+        on one server; one per counter on a cluster, where counters live in different slots
+        (still one pipeline per node)."""
+        self.batches += 1
+        groups = [list(spends)] if not self._cluster else [[spend] for spend in spends]
+        commands: list[list[Any]] = []
+        for group in groups:
+            keys = [self._counter(rate, key) for rate, key, _ in group]
+            args = [x for rate, _, cost in group for x in (rate.seconds * 1000, cost)]
+            commands.append(["EVALSHA", _ADD_SHA, len(keys), *keys, *args])
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._send(commands)
+        except Exception as exc:
+            self._warn(exc)
+            return None
+        flat = [int(x) for reply in replies for x in reply]
+        return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+    def _counter(self, rate: Rate, key: str) -> str:
+        return f"{self._prefix}{rate.amount}/{rate.seconds}:{key}"
+
     def _command(self, rate: Rate, key: str, cost: int) -> list[Any]:
-        counter = f"{self._prefix}{rate.amount}/{rate.seconds}:{key}"
+        counter = self._counter(rate, key)
         return ["EVALSHA", _HIT_SHA, 1, counter, rate.amount, rate.seconds * 1000, cost]
 
     async def _send(self, commands: list[list[Any]]) -> list[Any]:
         replies = await self._pipeline(commands)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if lost:  # a node restarted: load the script again and rerun only what it refused
-            await self._client.execute_command("SCRIPT LOAD", _HIT)  # (others were charged)
+        if lost:  # a node restarted: load the scripts again and rerun only what it refused
+            for script in _SCRIPTS.values():  # (the others were charged)
+                await self._client.execute_command("SCRIPT LOAD", script)
             again = await self._pipeline([commands[i] for i in lost])
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
