@@ -73,7 +73,9 @@ class _Outbox:
     async def publish(self, channel: str, frame: bytes) -> None:
         self.frames.append((channel, frame))
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
         self.frames.extend(items)
 
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:

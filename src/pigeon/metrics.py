@@ -586,10 +586,12 @@ class TimedBus:
             self._timing.observe(perf_counter() - start)
         self._frames.n += 1
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
         start = perf_counter()
         try:
-            await self._inner.publish_many(items)
+            await self._inner.publish_many(items, local_first=local_first)
         finally:
             self._timing.observe(perf_counter() - start)
         self._frames.n += len(items)

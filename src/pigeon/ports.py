@@ -710,8 +710,16 @@ class Bus(Protocol):
     async def publish(self, channel: str, frame: bytes) -> None:
         """Send `frame` to whoever subscribed to `channel` (nobody: dropped)."""
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
-        """`publish` for many (channel, frame) pairs, in order, in as few round trips as we can."""
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
+        """`publish` for many (channel, frame) pairs, in order, in as few round trips as we can.
+
+        `local_first`: a frame whose channel is subscribed on this node goes to that handler
+        only, at once, and not to the other nodes. For frames only the channel's one live
+        subscriber needs (a device's deliveries: one connection per device), when whoever
+        holds a channel that moved makes up for what it missed (the hub's resync when a
+        device's connection leaves a node)."""
 
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
         """Deliver frames of `channel` to `handler` until cancelled."""

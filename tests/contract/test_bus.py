@@ -132,6 +132,41 @@ async def test_cancel_is_idempotent(bus: Bus) -> None:
     again.cancel()
 
 
+async def test_local_first_frames_go_to_this_node_only(
+    bus: Bus, request: pytest.FixtureRequest
+) -> None:
+    """A device's deliveries: its connection here gets them at once, and no other node (a
+    node still subscribed from an older connection) does; channels not subscribed here are
+    published as usual."""
+    here, there, elsewhere = Inbox(), Inbox(), Inbox()
+    mine, theirs = channel("d"), channel("d")
+    if request.node.callspec.params["bus"] == "local":
+        other: Bus = bus  # one process, one node
+    else:
+        other = RedisBus(
+            request.getfixturevalue("redis_url")
+            if request.node.callspec.params["bus"] == "redis"
+            else request.getfixturevalue("redis_cluster").url,
+            cluster=request.node.callspec.params["bus"] == "redis-cluster",
+        )
+        await other.open()
+    try:
+        await bus.subscribe(mine, here)
+        if other is not bus:
+            await other.subscribe(mine, elsewhere)
+        await other.subscribe(theirs, there)
+        await bus.publish_many([(mine, b"1"), (theirs, b"2"), (mine, b"3")], local_first=True)
+        assert here.frames == [b"1", b"3"]  # handed over before the call returned
+        await there.wait_for(1)
+        assert there.frames == [b"2"]
+        await bus.publish(theirs, b"end")  # after the frames above, on the same path
+        await there.wait_until(b"end")
+        assert elsewhere.frames == []
+    finally:
+        if other is not bus:
+            await other.aclose()
+
+
 async def test_frames_to_nobody_are_dropped(bus: Bus) -> None:
     ch, inbox = channel(), Inbox()
     await bus.publish(ch, b"into the void")  # no error

@@ -48,7 +48,9 @@ class _FlakyBus(LocalBus):
         self.attempts = 0
         self.retried = asyncio.Event()
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
         self.attempts += 1
         if self.down:
             if self.attempts >= 3:

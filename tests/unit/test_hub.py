@@ -97,3 +97,51 @@ async def test_a_late_announcement_of_an_older_connection_closes_nothing() -> No
     newest = _conn()
     await node_a.attach(newest, _nothing)  # a newer connection on A closes the one on B
     assert new.closing and not newest.closing
+
+
+async def test_a_device_that_moves_node_is_resynced_on_the_new_one() -> None:
+    """Node A handed its deliveries to the old connection only (`local_first`) until it left:
+    the connection on node B catches up from the inbox once A says so."""
+    bus = SlowBus()
+    node_a, node_b = Hub(bus, GatewaySettings()), Hub(bus, GatewaySettings())  # type: ignore[arg-type]
+    resynced = asyncio.Event()
+
+    async def resync() -> None:
+        resynced.set()
+
+    old, new = _conn(), _conn()
+    await node_a.attach(old, _nothing)
+    await node_b.attach(new, resync)  # its announcement closes the old connection on A
+    assert old.closing
+    await asyncio.wait_for(resynced.wait(), 5)
+    assert not new.closing
+
+
+async def test_a_device_replaced_on_its_node_is_not_resynced() -> None:
+    bus = SlowBus()
+    hub = Hub(bus, GatewaySettings())  # type: ignore[arg-type]
+    published: list[bytes] = []
+    announced = asyncio.Event()
+    sent = bus.publish
+
+    async def spy(channel: str, frame: bytes) -> None:
+        published.append(frame)
+        if b"_resync" in frame:
+            announced.set()
+        await sent(channel, frame)
+
+    bus.publish = spy  # type: ignore[method-assign]
+    resyncs = 0
+
+    async def resync() -> None:
+        nonlocal resyncs
+        resyncs += 1
+
+    first, second = _conn(), _conn()
+    await hub.attach(first, _nothing)
+    await hub.attach(second, resync)
+    assert first.closing
+    second.close(1000, "bye")  # leaves the node: now it is announced
+    await asyncio.wait_for(announced.wait(), 5)
+    assert resyncs == 0
+    assert sum(b"_resync" in f for f in published) == 1

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 #: Control frame on a device's channel: "a newer connection of this device exists, elsewhere";
 #: followed by the new connection's stamp. Never forwarded to a client.
 _REPLACED = b'{"t":"_replaced","by":"'
+#: A device's connection left a node: whoever holds a newer one catches it up from the inbox,
+#: since that node's deliveries went to the old connection only (`Bus.publish_many`,
+#: `local_first`) until it left.
+_RESYNC = b'{"t":"_resync"}'
 #: Connections resynced at once after a bus outage (each reads its inbox).
 _RESYNC_CONCURRENCY = 32
 
@@ -107,6 +111,10 @@ class Hub:
         self._control_task: asyncio.Task[None] | None = None
         self._conns: dict[str, tuple[Connection, Subscription]] = {}
         self._resyncs: dict[Connection, Resync] = {}
+        #: Connections catching up on a `_RESYNC`: whether another one arrived meanwhile.
+        self._resyncing: dict[Connection, bool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._attaching = Turns()
         self._ticker: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -155,6 +163,8 @@ class Hub:
             if frame.startswith(_REPLACED):
                 if frame[len(_REPLACED) : len(_REPLACED) + len(stamp)] > stamp:
                     conn.close(Close.REPLACED, "replaced by a newer connection")
+            elif frame == _RESYNC:
+                self._resync_one(conn)
             elif frame == REVOKED_FRAME:
                 conn.close(Close.REVOKED, "device revoked")
             elif frame == DISABLED_FRAME:
@@ -183,12 +193,49 @@ class Hub:
             log.warning("could not announce the new connection of %s: %s", device_id, exc)
 
     def detach(self, conn: Connection) -> None:
-        """Forget a connection (if it is still the registered one)."""
+        """Forget a connection (if it is still the registered one). If the device has no other
+        connection here, a newer one elsewhere is told to resync (`_RESYNC`)."""
         self._resyncs.pop(conn, None)
         entry = self._conns.get(conn.device.id)
         if entry is not None and entry[0] is conn:
             del self._conns[conn.device.id]
             entry[1].cancel()
+            if not self._closing:
+                task = asyncio.get_running_loop().create_task(self._announce_left(conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _announce_left(self, conn: Connection) -> None:
+        try:  # best effort, like every bus frame: a lost one costs latency until a gap shows
+            await self._bus.publish(channels.device(conn.device.id), _RESYNC)
+        except PigeonError as exc:
+            log.warning("could not announce that %s left: %s", conn.device.id, exc)
+
+    def _resync_one(self, conn: Connection) -> None:
+        """Catch one connection up from its inbox (again, if asked during a catch-up: a sync
+        that read the inbox before the ask may have missed what it is about)."""
+        if conn in self._resyncing:
+            self._resyncing[conn] = True
+            return
+        resync = self._resyncs.get(conn)
+        if resync is None or conn.closing:
+            return
+        self._resyncing[conn] = False
+
+        async def run() -> None:
+            try:
+                while True:
+                    with contextlib.suppress(Exception):  # a failed sync closes the connection
+                        await resync()
+                    if not self._resyncing.get(conn) or conn.closing:
+                        return
+                    self._resyncing[conn] = False
+            finally:
+                self._resyncing.pop(conn, None)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _bus_recovered(self) -> None:
         if self._recovery is not None and not self._recovery.done():
@@ -257,7 +304,8 @@ class Hub:
 
     async def aclose(self) -> None:
         """Close every connection with GOING_AWAY so clients reconnect (elsewhere)."""
-        for task in (self._ticker, self._recovery, self._control_task):
+        self._closing = True  # they sync on reconnecting: no `_RESYNC` for each
+        for task in (self._ticker, self._recovery, self._control_task, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -122,8 +122,9 @@ class Fanout:
         if not deliveries:
             return False
         frames = [(channels.device(d.device), inbox_frame(d.iseq, d.raw)) for d in deliveries]
-        try:
-            await self._bus.publish_many(frames)
+        try:  # a device's connection on this node gets its frames at once (the hub resyncs a
+            # device whose connection moved to another node while frames went to the old one)
+            await self._bus.publish_many(frames, local_first=True)
         except PigeonError as exc:
             log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)
             self._hold(frames)

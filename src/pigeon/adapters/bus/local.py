@@ -29,7 +29,9 @@ class LocalBus:
     async def publish(self, channel: str, frame: bytes) -> None:
         self._deliver(channel, frame)
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
         for channel, frame in items:
             self._deliver(channel, frame)
 

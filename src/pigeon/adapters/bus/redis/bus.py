@@ -130,11 +130,17 @@ class RedisBus:
     async def publish(self, channel: str, frame: bytes) -> None:
         await self.publish_many([(channel, frame)])
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish_many(
+        self, items: list[tuple[str, bytes]], *, local_first: bool = False
+    ) -> None:
         if not items:
             return
         if self._closed:
             raise Unavailable("redis bus is closed")
+        if local_first:
+            items = self._deliver_here(items)
+            if not items:
+                return
         failed, moved = await self._publish_grouped(items)
         if moved:  # the slot map is stale: re-read it and try those frames once more
             log.info(
@@ -146,6 +152,22 @@ class RedisBus:
         if failed:
             _, first = failed[0]
             raise Unavailable(f"redis bus: {len(failed)} of {len(items)} frames not sent: {first}")
+
+    def _deliver_here(self, items: list[_Item]) -> list[_Item]:
+        """Hand the frames of channels subscribed on this node to their handlers (no round
+        trip to Redis and back: a sixth of a PostgreSQL + Redis node's instructions per
+        message when its devices are local); returns the others, to publish."""
+        others: list[_Item] = []
+        for item in items:
+            sub = self._subs.get(item[0])
+            if sub is None:
+                others.append(item)
+                continue
+            try:
+                sub.handler(item[1])
+            except Exception:  # a broken handler must not break the publisher
+                log.exception("bus handler for %s failed", item[0])
+        return others
 
     async def _publish_grouped(self, items: list[_Item]) -> tuple[list[_Failed], list[_Failed]]:
         """Publish on each shard (concurrently; in order within a shard). Returns the frames
