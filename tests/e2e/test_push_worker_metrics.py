@@ -47,13 +47,17 @@ async def scrape_worker(url: str) -> tuple[int, Samples]:
         return resp.status, parse(await resp.text()) if resp.status == 200 else []
 
 
-async def scrape_until(url: str, name: str, want: float, **labels: str) -> Samples:
-    """Scrape until the sample reaches `want`: the worker is another process, which counts an
-    outcome after the gateway answered (no event reaches this one)."""
+async def scrape_until(
+    url: str, name: str, want: float, *, falling: bool = False, **labels: str
+) -> Samples:
+    """Scrape until the sample reaches `want` (from below, or from above if `falling`): the
+    worker is another process, which counts an outcome after the gateway answered (no event
+    reaches this one)."""
     async with asyncio.timeout(20):
         while True:
             _, samples = await scrape_worker(url)
-            if value(samples, name, **labels) >= want:
+            got = value(samples, name, **labels)
+            if (got <= want) if falling else (got >= want):
                 return samples
             await asyncio.sleep(0.05)  # polling another process
 
@@ -96,6 +100,8 @@ async def test_a_push_worker_serves_its_metrics(tmp_path: Path, gateway: FakeHoo
         assert value(s, "pigeon_push_outcomes_total", result="sent") == 1
         assert value(s, "pigeon_push_outcomes_total", result="retried") == 1
         assert value(s, "pigeon_push_outcomes_total", result="dead") == 0
+        # the job leaves the queue just after its outcome is counted
+        s = await scrape_until(url, "pigeon_push_queue_jobs", 0, falling=True)
         assert value(s, "pigeon_push_queue_jobs") == 0  # answered
         assert value(s, "pigeon_push_queue_due_jobs") == 0
         assert value(s, "pigeon_store_operation_seconds_count", op="push_queue_claim") >= 2
