@@ -70,6 +70,37 @@ class PostgresSettings(Section):
         return self
 
 
+class DynamoSettings(Section):
+    """The store on DynamoDB (or a server that speaks its API: ScyllaDB's Alternator, moto),
+    through aiobotocore. Credentials come from the usual AWS chain (environment, shared files,
+    container or instance role), never from here.
+
+    Not selectable yet: the adapter (`adapters/store/dynamodb/`) has its foundation but not
+    its sub-stores, so this class is not part of `StoreSettings` and `app.build_store` knows
+    nothing of it. Both come with the sub-stores, in the same change (with `dynamodb` among
+    the tags `describe` leaves out of a setting's name)."""
+
+    type: Literal["dynamodb"] = "dynamodb"
+    #: None: AWS's endpoint for `region`. Else e.g. `http://alternator:8000`.
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    #: Prepended to every table's name (`pigeon_messages`...): several deployments per account.
+    table_prefix: str = Field("pigeon_", pattern=r"^[A-Za-z0-9_.-]{0,200}$")
+    #: Create missing tables and indexes (on-demand billing) and enable TTL at start-up.
+    #: Off: the tables must exist (made by infrastructure code), and pigeon checks them.
+    create_tables: bool = False
+    #: Attempts of a throttled call before it fails with `unavailable` (exponential backoff
+    #: with full jitter between them, from `backoff_base` seconds, at most `backoff_cap`).
+    max_attempts: int = Field(8, ge=1, le=50)
+    backoff_base: float = Field(0.025, gt=0, le=10)
+    backoff_cap: float = Field(1.0, gt=0, le=60)
+    #: Seconds to connect, and to wait for one answer, before the attempt counts as failed.
+    connect_timeout: float = Field(2.0, gt=0, le=60)
+    read_timeout: float = Field(5.0, gt=0, le=300)
+    #: HTTP connections per node (a group message's fan-out runs many calls at once).
+    max_connections: int = Field(64, ge=1, le=10_000)
+
+
 def _type_or(default: str) -> Callable[[Any], str]:
     """A discriminator: a section's `type` picks its settings class; without one, `default`
     (the embedded engine), so `[store]` with only `path` still means SQLite."""

@@ -1,0 +1,37 @@
+"""DynamoDB store: the seeds' database, for a cluster whose store must scale out (AWS DynamoDB,
+or any server that speaks its API, such as ScyllaDB's Alternator).
+
+Why it exists: PostgreSQL is one server, the ceiling of every cluster; DynamoDB spreads each
+table over as many partitions as the load needs. The table design, and how the message path
+keeps its guarantees without multi-statement transactions, are in docs/architecture.md
+("DynamoDB store").
+
+This package is built in steps. `db.py` (client, tables, retries, capacity), `codec.py` (item
+encoding) and `tables.py` (the tables and indexes) are the foundation; each sub-store of the
+`Store` port is a module of its own beside them (`accounts.py`, `chats.py`, `messages.py`,
+`attachments.py`, `push.py`, `keys.py`), given the shared `DynamoDb` in its constructor and
+set as an attribute of `DynamoStore` in `__init__`. `DynamoStore` becomes a `Store` (and gets
+its `_check: type[Store]` line, its place in the contract suite and in `app.build_store`) when
+the last of them is there: until then it is not selectable in the settings.
+"""
+
+from __future__ import annotations
+
+from pigeon.adapters.store.dynamodb.db import DynamoDb
+
+
+class DynamoStore:
+    """The sub-stores over one `DynamoDb` (one client, one set of tables)."""
+
+    def __init__(self, db: DynamoDb) -> None:
+        self.db = db
+
+    async def open(self) -> None:
+        """Connect; create missing tables and indexes if allowed, else check they exist."""
+        await self.db.open()
+
+    async def aclose(self) -> None:
+        await self.db.aclose()
+
+    async def ping(self) -> None:
+        await self.db.ping()

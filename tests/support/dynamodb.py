@@ -1,0 +1,167 @@
+"""DynamoDB for tests: moto in *server mode* (a real HTTP DynamoDB endpoint on a free loopback
+port, in a thread of the test process, shared by the session), and `FaultProxy`, an HTTP front
+that answers chosen calls with DynamoDB's own error responses before they reach moto.
+
+Why the proxy: throttling, transient 500s and transaction conflicts are what the adapter's
+retries exist for, and moto never produces them. Injecting them at the HTTP level exercises the
+whole client stack (botocore's parsing of the error, our classification and backoff) exactly as
+DynamoDB's answers would, with no patching of the code under test.
+
+Each test gets its own table prefix (`fresh_prefix`), so tests share the server, not tables.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from moto.server import ThreadedMotoServer
+
+from pigeon.adapters.store.dynamodb.db import DynamoDb
+
+ACCESS_KEY = "AKIAPIGEONTESTKEY000"
+SECRET_KEY = "pigeon-test-secret-key"
+REGION = "us-east-1"
+_HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length"}
+_TYPE = "com.amazonaws.dynamodb.v20120810#"
+
+
+@dataclass(frozen=True)
+class MotoDynamo:
+    """Where the session's moto server listens."""
+
+    endpoint: str
+
+
+@pytest.fixture(scope="session")
+def moto_dynamodb() -> Iterator[MotoDynamo]:
+    """One moto server (server mode, port chosen by the OS) for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield MotoDynamo(endpoint=f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+def fresh_prefix() -> str:
+    """A table prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}_"
+
+
+def make_db(endpoint: str, prefix: str, **options: Any) -> DynamoDb:
+    """A `DynamoDb` on `endpoint` with the tests' credentials and quick backoff."""
+    defaults: dict[str, Any] = {
+        "create_tables": True,
+        "backoff_base": 0.001,
+        "backoff_cap": 0.005,
+        "read_timeout": 5.0,
+    }
+    return DynamoDb(
+        table_prefix=prefix,
+        endpoint_url=endpoint,
+        region=REGION,
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        **(defaults | options),
+    )
+
+
+@pytest.fixture
+async def dynamo(moto_dynamodb: MotoDynamo) -> AsyncIterator[DynamoDb]:
+    """An open `DynamoDb` with its own freshly created tables."""
+    db = make_db(moto_dynamodb.endpoint, fresh_prefix())
+    await db.open()
+    yield db
+    await db.aclose()
+
+
+@dataclass
+class Fault:
+    """Answer the next `times` calls of `op` (None: every call) with this error."""
+
+    op: str
+    code: str
+    status: int
+    times: int | None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class FaultProxy:
+    """An HTTP proxy in front of moto that fails chosen DynamoDB operations (named as in the
+    `X-Amz-Target` header: `PutItem`, `TransactWriteItems`...) with DynamoDB's error bodies,
+    and counts the calls it saw per operation (failed ones included)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.url = ""
+        self.seen: Counter[str] = Counter()
+        self._faults: list[Fault] = []
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    def fail(
+        self,
+        op: str,
+        code: str = "ProvisionedThroughputExceededException",
+        *,
+        times: int | None = 1,
+        status: int = 400,
+        **extra: object,
+    ) -> None:
+        self._faults.append(Fault(op, code, status, times, dict(extra)))
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._http = aiohttp.ClientSession(auto_decompress=False)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        op = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        self.seen[op] += 1
+        body = await request.read()
+        for fault in self._faults:
+            if fault.op == op and (fault.times is None or fault.times > 0):
+                if fault.times is not None:
+                    fault.times -= 1
+                payload = {"__type": _TYPE + fault.code, "message": "injected"} | fault.extra
+                return web.Response(
+                    status=fault.status,
+                    body=json.dumps(payload).encode(),
+                    content_type="application/x-amz-json-1.0",
+                )
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        async with self._http.post(
+            self.upstream + request.path_qs, data=body, headers=headers
+        ) as up:
+            data = await up.read()
+            out = {k: v for k, v in up.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return web.Response(status=up.status, body=data, headers=out)
+
+
+@pytest.fixture
+async def fault_proxy(moto_dynamodb: MotoDynamo) -> AsyncIterator[FaultProxy]:
+    proxy = FaultProxy(moto_dynamodb.endpoint)
+    await proxy.start()
+    yield proxy
+    await proxy.aclose()
