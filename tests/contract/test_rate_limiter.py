@@ -4,6 +4,7 @@ on one Redis stand for two nodes of a cluster: they share every counter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -178,14 +179,24 @@ async def test_a_claims_target_checks_leave_together(redis_url: str) -> None:
         await limiter.aclose()
 
 
-async def test_deferred_hits_decide_locally_and_share_their_spends(redis_url: str) -> None:
-    """The message path's counters: a node decides on its own view without a round trip, and
-    its spends reach the other nodes at the next sync, in the same counters exact hits use."""
+@contextlib.asynccontextmanager
+async def two_nodes(redis_url: str) -> AsyncIterator[tuple[WindowRateLimiter, WindowRateLimiter]]:
+    """Two nodes' limiters on one Redis, whose deferred counters sync only when told to."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     a = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
     b = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
     await asyncio.gather(a.open(), b.open())
     try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_deferred_hits_decide_locally_and_share_their_spends(redis_url: str) -> None:
+    """The message path's counters: a node decides on its own view without a round trip, and
+    its spends reach the other nodes at the next sync, in the same counters exact hits use."""
+    async with two_nodes(redis_url) as (a, b):
         rate = Rate(5, 60)
         assert a._redis is not None and a._deferred is not None and b._deferred is not None
         batches = a._redis.batches
@@ -199,9 +210,6 @@ async def test_deferred_hits_decide_locally_and_share_their_spends(redis_url: st
         assert await b.hit(rate, "d") is not None  # now it does (5 + 1)
         assert await b.hit(rate, "d", deferred=True) is not None  # and so does b's view
         assert await a.hit(Rate(5, 60), "other", deferred=True) is None  # keys apart
-    finally:
-        await a.aclose()
-        await b.aclose()
 
 
 async def test_deferred_spends_are_all_or_nothing(redis_url: str) -> None:
@@ -241,11 +249,7 @@ async def test_deferred_hits_limit_on_the_local_view_while_redis_is_away() -> No
 async def test_a_counter_new_to_a_node_is_read_first(redis_url: str) -> None:
     """A device that reconnects to another node brings its counts: the node's first deferred
     hit of a counter waits for its counts (hits of one moment share the read)."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    a = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
-    b = WindowRateLimiter(redis_url, prefix=prefix, timeout=10.0, sync_interval=60.0)
-    await asyncio.gather(a.open(), b.open())
-    try:
+    async with two_nodes(redis_url) as (a, b):
         rate = Rate(4, 60)
         assert [await a.hit(rate, "moved", deferred=True) for _ in range(3)] == [None] * 3
         assert a._deferred is not None and b._redis is not None
@@ -254,6 +258,3 @@ async def test_a_counter_new_to_a_node_is_read_first(redis_url: str) -> None:
         results = await asyncio.gather(*(b.hit(rate, "moved", deferred=True) for _ in range(3)))
         assert results.count(None) == 1  # the fourth, wherever it is sent from
         assert b._redis.batches == batches + 1  # one read for the three
-    finally:
-        await a.aclose()
-        await b.aclose()

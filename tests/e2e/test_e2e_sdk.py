@@ -188,16 +188,7 @@ async def test_a_removed_member_cannot_read_later_messages(server: Server, tmp_p
     assert user(carol) in update.removed
     # were the ciphertext handed to carol anyway (a leak), she has no key to it
     assert carol.crypto is not None
-    leaked = Message(
-        id=after.id,
-        chat=after.chat,
-        seq=after.seq,
-        sender=after.sender,
-        sender_device=after.sender_device,
-        cmid=after.cmid,
-        at=after.at,
-        e2e=after.e2e,
-    )
+    leaked = as_sent(after)
     (result,) = await carol.crypto.process(leaked)
     assert isinstance(result, WaitingForKey)
 
@@ -586,6 +577,21 @@ async def handling_events(*clients: PigeonClient) -> AsyncIterator[None]:
                 await task
 
 
+def as_sent(message: DecryptedMessage) -> Message:
+    """The message event the server delivered for a decrypted message (its envelope, no
+    body): what a test replays to a client."""
+    return Message(
+        id=message.id,
+        chat=message.chat,
+        seq=message.seq,
+        sender=message.sender,
+        sender_device=message.sender_device,
+        cmid=message.cmid,
+        at=message.at,
+        e2e=message.e2e,
+    )
+
+
 def recorded(client: PigeonClient) -> list[tuple[str, dict[str, Any]]]:
     """From now on, the commands the client's E2E layer sends (name, fields)."""
     assert client.crypto is not None
@@ -761,16 +767,7 @@ async def test_a_revoked_device_stays_refused_when_the_server_announces_it_again
         assert bob_laptop.device not in to_device_targets(calls)  # never encrypted to
         assert (await decrypted(bob_phone)).id == sent.id
     # a message of the laptop's (replayed by the server) is not trusted any more
-    replay = Message(
-        id=seen.id,
-        chat=seen.chat,
-        seq=seen.seq,
-        sender=seen.sender,
-        sender_device=seen.sender_device,
-        cmid=seen.cmid,
-        at=seen.at,
-        e2e=seen.e2e,
-    )
+    replay = as_sent(seen)
     (result,) = await alice.crypto.process(replay)
     assert isinstance(result, Unreadable) and "revoked" in result.reason
     path, key = alice.crypto.config.store, alice.crypto.config.pickle_key

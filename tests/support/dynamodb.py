@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 
 from pigeon.adapters.store.dynamodb.db import DynamoDb
+from tests.support.http_front import HttpFront
 
 ACCESS_KEY = "AKIAPIGEONTESTKEY000"
 SECRET_KEY = "pigeon-test-secret-key"
@@ -95,18 +95,17 @@ class Fault:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-class FaultProxy:
+class FaultProxy(HttpFront):
     """An HTTP proxy in front of moto that fails chosen DynamoDB operations (named as in the
     `X-Amz-Target` header: `PutItem`, `TransactWriteItems`...) with DynamoDB's error bodies,
     and counts the calls it saw per operation (failed ones included)."""
 
+    methods = "POST"
+
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.url = ""
+        super().__init__(upstream)
         self.seen: Counter[str] = Counter()
         self._faults: list[Fault] = []
-        self._runner: web.AppRunner | None = None
-        self._http: aiohttp.ClientSession | None = None
 
     def fail(
         self,
@@ -118,22 +117,6 @@ class FaultProxy:
         **extra: object,
     ) -> None:
         self._faults.append(Fault(op, code, status, times, dict(extra)))
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._http = aiohttp.ClientSession(auto_decompress=False)
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = request.headers.get("X-Amz-Target", "").rpartition(".")[2]

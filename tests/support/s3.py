@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
-import aiohttp
 import pytest
 from aiohttp import web
 from moto.server import ThreadedMotoServer
+
+from tests.support.http_front import HttpFront
 
 ACCESS_KEY = "AKIAPIGEONTESTKEY000"
 SECRET_KEY = "pigeon-test-secret-key"
@@ -57,34 +58,15 @@ def moto_s3() -> Iterator[MotoS3]:
         server.stop()
 
 
-class SigV4Gate:
+class SigV4Gate(HttpFront):
     """An HTTP front for `upstream` that lets through only pre-signed requests S3 would accept."""
 
     def __init__(self, upstream: str, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream)
         self.access_key = access_key
         self.secret_key = secret_key
         #: Seconds added to the gate's clock (positive: the future).
         self.skew = 0.0
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-        self._http: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        self._http = aiohttp.ClientSession(auto_decompress=False)
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     # -- checking ------------------------------------------------------------------------------
 

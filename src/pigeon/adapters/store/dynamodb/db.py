@@ -31,7 +31,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -129,6 +129,14 @@ class ErrorCode(Unavailable):
         self.code = code
 
 
+N = TypeVar("N", int, float)
+
+
+def _changed(now: dict[str, N], before: dict[str, N]) -> dict[str, N]:
+    """What moved between two counts by key (unchanged keys left out)."""
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+
+
 class CapacitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """The capacity counters at one instant (`Capacity.snapshot`); subtract two for a delta."""
 
@@ -145,18 +153,10 @@ class CapacitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
     def __sub__(self, other: CapacitySnapshot) -> CapacitySnapshot:
         return CapacitySnapshot(
-            calls={
-                k: v - other.calls.get(k, 0)
-                for k, v in self.calls.items()
-                if v != other.calls.get(k, 0)
-            },
+            calls=_changed(self.calls, other.calls),
             read_units=self.read_units - other.read_units,
             write_units=self.write_units - other.write_units,
-            units_by_table={
-                k: v - other.units_by_table.get(k, 0.0)
-                for k, v in self.units_by_table.items()
-                if v != other.units_by_table.get(k, 0.0)
-            },
+            units_by_table=_changed(self.units_by_table, other.units_by_table),
             unreported=self.unreported - other.unreported,
             retries=self.retries - other.retries,
             throttled=self.throttled - other.throttled,
