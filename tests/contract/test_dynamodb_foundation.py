@@ -51,7 +51,14 @@ async def test_open_creates_every_table_once(moto_dynamodb: MotoDynamo) -> None:
     first = make_db(moto_dynamodb.endpoint, prefix)
     await first.open()
     try:
-        names = (await first.call("list_tables", idempotent=True))["TableNames"]
+        names: list[str] = []
+        page: dict[str, str] = {}
+        while True:  # pages of 100: the session's moto holds every test's tables
+            listed = await first.call("list_tables", idempotent=True, **page)
+            names += listed["TableNames"]
+            if "LastEvaluatedTableName" not in listed:
+                break
+            page = {"ExclusiveStartTableName": listed["LastEvaluatedTableName"]}
         assert {first.name(t) for t in TABLES} <= set(names)
         for table in TABLES:
             described = (

@@ -17,7 +17,12 @@ the last of them is there: until then it is not selectable in the settings.
 
 from __future__ import annotations
 
+from pigeon.adapters.store.dynamodb.accounts import DynamoAccounts
+from pigeon.adapters.store.dynamodb.attachments import DynamoAttachments
 from pigeon.adapters.store.dynamodb.db import DynamoDb
+from pigeon.adapters.store.dynamodb.messages import DynamoMessages
+from pigeon.adapters.store.dynamodb.push import DynamoPush
+from pigeon.ports import AccountStore, AttachmentStore, PushStore
 
 
 class DynamoStore:
@@ -25,6 +30,10 @@ class DynamoStore:
 
     def __init__(self, db: DynamoDb) -> None:
         self.db = db
+        self.messages = DynamoMessages(db)
+        self.accounts: AccountStore = DynamoAccounts(db)
+        self.attachments: AttachmentStore = DynamoAttachments(db)
+        self.push: PushStore = DynamoPush(db)
 
     async def open(self) -> None:
         """Connect; create missing tables and indexes if allowed, else check they exist."""
