@@ -51,6 +51,7 @@ from pigeon.bench.server import (
     stop,
     wait_healthy,
 )
+from pigeon.bench.store import CpuSample, cpu_percent
 from pigeon.bench.wire import WireSocket
 
 _EVENT = b'{"t":"event","iseq":'
@@ -104,6 +105,9 @@ class Result:
     lost: int
     generator_cpu_pct: float
     load: list[float] = field(default_factory=list)
+    #: CPU of the services the server uses, when they run here (PostgreSQL's backends of the
+    #: server's database, Redis), in µs per delivered message.
+    services_us_per_msg: dict[str, float] = field(default_factory=dict)
 
 
 class _Socket:
@@ -271,7 +275,7 @@ async def _run_pigeon(w: Workload, target: Target) -> Result:
                 ],
             )
             _pair_up(gen, socks, [chat.encode() for chat in chats])
-            return await _measure(gen, w, "pigeon", handle.cpu_seconds)
+            return await _measure(gen, w, "pigeon", handle.cpu_seconds, handle.service_cpu)
         finally:
             _close(socks)
 
@@ -354,11 +358,16 @@ async def _run_relay(w: Workload, target: Target) -> Result:
 
 
 async def _measure(
-    gen: _Generator, w: Workload, name: str, cpu_seconds: Callable[[], float | None]
+    gen: _Generator,
+    w: Workload,
+    name: str,
+    cpu_seconds: Callable[[], float | None],
+    services: Callable[[], Awaitable[CpuSample]] | None = None,
 ) -> Result:
     me = psutil.Process()
     gen.start()
     await asyncio.sleep(w.warmup)  # the warm-up period itself, not synchronisation
+    services0 = await services() if services is not None else {}
     cpu0, mine0, t0 = cpu_seconds(), me.cpu_times(), time.perf_counter()
     load0 = loadavg()
     gen.measuring = True
@@ -366,6 +375,7 @@ async def _measure(
     gen.measuring = False
     elapsed = time.perf_counter() - t0
     cpu1, mine1 = cpu_seconds(), me.cpu_times()
+    services1 = await services() if services is not None else {}
     gen.sending = False
     if gen.received >= gen.committed:
         gen.drained.set()
@@ -388,6 +398,12 @@ async def _measure(
         lost=max(0, gen.committed - gen.received),
         generator_cpu_pct=100 * mine / elapsed,
         load=load0,
+        services_us_per_msg={
+            service: round(pct / 100 * elapsed * 1e6 / delivered, 1)
+            for service, pct in cpu_percent(services0, services1, elapsed).items()
+        }
+        if delivered
+        else {},
     )
 
 
@@ -440,6 +456,13 @@ def table(results: list[Result], targets: list[str]) -> list[str]:
                 f"{wname:<16}{t:<8}{m['rate']:>10.0f}{_f(m['p50']):>9}{_f(m['p99']):>9}"
                 f"{_f(m['cpu'], 0):>8}{_f(m['us'], 0):>8}{lost:>6}{_f(m['gen'], 0):>7}"
             )
+            services = sorted({s for r in runs for s in r.services_us_per_msg})
+            if services:
+                each = [
+                    f"{s} {_f(_median([r.services_us_per_msg.get(s) for r in runs]), 0)}"
+                    for s in services
+                ]
+                lines.append(f"{'':<16}{t} services, us/msg: " + ", ".join(each))
         if "pigeon" in med:
             for other, m in med.items():
                 if other == "pigeon":
