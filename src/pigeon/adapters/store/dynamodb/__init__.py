@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from pigeon.adapters.store.dynamodb.accounts import DynamoAccounts
 from pigeon.adapters.store.dynamodb.attachments import DynamoAttachments
+from pigeon.adapters.store.dynamodb.chats import DynamoChats
 from pigeon.adapters.store.dynamodb.db import DynamoDb
+from pigeon.adapters.store.dynamodb.keys import DynamoKeys
 from pigeon.adapters.store.dynamodb.messages import DynamoMessages
 from pigeon.adapters.store.dynamodb.push import DynamoPush
-from pigeon.ports import AccountStore, AttachmentStore, PushStore
+from pigeon.ports import AccountStore, AttachmentStore, ChatStore, KeyStore, PushStore
 
 
 class DynamoStore:
@@ -32,8 +34,10 @@ class DynamoStore:
         self.db = db
         self.messages = DynamoMessages(db)
         self.accounts: AccountStore = DynamoAccounts(db)
+        self.chats: ChatStore = DynamoChats(db)
         self.attachments: AttachmentStore = DynamoAttachments(db)
         self.push: PushStore = DynamoPush(db)
+        self.keys: KeyStore = DynamoKeys(db)
 
     async def open(self) -> None:
         """Connect; create missing tables and indexes if allowed, else check they exist."""

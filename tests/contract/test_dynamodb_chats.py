@@ -1,0 +1,100 @@
+"""The `ChatStore` contract (tests/contract/test_store.py, test_admin_store.py) on the DynamoDB
+store's `DynamoChats`, against moto, with the real accounts and messages sub-stores; and the
+message tests that needed chats (membership changes, chat lists, admin counts); and what
+only this store does (a group over one transaction, races on one version and one pair).
+
+Not run here: test_revoking_a_device_releases_its_inbox (`DynamoStore` does not pass
+`release_inbox` to `DynamoAccounts` yet: that function belongs in inbox.py), and the message
+tests of test_keys.py (in test_dynamodb_keys.py once the keys sub-store exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from pigeon.adapters.store.dynamodb import DynamoStore
+from pigeon.adapters.store.dynamodb.db import DynamoDb
+from pigeon.domain.errors import Conflict
+from pigeon.domain.events import ChatUpdate
+from pigeon.domain.models import Member
+from tests.contract import test_admin_store as admin
+from tests.contract import test_store as contract
+from tests.contract.test_store import T0
+from tests.support import dynamodb as support
+
+moto_dynamodb = support.moto_dynamodb
+dynamo = support.dynamo
+
+test_one_direct_chat_per_pair = contract.test_one_direct_chat_per_pair
+test_membership_compare_and_set = contract.test_membership_compare_and_set
+test_presence_settings_and_chat_partners = contract.test_presence_settings_and_chat_partners
+test_count_chats_counts_memberships = contract.test_count_chats_counts_memberships
+test_the_sender_may_see_receipts_after_leaving = (
+    contract.test_the_sender_may_see_receipts_after_leaving
+)
+test_a_message_nobody_receives_leaves_no_preview = (
+    contract.test_a_message_nobody_receives_leaves_no_preview
+)
+test_a_member_added_later_counts_as_having_seen_the_past = (
+    contract.test_a_member_added_later_counts_as_having_seen_the_past
+)
+test_chat_records_newest_activity_first_and_by_member = (
+    admin.test_chat_records_newest_activity_first_and_by_member
+)
+test_member_records_have_names_roles_and_marks = (
+    admin.test_member_records_have_names_roles_and_marks
+)
+test_store_counts = admin.test_store_counts
+test_inbox_depth_counts_what_waits_for_an_ack_on_every_device = (
+    admin.test_inbox_depth_counts_what_waits_for_an_ack_on_every_device
+)
+
+
+@pytest.fixture
+async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
+    """The DynamoDB store on fresh tables (its keys sub-store is not built yet)."""
+    yield DynamoStore(dynamo)
+
+
+async def test_concurrent_membership_changes_at_one_version_let_one_win(
+    store: DynamoStore,
+) -> None:
+    a, b = await contract.user(store, "cas_a"), await contract.user(store, "cas_b")
+    newcomers = [await contract.user(store, f"cas_n{i}") for i in range(4)]
+    g = await contract.chat(store, a, b)
+    results = await asyncio.gather(
+        *(
+            store.chats.change_members(g.id, g.version, [Member(user=n.id)], [], [], a.id, T0)
+            for n in newcomers
+        ),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    assert len(won) == 1 and all(isinstance(r, Conflict) for r in results if r not in won)
+    after = await store.chats.get_chat(g.id)
+    assert after is not None and after.version == g.version + 1
+    assert after.members == won[0][0].members and len(after.members) == 3
+
+
+async def test_concurrent_direct_chats_of_one_pair_are_one_chat(store: DynamoStore) -> None:
+    a, b = await contract.user(store, "dir_a"), await contract.user(store, "dir_b")
+    created = await asyncio.gather(
+        *(contract.chat(store, *pair, kind="direct") for pair in [(a, b), (b, a)] * 3)
+    )
+    assert len({c.id for c in created}) == 1
+    assert await store.chats.count_chats(a.id) == 1
+
+
+async def test_a_group_larger_than_a_transaction_appears_whole(store: DynamoStore) -> None:
+    """Over 99 members, the chat item is written pending, its members after it, and it
+    appears with its `ChatUpdate` (the transaction that removes `st`)."""
+    users = await asyncio.gather(*(contract.user(store, f"big{i}") for i in range(101)))
+    d = await contract.device(store, users[0])
+    g = await contract.chat(store, *users)
+    found = await store.chats.get_chat(g.id)
+    assert found == g and await store.chats.count_chats(users[100].id) == 1
+    (update,) = [e for _, e in await contract.events(store, d)]
+    assert isinstance(update, ChatUpdate) and len(update.added) == 101
