@@ -7,12 +7,23 @@ retries exist for, and moto never produces them. Injecting them at the HTTP leve
 whole client stack (botocore's parsing of the error, our classification and backoff) exactly as
 DynamoDB's answers would, with no patching of the code under test.
 
+Why moto's requests are serialised (`SerialMotoServer`): moto's DynamoDB has no isolation
+between requests that its threaded server runs at once. A TransactWriteItems snapshots (deep
+copies) every table it names and, when cancelled, puts the snapshots back whole, discarding
+every write other requests made to those tables meanwhile (acknowledged ones included); the
+deep copy itself fails with a 500 when another thread writes during it; and its condition
+checks are not atomic with the writes that follow them. DynamoDB guarantees all three
+(docs/architecture.md, "Where moto differs"). One request at a time makes moto behave as
+DynamoDB does for each request, while the adapter's own concurrency (between requests, where
+DynamoDB's guarantees end too) stays real.
+
 Each test gets its own table prefix (`fresh_prefix`), so tests share the server, not tables.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +32,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from moto.server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
 
 from pigeon.adapters.store.dynamodb.db import DynamoDb
 from tests.support.http_front import HttpFront
@@ -40,14 +56,53 @@ class MotoDynamo:
     endpoint: str
 
 
+class _OneRequestAtATime:
+    """WSGI middleware: moto handles one request at a time (its response built inside the
+    lock), as if each were atomic and isolated, which is what DynamoDB guarantees."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with self._lock:
+            return list(self._app(environ, start_response))
+
+
+class SerialMotoServer:
+    """moto's server mode (moto's own WSGI app and request handler, as `ThreadedMotoServer`
+    runs them) in a thread, with a thread per connection (keep-alive connections of the
+    client's pool never block each other) but one request handled at a time."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = _OneRequestAtATime(DomainDispatcherApplication(create_backend_app))
+        self._server: BaseWSGIServer = make_server(
+            host, port, app, threaded=True, request_handler=MotoRequestHandler
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+        self._server.server_close()
+
+
 @pytest.fixture(scope="session")
 def moto_dynamodb() -> Iterator[MotoDynamo]:
-    """One moto server (server mode, port chosen by the OS) for the whole session."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    """One moto server (server mode, port chosen by the OS, requests serialised: see the
+    module's docstring) for the whole session."""
+    server = SerialMotoServer()
     server.start()
-    host, port = server.get_host_and_port()
     try:
-        yield MotoDynamo(endpoint=f"http://{host}:{port}")
+        yield MotoDynamo(endpoint=server.endpoint)
     finally:
         server.stop()
 

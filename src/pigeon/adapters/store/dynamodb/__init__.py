@@ -33,7 +33,7 @@ class DynamoStore:
     def __init__(self, db: DynamoDb) -> None:
         self.db = db
         self.messages = DynamoMessages(db)
-        self.accounts: AccountStore = DynamoAccounts(db)
+        self.accounts: AccountStore = DynamoAccounts(db, self.messages.release_inbox)
         self.chats: ChatStore = DynamoChats(db)
         self.attachments: AttachmentStore = DynamoAttachments(db)
         self.push: PushStore = DynamoPush(db)

@@ -337,8 +337,8 @@ class DynamoAccounts:
             return
         if self._release_inbox is None:
             raise NotImplementedError(
-                "releasing a revoked device's inbox entries is the append protocol's"
-                " (dynamodb/inbox.py): pass its release function as DynamoAccounts(release_inbox=)"
+                "releasing a revoked device's inbox entries is the messages sub-store's: pass"
+                " DynamoMessages.release_inbox as DynamoAccounts(release_inbox=)"
             )
         await self._release_inbox(device_id)
 

@@ -11,7 +11,8 @@ governed by *reservations* in each device's inbox head (docs/architecture.md, "D
 2. each target device's head hands out the next iseq and records who holds it, in one
    conditional update (`reserve`);
 3. a record holding its chat's lock releases it;
-4. the entries are written at their reserved (device, iseq), BatchWrite of 25;
+4. the entries are written at their reserved (device, iseq), BatchWrite of 25, and the
+   push jobs of devices whose head says `push` made pending (a message's);
 5. the record commits (`REMOVE st`, `placed` = where its entries are);
 6. the reservations are released.
 
@@ -34,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from pigeon.adapters.store.dynamodb import push
 from pigeon.adapters.store.dynamodb.codec import (
     PK,
     SK,
@@ -205,7 +207,9 @@ def is_pending(record: Item) -> bool:
 # -- the steps --------------------------------------------------------------------------------
 
 
-async def _reserve_one(db: DynamoDb, ref: str, device_id: str) -> int | None:
+async def _reserve_one(db: DynamoDb, ref: str, device_id: str) -> tuple[int, bool] | None:
+    """The device's iseq for the record, and whether its head says `push` (it has a push
+    target); None without a head."""
     expr = Expr()
     nxt, slot = expr.name("next_iseq"), expr.path("res", ref)
     try:
@@ -221,15 +225,31 @@ async def _reserve_one(db: DynamoDb, ref: str, device_id: str) -> int | None:
     except ConditionFailed as exc:
         if exc.item is None:
             return None  # no head: a revoked device
-        return reservations(exc.item).get(ref)
-    return reservations(new).get(ref)
+        new = exc.item
+    iseq = reservations(new).get(ref)
+    return None if iseq is None else (iseq, bool(new.get("push", {}).get("BOOL")))
 
 
-async def reserve(db: DynamoDb, ref: str, device_ids: Sequence[str]) -> dict[str, int]:
+async def reserve(
+    db: DynamoDb, ref: str, device_ids: Sequence[str]
+) -> tuple[dict[str, int], list[str]]:
     """Step 2: the iseq each target device holds for the record (taking one if it holds
-    none), in target order; devices without a head (revoked) are left out."""
+    none), in target order, and the devices whose head says `push`; devices without a head
+    (revoked) are left out."""
     got = await asyncio.gather(*(_reserve_one(db, ref, d) for d in device_ids))
-    return {d: i for d, i in zip(device_ids, got, strict=True) if i is not None}
+    held = {d: r for d, r in zip(device_ids, got, strict=True) if r is not None}
+    return {d: i for d, (i, _) in held.items()}, [d for d, (_, p) in held.items() if p]
+
+
+async def _mark_pushes(db: DynamoDb, record: Item, device_ids: list[str]) -> None:
+    """Step 4's push outbox: a message's devices with a push target get their job (chat,
+    device) pending. Events' pushes (invitations) are their writers' (chats)."""
+    pk = str_of(record, PK)
+    if not device_ids or not pk.startswith("C#"):
+        return
+    rules = await push.policy(db)
+    at = int_of(record, "at")
+    await asyncio.gather(*(push.mark_pending(db, d, pk[2:], at, rules=rules) for d in device_ids))
 
 
 async def release(db: DynamoDb, ref: str, device_ids: Iterable[str]) -> None:
@@ -314,7 +334,7 @@ async def roll_forward(db: DynamoDb, record: Item, policy: Policy) -> list[Deliv
     if not is_pending(record):
         return []
     ref = ref_of(record)
-    reserved = await reserve(db, ref, targets_of(record))
+    reserved, pushers = await reserve(db, ref, targets_of(record))
     _step("reserved")
     lock_chat = opt_str(record, "lock_chat")
     if lock_chat is not None:
@@ -325,6 +345,7 @@ async def roll_forward(db: DynamoDb, record: Item, policy: Policy) -> list[Deliv
     for start in range(0, len(entries), _BATCH):
         await db.batch_write(INBOX, puts=entries[start : start + _BATCH])
         _step("entries")
+    await _mark_pushes(db, record, pushers)
     if not await _commit(db, record, reserved):
         stored = await db.get(MESSAGES, record_key(ref))
         placed = placed_of(stored) if stored is not None else {}

@@ -57,6 +57,8 @@ from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
 _decode_message = msgspec.json.Decoder(Message).decode
 _ACK_CHUNK = 50
 _MARK_ATTEMPTS = 8
+#: The highest iseq a key can hold (`num_key`'s 20 digits).
+_LAST_ISEQ = 10**20 - 1
 
 
 class _Contended(Exception):
@@ -219,7 +221,10 @@ class DynamoMessages:
             claim = exc.reasons[2].item if len(exc.reasons) > 2 else None
             if 2 in exc.failed and claim is not None:
                 return await self._resume(claim)  # this cmid was sent (maybe by this call)
-            if 0 in exc.failed or 1 in exc.failed:  # 1: moto's transactions are not isolated
+            # 1 alone (a record at a seq the chat has not handed out) cannot happen on
+            # DynamoDB; it did on a threaded moto that undid writes (architecture.md, "Where
+            # moto differs"): read the chat again rather than fail the send.
+            if 0 in exc.failed or 1 in exc.failed:
                 raise _Contended from None
             raise
         deliveries = await inbox.roll_forward(db, record, policy) if targets else []
@@ -425,6 +430,14 @@ class DynamoMessages:
                 idempotent=True,
             )
         return out
+
+    async def release_inbox(self, device_id: str) -> None:
+        """A revoked device's remaining entries (its head is gone with the revocation):
+        deleted, each message's `pending` dropped once per entry and the bodies nobody awaits
+        any more erased, as an ack does. `DynamoAccounts(release_inbox=)` calls it after the
+        revocation's transaction; safe to repeat (each entry's decrement happens once)."""
+        entries = await self._entries(device_id, 0, _LAST_ISEQ, live_only=False)
+        await self._delete_entries(device_id, _LAST_ISEQ, entries)
 
     async def _entries(
         self, device_id: str, after: int, upto: int, *, live_only: bool, page: int | None = None
