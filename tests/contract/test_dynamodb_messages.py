@@ -2,15 +2,12 @@
 contract's message tests, imported from test_store.py and run on moto, and the crash-safety of
 the send protocol (a crash between any two of its steps, then a retry or a recovery).
 
-The accounts and chats sub-stores are built elsewhere; until they exist, `_Seed` writes the
-items these tests need (users, devices with their inbox heads, chats with their members and
-`ChatUpdate`s through the append protocol) directly with the design's keys (the revocation test
-uses the real `DynamoAccounts`, wired as `DynamoStore` wires it). Contract tests that need more
-of those sub-stores (membership changes, chat lists, admin counts) are not run here yet:
-test_membership_compare_and_set, test_the_sender_may_see_receipts_after_leaving,
-test_a_message_nobody_receives_leaves_no_preview,
-test_a_member_added_later_counts_as_having_seen_the_past, and the message tests of
-test_keys.py and test_admin_store.py.
+`_Seed` writes the items these tests need (users, devices with their inbox heads, chats with
+their members and `ChatUpdate`s through the append protocol) directly with the design's keys,
+so that these tests exercise the message path alone (the revocation test uses the real
+`DynamoAccounts`, wired as `DynamoStore` wires it). The message tests that need membership
+changes, chat lists or admin counts run with the real chats sub-store in
+test_dynamodb_chats.py, the envelope test in test_dynamodb_keys.py.
 """
 
 from __future__ import annotations
