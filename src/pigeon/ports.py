@@ -297,6 +297,21 @@ class SendRequest(msgspec.Struct, frozen=True, kw_only=True):
     #: body is (adapters put it into `Message.e2e`).
     e2e: E2EEnvelope | None = None
 
+    def message(self, seq: int) -> Message:
+        """The message event this request becomes once the chat gave it `seq`."""
+        return Message(
+            id=self.message_id,
+            chat=self.chat,
+            seq=seq,
+            sender=self.sender,
+            sender_device=self.sender_device,
+            cmid=self.cmid,
+            at=self.at,
+            body=self.body,
+            attachment=self.attachment,
+            e2e=msgspec.UNSET if self.e2e is None else self.e2e,
+        )
+
 
 class SendResult(msgspec.Struct, frozen=True):
     """The committed message (or the original one, when `duplicate`) and what to push."""

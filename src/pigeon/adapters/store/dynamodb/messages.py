@@ -162,18 +162,7 @@ class DynamoMessages:
         targets = await self._targets(strs_of(chat, "roster"), req.sender_device)
         last = opt_int(chat, "last_seq") or 0
         seq = last + 1
-        message = Message(
-            id=req.message_id,
-            chat=req.chat,
-            seq=seq,
-            sender=req.sender,
-            sender_device=req.sender_device,
-            cmid=req.cmid,
-            at=req.at,
-            body=req.body,
-            attachment=req.attachment,
-            e2e=msgspec.UNSET if req.e2e is None else req.e2e,
-        )
+        message = req.message(seq)
         now, expires = policy.clock.now_ms(), policy.expires()
         values: dict[str, Value | None] = {
             "id": req.message_id,

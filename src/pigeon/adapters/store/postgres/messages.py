@@ -133,18 +133,7 @@ class _Send:
 
     def __init__(self, req: SendRequest) -> None:
         self.req = req
-        self.draft = Message(
-            id=req.message_id,
-            chat=req.chat,
-            seq=0,
-            sender=req.sender,
-            sender_device=req.sender_device,
-            cmid=req.cmid,
-            at=req.at,
-            body=req.body,
-            attachment=req.attachment,
-            e2e=msgspec.UNSET if req.e2e is None else req.e2e,
-        )
+        self.draft = req.message(0)
         self.head, self.tail = split_at_seq(self.draft)
         # PostgreSQL text cannot hold NUL; the preview is only a display aid (the body, in
         # JSON, keeps it as \u0000).

@@ -122,19 +122,7 @@ class SqliteMessages:
             " last_preview = ? WHERE id = ? RETURNING last_seq",
             (req.at, req.sender, req.preview if targets else None, req.chat),
         ).fetchone()
-        attachment = req.attachment
-        message = Message(
-            id=req.message_id,
-            chat=req.chat,
-            seq=seq,
-            sender=req.sender,
-            sender_device=req.sender_device,
-            cmid=req.cmid,
-            at=req.at,
-            body=req.body,
-            attachment=attachment,
-            e2e=msgspec.UNSET if req.e2e is None else req.e2e,
-        )
+        message = req.message(seq)
         raw = encode_event(message)
         conn.execute(
             f"INSERT INTO messages ({_MESSAGE_COLS}, pending, push_preview)"
