@@ -10,9 +10,10 @@ This package is built in steps. `db.py` (client, tables, retries, capacity), `co
 encoding) and `tables.py` (the tables and indexes) are the foundation; each sub-store of the
 `Store` port is a module of its own beside them (`accounts.py`, `chats.py`, `messages.py`,
 `attachments.py`, `push.py`, `keys.py`), given the shared `DynamoDb` in its constructor and
-set as an attribute of `DynamoStore` in `__init__`. `DynamoStore` becomes a `Store` (and gets
-its `_check: type[Store]` line, its place in the contract suite and in `app.build_store`) when
-the last of them is there: until then it is not selectable in the settings.
+set as an attribute of `DynamoStore` in `__init__`. All six exist and `DynamoStore` type-checks
+as a `Store`; it is not selectable in the settings until it also runs the whole contract suite,
+the end-to-end and the fault suites (then: `StoreSettings`, `app.build_store`, the contract
+suite's adapters).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from pigeon.adapters.store.dynamodb.db import DynamoDb
 from pigeon.adapters.store.dynamodb.keys import DynamoKeys
 from pigeon.adapters.store.dynamodb.messages import DynamoMessages
 from pigeon.adapters.store.dynamodb.push import DynamoPush
-from pigeon.ports import AccountStore, AttachmentStore, ChatStore, KeyStore, PushStore
+from pigeon.ports import (
+    AccountStore,
+    AttachmentStore,
+    ChatStore,
+    KeyStore,
+    MessageStore,
+    PushStore,
+    Store,
+)
 
 
 class DynamoStore:
@@ -32,8 +41,8 @@ class DynamoStore:
 
     def __init__(self, db: DynamoDb) -> None:
         self.db = db
-        self.messages = DynamoMessages(db)
-        self.accounts: AccountStore = DynamoAccounts(db, self.messages.release_inbox)
+        self.messages: MessageStore = (messages := DynamoMessages(db))
+        self.accounts: AccountStore = DynamoAccounts(db, messages.release_inbox)
         self.chats: ChatStore = DynamoChats(db)
         self.attachments: AttachmentStore = DynamoAttachments(db)
         self.push: PushStore = DynamoPush(db)
@@ -48,3 +57,6 @@ class DynamoStore:
 
     async def ping(self) -> None:
         await self.db.ping()
+
+
+_check: type[Store] = DynamoStore
