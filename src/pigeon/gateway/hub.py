@@ -11,8 +11,9 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from pigeon.config import GatewaySettings, Settings
 from pigeon.domain.errors import PigeonError
@@ -201,9 +202,7 @@ class Hub:
             del self._conns[conn.device.id]
             entry[1].cancel()
             if not self._closing:
-                task = asyncio.get_running_loop().create_task(self._announce_left(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._announce_left(conn))
 
     async def _announce_left(self, conn: Connection) -> None:
         try:  # best effort, like every bus frame: a lost one costs latency until a gap shows
@@ -233,7 +232,11 @@ class Hub:
             finally:
                 self._resyncing.pop(conn, None)
 
-        task = asyncio.get_running_loop().create_task(run())
+        self._spawn(run())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, kept until done (cancelled by `aclose`)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -31,7 +31,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 
-from pigeon.adapters.ratelimit.local import wait_for_fit
+from pigeon.adapters.ratelimit.local import refusal
 from pigeon.adapters.ratelimit.redis import RedisWindows
 from pigeon.domain.limits import Rate, Spend
 
@@ -39,15 +39,20 @@ from pigeon.domain.limits import Rate, Spend
 _SWEEP_AT = 100_000
 
 
+def _index(rate: Rate, key: str) -> tuple[int, int, str]:
+    return (rate.seconds, rate.amount, key)
+
+
 class _View:
     """This node's view of one shared counter, in the counter's windows of `rate.seconds`:
     `current` includes `pending`, what this node admitted and has not sent yet."""
 
-    __slots__ = ("current", "key", "learning", "pending", "previous", "rate", "window")
+    __slots__ = ("current", "index", "key", "learning", "pending", "previous", "rate", "window")
 
     def __init__(self, rate: Rate, key: str, window: int) -> None:
         self.rate = rate
         self.key = key
+        self.index = _index(rate, key)
         self.window = window
         self.previous = 0
         self.current = 0
@@ -111,22 +116,20 @@ class DeferredWindows:
         for view, (rate, _, cost) in zip(views, spends, strict=True):
             window, into = divmod(now, rate.seconds)
             view.roll(int(window))
-            if view.previous * (1 - into / rate.seconds) + view.current + cost > rate.amount:
-                wait = wait_for_fit(
-                    rate.amount, view.previous, view.current, cost, into, rate.seconds
-                )
+            wait = refusal(rate, view.previous, view.current, cost, into)
+            if wait is not None:
                 longest = wait if longest is None else max(longest, wait)
         if longest is not None:
             return longest
-        for view, (rate, key, cost) in zip(views, spends, strict=True):
+        for view, (_, _, cost) in zip(views, spends, strict=True):
             view.current += cost
             view.pending += cost
-            self._dirty[(rate.seconds, rate.amount, key)] = view
+            self._dirty[view.index] = view
         self._schedule()
         return None
 
     def _view(self, rate: Rate, key: str) -> _View:
-        index = (rate.seconds, rate.amount, key)
+        index = _index(rate, key)
         view = self._views.get(index)
         if view is None:
             if len(self._views) >= self._sweep_at:
@@ -196,7 +199,7 @@ class DeferredWindows:
             if counts is None:  # kept for the next sync; decisions go on from the local view
                 for view, n in zip(batch, sent, strict=True):
                     view.pending += n
-                    self._dirty[(view.rate.seconds, view.rate.amount, view.key)] = view
+                    self._dirty[view.index] = view
             if self._dirty:
                 self._schedule()
         for view, count in zip(batch, counts or (), strict=False):
@@ -215,9 +218,6 @@ class DeferredWindows:
             self._syncing = asyncio.get_running_loop().create_task(self._sync())
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._syncing)
-        if self._timer is not None and self._closed:
-            self._timer.cancel()
-            self._timer = None
 
     async def aclose(self) -> None:
         """Send what is pending (best effort), then stop."""

@@ -46,9 +46,8 @@ class SlidingWindows:
         counters = []
         for rate, key, cost in spends:
             counter, into = self._counter(rate, key, now)
-            previous, current = counter[1], counter[2]
-            if previous * (1 - into / rate.seconds) + current + cost > rate.amount:
-                wait = wait_for_fit(rate.amount, previous, current, cost, into, rate.seconds)
+            wait = refusal(rate, counter[1], counter[2], cost, into)
+            if wait is not None:
                 longest = wait if longest is None else max(longest, wait)
             counters.append(counter)
         if longest is not None:
@@ -79,6 +78,14 @@ class SlidingWindows:
         for k in dead:
             del self._counts[k]
         self._sweep_at = max(_SWEEP_AT, 2 * len(self._counts))
+
+
+def refusal(rate: Rate, previous: int, current: int, cost: int, into: float) -> float | None:
+    """None if `cost` fits a counter at (`previous`, `current`), `into` seconds into its
+    window; else the seconds until it would (`wait_for_fit`)."""
+    if previous * (1 - into / rate.seconds) + current + cost <= rate.amount:
+        return None
+    return wait_for_fit(rate.amount, previous, current, cost, into, rate.seconds)
 
 
 def wait_for_fit(
