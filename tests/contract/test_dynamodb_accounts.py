@@ -4,12 +4,6 @@ DynamoDB store's `DynamoAccounts`, against moto; and what only this store does (
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
-from pigeon.adapters.store.dynamodb import DynamoStore
-from pigeon.adapters.store.dynamodb.db import DynamoDb
 from tests.contract.test_admin_store import (
     test_accounts_are_listed_in_name_order_in_pages,
     test_device_status_of_a_revoked_or_unknown_device_is_none,
@@ -26,6 +20,7 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
+store = support.store
 
 __all__ = [
     "test_accounts_are_listed_in_name_order_in_pages",
@@ -37,9 +32,3 @@ __all__ = [
     "test_token_lookup_and_revocation",
     "test_usernames_are_unique_case_insensitively",
 ]
-
-
-@pytest.fixture
-async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
-    """The DynamoDB store on fresh tables (its other sub-stores are not built yet)."""
-    yield DynamoStore(dynamo)

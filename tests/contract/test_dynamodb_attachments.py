@@ -1,17 +1,14 @@
 """The `AttachmentStore` contract (tests/contract/test_attachments.py) on the DynamoDB store's
 `DynamoAttachments`, against moto. The contract tests that need chats (shares, readability,
-sweeps) run here on member items written as the chats sub-store writes them
-(`C#<chat>` / `M#<user>`), until that sub-store exists."""
+sweeps) run here on member items written directly, as the chats sub-store writes them
+(`C#<chat>` / `M#<user>`)."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import pytest
 
 from pigeon.adapters.store.dynamodb import DynamoStore
 from pigeon.adapters.store.dynamodb.codec import key
-from pigeon.adapters.store.dynamodb.db import DynamoDb
 from pigeon.adapters.store.dynamodb.tables import CHATS
 from pigeon.domain.errors import NotFound
 from pigeon.domain.ids import new_id
@@ -28,6 +25,7 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
+store = support.store
 
 __all__ = [
     "test_create_and_get_round_trip",
@@ -35,12 +33,6 @@ __all__ = [
     "test_quota_counts_the_owners_attachments_in_the_window",
     "test_quota_is_atomic",
 ]
-
-
-@pytest.fixture
-async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
-    """The DynamoDB store on fresh tables (its chats, messages and keys are not built yet)."""
-    yield DynamoStore(dynamo)
 
 
 async def members(store: DynamoStore, chat_id: str, *user_ids: str) -> None:

@@ -3,20 +3,15 @@ store's `DynamoChats`, against moto, with the real accounts and messages sub-sto
 message tests that needed chats (membership changes, chat lists, admin counts); and what
 only this store does (a group over one transaction, races on one version and one pair).
 
-Not run here: test_revoking_a_device_releases_its_inbox (`DynamoStore` does not pass
-`release_inbox` to `DynamoAccounts` yet: that function belongs in inbox.py), and the message
-tests of test_keys.py (in test_dynamodb_keys.py once the keys sub-store exists).
+Not run here: test_revoking_a_device_releases_its_inbox (in test_dynamodb_messages.py), and
+the message tests of test_keys.py (in test_dynamodb_keys.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from pigeon.adapters.store.dynamodb import DynamoStore
-from pigeon.adapters.store.dynamodb.db import DynamoDb
 from pigeon.domain.errors import Conflict
 from pigeon.domain.events import ChatUpdate
 from pigeon.domain.models import Member
@@ -27,6 +22,7 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
+store = support.store
 
 test_one_direct_chat_per_pair = contract.test_one_direct_chat_per_pair
 test_membership_compare_and_set = contract.test_membership_compare_and_set
@@ -51,12 +47,6 @@ test_store_counts = admin.test_store_counts
 test_inbox_depth_counts_what_waits_for_an_ack_on_every_device = (
     admin.test_inbox_depth_counts_what_waits_for_an_ack_on_every_device
 )
-
-
-@pytest.fixture
-async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
-    """The DynamoDB store on fresh tables (its keys sub-store is not built yet)."""
-    yield DynamoStore(dynamo)
 
 
 async def test_concurrent_membership_changes_at_one_version_let_one_win(

@@ -20,6 +20,7 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
+store = support.store
 
 test_identity_keys_are_published_once_and_never_change = (
     contract.test_identity_keys_are_published_once_and_never_change
@@ -52,12 +53,6 @@ test_to_device_payloads_go_into_the_named_inboxes = (
 test_an_envelope_travels_and_is_erased_like_a_body = (
     contract.test_an_envelope_travels_and_is_erased_like_a_body
 )
-
-
-@pytest.fixture
-async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
-    """The DynamoDB store on fresh tables."""
-    yield DynamoStore(dynamo)
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ class ManualClock:
 
 
 class _SeedAccounts:
-    """Test-only: users and devices as the accounts sub-store will write them."""
+    """Test-only: users and devices as the accounts sub-store writes them."""
 
     def __init__(self, db: DynamoDb) -> None:
         self._db = db

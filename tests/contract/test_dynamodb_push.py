@@ -1,13 +1,11 @@
 """`PushStore` and the push queue over its outbox (`DynamoPush`, `DynamoPushQueue`) on moto.
 
 The contract tests of tests/contract/test_push_store.py all need chats and messages (jobs come
-from sends), which this store does not have yet: these tests make jobs with `mark_pending`,
+from sends) and are not run here: these tests make jobs with `mark_pending`,
 the outbox write the message path calls, and inbox entries as the append protocol writes them.
 """
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -24,16 +22,12 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
+store = support.store
 
 T1 = T0 + 1_000_000
 FAR = T1 + 10**9
 FCM = PushTarget(kind="fcm", token="token-1")
 FCM2 = PushTarget(kind="fcm", token="token-2")
-
-
-@pytest.fixture
-async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
-    yield DynamoStore(dynamo)
 
 
 @pytest.fixture

@@ -39,13 +39,13 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from pigeon.adapters.store.dynamodb import DynamoStore
 from pigeon.adapters.store.dynamodb.db import DynamoDb
 from tests.support.http_front import HttpFront
 
 ACCESS_KEY = "AKIAPIGEONTESTKEY000"
 SECRET_KEY = "pigeon-test-secret-key"
 REGION = "us-east-1"
-_HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length"}
 _TYPE = "com.amazonaws.dynamodb.v20120810#"
 
 
@@ -139,6 +139,12 @@ async def dynamo(moto_dynamodb: MotoDynamo) -> AsyncIterator[DynamoDb]:
     await db.aclose()
 
 
+@pytest.fixture
+async def store(dynamo: DynamoDb) -> AsyncIterator[DynamoStore]:
+    """The DynamoDB store, all its sub-stores, on the fresh tables of `dynamo`."""
+    yield DynamoStore(dynamo)
+
+
 @dataclass
 class Fault:
     """Answer the next `times` calls of `op` (None: every call) with this error."""
@@ -187,14 +193,7 @@ class FaultProxy(HttpFront):
                     body=json.dumps(payload).encode(),
                     content_type="application/x-amz-json-1.0",
                 )
-        assert self._http is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        async with self._http.post(
-            self.upstream + request.path_qs, data=body, headers=headers
-        ) as up:
-            data = await up.read()
-            out = {k: v for k, v in up.headers.items() if k.lower() not in _HOP_BY_HOP}
-            return web.Response(status=up.status, body=data, headers=out)
+        return await self._forward(request, body)
 
 
 @pytest.fixture

@@ -4,8 +4,13 @@ forwarding plumbing once, the handling in each subclass."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 from aiohttp import web
+
+#: Headers of one connection, not forwarded either way.
+HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"})
 
 
 class HttpFront:
@@ -23,6 +28,26 @@ class HttpFront:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+    async def _forward(self, request: web.Request, data: Any = None) -> web.StreamResponse:
+        """Send `request` on to `upstream` with `data` as its body (bytes already read, or a
+        stream), and stream upstream's answer back; hop-by-hop headers stay behind both ways."""
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        async with self._http.request(
+            request.method,
+            self.upstream + request.raw_path,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+        ) as upstream:
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            response = web.StreamResponse(status=upstream.status, headers=out)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(256 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
 
     async def start(self) -> None:
         app = web.Application()

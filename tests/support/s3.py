@@ -33,7 +33,6 @@ from tests.support.http_front import HttpFront
 ACCESS_KEY = "AKIAPIGEONTESTKEY000"
 SECRET_KEY = "pigeon-test-secret-key"
 REGION = "us-east-1"
-_HOP_BY_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
 
 
 @dataclass(frozen=True)
@@ -134,25 +133,7 @@ class SigV4Gate(HttpFront):
             code, message = refused
             body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
             return web.Response(status=403, text=body, content_type="application/xml")
-        assert self._http is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        data = _stream(request) if request.body_exists else None
-        async with self._http.request(
-            request.method,
-            self.upstream + request.raw_path,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-        ) as upstream:
-            out_headers = {
-                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
-            }
-            response = web.StreamResponse(status=upstream.status, headers=out_headers)
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(256 * 1024):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+        return await self._forward(request, _stream(request) if request.body_exists else None)
 
 
 async def _stream(request: web.Request) -> AsyncIterator[bytes]:

@@ -34,6 +34,13 @@ from pigeon.adapters.store.dynamodb.codec import (
 )
 from pigeon.adapters.store.dynamodb.db import ConditionFailed, DynamoDb, TransactionCancelled
 from pigeon.adapters.store.dynamodb.inbox import head_item
+from pigeon.adapters.store.dynamodb.keyspace import (
+    device_key,
+    head_key,
+    keys_key,
+    target_key,
+    user_key,
+)
 from pigeon.adapters.store.dynamodb.tables import ACCOUNTS, INBOX, KEYS, PUSH, Table
 from pigeon.domain.errors import Conflict, Forbidden, NotFound, TooManyDevices, Unavailable
 from pigeon.domain.models import Credentials, Device, User, Visibility
@@ -50,15 +57,6 @@ _ATTEMPTS = 16
 #: entries name (as an ack does: `pending` drops once per entry, bodies go at 0). The append
 #: protocol's module (`inbox.py`) provides it; `DynamoStore` passes it in.
 ReleaseInbox = Callable[[str], Awaitable[None]]
-
-
-def user_key(user_id: str) -> Item:
-    return key(f"U#{user_id}")
-
-
-def device_key(device_id: str) -> Item:
-    """The device pointer: the device and its user's `disabled_at` by device id."""
-    return key(f"D#{device_id}")
 
 
 def token_key(token_hash: bytes) -> Item:
@@ -107,7 +105,7 @@ class DynamoAccounts:
     """Users and devices on DynamoDB (the `accounts` table; a device's inbox head is created
     and deleted with it in the `inbox` table)."""
 
-    def __init__(self, db: DynamoDb, release_inbox: ReleaseInbox | None = None) -> None:
+    def __init__(self, db: DynamoDb, release_inbox: ReleaseInbox) -> None:
         self._db = db
         self._release_inbox = release_inbox
 
@@ -312,9 +310,9 @@ class DynamoAccounts:
             db.tx_delete(ACCOUNTS, key(f"U#{user_id}", f"D#{device_id}")),
             db.tx_delete(ACCOUNTS, device_key(device_id)),
             db.tx_delete(ACCOUNTS, token_key(bytes(pointer["token_hash"]["B"]))),
-            db.tx_delete(INBOX, key(f"D#{device_id}")),
-            db.tx_delete(KEYS, key(f"K#{device_id}")),
-            db.tx_delete(PUSH, key(f"P#{device_id}")),
+            db.tx_delete(INBOX, head_key(device_id)),
+            db.tx_delete(KEYS, keys_key(device_id)),
+            db.tx_delete(PUSH, target_key(device_id)),
         ]
         try:
             await db.transact_write(items)
@@ -335,11 +333,6 @@ class DynamoAccounts:
         )
         if not entries:
             return
-        if self._release_inbox is None:
-            raise NotImplementedError(
-                "releasing a revoked device's inbox entries is the messages sub-store's: pass"
-                " DynamoMessages.release_inbox as DynamoAccounts(release_inbox=)"
-            )
         await self._release_inbox(device_id)
 
     async def device_by_token(self, token_hash: bytes) -> Device | None:

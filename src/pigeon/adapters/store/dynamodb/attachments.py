@@ -37,6 +37,7 @@ from pigeon.adapters.store.dynamodb.codec import (
     str_of,
 )
 from pigeon.adapters.store.dynamodb.db import ConditionFailed, DynamoDb, TransactionCancelled
+from pigeon.adapters.store.dynamodb.keyspace import member_key
 from pigeon.adapters.store.dynamodb.tables import ATTACHMENTS, CHATS, shard
 from pigeon.domain.errors import NotFound, Unavailable
 from pigeon.domain.media import AttachmentRecord, refuse_if_over_quota
@@ -217,7 +218,7 @@ class DynamoAttachments:
         if not chats:
             return False
         members = await self._db.batch_get(
-            CHATS, [key(f"C#{c}", f"M#{user_id}") for c in chats], projection=PK
+            CHATS, [member_key(c, user_id) for c in chats], projection=PK
         )
         return bool(members)
 

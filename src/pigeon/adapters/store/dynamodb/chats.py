@@ -35,6 +35,13 @@ from pigeon.adapters.store.dynamodb.codec import (
 )
 from pigeon.adapters.store.dynamodb.db import DynamoDb, TransactionCancelled
 from pigeon.adapters.store.dynamodb.inbox import Policy
+from pigeon.adapters.store.dynamodb.keyspace import (
+    chat_key,
+    head_key,
+    member_key,
+    message_key,
+    user_key,
+)
 from pigeon.adapters.store.dynamodb.tables import ACCOUNTS, CHATS, INBOX, MESSAGES, Table
 from pigeon.domain.errors import BadRequest, Conflict, NotFound, Unavailable
 from pigeon.domain.events import ChatChange, ChatUpdate, Delivery, encode_event
@@ -46,14 +53,6 @@ BY_USER = CHATS.index("by_user")
 #: Items of one transaction besides the `ChatUpdate`'s record (DynamoDB's limit is 100).
 _MAX_CHANGE = 99
 _KINDS = ("delivered", "read")
-
-
-def chat_key(chat_id: str) -> Item:
-    return key(f"C#{chat_id}")
-
-
-def member_key(chat_id: str, user_id: str) -> Item:
-    return key(f"C#{chat_id}", f"M#{user_id}")
 
 
 def pair_key(user_a: str, user_b: str) -> Item:
@@ -138,7 +137,7 @@ class DynamoChats:
         """(user, device) of these users' devices, in (user, device) order."""
         if not users:
             return []
-        found = await self._db.batch_get(ACCOUNTS, [key(f"U#{u}") for u in users])
+        found = await self._db.batch_get(ACCOUNTS, [user_key(u) for u in users])
         return sorted((str_of(u, PK)[2:], d) for u in found for d in strs_of(u, "device_ids"))
 
     async def _chat_ids(self, user_id: str) -> list[str]:
@@ -295,7 +294,7 @@ class DynamoChats:
         mine = [d for d in deliveries if d.device in theirs]
         if not mine:
             return
-        heads = await self._db.batch_get(INBOX, [inbox.head_key(d.device) for d in mine])
+        heads = await self._db.batch_get(INBOX, [head_key(d.device) for d in mine])
         with_push = {str_of(h, PK)[2:] for h in heads if bool_of(h, "push")}
         if not with_push:
             return
@@ -343,7 +342,7 @@ class DynamoChats:
 
     async def _break_lock(self, chat_id: str, holder: str, last_seq: int) -> None:
         """The lock's lease passed: finish the message that may hold it, then free it."""
-        record = await self._db.get(MESSAGES, key(f"C#{chat_id}", num_key(last_seq)))
+        record = await self._db.get(MESSAGES, message_key(chat_id, last_seq))
         if record is not None and inbox.is_pending(record):
             await inbox.roll_forward(self._db, record, self._policy)
         await inbox.release_chat_lock(self._db, chat_id, holder)
@@ -505,7 +504,7 @@ class DynamoChats:
         if chat is None:
             return []
         ordered = sorted(members, key=lambda m: int_of(m, "pos"))
-        users = await self._db.batch_get(ACCOUNTS, [key(f"U#{str_of(m, SK)[2:]}") for m in ordered])
+        users = await self._db.batch_get(ACCOUNTS, [user_key(str_of(m, SK)[2:]) for m in ordered])
         names = {str_of(u, PK)[2:]: str_of(u, "username") for u in users}
         return [
             MemberRecord(

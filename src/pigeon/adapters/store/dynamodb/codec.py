@@ -103,10 +103,6 @@ def int_of(item: Item, name: str) -> int:
     return int(item[name]["N"])
 
 
-def bytes_of(item: Item, name: str) -> bytes:
-    return bytes(item[name]["B"])
-
-
 def bool_of(item: Item, name: str, default: bool = False) -> bool:
     attr = item.get(name)
     return default if attr is None else bool(attr["BOOL"])

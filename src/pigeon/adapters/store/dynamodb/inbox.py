@@ -53,7 +53,13 @@ from pigeon.adapters.store.dynamodb.codec import (
     opt_str,
     str_of,
 )
-from pigeon.adapters.store.dynamodb.db import ConditionFailed, DynamoDb, TransactionCancelled
+from pigeon.adapters.store.dynamodb.db import (
+    MAX_TRANSACTION_ITEMS,
+    ConditionFailed,
+    DynamoDb,
+    TransactionCancelled,
+)
+from pigeon.adapters.store.dynamodb.keyspace import chat_key, head_key
 from pigeon.adapters.store.dynamodb.tables import CHATS, INBOX, MESSAGES, TIME_SHARDS, shard
 from pigeon.domain.errors import Unavailable
 from pigeon.domain.events import Delivery
@@ -69,7 +75,6 @@ PENDING = "pending"
 HOURS = "H"
 BY_TIME = MESSAGES.index("by_time")
 _BATCH = 25
-_MAX_TX = 100
 
 #: Tests only: called with the name of each step as it completes ("reserved", "unlocked",
 #: "entries", "committed", "released"); raising there is a crash between two steps.
@@ -106,10 +111,6 @@ class NewEvent(msgspec.Struct, frozen=True):
 # -- keys -------------------------------------------------------------------------------------
 
 
-def head_key(device_id: str) -> Item:
-    return key(f"D#{device_id}")
-
-
 def entry_key(device_id: str, iseq: int) -> Item:
     return key(f"D#{device_id}", num_key(iseq))
 
@@ -125,11 +126,6 @@ def head_item(device_id: str, user_id: str, *, push: bool = False) -> Item:
         "res": {},
     }
     return head_key(device_id) | encode(values)
-
-
-def message_ref(chat_id: str, seq: int) -> str:
-    """The reference of a message's record, as entries (`rec`) and heads (`res`) name it."""
-    return f"C#{chat_id}/{seq}"
 
 
 def event_ref(event_id: str) -> str:
@@ -277,7 +273,7 @@ async def release_chat_lock(db: DynamoDb, chat_id: str, holder: str) -> None:
     with contextlib.suppress(ConditionFailed):
         await db.update(
             CHATS,
-            key(f"C#{chat_id}"),
+            chat_key(chat_id),
             f"REMOVE {lock}, {expr.name('lock_until')}",
             expr,
             condition=f"{lock} = {expr.value(holder)}",
@@ -443,7 +439,7 @@ async def append_many(
     if records:
         await note_hour(db, at)
     puts = [db.tx_put(MESSAGES, r, f"attribute_not_exists({PK})") for r in records]
-    first = [*extra, *puts][:_MAX_TX]
+    first = [*extra, *puts][:MAX_TRANSACTION_ITEMS]
     try:
         await db.transact_write(first)
     except TransactionCancelled as exc:

@@ -32,6 +32,7 @@ from pigeon.adapters.store.dynamodb.codec import (
 )
 from pigeon.adapters.store.dynamodb.db import DynamoDb, TransactionCancelled
 from pigeon.adapters.store.dynamodb.inbox import NewEvent, Policy
+from pigeon.adapters.store.dynamodb.keyspace import device_key, keys_key, user_key
 from pigeon.adapters.store.dynamodb.tables import ACCOUNTS, KEYS
 from pigeon.domain.errors import BadRequest, Conflict, NotFound, TooManyKeys, Unavailable
 from pigeon.domain.events import Delivery, DeviceList, KeysExhausted, ToDevice, encode_event
@@ -55,16 +56,8 @@ _ATTEMPTS = 8
 _SPREAD = 16
 
 
-def keys_key(device_id: str) -> Item:
-    return key(f"K#{device_id}")
-
-
 def one_time_key(device_id: str, key_id: str) -> Item:
     return key(f"K#{device_id}", f"O#{key_id}")
-
-
-def _pointer(device_id: str) -> Item:
-    return key(f"D#{device_id}")
 
 
 def _counts(item: Item | None) -> KeyCounts:
@@ -125,7 +118,7 @@ class DynamoKeys:
     ) -> tuple[KeyCounts, list[Delivery]]:
         db = self._db
         for _ in range(_ATTEMPTS):
-            if await db.get(ACCOUNTS, _pointer(device.id)) is None:
+            if await db.get(ACCOUNTS, device_key(device.id)) is None:
                 raise NotFound("no such device")
             stored = await db.get(KEYS, keys_key(device.id))
             known = _identity(stored)
@@ -151,7 +144,7 @@ class DynamoKeys:
                 self._update_keys(
                     device.id, identity if publish else None, new, fallback, count, at
                 ),
-                db.tx_check(ACCOUNTS, _pointer(device.id), *_exists()),
+                db.tx_check(ACCOUNTS, device_key(device.id), *_exists()),
             ]
             extra += [
                 db.tx_put(
@@ -226,7 +219,7 @@ class DynamoKeys:
         """The devices of everyone sharing a chat with the user and the user's own, but never
         `device_id`."""
         users = await partners(self._db, user_id) | {user_id}
-        found = await self._db.batch_get(ACCOUNTS, [key(f"U#{u}") for u in sorted(users)])
+        found = await self._db.batch_get(ACCOUNTS, [user_key(u) for u in sorted(users)])
         pairs = sorted((str_of(u, PK)[2:], d) for u in found for d in strs_of(u, "device_ids"))
         return [d for _, d in pairs if d != device_id]
 
@@ -256,7 +249,7 @@ class DynamoKeys:
     async def owners(self, device_ids: list[str]) -> dict[str, str]:
         if not device_ids:
             return {}
-        found = await self._db.batch_get(ACCOUNTS, [_pointer(d) for d in device_ids])
+        found = await self._db.batch_get(ACCOUNTS, [device_key(d) for d in device_ids])
         return {str_of(p, PK)[2:]: str_of(p, "user") for p in found}
 
     # -- claims -----------------------------------------------------------------------------------

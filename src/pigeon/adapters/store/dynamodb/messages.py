@@ -39,6 +39,13 @@ from pigeon.adapters.store.dynamodb.codec import (
 )
 from pigeon.adapters.store.dynamodb.db import ConditionFailed, DynamoDb, TransactionCancelled
 from pigeon.adapters.store.dynamodb.inbox import NewEvent, Policy
+from pigeon.adapters.store.dynamodb.keyspace import (
+    chat_key,
+    head_key,
+    member_key,
+    message_key,
+    user_key,
+)
 from pigeon.adapters.store.dynamodb.tables import ACCOUNTS, CHATS, INBOX, MESSAGES, TIME_SHARDS
 from pigeon.domain.errors import Forbidden, NotFound, Unavailable
 from pigeon.domain.events import (
@@ -63,18 +70,6 @@ _LAST_ISEQ = 10**20 - 1
 
 class _Contended(Exception):
     """The chat moved between our read and our write: read again."""
-
-
-def chat_key(chat_id: str) -> Item:
-    return key(f"C#{chat_id}")
-
-
-def member_key(chat_id: str, user_id: str) -> Item:
-    return key(f"C#{chat_id}", f"M#{user_id}")
-
-
-def message_key(chat_id: str, seq: int) -> Item:
-    return key(f"C#{chat_id}", num_key(seq))
 
 
 def claim_key(device_id: str, cmid: str) -> Item:
@@ -153,7 +148,7 @@ class DynamoMessages:
         return await self._resume(claimed)
 
     async def _targets(self, roster: frozenset[str], sender_device: str) -> list[str]:
-        users = await self._db.batch_get(ACCOUNTS, [key(f"U#{u}") for u in roster])
+        users = await self._db.batch_get(ACCOUNTS, [user_key(u) for u in roster])
         pairs = sorted((str_of(u, PK)[2:], d) for u in users for d in strs_of(u, "device_ids"))
         return [d for _, d in pairs if d != sender_device]
 
@@ -308,7 +303,7 @@ class DynamoMessages:
         return await self._db.query_items(CHATS, cond, expr, consistent=True)
 
     async def _devices_of(self, users: list[str]) -> dict[str, list[str]]:
-        found = await self._db.batch_get(ACCOUNTS, [key(f"U#{u}") for u in users])
+        found = await self._db.batch_get(ACCOUNTS, [user_key(u) for u in users])
         return {str_of(u, PK)[2:]: sorted(strs_of(u, "device_ids")) for u in found}
 
     async def _senders(self, chat_id: str, after: int, upto: int, not_user: str) -> list[str]:
@@ -389,7 +384,7 @@ class DynamoMessages:
     # -- ack --------------------------------------------------------------------------------------
 
     async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
-        head = await self._db.get(INBOX, inbox.head_key(device.id))
+        head = await self._db.get(INBOX, head_key(device.id))
         if head is None:
             return []
         acked = int_of(head, "acked_iseq")
@@ -412,7 +407,7 @@ class DynamoMessages:
         with contextlib.suppress(ConditionFailed):
             await self._db.update(
                 INBOX,
-                inbox.head_key(device.id),
+                head_key(device.id),
                 f"SET {a} = {expr.value(cap)}",
                 expr,
                 condition=f"attribute_exists({expr.name(PK)}) AND {a} < {expr.value(cap)}",
@@ -551,7 +546,7 @@ class DynamoMessages:
     async def read_inbox(
         self, device_id: str, after: int, limit: int, max_bytes: int | None = None
     ) -> InboxPage:
-        head = await self._db.get(INBOX, inbox.head_key(device_id))
+        head = await self._db.get(INBOX, head_key(device_id))
         if head is None:
             return InboxPage([], 0, 0)
         visible = await inbox.heal(self._db, device_id, head, self._policy) - 1
@@ -592,7 +587,7 @@ class DynamoMessages:
         return out
 
     async def acked_iseq(self, device_id: str) -> int:
-        head = await self._db.get(INBOX, inbox.head_key(device_id))
+        head = await self._db.get(INBOX, head_key(device_id))
         return 0 if head is None else int_of(head, "acked_iseq")
 
     async def receipts(

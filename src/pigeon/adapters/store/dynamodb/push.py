@@ -31,6 +31,7 @@ from pigeon.adapters.store.dynamodb.codec import (
     Expr,
     Item,
     encode,
+    expires_at,
     int_of,
     is_live,
     key,
@@ -40,6 +41,13 @@ from pigeon.adapters.store.dynamodb.codec import (
     str_of,
 )
 from pigeon.adapters.store.dynamodb.db import ConditionFailed, DynamoDb, TransactionCancelled
+from pigeon.adapters.store.dynamodb.keyspace import (
+    device_key,
+    head_key,
+    message_key,
+    target_key,
+    user_key,
+)
 from pigeon.adapters.store.dynamodb.tables import (
     ACCOUNTS,
     CHATS,
@@ -74,16 +82,8 @@ _ATTEMPTS = 16
 _decode_target = msgspec.json.Decoder(PushTarget).decode
 
 
-def _target_key(device_id: str) -> Item:
-    return key(f"P#{device_id}")
-
-
 def _job_key(device_id: str, chat_id: str) -> Item:
     return key(f"P#{device_id}", f"J#{chat_id}")
-
-
-def _head_key(device_id: str) -> Item:
-    return key(f"D#{device_id}")
 
 
 def _due_keys(expr: Expr, device_id: str, chat_id: str, due_at: int) -> str:
@@ -196,7 +196,7 @@ class DynamoPush:
 
     async def set_target(self, device_id: str, target: PushTarget | None, at: int) -> None:
         db = self._db
-        item = _target_key(device_id) | encode(
+        item = target_key(device_id) | encode(
             {
                 "target": None if target is None else msgspec.json.encode(target).decode(),
                 "updated_at": at,
@@ -213,7 +213,7 @@ class DynamoPush:
         expr = Expr()
         head = db.tx_update(
             INBOX,
-            _head_key(device_id),
+            head_key(device_id),
             f"SET {expr.name('push')} = {expr.value(push)}",
             expr,
             f"attribute_exists({expr.name(PK)})",
@@ -227,7 +227,7 @@ class DynamoPush:
         return True
 
     async def target_status(self, device_id: str) -> tuple[PushTarget | None, str | None]:
-        item = await self._db.get(PUSH, _target_key(device_id))
+        item = await self._db.get(PUSH, target_key(device_id))
         if item is None:
             return None, None
         raw = opt_str(item, "target")
@@ -239,7 +239,7 @@ class DynamoPush:
         name = expr.name("target")
         write = db.tx_update(
             PUSH,
-            _target_key(device_id),
+            target_key(device_id),
             f"SET {expr.name('removed_reason')} = {expr.value(reason)},"
             f" {expr.name('updated_at')} = {expr.value(at)} REMOVE {name}",
             expr,
@@ -258,7 +258,7 @@ class DynamoPush:
         with contextlib.suppress(ConditionFailed):
             await self._db.update(
                 ACCOUNTS,
-                key(f"U#{user_id}"),
+                user_key(user_id),
                 f"SET {expr.name('push_names')} = {expr.value(show)}",
                 expr,
                 condition=f"attribute_exists({expr.name(PK)})",
@@ -267,22 +267,22 @@ class DynamoPush:
 
     async def context(self, device_id: str, chat_id: str, upto: int) -> PushContext | None:
         db = self._db
-        pointer = await db.get(ACCOUNTS, key(f"D#{device_id}"))
-        head = await db.get(INBOX, _head_key(device_id))
+        pointer = await db.get(ACCOUNTS, device_key(device_id))
+        head = await db.get(INBOX, head_key(device_id))
         if pointer is None or head is None:
             return None
         user_id = str_of(pointer, "user")
-        user = await db.get(ACCOUNTS, key(f"U#{user_id}"))
+        user = await db.get(ACCOUNTS, user_key(user_id))
         if user is None:
             return None
-        target_item = await db.get(PUSH, _target_key(device_id))
+        target_item = await db.get(PUSH, target_key(device_id))
         raw = None if target_item is None else opt_str(target_item, "target")
         acked = _int(head, "acked_iseq")
         newest = await self._newest(device_id, chat_id, user_id, acked, upto)
         in_chat, unread = await self._unread(user_id, chat_id)
         sender_name = None
         if newest is not None and bool(user.get("push_names", {}).get("BOOL")):
-            sender = await db.get(ACCOUNTS, key(f"U#{str_of(newest, 'sender')}"))
+            sender = await db.get(ACCOUNTS, user_key(str_of(newest, "sender")))
             sender_name = None if sender is None else str_of(sender, "username")
         return PushContext(
             target=None if raw is None else _decode_target(raw),
@@ -317,7 +317,7 @@ class DynamoPush:
             consistent=True,
         ):
             for entry in page:
-                message = await db.get(MESSAGES, key(f"C#{chat_id}", num_key(int_of(entry, "seq"))))
+                message = await db.get(MESSAGES, message_key(chat_id, int_of(entry, "seq")))
                 if message is None or not is_live(message, now):
                     continue
                 if str_of(message, "sender") != user_id:
@@ -395,7 +395,7 @@ class DynamoPushQueue:
         """The device's newest visible inbox entry appended by `by` (0 if none): what a push
         claimed now covers (a younger one may yet be acked by a connected device)."""
         db = self._db
-        head = await db.get(INBOX, _head_key(device_id))
+        head = await db.get(INBOX, head_key(device_id))
         if head is None:
             return 0
         reserved = [int(v["N"]) for v in head.get("res", {}).get("M", {}).values()]
@@ -489,7 +489,7 @@ class DynamoPushQueue:
                 sets.append(_due_keys(expr, job.device, job.chat, due))
             else:  # idle: forgotten by TTL once its window has passed
                 sets.append(
-                    f"{expr.name(EXPIRES)} = {expr.value(-(-(pushed_at + window) // 1000) + 1)}"
+                    f"{expr.name(EXPIRES)} = {expr.value(expires_at(pushed_at, window) + 1)}"
                 )
                 removes += [expr.name(DUE.pk), expr.name(DUE.sk)]
             more_as_read = f"attribute_{'' if more else 'not_'}exists({expr.name('more')})"
@@ -591,7 +591,7 @@ class DynamoPushQueue:
         async for page in db.query(
             PUSH, f"{expr.name(PK)} = {expr.value(_DEAD)}", expr, consistent=True
         ):
-            heads = await db.batch_get(INBOX, [_head_key(str_of(i, "device")) for i in page])
+            heads = await db.batch_get(INBOX, [head_key(str_of(i, "device")) for i in page])
             alive = {str_of(h, PK)[2:] for h in heads}
             out += [i for i in page if str_of(i, "device") in alive]
             if limit is not None and len(out) >= limit:
@@ -631,7 +631,7 @@ class DynamoPushQueue:
         moved = 0
         for letter in await self._take(ids):
             device = str_of(letter, "device")
-            if await self._db.get(INBOX, _head_key(device)) is None:
+            if await self._db.get(INBOX, head_key(device)) is None:
                 continue  # revoked since
             await self._revive(device, str_of(letter, "chat"), _int(letter, "invite_iseq"), now)
             moved += 1
