@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
-from pigeon.client import ClientError
+from pigeon.app import STORE
+from pigeon.client import ClientError, PigeonClient
 from pigeon.domain.events import Message, ReadState, Receipt
 from tests.conftest import Server, next_of
 
@@ -130,3 +134,65 @@ async def test_a_bad_riding_ack_fails_the_send(server: Server) -> None:
     with pytest.raises(ClientError) as err:
         await alice.request("send", chat=chat["id"], cmid="c1", body="x", ack=-1)
     assert err.value.code == "bad_request"
+
+
+async def _acked(server: Server, client: PigeonClient) -> int:
+    assert client.device is not None
+    return await server.app[STORE].messages.acked_iseq(client.device)
+
+
+async def test_a_receipt_alone_is_acked_lazily(server: Server) -> None:
+    """Taking only a receipt does not ack within the 5 ms window (no command for it): the ack
+    waits `lazy_ack_interval` for a send to carry it, then goes on its own."""
+    alice_name, _ = await server.user("alice")
+    alice = await server.client(await server.device(alice_name), lazy_ack_interval=0.3)
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    sent = await alice.send(chat["id"], "ping")
+    assert (await next_of(bob, Message)).id == sent.id
+    acked = asyncio.Event()
+    ack = alice.ack
+
+    async def ack_seen(upto: int) -> None:  # the SDK's own ack, observed
+        await ack(upto)
+        acked.set()
+
+    alice.ack = ack_seen  # type: ignore[method-assign]
+    await next_of(alice, Receipt)
+    taken = time.monotonic()
+    await asyncio.wait_for(acked.wait(), 10)
+    assert time.monotonic() - taken >= 0.3
+    assert await _acked(server, alice) > 0
+
+
+async def test_a_receipt_ack_rides_on_the_next_send(server: Server) -> None:
+    alice_name, _ = await server.user("alice")
+    # The lazy timer never fires: only the next send can ack the receipt.
+    alice = await server.client(await server.device(alice_name), lazy_ack_interval=3600)
+    bob = await server.new_client("bob")
+    assert bob.user
+    chat = await alice.create_chat([bob.user])
+    await alice.send(chat["id"], "one")
+    await next_of(bob, Message)
+    await next_of(alice, Receipt)
+    assert await _acked(server, alice) == 0
+    await alice.send(chat["id"], "two")
+    assert await _acked(server, alice) > 0  # up to the receipt (after her chat's creation)
+
+
+async def test_a_message_after_a_receipt_is_acked_at_once(server: Server) -> None:
+    """A message taken while a lazy ack waits ends the wait: its sender's receipt is not
+    held back by the receipts before it."""
+    alice_name, _ = await server.user("alice")
+    alice = await server.client(await server.device(alice_name), lazy_ack_interval=3600)
+    bob = await server.new_client("bob")
+    assert bob.user and alice.user
+    chat = await alice.create_chat([bob.user])
+    await alice.send(chat["id"], "hi")
+    await next_of(bob, Message)
+    await next_of(alice, Receipt)
+    reply = await bob.send(chat["id"], "hi back")
+    assert (await next_of(alice, Message)).id == reply.id
+    delivered = await next_of(bob, Receipt)
+    assert (delivered.user, delivered.seq) == (alice.user, reply.seq)

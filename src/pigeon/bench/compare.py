@@ -67,6 +67,7 @@ _E2E_HEAD = (
     + b'","ciphertext":"'
 )
 ACK_DELAY = 0.005  # as the SDK's ack window
+LAZY_ACK_DELAY = 2.0  # as the SDK's for receipts (unless a send carries the ack first)
 TICK = 0.001  # open-loop scheduling granularity
 
 
@@ -113,7 +114,7 @@ class Result:
 class _Socket:
     """One generator socket: counts what arrives and acks Pigeon events like the SDK."""
 
-    __slots__ = ("ack_at", "acked", "gen", "last_iseq", "pair", "rid", "sock")
+    __slots__ = ("ack_at", "ack_soon", "acked", "gen", "last_iseq", "pair", "rid", "sock")
 
     def __init__(self, gen: _Generator) -> None:
         self.gen = gen
@@ -122,15 +123,22 @@ class _Socket:
         self.last_iseq = 0
         self.acked = 0
         self.ack_at: asyncio.TimerHandle | None = None
+        #: Whether the ack timer is the short one (a message is among what it acks).
+        self.ack_soon = False
         self.rid = 0
 
     def on_frame(self, frame: bytes) -> None:
         if frame.startswith(_EVENT):
             start = len(_EVENT)
             self.last_iseq = int(frame[start : frame.index(b",", start)])
-            if self.ack_at is None:
+            message = self.gen.on_event(frame)
+            if message and not self.ack_soon:
+                if self.ack_at is not None:
+                    self.ack_at.cancel()
                 self.ack_at = self.gen.loop.call_later(ACK_DELAY, self._ack)
-            self.gen.on_event(frame)
+                self.ack_soon = True
+            elif self.ack_at is None:
+                self.ack_at = self.gen.loop.call_later(LAZY_ACK_DELAY, self._ack)
         elif frame.startswith(_OK):
             if frame[len(_OK)] != 0x22:  # a numeric rid: a send's reply (acks use "a<n>")
                 self.gen.on_sent(self)
@@ -138,7 +146,7 @@ class _Socket:
             self.gen.on_event(frame)
 
     def _ack(self) -> None:
-        self.ack_at = None
+        self.ack_at, self.ack_soon = None, False
         if self.last_iseq > self.acked and self.sock is not None:
             self.acked = self.last_iseq
             self.rid += 1
@@ -209,10 +217,11 @@ class _Generator:
             assert pair is not None and pair.tx.sock is not None
             pair.tx.sock.send(self.frame(pair, time.perf_counter_ns()))
 
-    def on_event(self, frame: bytes) -> None:
+    def on_event(self, frame: bytes) -> bool:
+        """Count a message (True) or a receipt to its sender (False)."""
         i = frame.find(self.marker)
         if i < 0:
-            return  # a receipt (to the sender)
+            return False
         now = time.perf_counter_ns()
         i += len(self.marker)
         self.received += 1
@@ -221,6 +230,7 @@ class _Generator:
             self.samples.append(now - int(frame[i : i + STAMP_DIGITS]))
         if not self.sending and self.received >= self.committed:
             self.drained.set()
+        return True
 
     def start(self) -> None:
         self.sending = True

@@ -11,7 +11,10 @@ What it adds on top of the raw protocol (docs/protocol.md):
 - delivers inbox events in `iseq` order without gaps: out-of-order frames are held, and a gap
   that does not fill within `gap_timeout` is healed with a `sync` command;
 - drops redelivered events (by `iseq`, and messages also by id);
-- acks cumulatively, in batches, once the application has taken an event from `events()`;
+- acks cumulatively, in batches, once the application has taken an event from `events()`:
+  within `ack_interval` when a message is among them (its sender waits for the delivered
+  receipt); when only receipts and other notices are, along with the next `send`, or after
+  `lazy_ack_interval` (their ack only frees the server's inbox, so why pay a command for it);
 - with `e2e=E2EConfig(...)`, encrypts and decrypts transparently in encrypted chats
   (`encryption.py`): an event is acked once it has been decrypted and taken; after each
   connect's sync, the keys that waiting messages lack are asked for again.
@@ -103,6 +106,7 @@ class PigeonClient:
         reconnect: bool = True,
         auto_ack: bool = True,
         ack_interval: float = 0.005,
+        lazy_ack_interval: float = 2.0,
         gap_timeout: float = 0.5,
         max_backoff: float = 5.0,
         max_rate_wait: float = 5.0,
@@ -117,6 +121,7 @@ class PigeonClient:
         self.reconnect = reconnect
         self.auto_ack = auto_ack
         self.ack_interval = ack_interval
+        self.lazy_ack_interval = lazy_ack_interval
         self.gap_timeout = gap_timeout
         self.max_backoff = max_backoff
         #: `send` waits out a `rate_limited` reply up to this many seconds, else raises it.
@@ -151,6 +156,9 @@ class PigeonClient:
         self.reorder_syncs = 0
         self.reorder_max_wait = 0.0
         self._handled = 0
+        #: The highest handled `iseq` of a message (the events whose ack is not lazy).
+        self._urgent = 0
+        self._urgent_handled = asyncio.Event()
         self._acked = 0
         #: Highest ack sent along with a `send` whose reply is still awaited.
         self._riding = 0
@@ -160,7 +168,7 @@ class PigeonClient:
         #: The device's encryption (None unless `e2e` was given); its store opens on connect.
         self.crypto = DeviceCrypto(e2e, self.request) if e2e is not None else None
         self._ready: deque[ClientEvent] = deque()
-        self._processing: asyncio.Task[tuple[int, list[ClientEvent]]] | None = None
+        self._processing: asyncio.Task[tuple[int, bool, list[ClientEvent]]] | None = None
         #: With E2E on: this connection's key requests for waiting messages (after the sync).
         self._asking: asyncio.Task[int] | None = None
 
@@ -398,7 +406,7 @@ class PigeonClient:
                     self._events.put_nowait(item)
                     raise item
                 iseq, event = item
-                self._mark_handled(iseq)
+                self._mark_handled(iseq, event is None or isinstance(event, Message))
                 if event is not None:
                     return event
 
@@ -415,7 +423,7 @@ class PigeonClient:
             # shielded: a timeout in the application does not lose the event half handled
             task = self._processing
             try:
-                iseq, out = await asyncio.shield(task)
+                iseq, urgent, out = await asyncio.shield(task)
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if task.cancelled() and current is not None and not current.cancelling():
@@ -424,13 +432,16 @@ class PigeonClient:
             finally:
                 if task.done():  # else still running (the application timed out): kept
                     self._processing = None
-            self._mark_handled(iseq)
+            self._mark_handled(iseq, urgent)
             self._ready.extend(out)
         return self._ready.popleft()
 
-    async def _decrypt(self, iseq: int, event: Event | None) -> tuple[int, list[ClientEvent]]:
+    async def _decrypt(self, iseq: int, event: Event | None) -> tuple[int, bool, list[ClientEvent]]:
+        """What the application gets for one inbox event, and whether its ack is urgent (a
+        message, readable or not yet)."""
         assert self.crypto is not None
-        return iseq, [] if event is None else await self.crypto.process(event)
+        urgent = event is None or isinstance(event, Message)
+        return iseq, urgent, [] if event is None else await self.crypto.process(event)
 
     async def events(self) -> AsyncIterator[ClientEvent]:
         """All inbox events, forever (until a permanent close)."""
@@ -752,16 +763,26 @@ class PigeonClient:
                 self._seen.popitem(last=False)
         self._events.put_nowait((iseq, event))
 
-    def _mark_handled(self, iseq: int) -> None:
+    def _mark_handled(self, iseq: int, urgent: bool) -> None:
         if iseq > self._handled:
             self._handled = iseq
             self._ack_wanted.set()
+        if urgent and iseq > self._urgent:
+            self._urgent = iseq
+            self._urgent_handled.set()
 
     async def _ack_loop(self) -> None:
         while not self._closing:
             await self._ack_wanted.wait()
             self._ack_wanted.clear()
+            if self._urgent <= max(self._acked, self._riding):
+                # Only receipts and notices to ack: a `send` may carry it meanwhile; a
+                # message taken meanwhile ends the wait (a timer, not synchronisation).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.lazy_ack_interval):
+                        await self._urgent_handled.wait()
             await asyncio.sleep(self.ack_interval)  # batching window, not synchronisation
+            self._urgent_handled.clear()  # what is handled from here on is acked next time
             upto = self._handled
             if upto > max(self._acked, self._riding):
                 try:

@@ -68,23 +68,25 @@ def _advance(
         (chat_id, user_id, kind, seq, at),
     )
     marks[user_id] = (new_delivered, new_read)
-    senders = [
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT sender FROM messages WHERE chat_id = ? AND seq > ? AND seq <= ?"
-            " AND sender != ?",
-            (chat_id, old, seq, user_id),
-        )
-    ]
+    # The devices of the members whose messages the mark passed, each sender's in the order
+    # `inbox.devices_of` gives (one statement for both questions).
+    devices: dict[str, list[str]] = defaultdict(list)
+    for sender, device_id in conn.execute(
+        "SELECT s.sender, d.id FROM (SELECT DISTINCT sender FROM messages WHERE chat_id = ?"
+        " AND seq > ? AND seq <= ? AND sender != ?) s JOIN devices d ON d.user_id = s.sender"
+        " ORDER BY s.sender, d.created_at, d.id",
+        (chat_id, old, seq, user_id),
+    ):
+        devices[sender].append(device_id)
     out: list[Delivery] = []
     index = 0 if kind == "delivered" else 1
-    for sender in senders:
-        if sender not in marks:
+    for sender, targets in devices.items():
+        if sender not in marks:  # no longer a member: owed nothing
             continue
         others = [m[index] for u, m in marks.items() if u != sender]
         all_seq = min(others) if others else seq
         receipt = Receipt(chat=chat_id, user=user_id, kind=kind, seq=seq, all_seq=all_seq, at=at)
-        out += inbox.append(conn, inbox.devices_of(conn, [sender]), encode_event(receipt), at)
+        out += inbox.append(conn, targets, encode_event(receipt), at)
     return out
 
 
@@ -156,10 +158,13 @@ class SqliteMessages:
 
     async def ack(self, device: Device, upto: int, at: int) -> list[Delivery]:
         def tx(conn: sqlite3.Connection) -> list[Delivery]:
-            (acked,) = conn.execute(
-                "SELECT acked_iseq FROM devices WHERE id = ?", (device.id,)
-            ).fetchone() or (None,)
-            if acked is None or upto <= acked:
+            # Moved first (nothing to do if it was already there): one statement, not a read
+            # and a write. Beyond the last entry handed out it stops at that entry.
+            if not conn.execute(
+                "UPDATE devices SET acked_iseq = min(?, next_iseq - 1)"
+                " WHERE id = ? AND acked_iseq < ? RETURNING 1",
+                (upto, device.id, upto),
+            ).fetchone():
                 return []
             counts: dict[str, int] = defaultdict(int)
             reached: dict[str, int] = {}
@@ -171,10 +176,6 @@ class SqliteMessages:
                 counts[message_id] += 1
                 reached[chat_id] = max(seq, reached.get(chat_id, 0))
             conn.execute("DELETE FROM inbox WHERE device_id = ? AND iseq <= ?", (device.id, upto))
-            conn.execute(
-                "UPDATE devices SET acked_iseq = min(?, next_iseq - 1) WHERE id = ?",
-                (upto, device.id),
-            )
             inbox.release_messages(conn, counts)
             out: list[Delivery] = []
             for chat_id, seq in reached.items():
