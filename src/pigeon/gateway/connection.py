@@ -62,6 +62,7 @@ class Connection:
         "_writer",
         "device",
         "last_recv",
+        "loop",
         "transport",
     )
 
@@ -74,7 +75,9 @@ class Connection:
     ) -> None:
         self.transport = transport
         self.device = device
-        self.last_recv = asyncio.get_running_loop().time()
+        #: The loop this connection lives on (looked up once: each lookup is a getpid call).
+        self.loop = asyncio.get_running_loop()
+        self.last_recv = self.loop.time()
         self._out: deque[bytes | object] = deque()
         self._out_bytes = 0
         self._progress_at = self.last_recv
@@ -183,7 +186,7 @@ class Connection:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
+        self._closer = self.loop.create_task(self._close(code, reason))
 
     async def wait_closed(self) -> None:
         """Finish the close handshake (started by `close`, or a normal one if none was)."""
@@ -201,7 +204,7 @@ class Connection:
             self._out_bytes += len(item)
         self._out.append(item)
         if self._writer is None and self._flush is None:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             self._progress_at = loop.time()  # an idle connection starts the clock afresh
             # At the end of this loop turn, so that the frames queued meanwhile share a write.
             self._flush = loop.call_soon(self._write_now)
@@ -221,14 +224,14 @@ class Connection:
                     out.extendleft(reversed(batch))
                     break
                 self._out_bytes -= size
-                self._progress_at = asyncio.get_running_loop().time()
+                self._progress_at = self.loop.time()
                 self._wake_waiters()
         except Exception as exc:  # a loop callback: nothing above it would see the failure
             log.debug("write to device %s failed: %r", self.device.id, exc)
             self.close(Close.GOING_AWAY, "write failed")
             return
         if out:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = self.loop.create_task(self._drain())
 
     def _next_batch(self) -> tuple[list[bytes], int]:
         """Take the next frames to write together (the queue's head is a frame, not a ping)."""
@@ -259,7 +262,7 @@ class Connection:
                 batch, size = self._next_batch()
                 self._out_bytes -= size
                 await self.transport.send_texts(batch)
-                self._progress_at = asyncio.get_running_loop().time()
+                self._progress_at = self.loop.time()
                 self._wake_waiters()
         except (ConnectionError, RuntimeError) as exc:
             log.debug("write to device %s failed: %s", self.device.id, exc)

@@ -92,7 +92,7 @@ class Session:
                 self.services.metrics.command(None, cmd.code, arrived)
             return
         await self._inflight.acquire()
-        task = asyncio.get_running_loop().create_task(self._run(cmd, arrived))
+        task = self.conn.loop.create_task(self._run(cmd, arrived))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

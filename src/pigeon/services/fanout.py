@@ -58,6 +58,8 @@ class Fanout:
         on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self._bus = bus
+        #: The node's loop, looked up at the first change (each lookup is a getpid call).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._delays = retry_delays
         self._on_delivered = on_delivered
         self._held: list[tuple[str, bytes]] = []
@@ -82,7 +84,9 @@ class Fanout:
         a hung bus never holds back a reply, the inbox being the truth; the same task pushes
         after answering, so pushes start in commit order (a publish queues before its first
         await)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         outcome: asyncio.Future[T] = loop.create_future()
         outcome.add_done_callback(_settled)
         task = loop.create_task(self._run(change, deliveries, outcome))
