@@ -16,11 +16,16 @@ from aiohttp import web
 
 from pigeon.app import create_app, runner_options
 from pigeon.client import Account, PigeonClient, login, register
-from pigeon.config import Settings, load_settings
+from pigeon.config import DynamoSettings, PostgresSettings, Settings, load_settings
 from pigeon.ports import Clock
 from pigeon.services.clock import SystemClock
 
-pytest_plugins = ["tests.support.postgres", "tests.support.redis", "tests.support.s3"]
+pytest_plugins = [
+    "tests.support.dynamodb",
+    "tests.support.postgres",
+    "tests.support.redis",
+    "tests.support.s3",
+]
 
 _names = itertools.count(1)
 #: Usernames differ between runs: the shared Redis keeps rate-limit counters (logins per
@@ -32,20 +37,57 @@ PASSWORD = "correct horse battery"
 
 #: `embedded` (default): SQLite and in-process bus and presence. `shared`: the same end-to-end
 #: tests on PostgreSQL and Redis (the test database of the session, the shared Redis), as the
-#: nodes of a cluster run them. `make test` runs tests/e2e both ways.
+#: nodes of a cluster run them. `dynamodb`: on DynamoDB (the session's moto server, fresh tables
+#: per test) and Redis. `make test` runs tests/e2e all three ways.
 STACK = os.environ.get("PIGEON_TEST_STACK", "embedded")
 
 
 def shared_stack(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Settings overrides that put a test server on PostgreSQL + Redis (with STACK=shared)."""
-    if STACK != "shared":
+    """Settings overrides that put a test server on the stack under test (`STACK`): nothing
+    for the embedded one; PostgreSQL or DynamoDB, with Redis, for the others. The servers of
+    one test share one store (the same overrides)."""
+    if STACK == "embedded":
         return {}
+    if STACK == "dynamodb":
+        from tests.support.dynamodb import ACCESS_KEY, REGION, SECRET_KEY, fresh_prefix
+
+        # The servers (and the processes tests start) find moto's credentials where AWS's
+        # would be: the adapter takes them from the usual chain only.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        store: dict[str, Any] = {
+            "type": "dynamodb",
+            "endpoint_url": request.getfixturevalue("moto_dynamodb").endpoint,
+            "region": REGION,
+            "table_prefix": fresh_prefix(),
+            "create_tables": True,
+            "backoff_base": 0.001,
+            "backoff_cap": 0.005,
+        }
+    else:
+        store = {"type": "postgres", "dsn": request.getfixturevalue("postgres_dsn")}
     return {
-        "store": {"type": "postgres", "dsn": request.getfixturevalue("postgres_dsn")},
+        "store": store,
         "bus": {"type": "redis"},
         "presence": {"type": "redis"},
         "redis": {"url": request.getfixturevalue("redis_url")},
     }
+
+
+def store_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives another process (the command line, a push worker) the
+    store of a test server's settings; {} for SQLite, found through `PIGEON_DATA_DIR`."""
+    store = settings.store
+    if isinstance(store, PostgresSettings):
+        return {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": store.dsn}
+    if isinstance(store, DynamoSettings):
+        return {
+            "PIGEON_STORE__TYPE": "dynamodb",
+            "PIGEON_STORE__ENDPOINT_URL": str(store.endpoint_url),
+            "PIGEON_STORE__REGION": store.region,
+            "PIGEON_STORE__TABLE_PREFIX": store.table_prefix,
+        }
+    return {}
 
 
 def test_settings(
@@ -69,7 +111,13 @@ def test_settings(
         **(stack or {}),
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        old = base.get(key)
+        # a section of another type (another store than the stack's) replaces it whole
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("type", old.get("type")) == old.get("type", value.get("type"))
+        ):
             base[key] = {**base[key], **value}
         else:
             base[key] = value

@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 
 from pigeon.client import Message
-from pigeon.config import PostgresSettings, Settings
+from pigeon.config import Settings
 from pigeon.gateway.hub import CONTROL_SOCKET
 from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.services.accounts import DISABLED_FRAME
-from tests.conftest import PASSWORD, STACK, Server, next_of
+from tests.conftest import PASSWORD, STACK, Server, next_of, store_env
 from tests.e2e.test_bad_input import still_alive
 
 _PIGEON = [sys.executable, "-c", "from pigeon.cli import main; main()"]
@@ -29,8 +29,7 @@ _PIGEON = [sys.executable, "-c", "from pigeon.cli import main; main()"]
 def cli_env(settings: Settings) -> dict[str, str]:
     """The environment that gives `pigeon admin` the test server's store and bus."""
     env = {**os.environ, "PIGEON_DATA_DIR": str(settings.data_dir), "PIGEON_LOG_JSON": "false"}
-    if isinstance(settings.store, PostgresSettings):  # the shared test stack
-        env |= {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": settings.store.dsn}
+    env |= store_env(settings)
     if settings.bus.type == "redis":
         env |= {"PIGEON_BUS__TYPE": "redis", "PIGEON_REDIS__URL": settings.redis.url}
     return env
@@ -88,7 +87,7 @@ async def test_an_admin_disable_closes_live_connections_and_enable_undoes_it(
     out = await admin(server, "users", "disable", name)
     assert await closed_with(phone_ws) == 4504  # at once, from another process
     assert f"disabled {name} ({user_id}), 1 devices" in out
-    via = "through Redis" if STACK == "shared" else "on the running server"
+    via = "through Redis" if STACK != "embedded" else "on the running server"
     assert via in out
 
     status, body = await login_status(server, name)
@@ -134,7 +133,7 @@ async def test_disabled_devices_are_refused_however_they_come(server: Server) ->
     assert await accounts.standing(device) == "revoked"
 
 
-@pytest.mark.skipif(STACK == "shared", reason="the admin socket is the embedded stack's")
+@pytest.mark.skipif(STACK != "embedded", reason="the admin socket is the embedded stack's")
 async def test_the_admin_socket_relays_only_close_frames(server: Server) -> None:
     path = server.app[SETTINGS].data_dir / CONTROL_SOCKET
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -16,7 +16,7 @@ from pigeon.domain.events import Message
 from tests.conftest import PASSWORD, STACK, next_of
 from tests.support.cluster import Node
 
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="the embedded store's backup")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="the embedded store's backup")
 
 ENV = {"PIGEON_ARGON2_TIME_COST": "1", "PIGEON_ARGON2_MEMORY_KIB": "8"}
 

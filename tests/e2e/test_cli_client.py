@@ -21,7 +21,7 @@ from pigeon.client import ClientError, list_devices, login
 from tests.conftest import PASSWORD, STACK, Server
 
 # The command line is a client of the protocol: the store behind the server does not matter.
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="the same on every stack")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="the same on every stack")
 
 PIGEON = [sys.executable, "-c", "from pigeon.cli import main; main()"]
 

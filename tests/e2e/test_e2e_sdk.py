@@ -42,10 +42,11 @@ from pigeon.client import (
 )
 from pigeon.client.e2e import CryptoStore, DeviceInfo, KeyRequest, MissingKey
 from pigeon.client.e2e.keys import signed_identity
-from pigeon.config import PostgresSettings
+from pigeon.config import DynamoSettings, PostgresSettings
 from pigeon.gateway.keys import SETTINGS
 from tests.conftest import Server, ServerFactory, next_of
 from tests.e2e.test_retention import _bodies
+from tests.support.dynamodb_items import TABLES, as_text, scan
 
 pytest.importorskip("vodozemac")
 
@@ -131,7 +132,7 @@ async def test_direct_chat_and_group_both_ways_with_no_plaintext_on_the_server(
 
 async def assert_nowhere_on_the_server(server: Server, plaintexts: list[str]) -> None:
     """No plaintext in any file of the server's data directory (SQLite, blobs) nor, on
-    PostgreSQL, in any row of any table."""
+    PostgreSQL or DynamoDB, in any row or item of any table."""
     settings = server.app[SETTINGS]
     if isinstance(settings.store, PostgresSettings):
         conn = await asyncpg.connect(settings.store.dsn)
@@ -146,6 +147,10 @@ async def assert_nowhere_on_the_server(server: Server, plaintexts: list[str]) ->
                 assert not [t for t in plaintexts if t in dump], name
         finally:
             await conn.close()
+    elif isinstance(settings.store, DynamoSettings):
+        for table in TABLES:
+            dump = as_text(await scan(settings.store, table))
+            assert not [t for t in plaintexts if t in dump], table
     else:
         path = Path(server.app[STORE].db._path)
         with sqlite3.connect(path) as conn:

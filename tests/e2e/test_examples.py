@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import STACK, Server
 
 # The examples are clients of the protocol: the store behind the server does not matter.
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="the same on every stack")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="the same on every stack")
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()

@@ -38,7 +38,7 @@ from tests.support.postgres import fresh_database
 
 # The servers here choose their own stack (the multiprocess test needs PostgreSQL and Redis):
 # the shared-stack pass of `make test` would only run them again.
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="runs in the embedded pass")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="runs in the embedded pass")
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "pigeon.json"

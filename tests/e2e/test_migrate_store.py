@@ -33,7 +33,7 @@ from tests.conftest import PASSWORD, STACK, next_of
 from tests.support.cluster import Node, cluster_env
 from tests.support.postgres import fresh_database
 
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="moves the embedded store")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="moves the embedded store")
 
 ENV = {
     "PIGEON_ARGON2_TIME_COST": "1",

@@ -32,9 +32,18 @@ from pigeon.domain.events import Message
 from pigeon.gateway.keys import SERVICES, SETTINGS
 from pigeon.ports import PushJob, PushQueue
 from pigeon.services.clock import SystemClock
-from tests.conftest import PASSWORD, STACK, Server, ServerFactory, next_of
+from tests import conftest
+from tests.conftest import (
+    PASSWORD,
+    STACK,
+    Server,
+    ServerFactory,
+    next_of,
+    shared_stack,
+    store_env,
+)
 from tests.contract.rabbit_support import RABBITMQ_URL, rabbit_topology
-from tests.support.cluster import Node, cluster_env
+from tests.support.cluster import Node, cluster_env, dynamodb_cluster_env
 from tests.support.postgres import fresh_database
 
 
@@ -108,12 +117,15 @@ class FrozenClock:
 
 
 @pytest.fixture
-async def own_store() -> AsyncIterator[dict[str, Any]]:
+async def own_store(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
     """Settings overrides for this test's store: with the shared stack, a PostgreSQL database
-    of its own (see the module docstring); nothing to change on the embedded one (a SQLite
-    file per server)."""
-    if STACK != "shared":
+    of its own (see the module docstring); on DynamoDB, tables of its own; nothing to change
+    on the embedded one (a SQLite file per server)."""
+    if STACK == "embedded":
         yield {}
+        return
+    if STACK == "dynamodb":
+        yield {"store": shared_stack(request)["store"]}
         return
     async with fresh_database() as dsn:
         yield {"store": {"type": "postgres", "dsn": dsn}}
@@ -121,7 +133,7 @@ async def own_store() -> AsyncIterator[dict[str, Any]]:
 
 #: The push queues a test marked `both_queues` runs on: RabbitMQ only on the shared stack,
 #: where a cluster would use it.
-QUEUES = ["store", "rabbitmq"] if STACK == "shared" else ["store"]
+QUEUES = ["store", "rabbitmq"] if STACK != "embedded" else ["store"]
 both_queues = pytest.mark.parametrize("push_queue", QUEUES, indirect=True)
 
 
@@ -198,7 +210,7 @@ async def pigeon_cli(*args: str, store: dict[str, Any]) -> str:
     store (`own_store`), and its output."""
     env = dict(os.environ)
     if "store" in store:
-        env |= {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": store["store"]["dsn"]}
+        env |= store_env(conftest.test_settings(Path("."), store))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pigeon.cli", *args, stdout=asyncio.subprocess.PIPE, env=env
     )
@@ -461,14 +473,18 @@ async def test_push_is_refused_clearly_when_it_is_off(
 @pytest.fixture
 def node_env(own_store: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment of a `pigeon serve` process on the test's store: the SQLite file in its
-    data directory, or (shared stack) the test's PostgreSQL database and the shared Redis."""
+    data directory, or (the other stacks) the test's PostgreSQL database or DynamoDB tables
+    and the shared Redis."""
     if "store" not in own_store:
         return {
             "PIGEON_ARGON2_TIME_COST": "1",
             "PIGEON_ARGON2_MEMORY_KIB": "8",
             "PIGEON_STORE__SYNCHRONOUS": "FULL",
         }
-    return cluster_env(own_store["store"]["dsn"], request.getfixturevalue("redis_url"))
+    store, redis_url = own_store["store"], request.getfixturevalue("redis_url")
+    if store["type"] == "dynamodb":
+        return dynamodb_cluster_env(store["endpoint_url"], store["table_prefix"], redis_url)
+    return cluster_env(store["dsn"], redis_url)
 
 
 def process_env(base: dict[str, str], **push: str) -> dict[str, str]:

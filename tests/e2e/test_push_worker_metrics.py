@@ -25,7 +25,7 @@ from tests.e2e.test_push import PUSH_SETTINGS, FakeHook, process_env, register_h
 from tests.e2e.test_push_rabbitmq import PushWorkerProcess, run_push_worker
 
 # The worker shares the server's SQLite file: the shared stack would only run it again.
-pytestmark = pytest.mark.skipif(STACK == "shared", reason="runs in the embedded pass")
+pytestmark = pytest.mark.skipif(STACK != "embedded", reason="runs in the embedded pass")
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import pytest
 
 from pigeon.client import ClientError
 from pigeon.client.http import register
-from pigeon.config import PostgresSettings
 from pigeon.gateway.keys import SERVICES, SETTINGS
-from tests.conftest import PASSWORD, Server, ServerFactory
+from tests.conftest import PASSWORD, Server, ServerFactory, store_env
 
 
 async def _register(server: Server, username: str, invite: str | None) -> int:
@@ -46,8 +45,7 @@ async def test_the_invite_command_prints_codes_the_server_accepts(
     server = await make_server(registration="invite")
     settings = server.app[SETTINGS]
     env = {**os.environ, "PIGEON_DATA_DIR": str(settings.data_dir)}
-    if isinstance(settings.store, PostgresSettings):  # the shared test stack
-        env |= {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": settings.store.dsn}
+    env |= store_env(settings)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

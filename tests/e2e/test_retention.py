@@ -10,10 +10,11 @@ import aiohttp
 import asyncpg
 
 from pigeon.app import STORE, SWEEPER
-from pigeon.config import PostgresSettings
+from pigeon.config import DynamoSettings, PostgresSettings
 from pigeon.domain.events import Message
 from pigeon.gateway.keys import SETTINGS
 from tests.conftest import ManualClock, Server, next_of
+from tests.support.dynamodb_items import scan
 
 DAY_MS = 86_400_000
 
@@ -27,6 +28,13 @@ async def _bodies(server: Server) -> dict[str, bytes | None]:
             return {r["id"]: r["raw"] for r in await conn.fetch("SELECT id, raw FROM messages")}
         finally:
             await conn.close()
+    if isinstance(store, DynamoSettings):  # message items are `C#<chat>`; id pointers too
+        items = await scan(store, "messages")
+        return {
+            i["id"]["S"]: i["raw"]["B"] if "raw" in i else None
+            for i in items
+            if i["pk"]["S"].startswith("C#")
+        }
     path = server.app[STORE].db._path  # type: ignore[attr-defined]
     with sqlite3.connect(path) as conn:
         return dict(conn.execute("SELECT id, raw FROM messages").fetchall())

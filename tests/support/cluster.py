@@ -25,9 +25,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cluster_env(dsn: str, redis_url: str, *, redis_cluster: bool = False) -> dict[str, str]:
     """Environment of a node that shares state with its peers (PostgreSQL + Redis)."""
+    store = {"PIGEON_STORE__TYPE": "postgres", "PIGEON_STORE__DSN": dsn}
+    return store | _peer_env(redis_url, redis_cluster)
+
+
+def dynamodb_cluster_env(
+    endpoint: str, table_prefix: str, redis_url: str, *, redis_cluster: bool = False
+) -> dict[str, str]:
+    """Environment of a node that shares state with its peers on DynamoDB (the tests' moto
+    server, tables `table_prefix*`, made by the first node) + Redis. The credentials are the
+    environment's (tests/conftest.py sets moto's on the DynamoDB stack)."""
+    store = {
+        "PIGEON_STORE__TYPE": "dynamodb",
+        "PIGEON_STORE__ENDPOINT_URL": endpoint,
+        "PIGEON_STORE__TABLE_PREFIX": table_prefix,
+        "PIGEON_STORE__CREATE_TABLES": "true",
+    }
+    return store | _peer_env(redis_url, redis_cluster)
+
+
+def _peer_env(redis_url: str, redis_cluster: bool) -> dict[str, str]:
+    """What every node of a test cluster shares besides its store: Redis, cheap hashing."""
     return {
-        "PIGEON_STORE__TYPE": "postgres",
-        "PIGEON_STORE__DSN": dsn,
         "PIGEON_BUS__TYPE": "redis",
         "PIGEON_PRESENCE__TYPE": "redis",
         "PIGEON_REDIS__URL": redis_url,
