@@ -16,7 +16,7 @@ from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.presence.local import LocalPresence
 from pigeon.adapters.secret_files import load_or_create_secret
 from pigeon.adapters.store.sqlite import SqliteStore
-from pigeon.config import PostgresSettings, S3BlobSettings, Settings
+from pigeon.config import DynamoSettings, PostgresSettings, S3BlobSettings, Settings
 from pigeon.domain.push import PushKind
 from pigeon.gateway.blobs import add_blob_routes
 from pigeon.gateway.http import READINESS, READY, Readiness, add_routes, error_middleware
@@ -58,6 +58,7 @@ from pigeon.services.typing import TypingService
 
 if TYPE_CHECKING:
     from pigeon.adapters.push.rabbitmq import RabbitPushQueue
+    from pigeon.adapters.store.dynamodb.recovery import RecoveryWorker
 
 STORE = web.AppKey("store", Store)
 BUS = web.AppKey("bus", Bus)
@@ -66,11 +67,15 @@ PRESENCE = web.AppKey("presence", Presence)
 BLOBS = web.AppKey("blobs", BlobStore)
 FANOUT = web.AppKey("fanout", Fanout)
 LIMITER = web.AppKey("limiter", RateLimiter)
+#: The store's own cold-path workers (the DynamoDB store's recovery), run beside the sweeper.
+STORE_WORKERS = web.AppKey("store_workers", list["RecoveryWorker"])
 
 
-def build_store(settings: Settings) -> Store:
-    """The configured Store adapter."""
+def build_store(settings: Settings, clock: Clock | None = None) -> Store:
+    """The configured Store adapter (`clock`: the app's, for the stores that read time)."""
     s = settings.store
+    if isinstance(s, DynamoSettings):
+        return build_dynamo_store(s, settings, clock or SystemClock())
     if isinstance(s, PostgresSettings):
         from pigeon.adapters.store.postgres import PostgresStore
 
@@ -83,6 +88,61 @@ def build_store(settings: Settings) -> Store:
             max_batch=s.max_batch,
         )
     return SqliteStore(settings.sqlite_path(), synchronous=s.synchronous, max_batch=s.max_batch)
+
+
+def build_dynamo_store(s: DynamoSettings, settings: Settings, clock: Clock) -> Store:
+    """The DynamoDB store: credentials from botocore's chain, the retention as its TTL."""
+    from pigeon.adapters.store.dynamodb import DynamoStore
+    from pigeon.adapters.store.dynamodb.db import DynamoDb
+
+    db = DynamoDb(
+        table_prefix=s.table_prefix,
+        endpoint_url=s.endpoint_url,
+        region=s.region,
+        create_tables=s.create_tables,
+        max_attempts=s.max_attempts,
+        backoff_base=s.backoff_base,
+        backoff_cap=s.backoff_cap,
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
+        max_connections=s.max_connections,
+    )
+    retention_ms = int(settings.limits.retention_days * 86_400_000)
+    return DynamoStore(db, clock=clock, retention_ms=retention_ms)
+
+
+def build_store_workers(settings: Settings, store: Store, clock: Clock) -> list[RecoveryWorker]:
+    """The cold-path workers the store needs besides the sweeper: on DynamoDB, the recovery
+    of sends a crash interrupted (every node runs one; one at a time has the turn)."""
+    s = settings.store
+    if not isinstance(s, DynamoSettings):
+        return []
+    from pigeon.adapters.store.dynamodb import DynamoStore
+    from pigeon.adapters.store.dynamodb.recovery import RecoveryWorker
+
+    assert isinstance(store, DynamoStore)
+    return [RecoveryWorker(store, clock, s.recovery_interval)]
+
+
+def watch_store_capacity(settings: Settings, metrics: ProcessMetrics, store: Store) -> None:
+    """Export what the store consumes of its engine, where it counts it (DynamoDB)."""
+    if not isinstance(settings.store, DynamoSettings):  # aiobotocore only where it is used
+        return
+    from pigeon.adapters.store.dynamodb import DynamoStore
+
+    if isinstance(store, DynamoStore):
+        from pigeon.adapters.store.dynamodb.metrics import CapacityCollector
+
+        metrics.registry.register(CapacityCollector(store.db.capacity, store.db.prefix))
+
+
+def inbox_metrics_interval(settings: Settings) -> float:
+    """How often the inbox gauges read the store: on DynamoDB a Scan of the whole inbox
+    table, so its own setting (off by default) replaces `metrics.inbox_interval`."""
+    s = settings.store
+    if isinstance(s, DynamoSettings):
+        return s.inbox_metrics_interval
+    return settings.metrics.inbox_interval
 
 
 def build_bus(settings: Settings) -> Bus:
@@ -178,6 +238,12 @@ def build_push_queue(settings: Settings, store: Store) -> PushQueue | None:
         from pigeon.adapters.store.sqlite.push import SqlitePushQueue
 
         outbox = SqlitePushQueue(store.db)
+    elif isinstance(settings.store, DynamoSettings):
+        from pigeon.adapters.store.dynamodb import DynamoStore
+        from pigeon.adapters.store.dynamodb.push import DynamoPushQueue
+
+        if isinstance(store, DynamoStore):
+            outbox = DynamoPushQueue(store.db)
     else:
         from pigeon.adapters.store.postgres import PostgresStore
 
@@ -318,12 +384,13 @@ def create_app(
     clock = clock or SystemClock()
     limits = settings.limits.to_limits()
     metrics = Metrics()
-    adapter = build_store(settings)
+    adapter = build_store(settings, clock)
+    watch_store_capacity(settings, metrics, adapter)
     # the services see the store and the bus through timing wrappers (metrics.py)
     store: Store = TimedStore(adapter, metrics)
     # the inboxes' gauges read through the timing (op `inbox_depth`), never traced: a root
     # span every few seconds would say nothing
-    metrics.watch_inbox(store.chats.inbox_depth, clock, settings.metrics.inbox_interval)
+    metrics.watch_inbox(store.chats.inbox_depth, clock, inbox_metrics_interval(settings))
     bus: Bus = TimedBus(build_bus(settings), metrics)
     tracer = None
     if settings.tracing.enabled:  # spans around commands, store calls and publishes
@@ -415,6 +482,7 @@ def create_app(
     app[SWEEPER] = RetentionSweeper(
         store.messages, clock, limits.retention_seconds, settings.sweep_interval, media
     )
+    app[STORE_WORKERS] = build_store_workers(settings, adapter, clock)
     app[PUSH] = push
     app[READY] = {"ready": False}
     add_routes(app)
@@ -439,6 +507,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[SERVICES].hub.start()
     app[SERVICES].presence.start()
     sweeper.start()
+    for store_worker in app[STORE_WORKERS]:
+        store_worker.start()
     push, settings = app[PUSH], app[SETTINGS]
     worker = None
     if push.queue is not None:
@@ -459,6 +529,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for sender in push.senders.values():
             await sender.aclose()
         await sweeper.aclose()
+        for store_worker in app[STORE_WORKERS]:
+            await store_worker.aclose()
         await app[SERVICES].hub.aclose()
         await app[SERVICES].presence.aclose()
         app[SERVICES].accounts.close()

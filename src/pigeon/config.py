@@ -75,10 +75,9 @@ class DynamoSettings(Section):
     through aiobotocore. Credentials come from the usual AWS chain (environment, shared files,
     container or instance role), never from here.
 
-    Not selectable yet: the adapter (`adapters/store/dynamodb/`) has its foundation but not
-    its sub-stores, so this class is not part of `StoreSettings` and `app.build_store` knows
-    nothing of it. Both come with the sub-stores, in the same change (with `dynamodb` among
-    the tags `describe` leaves out of a setting's name)."""
+    For a cluster whose store must scale out beyond one PostgreSQL server: every node talks
+    to the same tables (docs/operations.md, "DynamoDB"; the design in docs/architecture.md,
+    "DynamoDB store")."""
 
     type: Literal["dynamodb"] = "dynamodb"
     #: None: AWS's endpoint for `region`. Else e.g. `http://alternator:8000`.
@@ -99,6 +98,14 @@ class DynamoSettings(Section):
     read_timeout: float = Field(5.0, gt=0, le=300)
     #: HTTP connections per node (a group message's fan-out runs many calls at once).
     max_connections: int = Field(64, ge=1, le=10_000)
+    #: Seconds between two passes of the recovery worker, which finishes sends that a crash
+    #: left half-done and nobody else finished (it reads the records written since the
+    #: previous pass). Every node runs one; one at a time has the turn.
+    recovery_interval: float = Field(30.0, gt=0, le=86400)
+    #: Replaces `metrics.inbox_interval` on this store: the `pigeon_inbox_*` gauges count the
+    #: inboxes with a Scan of the whole inbox table (capacity in proportion to its size), so
+    #: they are off (0) unless set.
+    inbox_metrics_interval: float = Field(0.0, ge=0, le=86400)
 
 
 def _type_or(default: str) -> Callable[[Any], str]:
@@ -114,7 +121,9 @@ def _type_or(default: str) -> Callable[[Any], str]:
 
 
 StoreSettings = Annotated[
-    Annotated[SqliteSettings, Tag("sqlite")] | Annotated[PostgresSettings, Tag("postgres")],
+    Annotated[SqliteSettings, Tag("sqlite")]
+    | Annotated[PostgresSettings, Tag("postgres")]
+    | Annotated[DynamoSettings, Tag("dynamodb")],
     Discriminator(_type_or("sqlite")),
 ]
 
@@ -657,12 +666,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(describe(exc)) from None
 
 
+#: The tags of the discriminated sections (store, blobs), which pydantic puts in an error's path.
+_TAGS = frozenset({"sqlite", "postgres", "dynamodb", "local", "s3"})
+
+
 def describe(exc: ValidationError) -> str:
     """A validation failure as one line: each bad setting with its env var name."""
     parts = []
     for error in exc.errors():
         # discriminated sections put the engine's tag in the path (store.sqlite.dsn): drop it
-        loc = [str(x) for x in error["loc"] if x not in ("sqlite", "postgres", "local", "s3")]
+        loc = [str(x) for x in error["loc"] if x not in _TAGS]
         what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
         if not loc:  # a rule across sections: its message names the settings
             parts.append(what.removeprefix("Value error, "))

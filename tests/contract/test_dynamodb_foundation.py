@@ -27,6 +27,7 @@ from pigeon.adapters.store.dynamodb.codec import (
 from pigeon.adapters.store.dynamodb.db import (
     ConditionFailed,
     DynamoDb,
+    RequestRefused,
     TransactionCancelled,
 )
 from pigeon.adapters.store.dynamodb.tables import CHATS, INBOX, MESSAGES, TABLES, shard
@@ -330,3 +331,25 @@ def test_codec_round_trips_and_orders() -> None:
     assert is_live({}, 10**15)
     # Fixed value: a shard must be the same in every process (not a salted `hash`).
     assert shard("device-1", 64) == 57 and 0 <= shard("x", 64) < 64
+
+
+async def test_a_transaction_that_fails_while_writing_leaves_nothing_written(
+    dynamo: DynamoDb,
+) -> None:
+    """The tests' moto checks a transaction's conditions before writing (tests/support/
+    dynamodb.py, `_transact_write_items`); a write that fails only when applied (an item
+    grown past the size limit) puts back what the transaction wrote before it."""
+    await dynamo.put(MESSAGES, _item("M#grow", a=b"x" * 300_000))
+    await dynamo.put(MESSAGES, _item("M#kept", v=1))
+    expr = Expr()
+    items = [
+        dynamo.tx_put(MESSAGES, _item("M#new", v=1)),
+        dynamo.tx_put(MESSAGES, _item("M#kept", v=2)),
+        dynamo.tx_update(
+            MESSAGES, key("M#grow"), f"SET {expr.name('b')} = {expr.value(b'y' * 300_000)}", expr
+        ),
+    ]
+    with pytest.raises((TooLarge, TransactionCancelled, RequestRefused)):
+        await dynamo.transact_write(items)
+    assert await dynamo.get(MESSAGES, key("M#new")) is None
+    assert await dynamo.get(MESSAGES, key("M#kept")) == _item("M#kept", v=1)

@@ -1,8 +1,9 @@
 """`PushStore` and the push queue over its outbox (`DynamoPush`, `DynamoPushQueue`) on moto.
 
-The contract tests of tests/contract/test_push_store.py all need chats and messages (jobs come
-from sends) and are not run here: these tests make jobs with `mark_pending`,
-the outbox write the message path calls, and inbox entries as the append protocol writes them.
+The contract tests of tests/contract/test_push_store.py run on the whole `DynamoStore` through
+the contract suite's `store` fixture (tests/contract/conftest.py); these tests make jobs with
+`mark_pending`, the outbox write the message path calls, and inbox entries as the append
+protocol writes them, and check what the contract's SQL views cannot: idle jobs' TTL.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import pytest
 
 from pigeon.adapters.store.dynamodb import DynamoStore
-from pigeon.adapters.store.dynamodb.codec import encode, key, num_key
+from pigeon.adapters.store.dynamodb.codec import encode, expires_at, int_of, key, num_key
 from pigeon.adapters.store.dynamodb.db import DynamoDb
 from pigeon.adapters.store.dynamodb.inbox import entry_key
 from pigeon.adapters.store.dynamodb.push import DynamoPushQueue, mark_pending
-from pigeon.adapters.store.dynamodb.tables import INBOX, MESSAGES
+from pigeon.adapters.store.dynamodb.tables import INBOX, MESSAGES, PUSH
 from pigeon.domain.push import PushTarget
 from pigeon.ports import PushQueueDepth
+from tests.contract.test_push_store import VIS, iseq_of, pair, send
 from tests.contract.test_store import T0, device, user
 from tests.support import dynamodb as support
 
@@ -140,3 +142,25 @@ async def test_dead_letters_are_kept_retried_and_dropped(
     assert await store.accounts.revoke_device(b.id, db.id)
     assert await store.push.target_status(db.id) == (None, None)
     assert await queue.claim(FAR, 10, 60.0) == []
+
+
+async def test_before_configure_no_grace_no_window_and_an_idle_job_expires_at_once(
+    store: DynamoStore,
+) -> None:
+    """test_push_store.py's `test_before_configure_there_is_no_grace_and_no_window`, whose
+    last step (the idle job gone at the next claim) is TTL's business here."""
+    queue = DynamoPushQueue(store.db)  # never configured
+    _, _, da, db, c = await pair(store)
+    await send(store, c, da, T1)
+    (job,) = await queue.claim(T1, 10, VIS)
+    await queue.done(job, T1 + 10, pushed=True)
+    later = await send(store, c, da, T1 + 20)
+    rows = await support.job_rows(store)
+    assert [(r[2], r[5]) for r in rows] == [(1, T1 + 20)]  # no window holds it
+    (job,) = await queue.claim(T1 + 20, 10, VIS)
+    assert job.last_iseq == iseq_of(later, db)  # no grace: an entry of now is covered
+    await queue.done(job, T1 + 30, pushed=True)
+    assert await queue.claim(T1 + 31, 10, VIS) == []
+    item = await store.db.get(PUSH, key(f"P#{db.id}", f"J#{c.id}"))
+    assert item is not None and int_of(item, "pending") == 0
+    assert int_of(item, "expires") == expires_at(T1 + 30, 0) + 1  # TTL: its window is over

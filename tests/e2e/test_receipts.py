@@ -144,25 +144,27 @@ async def _acked(server: Server, client: PigeonClient) -> int:
 async def test_a_receipt_alone_is_acked_lazily(server: Server) -> None:
     """Taking only a receipt does not ack within the 5 ms window (no command for it): the ack
     waits `lazy_ack_interval` for a send to carry it, then goes on its own."""
-    alice_name, _ = await server.user("alice")
+    alice_name, alice_id = await server.user("alice")
     alice = await server.client(await server.device(alice_name), lazy_ack_interval=0.3)
-    bob = await server.new_client("bob")
-    assert bob.user
-    chat = await alice.create_chat([bob.user])
-    sent = await alice.send(chat["id"], "ping")
-    assert (await next_of(bob, Message)).id == sent.id
-    acked = asyncio.Event()
+    acks: asyncio.Queue[float] = asyncio.Queue()
     ack = alice.ack
 
-    async def ack_seen(upto: int) -> None:  # the SDK's own ack, observed
+    async def ack_seen(upto: int) -> None:  # the SDK's own acks, observed
         await ack(upto)
-        acked.set()
+        acks.put_nowait(time.monotonic())
 
     alice.ack = ack_seen  # type: ignore[method-assign]
-    await next_of(alice, Receipt)
+    bob = await server.new_client("bob")
+    chat = await bob.create_chat([alice_id])
+    await bob.send(chat["id"], "hi")
+    await next_of(alice, Message)  # urgent: acked at once, with what came before it
+    await asyncio.wait_for(acks.get(), 10)
+    await alice.send(chat["id"], "hi back")  # nothing left to carry
+    await next_of(bob, Message)  # bob takes it: acked, his receipt goes to alice
+    await next_of(alice, Receipt)  # bob's delivered receipt: the only event pending
     taken = time.monotonic()
-    await asyncio.wait_for(acked.wait(), 10)
-    assert time.monotonic() - taken >= 0.3
+    acked = await asyncio.wait_for(acks.get(), 10)
+    assert acked - taken >= 0.3
     assert await _acked(server, alice) > 0
 
 

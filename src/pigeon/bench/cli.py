@@ -18,6 +18,7 @@ import typer
 
 from pigeon.bench import (
     abuse,
+    capacity,
     compare,
     crypto,
     idle,
@@ -527,3 +528,83 @@ def abuse_cmd(
         return await abuse.run(handle, p)
 
     _execute("abuse", target, out, runner, abuse.summary)
+
+
+@bench_app.command("capacity")
+def capacity_cmd(
+    store: Annotated[
+        capacity.Backend,
+        typer.Option(
+            help="The store the nodes share (with Redis bus and presence; sqlite: one node)."
+        ),
+    ] = capacity.Backend.postgres,
+    nodes: Annotated[str, typer.Option(help="Node counts, comma-separated.")] = "1,2,4",
+    rate: Annotated[float, typer.Option(help="1:1 messages per second offered.")] = 200.0,
+    group_rate: Annotated[float, typer.Option(help="Group messages per second offered.")] = 4.0,
+    pairs: Annotated[int, typer.Option(min=1, help="1:1 sender/receiver pairs.")] = 50,
+    members: Annotated[int, typer.Option(min=0, help="Members of the group (0: none).")] = 100,
+    duration: Annotated[float, typer.Option(help="Measured seconds per workload.")] = 15.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of load before each measure.")] = 3.0,
+    idle: Annotated[float, typer.Option(help="Seconds of the idle measure.")] = 5.0,
+    size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 100,
+    settle: Annotated[
+        float, typer.Option(help="Seconds before reading PostgreSQL's statistics.")
+    ] = 11.0,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a workload's last deliveries and acks.")
+    ] = 30.0,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="Redis to use (default: a private redis-server of the run)."),
+    ] = None,
+    dynamodb_endpoint: Annotated[
+        str | None,
+        typer.Option(help="DynamoDB endpoint (default: a moto server spawned by the bench)."),
+    ] = None,
+    server_cpu: ServerCpu = None,
+    client_cpu: ClientCpu = None,
+    data_dir: DataDir = None,
+    server_env: ServerEnv = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Cost per delivered message and per group message, for 1, 2, 4... nodes: CPU (nodes,
+    PostgreSQL, Redis), store operations, Redis commands and bytes, client wire bytes."""
+    try:
+        counts = capacity.parse_nodes(nodes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if store is capacity.Backend.sqlite and counts != [1]:
+        raise typer.BadParameter("SQLite serves one node: --nodes 1")
+    env = {}
+    for item in server_env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
+    p = capacity.Params(
+        store=store,
+        nodes=counts,
+        rate=rate,
+        group_rate=group_rate,
+        pairs=pairs,
+        members=members,
+        duration=duration,
+        warmup=warmup,
+        idle=idle,
+        size=size,
+        settle=settle,
+        drain_timeout=drain_timeout,
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+        data_dir=data_dir,
+        server_env=env,
+        redis_url=redis_url,
+        dynamodb_endpoint=dynamodb_endpoint,
+    )
+    doc = run_loop(capacity.run(p))
+    path = write_result(out, doc)
+    for line in capacity.table(doc):
+        print(line)
+    for problem in doc["problems"]:
+        print(f"PROBLEM: {problem}")
+    print(f"result file {path}")

@@ -17,8 +17,9 @@ With `e2e` (Pigeon only) the chats are created encrypted and every message is an
 instead of a body: a fixed algorithm, sender key and session id, and a base64 ciphertext of the
 body's size (rounded up to a multiple of 4) that starts with the send time, so the server does
 its envelope checks and the receiver still reads its stamp. The receiver and sender ack
-events as the SDK does (cumulatively, 5 ms after the first unacked one), so Pigeon does the work
-a real client causes: send, recipient ack, delivered receipt, sender ack.
+events as the SDK does (`bench/acks.py`: a message within 5 ms, a receipt on the sender's next
+send or after 2 s), so Pigeon does the work a real client causes: send, recipient ack,
+delivered receipt, sender ack.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import msgspec
 import psutil
 
 from pigeon.bench.accounts import bounded, make_devices
+from pigeon.bench.acks import Acker
 from pigeon.bench.one_to_one import STAMP_DIGITS
 from pigeon.bench.report import latency_summary, loadavg
 from pigeon.bench.server import (
@@ -66,8 +68,6 @@ _E2E_HEAD = (
     + base64.b64encode(bytes(range(32, 64))).rstrip(b"=")
     + b'","ciphertext":"'
 )
-ACK_DELAY = 0.005  # as the SDK's ack window
-LAZY_ACK_DELAY = 2.0  # as the SDK's for receipts (unless a send carries the ack first)
 TICK = 0.001  # open-loop scheduling granularity
 
 
@@ -111,46 +111,26 @@ class Result:
     services_us_per_msg: dict[str, float] = field(default_factory=dict)
 
 
-class _Socket:
+class _Socket(Acker):
     """One generator socket: counts what arrives and acks Pigeon events like the SDK."""
 
-    __slots__ = ("ack_at", "ack_soon", "acked", "gen", "last_iseq", "pair", "rid", "sock")
+    __slots__ = ("gen", "pair")
 
     def __init__(self, gen: _Generator) -> None:
+        super().__init__(gen.loop)
         self.gen = gen
-        self.sock: WireSocket | None = None
         self.pair: _Pair | None = None  # the pair it sends for
-        self.last_iseq = 0
-        self.acked = 0
-        self.ack_at: asyncio.TimerHandle | None = None
-        #: Whether the ack timer is the short one (a message is among what it acks).
-        self.ack_soon = False
-        self.rid = 0
 
     def on_frame(self, frame: bytes) -> None:
         if frame.startswith(_EVENT):
             start = len(_EVENT)
-            self.last_iseq = int(frame[start : frame.index(b",", start)])
-            message = self.gen.on_event(frame)
-            if message and not self.ack_soon:
-                if self.ack_at is not None:
-                    self.ack_at.cancel()
-                self.ack_at = self.gen.loop.call_later(ACK_DELAY, self._ack)
-                self.ack_soon = True
-            elif self.ack_at is None:
-                self.ack_at = self.gen.loop.call_later(LAZY_ACK_DELAY, self._ack)
+            iseq = int(frame[start : frame.index(b",", start)])
+            self.on_event(iseq, self.gen.on_event(frame))
         elif frame.startswith(_OK):
             if frame[len(_OK)] != 0x22:  # a numeric rid: a send's reply (acks use "a<n>")
                 self.gen.on_sent(self)
         elif self.gen.relay:  # the relay forwards the sender's frame as it is
             self.gen.on_event(frame)
-
-    def _ack(self) -> None:
-        self.ack_at, self.ack_soon = None, False
-        if self.last_iseq > self.acked and self.sock is not None:
-            self.acked = self.last_iseq
-            self.rid += 1
-            self.sock.send(b'{"t":"ack","rid":"a%d","upto":%d}' % (self.rid, self.acked))
 
 
 @dataclass
@@ -186,11 +166,7 @@ class _Generator:
 
     def frame(self, pair: _Pair, stamp: int) -> bytes:
         self.rid += 1
-        tx = pair.tx
-        ack = b""
-        if self.w.ride_acks and tx.last_iseq > tx.acked:  # the ack rides along, as in the SDK
-            tx.acked = tx.last_iseq
-            ack = b',"ack":%d' % tx.acked
+        ack = pair.tx.ride() if self.w.ride_acks else b""  # the ack rides along, as in the SDK
         if self.w.e2e:
             return b'{"t":"send","rid":%d,"chat":"%s","cmid":"%d",%s%020d%s"}%s}' % (
                 self.rid,

@@ -173,6 +173,8 @@ class Capacity:
         self.read_units = 0.0
         self.write_units = 0.0
         self.units_by_table: dict[str, float] = {}
+        #: (table, "read" or "write") -> units: what the Prometheus counters export.
+        self.units_by_kind: dict[tuple[str, str], float] = {}
         self.unreported = 0
         self.retries = 0
         self.throttled = 0
@@ -187,7 +189,9 @@ class Capacity:
             units = float(entry.get("CapacityUnits", 0.0))
             table = str(entry.get("TableName", "?"))
             self.units_by_table[table] = self.units_by_table.get(table, 0.0) + units
-            if op in _READS:
+            kind = "read" if op in _READS else "write"
+            self.units_by_kind[table, kind] = self.units_by_kind.get((table, kind), 0.0) + units
+            if kind == "read":
                 self.read_units += units
             else:
                 self.write_units += units

@@ -324,9 +324,16 @@ async def _drop_strays(db: DynamoDb, ref: str, strays: dict[str, int]) -> None:
     await release(db, ref, strays)
 
 
-async def roll_forward(db: DynamoDb, record: Item, policy: Policy) -> list[Delivery]:
+async def roll_forward(
+    db: DynamoDb,
+    record: Item,
+    policy: Policy,
+    *,
+    unlocked: Callable[[], None] | None = None,
+) -> list[Delivery]:
     """Steps 2-6 for a pending record, by anyone, any number of times (concurrently too).
-    Returns the deliveries if this call committed it, [] if it was committed by another."""
+    Returns the deliveries if this call committed it, [] if it was committed by another.
+    `unlocked` is called once the record's chat lock is released (step 3)."""
     if not is_pending(record):
         return []
     ref = ref_of(record)
@@ -335,6 +342,8 @@ async def roll_forward(db: DynamoDb, record: Item, policy: Policy) -> list[Deliv
     lock_chat = opt_str(record, "lock_chat")
     if lock_chat is not None:
         await release_chat_lock(db, lock_chat, str_of(record, "id"))
+    if unlocked is not None:
+        unlocked()
     _step("unlocked")
     expires = policy.expires()
     entries = [_entry(record, d, i, expires) for d, i in reserved.items()]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -62,10 +63,26 @@ from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
 
 _decode_message = msgspec.json.Decoder(Message).decode
+#: The recovery turn: which node recovers now, until when, and from where (`recover_turn`).
+_RECOVERY = key("W#recovery")
+#: How far back recovery reads at most (and the first time).
+_LOOKBACK_MS = 3_600_000
 _ACK_CHUNK = 50
 _MARK_ATTEMPTS = 8
 #: The highest iseq a key can hold (`num_key`'s 20 digits).
 _LAST_ISEQ = 10**20 - 1
+
+
+class _ChatQueue:
+    """This node's sends to one chat, taking the chat's lock one after the other: `lock` is
+    held from before the chat is read until the send has released the chat's lock (or
+    failed); `users` counts the sends holding or awaiting it (the queue goes at 0); `chat` is
+    the chat item as the last send left it, if it knows (its successor's first read)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+        self.chat: Item | None = None
 
 
 class _Contended(Exception):
@@ -99,22 +116,65 @@ class DynamoMessages:
     """Messages, inboxes and receipts on DynamoDB."""
 
     def __init__(
-        self, db: DynamoDb, policy: Policy | None = None, *, lock_wait_ms: int = 10_000
+        self,
+        db: DynamoDb,
+        policy: Policy | None = None,
+        *,
+        lock_wait_ms: int = 10_000,
+        queue_wait_ms: int = 30_000,
     ) -> None:
         self._db = db
         self._policy = policy or Policy()
         self._lock_wait_ms = lock_wait_ms
+        self._queue_wait_ms = queue_wait_ms
         self._rng = random.Random()
+        self._queues: dict[str, _ChatQueue] = {}
 
     # -- send -------------------------------------------------------------------------------------
 
     async def send(self, req: SendRequest) -> SendResult:
+        queue = self._queues.get(req.chat) or self._queues.setdefault(req.chat, _ChatQueue())
+        queue.users += 1
+        try:
+            try:
+                async with asyncio.timeout(self._queue_wait_ms / 1000):
+                    await queue.lock.acquire()
+            except TimeoutError:
+                raise Unavailable("the chat is busy") from None
+            released = False
+
+            def release(chat: Item | None = None) -> None:  # once per send, however often called
+                nonlocal released
+                if not released:
+                    released = True
+                    queue.chat = chat
+                    queue.lock.release()
+
+            known, queue.chat = queue.chat, None
+            try:
+                return await self._send_queued(req, known, release)
+            finally:
+                release()
+        finally:
+            queue.users -= 1
+            if not queue.users:
+                del self._queues[req.chat]
+
+    async def _send_queued(
+        self, req: SendRequest, known: Item | None, unlocked: Callable[[Item | None], None]
+    ) -> SendResult:
+        """`send`, first of this node's sends to the chat: the others wait in its local
+        queue, not by polling the chat's lock (which, with many senders in one hot chat,
+        costs reads and cancelled transactions and starves the holder's own calls). `known`
+        is the chat item as the previous send of the queue left it (None: read it); if it is
+        stale, the first transaction's conditions say so and the chat is read again."""
         clock = self._policy.clock
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._lock_wait_ms / 1000
         attempt = 0
         while True:
-            chat = await self._db.get(CHATS, chat_key(req.chat))
+            chat = known or await self._db.get(CHATS, chat_key(req.chat))
+            known = None
             holder = None if chat is None else opt_str(chat, "lock")
             if chat is None or "st" in chat or req.sender not in strs_of(chat, "roster"):
                 done = await self._claimed(req)
@@ -125,7 +185,7 @@ class DynamoMessages:
                 raise Forbidden("not a participant of this chat")
             try:
                 if holder is None:
-                    return await self._send(req, chat)
+                    return await self._send(req, chat, unlocked)
                 if (opt_int(chat, "lock_until") or 0) <= clock.now_ms():
                     await self._break_lock(req.chat, holder, int_of(chat, "last_seq"))
                     continue
@@ -152,7 +212,9 @@ class DynamoMessages:
         pairs = sorted((str_of(u, PK)[2:], d) for u in users for d in strs_of(u, "device_ids"))
         return [d for _, d in pairs if d != sender_device]
 
-    async def _send(self, req: SendRequest, chat: Item) -> SendResult:
+    async def _send(
+        self, req: SendRequest, chat: Item, unlocked: Callable[[Item | None], None]
+    ) -> SendResult:
         db, policy = self._db, self._policy
         targets = await self._targets(strs_of(chat, "roster"), req.sender_device)
         last = opt_int(chat, "last_seq") or 0
@@ -211,7 +273,16 @@ class DynamoMessages:
             if 0 in exc.failed or 1 in exc.failed:
                 raise _Contended from None
             raise
-        deliveries = await inbox.roll_forward(db, record, policy) if targets else []
+        # the chat as this send leaves it once unlocked: the next of the queue need not read it
+        after = {k: v for k, v in chat.items() if k not in ("lock", "lock_until")}
+        after["last_seq"] = {"N": str(seq)}
+        if not targets:
+            unlocked(after)  # written committed, without the chat lock
+            deliveries = []
+        else:
+            deliveries = await inbox.roll_forward(
+                db, record, policy, unlocked=lambda: unlocked(after)
+            )
         deliveries += await self._sender_read(req.chat, req.sender, seq, req.at)
         return SendResult(message, False, deliveries)
 
@@ -700,24 +771,77 @@ class DynamoMessages:
         await self._clear_preview(chat_id, seq)
         return 1, present
 
-    async def recover(self) -> int:
-        """Roll forward every record of the last two hours still pending after its lease (the
-        cold-path worker's job: crashes that left no reservation for a reader to find).
-        Returns how many it finished."""
+    async def recover(self, since: int | None = None) -> int:
+        """Roll forward every record written at or after `since` (ms; None: the last hour)
+        still pending after its lease: the cold-path worker's job (`recovery.py`), for crashes
+        that left no reservation for a reader to find and no later sender to break the chat's
+        lock. Reads `by_time` from `since` (each hour's shards) and the records it names
+        (eventually consistent: a record is looked at after its lease, seconds after its
+        write); returns how many it finished."""
         now = self._policy.clock.now_ms()
-        done = 0
-        for hour in {inbox.hour_of(now - 3_600_000), inbox.hour_of(now)}:
+        start = now - _LOOKBACK_MS if since is None else min(since, now)
+        hours = sorted(
+            {inbox.hour_of(t) for t in range(start, now, 3_600_000)} | {inbox.hour_of(now)}
+        )
+        found: list[Item] = []
+        ix = inbox.BY_TIME
+        for hour in hours:
             for shard in range(TIME_SHARDS):
-                ix = inbox.BY_TIME
                 expr = Expr()
-                cond = f"{expr.name(ix.pk)} = {expr.value(f'T#{hour}#{shard}')}"
-                for found in await self._db.query_items(MESSAGES, cond, expr, index=ix):
-                    record = await self._db.get(MESSAGES, key(str_of(found, PK), str_of(found, SK)))
-                    if record is None or not inbox.is_pending(record):
-                        continue
-                    if (opt_int(record, "lease") or 0) <= now:
-                        await inbox.roll_forward(self._db, record, self._policy)
-                        done += 1
+                cond = (
+                    f"{expr.name(ix.pk)} = {expr.value(f'T#{hour}#{shard}')}"
+                    f" AND {expr.name(ix.sk)} >= {expr.value(num_key(start))}"
+                )
+                found += await self._db.query_items(MESSAGES, cond, expr, index=ix)
+        keys = [key(str_of(f, PK), str_of(f, SK)) for f in found]
+        done = 0
+        for record in await self._db.batch_get(MESSAGES, keys, consistent=False):
+            if inbox.is_pending(record) and (opt_int(record, "lease") or 0) <= now:
+                fresh = await self._db.get(MESSAGES, key(str_of(record, PK), str_of(record, SK)))
+                if fresh is not None and inbox.is_pending(fresh):
+                    await inbox.roll_forward(self._db, fresh, self._policy)
+                    done += 1
+        return done
+
+    async def recover_turn(self, owner: str, hold_ms: int, overlap_ms: int) -> int | None:
+        """One node's pass of recovery, if it is `owner`'s turn: the turn item
+        (`_RECOVERY`) names one owner at a time, for `hold_ms` (renewed by each of its
+        passes, taken over once it lapses), and holds the cursor, the start of the last pass
+        minus `overlap_ms`, from which the next pass reads (the last hour the first time in a
+        deployment). So the records are read by one node, about once, whatever the number of
+        nodes. A cursor older than an hour (every node was down) counts as an hour ago.
+        Returns how many records it finished, None if another owner holds the turn."""
+        now = self._policy.clock.now_ms()
+        expr = Expr()
+        who, until = expr.name("owner"), expr.name("until")
+        me = expr.value(owner)
+        try:
+            turn = await self._db.update(
+                MESSAGES,
+                _RECOVERY,
+                f"SET {who} = {me}, {until} = {expr.value(now + hold_ms)}",
+                expr,
+                condition=(
+                    f"attribute_not_exists({expr.name(PK)}) OR {who} = {me}"
+                    f" OR {until} < {expr.value(now)}"
+                ),
+                returns="ALL_NEW",
+                idempotent=True,
+            )
+        except ConditionFailed:
+            return None
+        cursor = opt_int(turn, "cursor")
+        done = await self.recover(None if cursor is None else max(cursor, now - _LOOKBACK_MS))
+        expr = Expr()
+        with contextlib.suppress(ConditionFailed):  # the turn lapsed meanwhile: the next redoes
+            await self._db.update(
+                MESSAGES,
+                _RECOVERY,
+                f"SET {expr.name('cursor')} = {expr.value(now - overlap_ms)}",
+                expr,
+                condition=f"{expr.name('owner')} = {expr.value(owner)}",
+                idempotent=True,
+            )
         return done
 
 
