@@ -11,9 +11,9 @@ import pytest
 
 from pigeon.client import PigeonClient, login, register
 from tests.conftest import PASSWORD
-from tests.support.cluster import Node, cluster_env
+from tests.support.cluster import HAProxy, Node, cluster_env
 from tests.support.postgres import fresh_database
-from tests.support.traffic import Pair
+from tests.support.traffic import Pair, Traffic
 
 _names = itertools.count(1)
 
@@ -64,6 +64,26 @@ async def connect(made: list[PigeonClient], url: str, token: str, **kw: object) 
     await client.connect()
     made.append(client)
     return client
+
+
+async def kill_one_behind_haproxy(
+    nodes: list[Node], clients: list[PigeonClient], pairs: int, acked: int
+) -> None:
+    """`pairs` pairs talk through HAProxy in front of `nodes`; once `acked` messages are
+    acked, the first node is SIGKILLed (whatever it had in flight), and the survivors must
+    carry as many again: nothing acked lost, reordered or surfaced twice (`Traffic.finish`)."""
+    lb = HAProxy(nodes)
+    await lb.start()
+    try:
+        traffic = Traffic(await make_pairs(clients, pairs, lb.url, lb.url))
+        traffic.start()
+        await traffic.wait_acked(acked)
+        nodes[0].kill()
+        await traffic.wait_acked(2 * acked)  # the survivors carry the whole load
+        await traffic.finish()
+        assert any(c.connects > 1 for c in clients), "the killed node held no client"
+    finally:
+        await lb.close()
 
 
 async def make_pairs(

@@ -12,9 +12,8 @@ import pytest
 
 from pigeon.client import ClientError, login, register
 from pigeon.domain.events import Message
-from tests.chaos.conftest import StartNodes, connect, env_for, make_pairs
+from tests.chaos.conftest import StartNodes, connect, env_for, kill_one_behind_haproxy, make_pairs
 from tests.conftest import PASSWORD, next_of
-from tests.support.cluster import HAProxy
 from tests.support.postgres import PgCluster
 from tests.support.redis import RedisServer
 from tests.support.traffic import Traffic
@@ -27,18 +26,7 @@ async def test_sigkill_one_of_three_nodes_behind_haproxy(
 ) -> None:
     url, is_cluster = redis_target
     nodes = await start_nodes(3, env_for(database, url, is_cluster))
-    lb = HAProxy(nodes)
-    await lb.start()
-    try:
-        traffic = Traffic(await make_pairs(clients, 12, lb.url, lb.url))
-        traffic.start()
-        await traffic.wait_acked(150)
-        nodes[0].kill()
-        await traffic.wait_acked(300)  # the survivors carry the whole load
-        await traffic.finish()
-        assert any(c.connects > 1 for c in clients), "the killed node held no client"
-    finally:
-        await lb.close()
+    await kill_one_behind_haproxy(nodes, clients, pairs=12, acked=150)
 
 
 async def test_redis_restart_during_load(
