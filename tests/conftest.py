@@ -27,6 +27,11 @@ pytest_plugins = [
     "tests.support.s3",
 ]
 
+#: Seconds a test client waits for `ready`. On the tests' moto (one request at a time) 50
+#: devices of a group of 100 connecting at once took over 10 s: each one's sync acks, and
+#: each ack reads the chat's 100 member items (a Query moto answers in about 0.1 s).
+CONNECT_TIMEOUT = 30.0 if os.environ.get("PIGEON_TEST_STACK") == "dynamodb" else 10.0
+
 _names = itertools.count(1)
 #: Usernames differ between runs: the shared Redis keeps rate-limit counters (logins per
 #: username) from earlier runs.
@@ -49,17 +54,26 @@ def shared_stack(request: pytest.FixtureRequest) -> dict[str, Any]:
     if STACK == "embedded":
         return {}
     if STACK == "dynamodb":
-        from tests.support.dynamodb import ACCESS_KEY, REGION, SECRET_KEY, fresh_prefix
+        from tests.support.dynamodb import (
+            ACCESS_KEY,
+            REGION,
+            SECRET_KEY,
+            delete_tables,
+            fresh_prefix,
+        )
 
         # The servers (and the processes tests start) find moto's credentials where AWS's
         # would be: the adapter takes them from the usual chain only.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        endpoint, prefix = request.getfixturevalue("moto_dynamodb").endpoint, fresh_prefix()
+        # after the servers (torn down first): the tables go, or moto's memory grows all run
+        request.addfinalizer(lambda: delete_tables(endpoint, prefix))
         store: dict[str, Any] = {
             "type": "dynamodb",
-            "endpoint_url": request.getfixturevalue("moto_dynamodb").endpoint,
+            "endpoint_url": endpoint,
             "region": REGION,
-            "table_prefix": fresh_prefix(),
+            "table_prefix": prefix,
             "create_tables": True,
             "backoff_base": 0.001,
             "backoff_cap": 0.005,
@@ -150,7 +164,7 @@ class Server:
 
     async def client(self, account: Account, **kw: Any) -> PigeonClient:
         c = PigeonClient(self.url, account.token, **kw)
-        await c.connect()
+        await c.connect(CONNECT_TIMEOUT)
         self.clients.append(c)
         return c
 
@@ -194,9 +208,15 @@ async def start_server(settings: Settings, clock: Clock | None = None) -> Server
     return Server(runner, f"http://127.0.0.1:{port}")
 
 
+#: Seconds to stop a test server: its clients close one by one, each acking what it handled
+#: (on DynamoDB, on the tests' moto that handles one request at a time, 100 members' acks of
+#: a group's messages took 26 s).
+STOP_TIMEOUT = 60.0 if STACK == "dynamodb" else 20.0
+
+
 async def stop_server(server: Server) -> None:
     try:
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(STOP_TIMEOUT):
             await _stop_server(server)
     except TimeoutError:
         for task in asyncio.all_tasks():

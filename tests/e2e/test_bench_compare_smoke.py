@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pigeon.bench import compare
 from pigeon.bench.server import Target
-from tests.conftest import Server
+from tests.conftest import STACK, Server
 
 
+@pytest.mark.skipif(
+    STACK == "dynamodb",
+    reason="200 msgs/s is beyond the tests' moto (one request at a time, about 15 per send:"
+    " 4 msgs/s were delivered); the generator is the same on every stack",
+)
 async def test_compare_smoke(server: Server) -> None:
     closed = compare.Workload(pairs=2, inflight=2, duration=0.5, warmup=0.2)
     opened = compare.Workload(pairs=2, rate=200, duration=0.5, warmup=0.2)

@@ -1,6 +1,6 @@
 """DynamoDB for tests: moto in *server mode* (a real HTTP DynamoDB endpoint on a free loopback
-port, in a thread of the test process, shared by the session), and `FaultProxy`, an HTTP front
-that answers chosen calls with DynamoDB's own error responses before they reach moto.
+port, in a child process, shared by the session), and `FaultProxy`, an HTTP front that
+answers chosen calls with DynamoDB's own error responses before they reach moto.
 
 Why the proxy: throttling, transient 500s and transaction conflicts are what the adapter's
 retries exist for, and moto never produces them. Injecting them at the HTTP level exercises the
@@ -26,9 +26,15 @@ the contract suite (tests/contract/conftest.py) empties one set of tables instea
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -37,15 +43,18 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from moto.core.responses import ActionResult
 from moto.dynamodb.comparisons import get_filter_expression
 from moto.dynamodb.exceptions import (
     ConditionalCheckFailed,
+    DynamodbException,
     MultipleTransactionsException,
     TooManyTransactionsException,
     TransactionCanceledException,
     TransactWriteSingleOpException,
 )
 from moto.dynamodb.models import DynamoDBBackend
+from moto.dynamodb.responses import DynamoHandler
 from moto.moto_server.werkzeug_app import (
     DomainDispatcherApplication,
     MotoRequestHandler,
@@ -179,6 +188,60 @@ def _apply_writes(self: DynamoDBBackend, plan: list[_Planned]) -> None:
         raise
 
 
+#: How long a transaction's `ClientRequestToken` is remembered (DynamoDB: 10 minutes).
+_TOKEN_TTL_S = 600.0
+
+
+class _Tokens:
+    """The `ClientRequestToken`s of committed transactions, as DynamoDB keeps them: a repeat
+    with the same token and items within 10 minutes succeeds without writing again (moto
+    ignores the token, so an adapter's retry after a timed-out attempt that did commit found
+    its own writes and was cancelled by them, where DynamoDB answers success)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, str]] = {}
+        self._prune_at = 10_000
+
+    def repeat(self, token: str, items: list[Any]) -> bool:
+        """Whether `items` under `token` committed already (raises on other items)."""
+        now = time.monotonic()
+        if len(self._seen) > self._prune_at:
+            self._seen = {t: v for t, v in self._seen.items() if now - v[0] < _TOKEN_TTL_S}
+            self._prune_at = max(10_000, 2 * len(self._seen))
+        seen = self._seen.get(token)
+        if seen is None or now - seen[0] >= _TOKEN_TTL_S:
+            return False
+        if seen[1] != _digest(items):
+            raise DynamodbException(
+                _TYPE + "IdempotentParameterMismatchException",
+                "the token was used for another request",
+            )
+        return True
+
+    def committed(self, token: str, items: list[Any]) -> None:
+        self._seen[token] = (time.monotonic(), _digest(items))
+
+
+def _digest(items: list[Any]) -> str:
+    """What identifies a transaction's items (a digest: they may hold megabytes)."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+_tokens = _Tokens()
+_moto_transact_write_items = DynamoHandler.transact_write_items
+
+
+def _idempotent_transact_write_items(self: DynamoHandler) -> Any:
+    """moto's TransactWriteItems response, honouring `ClientRequestToken` (`_Tokens`)."""
+    token, items = self.body.get("ClientRequestToken"), self.body["TransactItems"]
+    if token and _tokens.repeat(token, items):
+        return ActionResult({"ConsumedCapacity": [], "ItemCollectionMetrics": {}})
+    result = _moto_transact_write_items(self)
+    if token:
+        _tokens.committed(token, items)
+    return result
+
+
 class _QuietHandler(MotoRequestHandler):
     """moto's request handler without werkzeug's line per request (thousands per test run,
     each formatted, written and captured by pytest for nothing)."""
@@ -195,6 +258,7 @@ class SerialMotoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         # safe only with one request at a time, which this server guarantees
         DynamoDBBackend.transact_write_items = _transact_write_items  # type: ignore[method-assign]
+        DynamoHandler.transact_write_items = _idempotent_transact_write_items  # type: ignore[method-assign]
         app = _OneRequestAtATime(DomainDispatcherApplication(create_backend_app))
         self._server: BaseWSGIServer = make_server(
             host, port, app, threaded=True, request_handler=_QuietHandler
@@ -215,16 +279,69 @@ class SerialMotoServer:
         self._server.server_close()
 
 
+def serve() -> None:
+    """`python -m tests.support.dynamodb`: a `SerialMotoServer` until stdin closes (its
+    endpoint printed on the first line of stdout)."""
+    server = SerialMotoServer()
+    server.start()
+    print(server.endpoint, flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes it, or dies
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def moto_dynamodb() -> Iterator[MotoDynamo]:
     """One moto server (server mode, port chosen by the OS, requests serialised: see the
-    module's docstring) for the whole session."""
-    server = SerialMotoServer()
-    server.start()
+    module's docstring) for the whole session, in a process of its own: in the test
+    process it shared one GIL with the servers and clients under test (the end-to-end suite
+    on DynamoDB ran on one of the two cores), and its tables stayed in the test process's
+    memory."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.dynamodb"],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        yield MotoDynamo(endpoint=server.endpoint)
+        assert process.stdout is not None
+        endpoint = process.stdout.readline().strip()
+        if not endpoint.startswith("http://"):
+            raise RuntimeError(f"the moto server did not start (exit {process.wait()})")
+        yield MotoDynamo(endpoint=endpoint)
     finally:
-        server.stop()
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def delete_tables(endpoint: str, prefix: str) -> None:
+    """Delete the tables of `prefix` (a test's, at its end): moto keeps every table in
+    memory, and a run of the end-to-end suite made thousands."""
+    import boto3
+
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
+    try:
+        for table in TABLES:
+            with contextlib.suppress(client.exceptions.ResourceNotFoundException):
+                client.delete_table(TableName=prefix + table.name)
+    finally:
+        client.close()
 
 
 def fresh_prefix() -> str:
@@ -387,3 +504,7 @@ def teach_push_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (test_push_store, test_rabbit_push_queue):
         monkeypatch.setattr(module, "job_rows", job_rows)
     monkeypatch.setattr(test_push_store, "select", select)
+
+
+if __name__ == "__main__":
+    serve()

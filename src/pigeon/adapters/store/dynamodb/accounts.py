@@ -146,7 +146,9 @@ class DynamoAccounts:
         try:
             await db.transact_write(items)
         except TransactionCancelled as exc:
-            if 0 in exc.failed or 1 in exc.failed:
+            if 1 in exc.failed:  # user ids are new: an attempt of this call committed it
+                return
+            if 0 in exc.failed:
                 raise Conflict(f"username {user.username!r} is taken") from None
             raise Forbidden("unknown, used or expired invite code") from None
 
@@ -268,6 +270,8 @@ class DynamoAccounts:
                 await db.transact_write(items)
                 return
             except TransactionCancelled as exc:
+                if 2 in exc.failed:  # device ids are new: an attempt of this call committed it
+                    return
                 if 0 in exc.failed:
                     stored = exc.reasons[0].item
                     if stored is None:

@@ -142,6 +142,9 @@ class DynamoAttachments:
                 return
             except TransactionCancelled as exc:
                 if 0 in exc.failed:
+                    stored = exc.reasons[0].item
+                    if stored is not None and _record_of(stored) == _record_of(item):
+                        return  # an attempt of this call committed it (timed out, retried)
                     raise NotFound("attachment id exists already") from None
                 continue  # another creation of this owner took the window: count again
         raise Unavailable("attachments: create kept conflicting; retry")

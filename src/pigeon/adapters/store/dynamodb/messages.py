@@ -121,12 +121,10 @@ class DynamoMessages:
         policy: Policy | None = None,
         *,
         lock_wait_ms: int = 10_000,
-        queue_wait_ms: int = 30_000,
     ) -> None:
         self._db = db
         self._policy = policy or Policy()
         self._lock_wait_ms = lock_wait_ms
-        self._queue_wait_ms = queue_wait_ms
         self._rng = random.Random()
         self._queues: dict[str, _ChatQueue] = {}
 
@@ -136,11 +134,11 @@ class DynamoMessages:
         queue = self._queues.get(req.chat) or self._queues.setdefault(req.chat, _ChatQueue())
         queue.users += 1
         try:
-            try:
-                async with asyncio.timeout(self._queue_wait_ms / 1000):
-                    await queue.lock.acquire()
-            except TimeoutError:
-                raise Unavailable("the chat is busy") from None
+            # No timeout here: a send that gave up its place would be retried by its client
+            # behind the same device's later sends, which would then commit before it. The
+            # wait is bounded anyway, by the sends ahead, each bounded by `lock_wait_ms` and
+            # its calls' retries (docs/architecture.md, "A node's sends to one chat queue").
+            await queue.lock.acquire()
             released = False
 
             def release(chat: Item | None = None) -> None:  # once per send, however often called

@@ -78,6 +78,8 @@ _POLICY = key("POLICY")
 _DEAD = "X"
 _DEAD_IDS = key("X#id")
 _ATTEMPTS = 16
+#: Pending jobs read by one Scan of `due` at most; more, and each shard is queried.
+_SCAN_LIMIT = 100
 
 _decode_target = msgspec.json.Decoder(PushTarget).decode
 
@@ -91,6 +93,11 @@ def _due_keys(expr: Expr, device_id: str, chat_id: str, due_at: int) -> str:
     pk = expr.value(f"Q#{shard(device_id, DUE_SHARDS)}")
     sk = expr.value(f"{num_key(due_at)}#{device_id}#{chat_id}")
     return f"{expr.name(DUE.pk)} = {pk}, {expr.name(DUE.sk)} = {sk}"
+
+
+def _due_of(item: Item) -> tuple[int, str, str]:
+    """(due_at, device, chat) of an item of the `due` index."""
+    return int(str_of(item, DUE.sk)[:20]), str_of(item, PK)[2:], str_of(item, SK)[2:]
 
 
 def _int(item: Item, name: str) -> int:
@@ -360,7 +367,11 @@ class DynamoPushQueue:
 
     async def _due(self, upto: int | None, limit: int | None) -> list[tuple[int, str, str]]:
         """(due_at, device, chat) of pending jobs due by `upto` (all if None), earliest
-        first, at most `limit` per shard."""
+        first, at most `limit` per shard (all of them when they fit one Scan)."""
+        few = await self._scan_due()
+        if few is not None:
+            due = sorted(j for j in few if upto is None or j[0] <= upto)
+            return due if limit is None else due[: limit * DUE_SHARDS]
         out: list[tuple[int, str, str]] = []
         for n in range(DUE_SHARDS):
             expr = Expr()
@@ -370,9 +381,24 @@ class DynamoPushQueue:
             items = await self._db.query_items(
                 PUSH, condition, expr, index=DUE, limit=limit, page_size=limit
             )
-            for i in items:
-                out.append((int(str_of(i, DUE.sk)[:20]), str_of(i, PK)[2:], str_of(i, SK)[2:]))
+            out += map(_due_of, items)
         return sorted(out)
+
+    async def _scan_due(self) -> list[tuple[int, str, str]] | None:
+        """Every pending job, if there are at most `_SCAN_LIMIT`: one Scan of the sparse `due`
+        index (which holds the pending jobs only), else None (the shards are queried). A
+        worker polls the queue a few times a second: idle, this is one call for an empty
+        page, where a Query of each shard made 16."""
+        page = await self._db.call(
+            "scan",
+            idempotent=True,
+            TableName=self._db.name(PUSH),
+            IndexName=DUE.name,
+            Limit=_SCAN_LIMIT,
+        )
+        if page.get("LastEvaluatedKey"):
+            return None
+        return [_due_of(i) for i in page.get("Items", [])]
 
     async def claim(self, now: int, limit: int, visibility: float) -> list[PushJob]:
         if limit <= 0:
