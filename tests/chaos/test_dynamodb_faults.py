@@ -16,7 +16,7 @@ from tests.support.cluster import dynamodb_cluster_env
 from tests.support.dynamodb import ACCESS_KEY, REGION, SECRET_KEY, FaultProxy, fresh_prefix
 from tests.support.traffic import Traffic
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dynamodb_pass]
 
 
 def _env(endpoint: str, redis_url: str, **extra: str) -> dict[str, str]:
