@@ -1,7 +1,5 @@
-"""The `AttachmentStore` contract (tests/contract/test_attachments.py) on the DynamoDB store's
-`DynamoAttachments`, against moto. The contract tests that need chats (shares, readability,
-sweeps) run here on member items written directly, as the chats sub-store writes them
-(`C#<chat>` / `M#<user>`)."""
+"""What only the DynamoDB store's `DynamoAttachments` does, against moto (the
+`AttachmentStore` contract itself runs on this store through tests/contract/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,27 +10,13 @@ from pigeon.adapters.store.dynamodb.codec import key
 from pigeon.adapters.store.dynamodb.tables import CHATS
 from pigeon.domain.errors import NotFound
 from pigeon.domain.ids import new_id
-from tests.contract.test_attachments import (
-    HOUR,
-    create,
-    test_create_and_get_round_trip,
-    test_mark_uploaded_sets_uploaded_at_once_and_replaces_meta,
-    test_quota_counts_the_owners_attachments_in_the_window,
-    test_quota_is_atomic,
-)
+from tests.contract.test_attachments import HOUR, create
 from tests.contract.test_store import T0, user
 from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
 store = support.store
-
-__all__ = [
-    "test_create_and_get_round_trip",
-    "test_mark_uploaded_sets_uploaded_at_once_and_replaces_meta",
-    "test_quota_counts_the_owners_attachments_in_the_window",
-    "test_quota_is_atomic",
-]
 
 
 async def members(store: DynamoStore, chat_id: str, *user_ids: str) -> None:

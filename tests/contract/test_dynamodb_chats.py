@@ -1,11 +1,6 @@
-"""The `ChatStore` contract (tests/contract/test_store.py, test_admin_store.py) on the DynamoDB
-store's `DynamoChats`, against moto, with the real accounts and messages sub-stores; and the
-message tests that needed chats (membership changes, chat lists, admin counts); and what
-only this store does (a group over one transaction, races on one version and one pair).
-
-Not run here: test_revoking_a_device_releases_its_inbox (in test_dynamodb_messages.py), and
-the message tests of test_keys.py (in test_dynamodb_keys.py).
-"""
+"""What only the DynamoDB store's `DynamoChats` does, against moto (a group over one
+transaction, races on one version and one pair). The `ChatStore` contract itself runs on this
+store through tests/contract/conftest.py (`ADAPTERS`)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,6 @@ from pigeon.adapters.store.dynamodb import DynamoStore
 from pigeon.domain.errors import Conflict
 from pigeon.domain.events import ChatUpdate
 from pigeon.domain.models import Member
-from tests.contract import test_admin_store as admin
 from tests.contract import test_store as contract
 from tests.contract.test_store import T0
 from tests.support import dynamodb as support
@@ -23,30 +17,6 @@ from tests.support import dynamodb as support
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
 store = support.store
-
-test_one_direct_chat_per_pair = contract.test_one_direct_chat_per_pair
-test_membership_compare_and_set = contract.test_membership_compare_and_set
-test_presence_settings_and_chat_partners = contract.test_presence_settings_and_chat_partners
-test_count_chats_counts_memberships = contract.test_count_chats_counts_memberships
-test_the_sender_may_see_receipts_after_leaving = (
-    contract.test_the_sender_may_see_receipts_after_leaving
-)
-test_a_message_nobody_receives_leaves_no_preview = (
-    contract.test_a_message_nobody_receives_leaves_no_preview
-)
-test_a_member_added_later_counts_as_having_seen_the_past = (
-    contract.test_a_member_added_later_counts_as_having_seen_the_past
-)
-test_chat_records_newest_activity_first_and_by_member = (
-    admin.test_chat_records_newest_activity_first_and_by_member
-)
-test_member_records_have_names_roles_and_marks = (
-    admin.test_member_records_have_names_roles_and_marks
-)
-test_store_counts = admin.test_store_counts
-test_inbox_depth_counts_what_waits_for_an_ack_on_every_device = (
-    admin.test_inbox_depth_counts_what_waits_for_an_ack_on_every_device
-)
 
 
 async def test_concurrent_membership_changes_at_one_version_let_one_win(

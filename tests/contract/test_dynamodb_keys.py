@@ -1,6 +1,6 @@
-"""The `KeyStore` contract (tests/contract/test_keys.py) on the DynamoDB store's `DynamoKeys`,
-against moto; and its claims and uploads racing on several nodes (`DynamoStore`s with their
-own clients over the same tables), as test_keys.py races the SQL stores."""
+"""The DynamoDB store's `DynamoKeys` against moto: claims and uploads racing on several nodes
+(`DynamoStore`s with their own clients over the same tables), as test_keys.py races the SQL
+stores. The `KeyStore` contract itself runs on this store through tests/contract/conftest.py."""
 
 from __future__ import annotations
 
@@ -22,38 +22,6 @@ moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
 store = support.store
 
-test_identity_keys_are_published_once_and_never_change = (
-    contract.test_identity_keys_are_published_once_and_never_change
-)
-test_keys_need_published_identity_keys_and_an_existing_device = (
-    contract.test_keys_need_published_identity_keys_and_an_existing_device
-)
-test_one_time_keys_are_counted_capped_and_uploaded_idempotently = (
-    contract.test_one_time_keys_are_counted_capped_and_uploaded_idempotently
-)
-test_a_claim_takes_one_time_keys_then_the_fallback_key = (
-    contract.test_a_claim_takes_one_time_keys_then_the_fallback_key
-)
-test_a_fallback_only_claim_takes_no_one_time_key_and_tells_no_one = (
-    contract.test_a_fallback_only_claim_takes_no_one_time_key_and_tells_no_one
-)
-test_keys_go_with_their_device = contract.test_keys_go_with_their_device
-test_query_lists_devices_by_user_with_or_without_keys = (
-    contract.test_query_lists_devices_by_user_with_or_without_keys
-)
-test_announcements_reach_chat_partners_and_own_devices_only = (
-    contract.test_announcements_reach_chat_partners_and_own_devices_only
-)
-test_publishing_identity_keys_is_announced_with_them = (
-    contract.test_publishing_identity_keys_is_announced_with_them
-)
-test_to_device_payloads_go_into_the_named_inboxes = (
-    contract.test_to_device_payloads_go_into_the_named_inboxes
-)
-test_an_envelope_travels_and_is_erased_like_a_body = (
-    contract.test_an_envelope_travels_and_is_erased_like_a_body
-)
-
 
 @pytest.fixture
 async def nodes(moto_dynamodb: support.MotoDynamo, dynamo: DynamoDb) -> AsyncIterator[list[Store]]:
@@ -63,14 +31,6 @@ async def nodes(moto_dynamodb: support.MotoDynamo, dynamo: DynamoDb) -> AsyncIte
         await db.open()
     yield [DynamoStore(db) for db in dbs]
     await asyncio.gather(*(db.aclose() for db in dbs))
-
-
-test_concurrent_claimers_never_get_the_same_one_time_key = (
-    contract.test_concurrent_claimers_never_get_the_same_one_time_key
-)
-test_concurrent_uploads_of_one_device_respect_the_cap = (
-    contract.test_concurrent_uploads_of_one_device_respect_the_cap
-)
 
 
 async def test_an_upload_holds_at_most_one_transaction_of_keys(store: Store) -> None:

@@ -1,6 +1,6 @@
-"""The DynamoDB `MessageStore` (adapters/store/dynamodb/messages.py, inbox.py): the Store
-contract's message tests, imported from test_store.py and run on moto, and the crash-safety of
-the send protocol (a crash between any two of its steps, then a retry or a recovery).
+"""The DynamoDB `MessageStore` (adapters/store/dynamodb/messages.py, inbox.py) on moto: the
+crash-safety of the send protocol (a crash between any two of its steps, then a retry or a
+recovery). The Store contract itself runs on this store through tests/contract/conftest.py.
 
 `_Seed` writes the items these tests need (users, devices with their inbox heads, chats with
 their members and `ChatUpdate`s through the append protocol) directly with the design's keys,
@@ -35,20 +35,6 @@ from tests.support import dynamodb as support
 
 moto_dynamodb = support.moto_dynamodb
 dynamo = support.dynamo
-
-test_send_assigns_gap_free_seq_and_iseq = contract.test_send_assigns_gap_free_seq_and_iseq
-test_resend_of_a_cmid_is_idempotent = contract.test_resend_of_a_cmid_is_idempotent
-test_send_checks_membership = contract.test_send_checks_membership
-test_ack_drops_entries_sends_receipts_and_frees_bodies = (
-    contract.test_ack_drops_entries_sends_receipts_and_frees_bodies
-)
-test_mark_read_is_monotonic_and_syncs_other_devices = (
-    contract.test_mark_read_is_monotonic_and_syncs_other_devices
-)
-test_group_receipts_aggregate = contract.test_group_receipts_aggregate
-test_sweep_deletes_what_is_older = contract.test_sweep_deletes_what_is_older
-test_a_quick_reply_still_owes_read_receipts = contract.test_a_quick_reply_still_owes_read_receipts
-test_an_inbox_page_stops_at_its_byte_budget = contract.test_an_inbox_page_stops_at_its_byte_budget
 
 
 class ManualClock:
