@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from pigeon.adapters.store.sqlite.db import SqliteDb
-from pigeon.adapters.store.sqlite.inbox import release_messages
+from pigeon.adapters.store.sqlite.inbox import take
 from pigeon.domain.errors import Conflict, Forbidden, TooManyDevices
 from pigeon.domain.models import Credentials, Device, User, Visibility
 from pigeon.ports import AccountCounts, AccountRecord, AccountStore, DeviceStatus, InviteBatch
@@ -144,14 +144,7 @@ class SqliteAccounts:
             ).fetchone()
             if row is None:
                 return False
-            counts: dict[str, int] = {}
-            for (message_id,) in conn.execute(
-                "SELECT message_id FROM inbox WHERE device_id = ? AND message_id IS NOT NULL",
-                (device_id,),
-            ):
-                counts[message_id] = counts.get(message_id, 0) + 1
-            conn.execute("DELETE FROM inbox WHERE device_id = ?", (device_id,))
-            release_messages(conn, counts)
+            take(conn, device_id)  # its entries go, their messages are released
             conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
             return True
 

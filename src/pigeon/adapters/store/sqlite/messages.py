@@ -68,25 +68,33 @@ def _advance(
         (chat_id, user_id, kind, seq, at),
     )
     marks[user_id] = (new_delivered, new_read)
-    # The devices of the members whose messages the mark passed, each sender's in the order
-    # `inbox.devices_of` gives (one statement for both questions).
-    devices: dict[str, list[str]] = defaultdict(list)
-    for sender, device_id in conn.execute(
-        "SELECT s.sender, d.id FROM (SELECT DISTINCT sender FROM messages WHERE chat_id = ?"
-        " AND seq > ? AND seq <= ? AND sender != ?) s JOIN devices d ON d.user_id = s.sender"
-        " ORDER BY s.sender, d.created_at, d.id",
-        (chat_id, old, seq, user_id),
+    # The members whose messages the mark passed, then their devices (a Python set rather than
+    # DISTINCT, which SQLite answers with an ephemeral table).
+    senders = {
+        sender
+        for (sender,) in conn.execute(
+            "SELECT sender FROM messages WHERE chat_id = ? AND seq > ? AND seq <= ?",
+            (chat_id, old, seq),
+        )
+        if sender != user_id and sender in marks  # one no longer a member is owed nothing
+    }
+    if not senders:
+        return []
+    devices: dict[str, list[inbox.Target]] = defaultdict(list)
+    placeholders = ",".join("?" * len(senders))
+    for sender, device_id, next_iseq in conn.execute(
+        f"SELECT user_id, id, next_iseq FROM devices WHERE user_id IN ({placeholders})"
+        " ORDER BY user_id, created_at, id",
+        sorted(senders),
     ):
-        devices[sender].append(device_id)
+        devices[sender].append((device_id, next_iseq))
     out: list[Delivery] = []
     index = 0 if kind == "delivered" else 1
     for sender, targets in devices.items():
-        if sender not in marks:  # no longer a member: owed nothing
-            continue
         others = [m[index] for u, m in marks.items() if u != sender]
         all_seq = min(others) if others else seq
         receipt = Receipt(chat=chat_id, user=user_id, kind=kind, seq=seq, all_seq=all_seq, at=at)
-        out += inbox.append(conn, targets, encode_event(receipt), at)
+        out += inbox.append_to(conn, targets, encode_event(receipt), at)
     return out
 
 
@@ -107,23 +115,25 @@ class SqliteMessages:
         ).fetchone()
         if dup is not None:
             return SendResult(_message_from_row(dup), True, [])
+        # The chat's counter, its members and their devices with their counters, in one read.
         rows = conn.execute(
-            "SELECT m.user_id, d.id, m.read_seq FROM members m"
-            " LEFT JOIN devices d ON d.user_id = m.user_id"
-            " WHERE m.chat_id = ? ORDER BY m.user_id, d.created_at, d.id",
+            "SELECT c.last_seq, m.user_id, d.id, d.next_iseq, m.read_seq FROM chats c"
+            " JOIN members m ON m.chat_id = c.id LEFT JOIN devices d ON d.user_id = m.user_id"
+            " WHERE c.id = ? ORDER BY m.user_id, d.created_at, d.id",
             (req.chat,),
         ).fetchall()
         if not rows:
             raise NotFound("no such chat")
-        sender_read = next((r for u, _, r in rows if u == req.sender), None)
+        sender_read = next((r for _, u, _, _, r in rows if u == req.sender), None)
         if sender_read is None:
             raise Forbidden("not a participant of this chat")
-        targets = [d for _, d, _ in rows if d is not None and d != req.sender_device]
-        (seq,) = conn.execute(
-            "UPDATE chats SET last_seq = last_seq + 1, last_activity_at = ?, last_sender = ?,"
-            " last_preview = ? WHERE id = ? RETURNING last_seq",
-            (req.at, req.sender, req.preview if targets else None, req.chat),
-        ).fetchone()
+        targets = [(d, n) for _, _, d, n, _ in rows if d is not None and d != req.sender_device]
+        seq = rows[0][0] + 1
+        conn.execute(
+            "UPDATE chats SET last_seq = ?, last_activity_at = ?, last_sender = ?,"
+            " last_preview = ? WHERE id = ?",
+            (seq, req.at, req.sender, req.preview if targets else None, req.chat),
+        )
         message = req.message(seq)
         raw = encode_event(message)
         conn.execute(
@@ -142,7 +152,7 @@ class SqliteMessages:
                 req.push_preview,
             ),
         )
-        deliveries = inbox.append(conn, targets, raw, req.at, message.id)
+        deliveries = inbox.append_to(conn, targets, raw, req.at, message.id)
         # The sender has read everything up to their own message. If that passes messages of
         # others (a quick reply before the ack), their senders get the read receipts they are
         # owed; otherwise moving the marks is all there is to do.
@@ -162,21 +172,13 @@ class SqliteMessages:
             # and a write. Beyond the last entry handed out it stops at that entry.
             if not conn.execute(
                 "UPDATE devices SET acked_iseq = min(?, next_iseq - 1)"
-                " WHERE id = ? AND acked_iseq < ? RETURNING 1",
+                " WHERE id = ? AND acked_iseq < ?",
                 (upto, device.id, upto),
-            ).fetchone():
+            ).rowcount:
                 return []
-            counts: dict[str, int] = defaultdict(int)
             reached: dict[str, int] = {}
-            for message_id, chat_id, seq in conn.execute(
-                "SELECT i.message_id, m.chat_id, m.seq FROM inbox i JOIN messages m"
-                " ON m.id = i.message_id WHERE i.device_id = ? AND i.iseq <= ?",
-                (device.id, upto),
-            ):
-                counts[message_id] += 1
-                reached[chat_id] = max(seq, reached.get(chat_id, 0))
-            conn.execute("DELETE FROM inbox WHERE device_id = ? AND iseq <= ?", (device.id, upto))
-            inbox.release_messages(conn, counts)
+            for t in inbox.take(conn, device.id, upto).values():
+                reached[t.chat_id] = max(t.seq, reached.get(t.chat_id, 0))
             out: list[Delivery] = []
             for chat_id, seq in reached.items():
                 out += _advance(conn, chat_id, device.user_id, "delivered", seq, at)
@@ -200,9 +202,9 @@ class SqliteMessages:
             if upto <= read_seq:
                 return []
             out = _advance(conn, chat_id, device.user_id, "read", upto, at)
-            others = [d for d in inbox.devices_of(conn, [device.user_id]) if d != device.id]
+            others = [t for t in inbox.targets_of(conn, [device.user_id]) if t[0] != device.id]
             state = encode_event(ReadState(chat=chat_id, seq=upto, at=at))
-            return out + inbox.append(conn, others, state, at)
+            return out + inbox.append_to(conn, others, state, at)
 
         return await self._db.write(tx)
 
