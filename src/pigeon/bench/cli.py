@@ -21,6 +21,7 @@ from pigeon.bench import (
     capacity,
     compare,
     crypto,
+    ejabberd,
     idle,
     keys,
     offline,
@@ -409,7 +410,13 @@ def compare_cmd(
     warmup: Annotated[float, typer.Option(help="Seconds before measuring.")] = 2.0,
     size: Annotated[int, typer.Option(help="Message body size in bytes.")] = 100,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; the table shows medians.")] = 1,
-    targets: Annotated[str, typer.Option(help="Comma-separated: pigeon, relay.")] = "relay,pigeon",
+    targets: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: relay, pigeon, ejabberd (ejabberd when installed: it is"
+            " started with a config of its own, one scheduler, on --server-cpu)."
+        ),
+    ] = "relay,pigeon",
     ride_acks: Annotated[
         bool, typer.Option(help="Senders' acks ride on their next send (off: separate acks).")
     ] = True,
@@ -424,8 +431,9 @@ def compare_cmd(
     target: Target,
     out: Path,
 ) -> None:
-    """Pigeon against the bare relay on one workload, with a light generator: msgs/s, latency
-    and server CPU per message as ratios (pin with --server-cpu 0 --client-cpu 1)."""
+    """Pigeon against the bare relay (and ejabberd, if listed) on one workload, with a light
+    generator: msgs/s, latency and server CPU per message as ratios (pin with --server-cpu 0
+    --client-cpu 1)."""
     target = _single_node(target, "compare")
     names = [t.strip() for t in targets.split(",") if t.strip()]
     unknown = set(names) - set(compare.RUNNERS)
@@ -433,6 +441,8 @@ def compare_cmd(
         raise typer.BadParameter(
             f"unknown targets {sorted(unknown)}; known: {list(compare.RUNNERS)}"
         )
+    if "ejabberd" in names and not ejabberd.installed():
+        raise typer.BadParameter(ejabberd.NOT_INSTALLED, param_hint="--targets")
     if e2e and names != ["pigeon"]:
         raise typer.BadParameter("--e2e applies to Pigeon only: use --targets pigeon")
     base = compare.Workload(pairs, inflight, None, duration, warmup, size, ride_acks, e2e)

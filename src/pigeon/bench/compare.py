@@ -1,5 +1,6 @@
-"""`pigeon bench compare`: one 1:1 workload against Pigeon and against the bare relay, with
-a generator light enough not to be the limit (`bench/wire.py`), reported as ratios.
+"""`pigeon bench compare`: one 1:1 workload against Pigeon, the bare relay and, when it is
+installed, ejabberd (`bench/ejabberd.py`), with a generator light enough not to be the limit
+(`bench/wire.py`), reported as Pigeon's ratios to each.
 
 Workloads, each run against a freshly spawned target pinned to `server_cpu`, the generator
 pinned to `client_cpu`:
@@ -12,6 +13,10 @@ pinned to `client_cpu`:
 Per run: delivered msgs/s, send-to-receive latency (the body starts with the send time,
 CLOCK_MONOTONIC, comparable across processes), the server's CPU per delivered message, and for
 Pigeon the messages committed but never received (must be 0).
+
+ejabberd speaks XMPP and acknowledges nothing to a sender, so there a delivery drives the
+closed loop (the receiver's pair sends its next message), `committed` counts messages sent and
+`lost` those sent but never received.
 
 With `e2e` (Pigeon only) the chats are created encrypted and every message is an `e2e` envelope
 instead of a body: a fixed algorithm, sender key and session id, and a base64 ciphertext of the
@@ -39,6 +44,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from pigeon.bench import ejabberd
 from pigeon.bench.accounts import bounded, make_devices
 from pigeon.bench.acks import Acker
 from pigeon.bench.one_to_one import STAMP_DIGITS
@@ -119,7 +125,7 @@ class _Socket(Acker):
     def __init__(self, gen: _Generator) -> None:
         super().__init__(gen.loop)
         self.gen = gen
-        self.pair: _Pair | None = None  # the pair it sends for
+        self.pair: _Pair | None = None  # the pair it sends for (on ejabberd, receives for too)
 
     def on_frame(self, frame: bytes) -> None:
         if frame.startswith(_EVENT):
@@ -133,10 +139,29 @@ class _Socket(Acker):
             self.gen.on_event(frame)
 
 
+class _XmppSocket(_Socket):
+    """One socket on ejabberd. XMPP has no server ack, so a delivery frees its pair's slot:
+    `pair` is set on the receiver too, and only the receiver counts a message (a bounce to the
+    sender would carry the body too; it stays uncounted, so it shows as lost)."""
+
+    __slots__ = ()
+
+    def on_frame(self, frame: bytes) -> None:
+        pair = self.pair
+        if (
+            pair is not None
+            and pair.rx is self
+            and frame.startswith(ejabberd.MESSAGE)
+            and self.gen.on_event(frame)
+        ):
+            self.gen.on_sent(pair.tx)
+
+
 @dataclass
 class _Pair:
     tx: _Socket
     rx: _Socket
+    #: Where tx sends: Pigeon's chat id, the relay's room, rx's full JID on ejabberd.
     chat: bytes
 
 
@@ -236,6 +261,26 @@ class _Generator:
                 assert sock is not None
                 sock.send_many(frames)
             await asyncio.sleep(TICK)  # the schedule's clock tick, not synchronisation
+
+
+class _XmppGenerator(_Generator):
+    """The generator for ejabberd: XMPP message frames, and a closed loop driven by deliveries
+    (`on_sent` on receipt), since nothing acknowledges a send."""
+
+    def __init__(self, w: Workload) -> None:
+        super().__init__(w, relay=False)
+        self.marker = ejabberd.BODY
+
+    def frame(self, pair: _Pair, stamp: int) -> bytes:
+        self.rid += 1
+        self.committed += 1  # every frame built is sent at once: committed counts sends
+        return ejabberd.message(pair.chat, self.rid, stamp, self.pad)
+
+    def on_sent(self, tx: _Socket) -> None:
+        if self.sending and self.w.rate is None:
+            pair = tx.pair
+            assert pair is not None and pair.tx.sock is not None
+            pair.tx.sock.send(self.frame(pair, time.perf_counter_ns()))
 
 
 async def _connect(url: str, s: _Socket) -> None:
@@ -343,6 +388,27 @@ async def _run_relay(w: Workload, target: Target) -> Result:
             _close(socks)
 
 
+async def _run_ejabberd(w: Workload, target: Target) -> Result:
+    if w.e2e:
+        raise ValueError("e2e applies to the pigeon target only")
+    async with ejabberd.running(target.server_cpu) as (url, node):
+        gen = _XmppGenerator(w)
+        socks: list[_Socket] = [_XmppSocket(gen) for _ in range(2 * w.pairs)]
+        try:
+            jids = await bounded(100, [partial(_login, url, s) for s in socks])
+            _pair_up(gen, socks, jids[1::2])
+            for pair in gen.pairs:
+                pair.rx.pair = pair
+            return await _measure(gen, w, "ejabberd", node.cpu_seconds)
+        finally:
+            _close(socks)
+
+
+async def _login(url: str, s: _Socket) -> bytes:
+    s.sock, jid = await ejabberd.login(url, s.on_frame)
+    return jid
+
+
 async def _measure(
     gen: _Generator,
     w: Workload,
@@ -396,6 +462,7 @@ async def _measure(
 RUNNERS: dict[str, Callable[[Workload, Target], Any]] = {
     "relay": _run_relay,
     "pigeon": _run_pigeon,
+    "ejabberd": _run_ejabberd,  # when installed (`ejabberd.installed()`)
 }
 
 
@@ -419,7 +486,7 @@ def table(results: list[Result], targets: list[str]) -> list[str]:
     for r in results:
         by.setdefault((r.workload, r.target), []).append(r)
     workloads = list(dict.fromkeys(r.workload for r in results))
-    header = f"{'workload':<16}{'target':<8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+    header = f"{'workload':<16}{'target':<10}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
     header += f"{'cpu %':>8}{'us/msg':>8}{'lost':>6}{'gen %':>7}"
     lines.append(header)
     for wname in workloads:
@@ -439,7 +506,7 @@ def table(results: list[Result], targets: list[str]) -> list[str]:
             med[t] = m
             lost = sum(r.lost for r in runs)
             lines.append(
-                f"{wname:<16}{t:<8}{m['rate']:>10.0f}{_f(m['p50']):>9}{_f(m['p99']):>9}"
+                f"{wname:<16}{t:<10}{m['rate']:>10.0f}{_f(m['p50']):>9}{_f(m['p99']):>9}"
                 f"{_f(m['cpu'], 0):>8}{_f(m['us'], 0):>8}{lost:>6}{_f(m['gen'], 0):>7}"
             )
             services = sorted({s for r in runs for s in r.services_us_per_msg})

@@ -15,7 +15,7 @@ import asyncio
 import base64
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 _LEN2 = struct.Struct("!BBH").pack
@@ -47,9 +47,14 @@ class WireSocket(asyncio.Protocol):
 
     @classmethod
     async def connect(
-        cls, url: str, on_frame: Callable[[bytes], None], timeout: float = 30.0
+        cls,
+        url: str,
+        on_frame: Callable[[bytes], None],
+        timeout: float = 30.0,
+        protocols: Sequence[str] = (),
     ) -> WireSocket:
-        """Open `url` (ws://host:port/path?query) and finish the upgrade."""
+        """Open `url` (ws://host:port/path?query) and finish the upgrade, asking for the
+        subprotocols `protocols` (XMPP over WebSocket needs `xmpp`; the answer is not checked)."""
         parts = urlsplit(url)
         loop = asyncio.get_running_loop()
         path = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -57,15 +62,20 @@ class WireSocket(asyncio.Protocol):
             lambda: cls(on_frame), parts.hostname or "127.0.0.1", parts.port or 80
         )
         key = base64.b64encode(os.urandom(16)).decode()
+        offer = f"Sec-WebSocket-Protocol: {', '.join(protocols)}\r\n" if protocols else ""
         sock._upgraded = loop.create_future()
         sock.transport = transport
         transport.write(
             f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Sec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
         )
-        async with asyncio.timeout(timeout):
-            await sock._upgraded
+        try:
+            async with asyncio.timeout(timeout):
+                await sock._upgraded
+        except BaseException:
+            transport.close()  # refused or timed out: a caller polling readiness leaks nothing
+            raise
         return sock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
