@@ -240,6 +240,16 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
         ALTER TABLE chats ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        8,
+        # A user's devices in the order the message path hands out their entries (oldest
+        # first): the send's member query and a receipt's targets read them in index order
+        # instead of sorting them per statement (SQLite's sorter, allocated per execution).
+        """
+        CREATE INDEX devices_by_user_created ON devices(user_id, created_at, id);
+        DROP INDEX devices_by_user;
+        """,
+    ),
 ]
 
 
