@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pigeon.domain.events import Delivery
 
@@ -78,14 +78,13 @@ def append_to(
     return [Delivery(device_id, iseq, raw) for device_id, iseq in targets]
 
 
-@dataclass(slots=True)
-class Taken:
-    """Entries of one message an ack took out of an inbox, with what its row said then."""
+class Taken(NamedTuple):
+    """A message an ack took entries of out of an inbox, with what its row said then."""
 
     chat_id: str
     seq: int
     pending: int
-    entries: int = 0
+    entries: int = 1
 
 
 def take(conn: sqlite3.Connection, device_id: str, upto: int | None = None) -> dict[str, Taken]:
@@ -98,10 +97,12 @@ def take(conn: sqlite3.Connection, device_id: str, upto: int | None = None) -> d
         " ON m.id = i.message_id WHERE i.device_id = ? AND i.iseq <= ?",
         args,
     ):
-        entry = taken.get(message_id)
-        if entry is None:
-            entry = taken[message_id] = Taken(chat_id, seq, pending)
-        entry.entries += 1
+        seen = taken.get(message_id)
+        taken[message_id] = (
+            Taken(chat_id, seq, pending)
+            if seen is None
+            else seen._replace(entries=seen.entries + 1)
+        )
     conn.execute("DELETE FROM inbox WHERE device_id = ? AND iseq <= ?", args)
     release_messages(conn, taken)
     return taken
