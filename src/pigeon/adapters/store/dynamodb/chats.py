@@ -15,6 +15,8 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from pigeon.adapters.store.dynamodb import inbox, push
 from pigeon.adapters.store.dynamodb.codec import (
     PK,
@@ -372,17 +374,7 @@ class DynamoChats:
             m | encode({"role": "admin"}) if str_of(m, SK)[2:] in promoted else m
             for m in [*kept, *new_items]
         ]
-        info = _info(chat, after)
-        info = ChatInfo(
-            id=info.id,
-            kind=info.kind,
-            name=info.name,
-            created_by=info.created_by,
-            created_at=info.created_at,
-            members=info.members,
-            version=version + 1,
-            encrypted=info.encrypted,
-        )
+        info = msgspec.structs.replace(_info(chat, after), version=version + 1)
         event_id = new_id()
         roster = frozenset(info.member_ids())
         expr = Expr()

@@ -121,8 +121,8 @@ class SqliteChats:
                 at=chat.created_at,
                 added=chat.member_ids(),
             )
-            devices = inbox.devices_of(conn, chat.member_ids())
-            out = inbox.append(conn, devices, encode_event(event), chat.created_at)
+            targets = inbox.targets_of(conn, chat.member_ids())
+            out = inbox.append_to(conn, targets, encode_event(event), chat.created_at)
             if chat.kind == "group":  # a direct chat announces itself with its first message
                 invited = set(chat.member_ids()) - {chat.created_by}
                 _push_invitations(conn, chat.id, out, invited, chat.created_at)
@@ -181,8 +181,8 @@ class SqliteChats:
                 added=[m.user for m in add],
                 removed=list(remove),
             )
-            devices = inbox.devices_of(conn, [*chat.member_ids(), *remove])
-            out = inbox.append(conn, devices, encode_event(event), at)
+            targets = inbox.targets_of(conn, [*chat.member_ids(), *remove])
+            out = inbox.append_to(conn, targets, encode_event(event), at)
             _push_invitations(conn, chat_id, out, {m.user for m in add}, at)
             return chat, out
 

@@ -33,11 +33,6 @@ def targets_of(conn: sqlite3.Connection, user_ids: Iterable[str]) -> list[Target
     return conn.execute(sql, ids).fetchall()
 
 
-def devices_of(conn: sqlite3.Connection, user_ids: Iterable[str]) -> list[str]:
-    """Device ids of the given users, stable order (oldest device first)."""
-    return [device_id for device_id, _ in targets_of(conn, user_ids)]
-
-
 def append(
     conn: sqlite3.Connection,
     device_ids: Iterable[str],

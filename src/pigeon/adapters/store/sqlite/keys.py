@@ -32,7 +32,7 @@ _COUNTS = (
 #: Devices to tell about a change of `user`'s devices: those of everyone sharing a chat with
 #: them and the user's own, but never the device that changed.
 _AUDIENCE = """
-SELECT d.id FROM devices d
+SELECT d.id, d.next_iseq FROM devices d
 WHERE d.user_id IN (
     SELECT p.user_id FROM members me JOIN members p ON p.chat_id = me.chat_id
     WHERE me.user_id = ?1
@@ -91,9 +91,9 @@ def announce(
 ) -> list[Delivery]:
     """Append a `DeviceList` event to the inboxes of the change's audience (in `conn`'s
     transaction)."""
-    devices = [row[0] for row in conn.execute(_AUDIENCE, (user_id, device_id))]
+    targets = conn.execute(_AUDIENCE, (user_id, device_id)).fetchall()
     event = DeviceList(user=user_id, device=device_id, change=change, at=at)
-    return inbox.append(conn, devices, encode_event(event), at)
+    return inbox.append_to(conn, targets, encode_event(event), at)
 
 
 class SqliteKeys:
