@@ -5,16 +5,17 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from pigeon.adapters.store.sqlite import SqliteStore, messages
+from pigeon.adapters.store.sqlite import SqliteStore, sweep
 from tests.contract.test_store import T0, chat, device, send_req, user
 
 
 async def test_sweep_runs_until_the_receipt_log_is_empty(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(messages, "_SWEEP_CHUNK", 2)
+    monkeypatch.setattr(sweep, "CHUNK", 2)
     store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
     await store.open()
     a, b = await user(store, "a"), await user(store, "b")
@@ -31,6 +32,45 @@ async def test_sweep_runs_until_the_receipt_log_is_empty(
     with sqlite3.connect(tmp_path / "s.db") as conn:
         assert conn.execute("SELECT count(*) FROM receipt_log").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+async def test_sweep_takes_each_expired_prefix_and_keeps_the_young(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chunks of 2 rows and 2 devices: the walk over 7 devices and 5 messages takes several
+    monkeypatch.setattr(sweep, "CHUNK", 2)
+    store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
+    await store.open()
+    a, b = await user(store, "a"), await user(store, "b")
+    da = await device(store, a)
+    theirs = [await device(store, b, max_devices=5) for _ in range(5)]
+    mute = await device(store, a)  # no entries: its counters say so, its inbox is not read
+    c = await chat(store, a, b)
+    sent = []
+    for i, at in enumerate([T0 + 1, T0 + 2, T0 + 3, T0 + 100, T0 + 4]):
+        req = msgspec.structs.replace(send_req(c, da, f"m{i}"), at=at)
+        sent.append((await store.messages.send(req)).message)
+    await store.messages.ack(mute, 100, T0 + 1)
+
+    stats = await store.messages.sweep(T0 + 50)
+
+    # the first three went with the chat's creation (an entry for each device but `mute`,
+    # which acked it); the fourth is young, and the fifth (the clock stepped back before it)
+    # waits behind it in insertion order, in the messages as in each inbox
+    assert (stats.messages, stats.inbox_entries) == (3, 3 * 5 + 6)
+    for d in theirs:
+        page = await store.messages.read_inbox(d.id, 0, 10)
+        assert [e.iseq for e in page.entries] == [5, 6] and page.head == 6
+    old = await store.messages.sweep(T0 + 50)
+    assert (old.messages, old.inbox_entries) == (0, 0)
+    await store.messages.sweep(T0 + 101)
+    for d in theirs:
+        assert (await store.messages.read_inbox(d.id, 0, 10)).entries == []
+    await store.aclose()
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    assert [m.seq for m in sent] == [1, 2, 3, 4, 5]
 
 
 async def test_an_erased_body_is_in_no_file_after_a_sweep(tmp_path: Path) -> None:

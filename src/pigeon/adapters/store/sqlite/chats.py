@@ -306,7 +306,7 @@ class SqliteChats:
 
     async def inbox_depth(self) -> InboxDepth:
         def q(conn: sqlite3.Connection) -> InboxDepth:
-            # one snapshot, one scan of the covering index `inbox_by_at` for both
+            # one snapshot, one scan of the inbox for both (no index on `at`: sweep.py)
             entries, oldest = conn.execute("SELECT count(*), min(at) FROM inbox").fetchone()
             return InboxDepth(entries=entries, oldest_at=oldest)
 

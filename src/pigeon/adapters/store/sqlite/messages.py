@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict
+from functools import partial
 
 import msgspec
 
 from pigeon.adapters.store.sqlite import inbox
 from pigeon.adapters.store.sqlite.db import SqliteDb
+from pigeon.adapters.store.sqlite.sweep import forget_previews, sweep_chunk
 from pigeon.domain.errors import Forbidden, NotFound
 from pigeon.domain.events import (
     Delivery,
@@ -23,7 +25,6 @@ from pigeon.domain.events import (
 from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import SendRequest, SendResult, SweepStats
 
-_SWEEP_CHUNK = 2000
 _decode_message = msgspec.json.Decoder(Message).decode
 
 
@@ -288,36 +289,13 @@ class SqliteMessages:
 
     async def sweep(self, before: int) -> SweepStats:
         messages = entries = 0
+        device: int | None = 0
         while True:
-            n_messages, n_entries, n_other = await self._db.write(
-                lambda conn: _sweep_chunk(conn, before)
-            )
-            messages += n_messages
-            entries += n_entries
-            if n_messages == n_entries == n_other == 0:
+            chunk = await self._db.write(partial(sweep_chunk, before=before, device_rowid=device))
+            messages += chunk.messages
+            entries += chunk.entries
+            device = chunk.next_device
+            if chunk.idle:
+                await self._db.write(partial(forget_previews, before=before))
                 await self._db.truncate_wal()
                 return SweepStats(messages, entries)
-
-
-def _sweep_chunk(conn: sqlite3.Connection, before: int) -> tuple[int, int, int]:
-    """Delete one bounded chunk of expired rows, so sends interleave with a long sweep."""
-    entries = conn.execute(
-        "DELETE FROM inbox WHERE (device_id, iseq) IN"
-        " (SELECT device_id, iseq FROM inbox WHERE at < ? LIMIT ?)",
-        (before, _SWEEP_CHUNK),
-    ).rowcount
-    messages = conn.execute(
-        "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE at < ? LIMIT ?)",
-        (before, _SWEEP_CHUNK),
-    ).rowcount
-    receipts = conn.execute(
-        "DELETE FROM receipt_log WHERE (chat_id, user_id, kind, seq) IN"
-        " (SELECT chat_id, user_id, kind, seq FROM receipt_log WHERE at < ? LIMIT ?)",
-        (before, _SWEEP_CHUNK),
-    ).rowcount
-    conn.execute(
-        "UPDATE chats SET last_preview = NULL"
-        " WHERE last_activity_at < ? AND last_preview IS NOT NULL",
-        (before,),
-    )
-    return messages, entries, receipts

@@ -250,6 +250,15 @@ MIGRATIONS: list[tuple[int, str | list[str]]] = [
         DROP INDEX devices_by_user;
         """,
     ),
+    (
+        9,
+        # The retention sweep finds expired messages and inbox entries in the orders their
+        # tables keep (sweep.py): these indexes were written on the message path for it alone.
+        """
+        DROP INDEX messages_by_at;
+        DROP INDEX inbox_by_at;
+        """,
+    ),
 ]
 
 
