@@ -1,7 +1,8 @@
 """Keyed turns: calls made with the same key run one at a time, in the order they were made.
 
-Used wherever per-key order matters and the work awaits: a device's sends to PostgreSQL (commit
-order = issue order), a device's attaches on a node (the last connection to start wins).
+Used wherever per-key order matters and the work awaits: a device's attaches on a node (the last
+connection to start wins). (A device's sends to PostgreSQL keep their order in the keyed group
+commit instead, which lets them share a batch.)
 """
 
 from __future__ import annotations

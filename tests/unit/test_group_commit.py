@@ -94,3 +94,54 @@ async def test_several_batches_run_at_once_up_to_the_limit() -> None:
     runner.release.set()
     assert await asyncio.wait_for(asyncio.gather(*calls), 5) == [0, 2, 4, 6, 8]
     assert runner.batches == [[0], [1], [2, 3, 4]]
+
+
+class GatedRunner:
+    """Doubles each number; holds each batch until that batch's gate (by start order) opens."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = [asyncio.Event() for _ in range(10)]
+        self.arrivals: asyncio.Queue[list[int]] = asyncio.Queue()
+
+    async def __call__(self, batch: Sequence[int]) -> list[int | BaseException]:
+        gate = self.gates[len(self.batches)]
+        self.batches.append(list(batch))
+        self.arrivals.put_nowait(list(batch))
+        await gate.wait()
+        return [2 * n for n in batch]
+
+
+async def test_a_keys_calls_never_overtake_a_batch_in_flight() -> None:
+    runner = GatedRunner()
+    commit = GroupCommit(runner, max_inflight=2, key=lambda n: n // 10)
+    first = asyncio.ensure_future(commit.call(10))
+    assert await asyncio.wait_for(runner.arrivals.get(), 5) == [10]
+    later = [asyncio.ensure_future(commit.call(n)) for n in (11, 20, 12)]
+    # 20 (another key) takes the free slot; 11 and 12 wait for the batch holding 10
+    assert await asyncio.wait_for(runner.arrivals.get(), 5) == [20]
+    runner.gates[1].set()
+    assert await asyncio.wait_for(later[1], 5) == 40
+    assert runner.batches == [[10], [20]]  # a slot is free, but 10 is still in flight
+    runner.gates[0].set()
+    runner.gates[2].set()
+    assert await asyncio.wait_for(asyncio.gather(first, *later), 5) == [20, 22, 40, 24]
+    assert runner.batches == [[10], [20], [11, 12]]  # together, in the order they were made
+
+
+async def test_queued_calls_of_a_key_wait_once_one_of_them_is_in_flight() -> None:
+    runner = GatedRunner()
+    commit = GroupCommit(runner, max_inflight=2, max_batch=1, key=lambda n: n // 10)
+    busy = [asyncio.ensure_future(commit.call(n)) for n in (0, 30)]  # both slots taken
+    assert [await asyncio.wait_for(runner.arrivals.get(), 5) for _ in range(2)] == [[0], [30]]
+    queued = [asyncio.ensure_future(commit.call(n)) for n in (10, 11, 20)]
+    await asyncio.sleep(0)  # all three queued behind the full slots
+    runner.gates[0].set()
+    assert await asyncio.wait_for(runner.arrivals.get(), 5) == [10]
+    runner.gates[1].set()
+    # without keys the freed slot would take 11 beside 10 in flight: it takes 20
+    assert await asyncio.wait_for(runner.arrivals.get(), 5) == [20]
+    for gate in runner.gates:
+        gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*busy, *queued), 5) == [0, 60, 20, 22, 40]
+    assert runner.batches == [[0], [30], [10], [20], [11]]

@@ -9,8 +9,10 @@ with it.
 
 Sends of one device commit in the order they were made (the gateway relies on it: a connection's
 messages keep the order it issued them in). The SQLite store gets that from its single writer
-queue; here concurrent calls would race on separate pooled connections, so the sends of one
-device run one after the other, in call order (a device has one connection, on one node).
+queue; here batches in flight on separate pooled connections commit in any order, so the sends'
+group commit is keyed by device: a device's sends may share a batch (batch order is call
+order), but none leaves while a batch with an earlier one is in flight (a device has one
+connection, on one node).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from pigeon.domain.errors import Forbidden, NotFound, PigeonError
 from pigeon.domain.events import Delivery, InboxEntry, InboxPage, Message, encode_event
 from pigeon.domain.models import Device, MemberReceipt
 from pigeon.ports import MessageStore, SendRequest, SendResult, SweepStats
-from pigeon.turns import Turns
 
 #: Rows per table and per statement of a retention sweep (sends interleave between chunks).
 SWEEP_CHUNK = 2000
@@ -186,14 +187,17 @@ class PgMessages:
 
     def __init__(self, db: PgDb, *, max_inflight: int = 2, max_batch: int = 64) -> None:
         self._db = db
-        self._senders = Turns()
         #: The group commits of sends and acks (their counters serve metrics and tests).
-        self.sends = GroupCommit(self._send_batch, max_batch=max_batch, max_inflight=max_inflight)
+        self.sends = GroupCommit(
+            self._send_batch,
+            max_batch=max_batch,
+            max_inflight=max_inflight,
+            key=lambda send: send.req.sender_device,
+        )
         self.acks = GroupCommit(self._ack_batch, max_batch=max_batch, max_inflight=max_inflight)
 
     async def send(self, req: SendRequest) -> SendResult:
-        async with self._senders.turn(req.sender_device):
-            return await self.sends.call(_Send(req))
+        return await self.sends.call(_Send(req))
 
     async def _send_batch(self, sends: Sequence[_Send]) -> list[SendResult | Exception]:
         columns = list(zip(*(s.args for s in sends), strict=True))
