@@ -59,9 +59,10 @@ class PostgresSettings(Section):
     command_timeout: float = Field(5.0, gt=0, le=300)
     #: Group commit: transactions of sends (and, apart, of acks) a node runs at once; the calls
     #: that arrive meanwhile wait and go together in the next one (up to `max_batch`). Fewer
-    #: means wider batches: less PostgreSQL CPU per message, a little more latency.
-    batches_in_flight: int = Field(2, ge=1, le=64)
-    max_batch: int = Field(64, ge=1, le=1000)
+    #: means wider batches: less PostgreSQL CPU per message (and, where each commit waits for
+    #: its WAL flush, less latency too: operations.md, "Tuning").
+    batches_in_flight: int = Field(1, ge=1, le=64)
+    max_batch: int = Field(256, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _pool_ordered(self) -> PostgresSettings:

@@ -37,8 +37,8 @@ class PostgresStore:
         min_connections: int,
         max_connections: int,
         command_timeout: float = 5.0,
-        batches_in_flight: int = 2,
-        max_batch: int = 64,
+        batches_in_flight: int = 1,
+        max_batch: int = 256,
     ) -> None:
         self.db = PgDb(
             dsn,

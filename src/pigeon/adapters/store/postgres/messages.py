@@ -185,7 +185,7 @@ def _answer(send: _Send, row: Any) -> SendResult | Exception:
 class PgMessages:
     """Messages, inboxes and receipts in PostgreSQL."""
 
-    def __init__(self, db: PgDb, *, max_inflight: int = 2, max_batch: int = 64) -> None:
+    def __init__(self, db: PgDb, *, max_inflight: int = 1, max_batch: int = 256) -> None:
         self._db = db
         #: The group commits of sends and acks (their counters serve metrics and tests).
         self.sends = GroupCommit(
