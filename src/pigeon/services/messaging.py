@@ -65,6 +65,7 @@ class MessagingService:
         #: Per device: resolved once its latest send has handed its change to the store; the
         #: next send of the device hands over only after it, so commit order stays call order.
         self._handovers: dict[str, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(
         self,
@@ -140,7 +141,10 @@ class MessagingService:
         """Check what must be checked, wait for the device's previous send to hand over, hand
         this one over; returns what to await for its outcome."""
         before = self._handovers.get(device.id)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:  # looked up once: on Python 3.11 each lookup is a getpid call
+            loop = self._loop = asyncio.get_running_loop()
+        mine: asyncio.Future[None] = loop.create_future()
         self._handovers[device.id] = mine
         mine.add_done_callback(lambda done: self._forget(device.id, done))
         try:
