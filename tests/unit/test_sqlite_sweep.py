@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -12,12 +13,19 @@ from pigeon.adapters.store.sqlite import SqliteStore, sweep
 from tests.contract.test_store import T0, chat, device, send_req, user
 
 
-async def test_sweep_runs_until_the_receipt_log_is_empty(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+async def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SqliteStore]:
+    """A store at `s.db` whose sweep deletes 2 rows per table, and looks at 2 devices, a chunk."""
     monkeypatch.setattr(sweep, "CHUNK", 2)
     store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
     await store.open()
+    yield store
+    await store.aclose()  # again, if the test did: idempotent
+
+
+async def test_sweep_runs_until_the_receipt_log_is_empty(
+    tmp_path: Path, store: SqliteStore
+) -> None:
     a, b = await user(store, "a"), await user(store, "b")
     da, db = await device(store, a), await device(store, b)
     c = await chat(store, a, b)
@@ -35,12 +43,9 @@ async def test_sweep_runs_until_the_receipt_log_is_empty(
 
 
 async def test_sweep_takes_each_expired_prefix_and_keeps_the_young(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store: SqliteStore
 ) -> None:
     # chunks of 2 rows and 2 devices: the walk over 7 devices and 5 messages takes several
-    monkeypatch.setattr(sweep, "CHUNK", 2)
-    store = SqliteStore(tmp_path / "s.db", synchronous="NORMAL")
-    await store.open()
     a, b = await user(store, "a"), await user(store, "b")
     da = await device(store, a)
     theirs = [await device(store, b, max_devices=5) for _ in range(5)]
