@@ -44,7 +44,10 @@ class SqliteSettings(Section):
     type: Literal["sqlite"] = "sqlite"
     path: Path | None = None
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    max_batch: int = Field(512, ge=1, le=10_000)
+    #: Jobs per group commit at most. Under a backlog a wider commit writes each hot page once
+    #: for more messages (with 2,000 and 20,000 sends in flight, 4096 delivered 1.2-1.6x and
+    #: 1.35x the messages a second of the former 512).
+    max_batch: int = Field(4096, ge=1, le=10_000)
 
 
 class PostgresSettings(Section):

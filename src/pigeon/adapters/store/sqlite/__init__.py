@@ -26,7 +26,7 @@ from pigeon.ports import (
 class SqliteStore:
     """The sub-stores over one SQLite database with group commit."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512) -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 4096) -> None:
         self.db = SqliteDb(path, synchronous=synchronous, max_batch=max_batch)
         self.accounts: AccountStore = SqliteAccounts(self.db)
         self.chats: ChatStore = SqliteChats(self.db)

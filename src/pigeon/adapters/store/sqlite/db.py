@@ -49,7 +49,7 @@ class SqliteDb:
     """Owns the writer thread and the reader pool of one database file."""
 
     def __init__(
-        self, path: Path, *, synchronous: str = "FULL", readers: int = 2, max_batch: int = 512
+        self, path: Path, *, synchronous: str = "FULL", readers: int = 2, max_batch: int = 4096
     ) -> None:
         self._path = path
         self._synchronous = synchronous
