@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from pigeon.bookkeeping import BOOKKEEPING
 from pigeon.domain.models import Device
 from pigeon.gateway.errors import Close
 from pigeon.gateway.transport import Transport
@@ -207,7 +208,7 @@ class Connection:
             loop = self.loop
             self._progress_at = loop.time()  # an idle connection starts the clock afresh
             # At the end of this loop turn, so that the frames queued meanwhile share a write.
-            self._flush = loop.call_soon(self._write_now)
+            self._flush = loop.call_soon(self._write_now, context=BOOKKEEPING)
 
     def _write_now(self) -> None:
         """Write what is queued without waiting, as long as the peer's buffer has room; start

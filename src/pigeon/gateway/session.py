@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
+from pigeon.bookkeeping import BOOKKEEPING
 from pigeon.domain.errors import BadRequest, RateLimited, TooLarge, UnknownCommand
 from pigeon.domain.events import inbox_frame
 from pigeon.gateway import protocol as p
@@ -94,7 +95,7 @@ class Session:
         await self._inflight.acquire()
         task = self.conn.loop.create_task(self._run(cmd, arrived))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tasks.discard, context=BOOKKEEPING)
 
     async def _run(self, cmd: p.Command, arrived: float) -> None:
         try:

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from pigeon.bookkeeping import BOOKKEEPING
 from pigeon.domain.errors import BadRequest, E2ERequired, Forbidden, NotFound, TooLarge
 from pigeon.domain.events import Delivery, InboxPage, Message
 from pigeon.domain.ids import is_id, new_id
@@ -124,7 +125,7 @@ class MessagingService:
         )
         sent = await committing
         if acking is not None:
-            await asyncio.shield(acking)
+            await acking
         return sent
 
     async def _hand_over(
@@ -146,7 +147,7 @@ class MessagingService:
             loop = self._loop = asyncio.get_running_loop()
         mine: asyncio.Future[None] = loop.create_future()
         self._handovers[device.id] = mine
-        mine.add_done_callback(lambda done: self._forget(device.id, done))
+        mine.add_done_callback(lambda done: self._forget(device.id, done), context=BOOKKEEPING)
         try:
             if self._throttle is not None:
                 await self._throttle.send(device, body_bytes)
@@ -231,7 +232,7 @@ class MessagingService:
     ) -> tuple[Message, bool]:
         deliveries: int | None = None
         try:
-            result = await asyncio.shield(outcome)
+            result = await outcome
             if not result.duplicate:
                 deliveries = len(result.deliveries)
         finally:

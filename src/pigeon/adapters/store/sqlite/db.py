@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pigeon.bookkeeping import BOOKKEEPING
 from pigeon.domain.errors import Conflict, PigeonError, Unavailable
 
 T = TypeVar("T")
@@ -234,7 +235,7 @@ class SqliteDb:
             failure = Unavailable(f"store write failed: {exc}")
             outcomes = [(fut, None, failure) for _, fut in batch]
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(_resolve, outcomes)
+        self._loop.call_soon_threadsafe(_resolve, outcomes, context=BOOKKEEPING)
         return failure
 
 
