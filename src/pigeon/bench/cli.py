@@ -23,6 +23,7 @@ from pigeon.bench import (
     crypto,
     ejabberd,
     idle,
+    instructions,
     keys,
     offline,
     one_to_one,
@@ -507,6 +508,37 @@ def crypto_cmd(
     results = crypto.run(p)
     path = write_result(out, run.finish(results=results))
     print_summary("crypto", [*crypto.summary(results), ("result file", str(path))], [])
+
+
+@bench_app.command("instructions")
+def instructions_cmd(
+    pairs: Annotated[
+        int, typer.Option(min=1, help="Chats, one sender and one recipient each.")
+    ] = 10,
+    short: Annotated[int, typer.Option(min=0, help="Rounds of the shorter run.")] = 5,
+    long: Annotated[int, typer.Option(min=1, help="Rounds of the longer run.")] = 25,
+    size: Annotated[int, typer.Option(min=1, help="Message body size in characters.")] = 100,
+    synchronous: Annotated[str, typer.Option(help="SQLite synchronous mode.")] = "FULL",
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """Instructions per delivered message on the SQLite store path (send, the recipient's ack,
+    the sender's ack of its receipt), counted by callgrind: a figure the machine's load does
+    not move. Needs valgrind."""
+    if long <= short:
+        raise typer.BadParameter("must be more than --short", param_hint="--long")
+    if synchronous not in ("FULL", "NORMAL"):
+        raise typer.BadParameter("FULL or NORMAL", param_hint="--synchronous")
+    p = instructions.Params(pairs, short, long, size, synchronous)
+    run = Run("instructions", dataclasses.asdict(p))
+    try:
+        result = instructions.count(p)
+    except instructions.NoValgrind as exc:
+        typer.echo(f"pigeon: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    path = write_result(out, run.finish(results=dataclasses.asdict(result)))
+    print_summary(
+        "instructions", [*instructions.summary(p, result), ("result file", str(path))], []
+    )
 
 
 @bench_app.command("abuse")
