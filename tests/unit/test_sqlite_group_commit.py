@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,4 +40,34 @@ async def test_concurrent_writes_share_commits_and_failures_stay_isolated(tmp_pa
     assert count == 450
     with pytest.raises(Conflict):  # a constraint violation maps to Conflict
         await db.write(lambda c: c.execute("INSERT INTO t VALUES (1)"))
+    await db.aclose()
+
+
+async def test_a_failing_job_in_a_large_batch_reruns_only_its_stretch(tmp_path: Path) -> None:
+    db = SqliteDb(tmp_path / "s.db", synchronous="NORMAL")
+    await db.open(_schema)
+    hold = threading.Event()
+    runs: Counter[int] = Counter()
+
+    def insert(k: int):  # type: ignore[no-untyped-def]
+        def job(conn: sqlite3.Connection) -> int:
+            runs[k] += 1
+            if k == 300:
+                raise NotFound("this one fails")
+            conn.execute("INSERT INTO t VALUES (?)", (k,))
+            return k
+
+        return job
+
+    # the writer waits inside a first job, so that the 1,000 after it queue up
+    blocker = db.write(lambda conn: hold.wait(5))
+    queued = [db.write(insert(k)) for k in range(1000)]
+    hold.set()
+    await blocker
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert isinstance(results[300], NotFound) and results[299] == 299 and results[301] == 301
+    assert db.commits <= 2  # large batches (with the blocker or after it)
+    # only the failing job's stretch (at most 64 jobs) ran twice; before, the whole batch did
+    assert 1000 < sum(runs.values()) <= 1000 + 64
+    assert await db.read(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 999
     await db.aclose()
