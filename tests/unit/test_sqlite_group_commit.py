@@ -43,31 +43,41 @@ async def test_concurrent_writes_share_commits_and_failures_stay_isolated(tmp_pa
     await db.aclose()
 
 
-async def test_a_failing_job_in_a_large_batch_reruns_only_its_stretch(tmp_path: Path) -> None:
+async def test_a_job_refused_before_writing_costs_its_batch_no_rerun(tmp_path: Path) -> None:
     db = SqliteDb(tmp_path / "s.db", synchronous="NORMAL")
     await db.open(_schema)
-    hold = threading.Event()
     runs: Counter[int] = Counter()
 
-    def insert(k: int):  # type: ignore[no-untyped-def]
+    def insert(k: int, refuse_after_write: bool = False):  # type: ignore[no-untyped-def]
         def job(conn: sqlite3.Connection) -> int:
             runs[k] += 1
             if k == 300:
-                raise NotFound("this one fails")
+                raise NotFound("refused before writing")
             conn.execute("INSERT INTO t VALUES (?)", (k,))
+            if refuse_after_write:
+                raise Conflict("refused after writing: undone")
             return k
 
         return job
 
-    # the writer waits inside a first job, so that the 1,000 after it queue up
-    blocker = db.write(lambda conn: hold.wait(5))
-    queued = [db.write(insert(k)) for k in range(1000)]
-    hold.set()
-    await blocker
-    results = await asyncio.gather(*queued, return_exceptions=True)
+    async def batch(jobs: list) -> list:  # type: ignore[type-arg]
+        """The jobs as one batch: the writer waits inside a first job while they queue up."""
+        hold = threading.Event()
+        blocker = db.write(lambda conn: hold.wait(5))
+        queued = [db.write(job) for job in jobs]
+        hold.set()
+        await blocker
+        return await asyncio.gather(*queued, return_exceptions=True)
+
+    results = await batch([insert(k) for k in range(1000)])
     assert isinstance(results[300], NotFound) and results[299] == 299 and results[301] == 301
     assert db.commits <= 2  # large batches (with the blocker or after it)
-    # only the failing job's stretch (at most 64 jobs) ran twice; before, the whole batch did
-    assert 1000 < sum(runs.values()) <= 1000 + 64
-    assert await db.read(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 999
+    assert sum(runs.values()) == 1000  # nothing to undo, so nothing ran twice
+
+    runs.clear()
+    results = await batch([insert(k, refuse_after_write=k == 1005) for k in range(1000, 1010)])
+    assert isinstance(results[5], Conflict) and results[9] == 1009
+    assert runs[1000] == 2  # a job that had written: its batch ran again, in savepoints
+    count = await db.read(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
+    assert count == 999 + 9
     await db.aclose()

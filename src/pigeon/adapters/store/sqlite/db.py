@@ -26,9 +26,6 @@ from pigeon.bookkeeping import BOOKKEEPING
 from pigeon.domain.errors import Conflict, PigeonError, Unavailable
 
 T = TypeVar("T")
-
-#: Jobs of a large batch run between two savepoints (see `_run_in_stretches`).
-_STRETCH = 64
 Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 log = logging.getLogger(__name__)
 #: Below this much free space on the file system that holds the database, the store reports
@@ -223,14 +220,11 @@ class SqliteDb:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if len(batch) > _STRETCH:
-                outcomes = _run_in_stretches(conn, batch)
-            else:
-                outcomes = _run_optimistically(conn, batch)
-                if not outcomes:  # a job failed: redo the batch with one savepoint per job
-                    conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
-                    outcomes = [(fut, *_run_in_savepoint(conn, fn)) for fn, fut in batch]
+            outcomes = _run_optimistically(conn, batch)
+            if not outcomes:  # a job failed: redo the batch with one savepoint per job
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = [(fut, *_run_in_savepoint(conn, fn)) for fn, fut in batch]
             conn.execute("COMMIT")
             self.commits += 1
             self.jobs_committed += len(batch)
@@ -248,37 +242,24 @@ class SqliteDb:
 def _run_optimistically(
     conn: sqlite3.Connection, batch: list[Job]
 ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-    """Run every job without savepoints (2 statements less per job); [] if any job raised.
-    Jobs are pure functions of the database, so running them again is safe."""
+    """Run every job without savepoints (2 statements less per job); [] if a job raised after
+    it changed something. Jobs are pure functions of the database, so running them again is
+    safe. A job refused before it changed anything (a send to a chat its sender is not in: the
+    rules are checked before the writes) leaves nothing to undo, so the batch goes on: one such
+    job per commit would otherwise make a saturated writer run every job about twice."""
     outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
     for fn, fut in batch:
+        changes = conn.total_changes
         try:
             outcomes.append((fut, fn(conn), None))
         except sqlite3.OperationalError:
             raise
+        except PigeonError as exc:
+            if conn.total_changes != changes:
+                return []
+            outcomes.append((fut, None, exc))
         except Exception:
             return []
-    return outcomes
-
-
-def _run_in_stretches(
-    conn: sqlite3.Connection, batch: list[Job]
-) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-    """A large batch, `_STRETCH` jobs at a time behind a savepoint: a stretch where a job failed
-    is rolled back and run again job by job, each in a savepoint of its own. So a failing job
-    (a client's send to a chat it is not in) costs a rerun of its stretch, not of the batch:
-    without stretches, one such job per commit would have made a saturated writer run every
-    job about twice."""
-    outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-    for start in range(0, len(batch), _STRETCH):
-        stretch = batch[start : start + _STRETCH]
-        conn.execute("SAVEPOINT stretch")
-        done = _run_optimistically(conn, stretch)
-        if not done:
-            conn.execute("ROLLBACK TO stretch")
-            done = [(fut, *_run_in_savepoint(conn, fn)) for fn, fut in stretch]
-        conn.execute("RELEASE stretch")
-        outcomes += done
     return outcomes
 
 
