@@ -21,6 +21,7 @@ interleave with a long sweep.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Rows per table deleted by one chunk, and devices looked at by one chunk.
@@ -67,15 +68,21 @@ def forget_previews(conn: sqlite3.Connection, before: int) -> None:
     )
 
 
-def _expired_messages(conn: sqlite3.Connection, before: int) -> int:
+def _expired_prefix(rows: Iterable[tuple[int, int]], before: int) -> tuple[int | None, int]:
+    """Of `(key, at)` rows in key order, the last key of the leading run older than `before`
+    and that run's length (it stops reading at the first younger row)."""
     last = None
     n = 0
-    for rowid, at in conn.execute(
-        "SELECT rowid, at FROM messages ORDER BY rowid LIMIT ?", (CHUNK,)
-    ):
+    for key, at in rows:
         if at >= before:
             break
-        last, n = rowid, n + 1
+        last, n = key, n + 1
+    return last, n
+
+
+def _expired_messages(conn: sqlite3.Connection, before: int) -> int:
+    rows = conn.execute("SELECT rowid, at FROM messages ORDER BY rowid LIMIT ?", (CHUNK,))
+    last, n = _expired_prefix(rows, before)
     if last is not None:
         conn.execute("DELETE FROM messages WHERE rowid <= ?", (last,))
     return n
@@ -93,17 +100,13 @@ def _expired_entries(conn: sqlite3.Connection, before: int, after: int) -> tuple
         return 0, None
     budget = CHUNK
     for rowid, device_id, waiting in devices:
-        if not waiting:  # entries exist only past the device's ack (ack.take deletes the rest)
+        if not waiting:  # entries exist only past the device's ack (`inbox.take` drops the rest)
             continue
-        last = None
-        n = 0
-        for iseq, at in conn.execute(
+        rows = conn.execute(
             "SELECT iseq, at FROM inbox WHERE device_id = ? ORDER BY iseq LIMIT ?",
             (device_id, budget),
-        ):
-            if at >= before:
-                break
-            last, n = iseq, n + 1
+        )
+        last, n = _expired_prefix(rows, before)
         if last is None:
             continue
         conn.execute("DELETE FROM inbox WHERE device_id = ? AND iseq <= ?", (device_id, last))
