@@ -135,7 +135,6 @@ async def test_queued_calls_of_a_key_wait_once_one_of_them_is_in_flight() -> Non
     busy = [asyncio.ensure_future(commit.call(n)) for n in (0, 30)]  # both slots taken
     assert [await asyncio.wait_for(runner.arrivals.get(), 5) for _ in range(2)] == [[0], [30]]
     queued = [asyncio.ensure_future(commit.call(n)) for n in (10, 11, 20)]
-    await asyncio.sleep(0)  # all three queued behind the full slots
     runner.gates[0].set()
     assert await asyncio.wait_for(runner.arrivals.get(), 5) == [10]
     runner.gates[1].set()
