@@ -10,7 +10,7 @@ writer thread and reader threads, all counted.
 
 Two runs under `valgrind --tool=callgrind`, of `short` and of `long` rounds: their difference,
 divided by the messages between them, leaves out the interpreter's start-up, the schema and the
-accounts. Callgrind runs the process ~50x slower; the default rounds take ~20 s in all.
+accounts. Callgrind runs the process ~50x slower; the default rounds take ~15 s in all.
 """
 
 from __future__ import annotations
