@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiormq.exceptions
 import pytest
 
 from pigeon.adapters.push.rabbitmq import RabbitPushQueue, bucket_of
@@ -339,8 +341,31 @@ class Cuttable:
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        down = self._down(up_reader, writer) if self.failing > 0 else pipe(up_reader, writer)
+        self.failing -= 1
+        await asyncio.gather(pipe(reader, up_writer), down)
         self._writers -= {writer, up_writer}
+
+    #: Connections (from the next one on) that the "broker" closes with an internal error.
+    failing = 0
+
+    async def _down(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        """The broker's frames, up to its Connection.OpenOk; then a Connection.Close with
+        541 INTERNAL_ERROR, as RabbitMQ sends when one of its channel processes fails."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                head = await src.readexactly(7)
+                kind, _, size = struct.unpack("!BHI", head)
+                body = await src.readexactly(size + 1)
+                dst.write(head + body)
+                if kind == 1 and body[:4] == struct.pack("!HH", 10, 41):  # Connection.OpenOk
+                    text = b"INTERNAL_ERROR"
+                    args = struct.pack("!HB", 541, len(text)) + text + struct.pack("!HH", 0, 0)
+                    method = struct.pack("!HH", 10, 50) + args  # Connection.Close
+                    dst.write(struct.pack("!BHI", 1, 0, len(method)) + method + b"\xce")
+                    await dst.drain()
+                    break
+        dst.close()
 
 
 async def test_a_lost_connection_loses_no_job(store: Store, rabbits: Rabbits) -> None:
@@ -371,6 +396,23 @@ async def test_a_lost_connection_loses_no_job(store: Store, rabbits: Rabbits) ->
     finally:
         if proxy.serving:
             await proxy.cut()
+
+
+async def test_a_process_starting_tries_again_when_the_broker_fails_internally(
+    rabbits: Rabbits,
+) -> None:
+    proxy = Cuttable(RABBITMQ_URL)
+    await proxy.open()
+    try:
+        proxy.failing = 1  # RabbitMQ 541s the first connection (as it did in CI to a worker
+        queue = await rabbits.make(url=proxy.url)  # that consumed a queue just created)
+        assert queue.connected and proxy.failing == -1  # the second connection was its own
+        proxy.failing = 3  # every attempt fails: the process gives up with the broker's error
+        with pytest.raises(aiormq.exceptions.ConnectionInternalError):
+            await rabbits.make(url=proxy.url)
+        assert proxy.failing == 0
+    finally:
+        await proxy.cut()
 
 
 async def test_the_queue_reports_the_depth_of_its_outbox_when_the_outbox_does(

@@ -53,6 +53,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import PublishError
+from aiormq.exceptions import ConnectionInternalError
 
 from pigeon.ports import (
     Clock,
@@ -77,6 +78,15 @@ DELIVERY_LIMIT = 20
 _CONNECT_TIMEOUT = 10.0
 _PUBLISH_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 5.0
+#: Attempts at the first connection of a process that connects at start (`pigeon push-worker`)
+#: when the broker answers with an internal error (541: a channel process of its own failed).
+#: Processes starting together do that: a consumer on a quorum queue another connection created
+#: a moment before, whose Ra server is not running yet, crashes its channel in RabbitMQ 3.10
+#: (`{badmatch,{error,noproc}}`; 18 of 120 connections when four declare and consume a fresh
+#: queue at once, here). The broker's trouble, not the operator's, and gone a moment later, so
+#: it is tried again before the process gives up. Other failures (unreachable, refused
+#: credentials, too old a broker) are reported at once.
+_START_ATTEMPTS = 3
 #: Longest pause between reconnection attempts, or after a failed relay round (seconds).
 _MAX_BACKOFF = 30.0
 #: A header on a job published again (its first copy may exist): check it when delivered.
@@ -203,7 +213,7 @@ class RabbitPushQueue:
         does nothing else says so at once); else it is made in the background."""
         self._clock = clock
         if connect:
-            await self._open()
+            await self._first_open()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._keep_connected(), name="push-rabbitmq-link"),
@@ -221,6 +231,23 @@ class RabbitPushQueue:
                 await task
         self._tasks = []
         await self._drop()
+
+    async def _first_open(self) -> None:
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                await self._open()
+                return
+            except ConnectionInternalError as exc:
+                if attempt == _START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "push queue: RabbitMQ at %s failed internally (%s), trying again (%d of %d)",
+                    masked(self._url),
+                    exc,
+                    attempt + 1,
+                    _START_ATTEMPTS,
+                )
+                await asyncio.sleep(_backoff(attempt))
 
     async def _open(self) -> None:
         async with asyncio.timeout(3 * _CONNECT_TIMEOUT):
