@@ -144,3 +144,19 @@ async def test_queued_calls_of_a_key_wait_once_one_of_them_is_in_flight() -> Non
         gate.set()
     assert await asyncio.wait_for(asyncio.gather(*busy, *queued), 5) == [0, 60, 20, 22, 40]
     assert runner.batches == [[0], [30], [10], [20], [11]]
+
+
+async def test_keys_take_turns_and_a_full_batch_leaves_the_rest_of_a_key_for_its_turn() -> None:
+    runner = GatedRunner()
+    commit = GroupCommit(runner, max_inflight=1, max_batch=3, key=lambda n: n // 10)
+    first = asyncio.ensure_future(commit.call(0))
+    assert await asyncio.wait_for(runner.arrivals.get(), 5) == [0]
+    calls = (10, 11, 12, 13, 14, 20, 1)
+    queued = [asyncio.ensure_future(commit.call(n)) for n in calls]
+    for gate in runner.gates:
+        gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, *queued), 5)
+    assert answers == [2 * n for n in (0, *calls)]
+    # key 1 came up first and filled a batch; key 2 and key 0 had their turns before the rest
+    # of key 1, which kept its order
+    assert runner.batches == [[0], [10, 11, 12], [20, 1, 13], [14]]
