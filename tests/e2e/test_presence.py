@@ -175,6 +175,28 @@ async def test_typing_stops_when_the_typist_leaves(make_server) -> None:  # type
     assert (await signal_of(bob, TypingFrame)).typing is False
 
 
+async def test_a_typist_leaving_stops_its_typing_in_every_chat_not_others(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = await make_server(presence={"typing_ttl": 30.0})
+    alice = await server.new_client("alice")
+    carol = await server.new_client("carol")
+    bob = await server.new_client("bob")
+    assert bob.user and carol.user
+    chats = [await alice.create_chat([bob.user], name=f"g{i}") for i in range(2)]
+    theirs = await carol.create_chat([bob.user])
+    for chat in (*chats, theirs):
+        typist = carol if chat is theirs else alice
+        await typist.typing(chat["id"])
+        assert (await signal_of(bob, TypingFrame)).chat == chat["id"]
+    await alice.close()
+    stops = [await signal_of(bob, TypingFrame) for _ in chats]
+    assert sorted((f.chat, f.user, f.typing) for f in stops) == sorted(
+        (c["id"], alice.user, False) for c in chats
+    )
+    await carol.typing(theirs["id"], False)  # carol was still typing: her stop is forwarded
+    frame = await signal_of(bob, TypingFrame)
+    assert (frame.chat, frame.user, frame.typing) == (theirs["id"], carol.user, False)
+
+
 async def test_typist_who_left_the_chat_still_goes_offline(make_server) -> None:  # type: ignore[no-untyped-def]
     server: Server = await make_server(presence={"grace": 0.1, "typing_ttl": 30.0})
     watcher, name, user_id = await pair(server)  # shares a direct chat with the typist

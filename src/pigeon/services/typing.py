@@ -47,7 +47,10 @@ class TypingService:
         self._bus = bus
         self._ttl = ttl
         self._min_interval = min_interval
-        self._active: dict[tuple[str, str], _Typing] = {}
+        #: Per device, per chat: what it is typing (per device, so that a disconnect finds
+        #: its own at once: a scan of every typist per disconnect was quadratic in a mass
+        #: reconnect).
+        self._active: dict[str, dict[str, _Typing]] = {}
 
     async def typing(self, device: Device, chat_id: str, typing: bool) -> bool:
         """Set the device's typing state in the chat; True if it was forwarded."""
@@ -56,8 +59,8 @@ class TypingService:
         if self._throttle is not None:
             await self._throttle.typing(device.id)
         loop = asyncio.get_running_loop()
-        key = (device.id, chat_id)
-        current = self._active.get(key)
+        chats = self._active.get(device.id)
+        current = None if chats is None else chats.get(chat_id)
         if (
             typing
             and current is not None
@@ -71,28 +74,36 @@ class TypingService:
         targets = await self._targets(device, chat_id)
         if current is not None:
             current.timer.cancel()
-            del self._active[key]
+            self._forget(device.id, chat_id)
         if typing:
             timer = loop.call_later(self._ttl, self._expire, device, chat_id)
-            self._active[key] = _Typing(loop.time(), timer)
+            self._active.setdefault(device.id, {})[chat_id] = _Typing(loop.time(), timer)
         await self._publish(device, chat_id, typing, targets)
         return True
 
     async def device_gone(self, device: Device) -> None:
         """The device disconnected: whatever it was typing stops now. Never raises (it runs
         in connection cleanup): the stop goes to the chat's current members, if any."""
-        for key in [k for k in self._active if k[0] == device.id]:
-            state = self._active.pop(key)
+        for chat_id, state in self._active.pop(device.id, {}).items():
             state.timer.cancel()
             try:
-                members = await self._chats.member_devices(key[1])
+                members = await self._chats.member_devices(chat_id)
                 targets = [d for user, d in members if user != device.user_id]
-                await self._publish(device, key[1], False, targets)
+                await self._publish(device, chat_id, False, targets)
             except PigeonError as exc:
                 log.warning("typing stop for %s not sent: %s", device.id, exc)
 
+    def _forget(self, device_id: str, chat_id: str) -> _Typing | None:
+        chats = self._active.get(device_id)
+        if chats is None:
+            return None
+        state = chats.pop(chat_id, None)
+        if not chats:
+            del self._active[device_id]
+        return state
+
     def _expire(self, device: Device, chat_id: str) -> None:
-        if self._active.pop((device.id, chat_id), None) is None:
+        if self._forget(device.id, chat_id) is None:
             return
         task = asyncio.get_running_loop().create_task(self._expire_now(device, chat_id))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
