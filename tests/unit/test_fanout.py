@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from pigeon.adapters.bus.local import LocalBus
 from pigeon.adapters.store.sqlite import SqliteStore
 from pigeon.domain.errors import Unavailable
 from pigeon.domain.events import Delivery
 from pigeon.domain.limits import Limits
 from pigeon.services import channels
+from pigeon.services import fanout as fanout_module
 from pigeon.services.clock import SystemClock
 from pigeon.services.fanout import Fanout
 from pigeon.services.messaging import MessagingService
@@ -77,4 +80,33 @@ async def test_frames_whose_publish_failed_are_published_again() -> None:
     bus.down = False
     await asyncio.wait_for(arrived.wait(), 5)
     assert [f.split(b'"iseq":')[1][:1] for f in got] == [b"1", b"2"]  # in order, once
+    await fanout.aclose()
+
+
+async def test_a_full_hold_drops_its_oldest_frames_and_an_outage_logs_little(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fanout_module, "MAX_HELD", 3)
+    bus = _FlakyBus()
+    fanout = Fanout(bus, retry_delays=(0.0,) * 20)
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def receive(frame: bytes) -> None:
+        got.append(frame)
+        if len(got) == 3:
+            arrived.set()
+
+    await bus.subscribe(channels.device("D"), receive)
+    await fanout.push([Delivery("D", i, b'{"a":%d}' % i) for i in range(1, 6)])
+    await fanout.push([Delivery("D", 6, b'{"a":6}')])  # each failed push used to log its drops
+    await asyncio.wait_for(bus.retried.wait(), 5)
+    bus.down = False
+    await asyncio.wait_for(arrived.wait(), 5)
+    assert [f.split(b'"iseq":')[1][:1] for f in got] == [b"4", b"5", b"6"]  # the newest, in order
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [  # not a line per failed push (thousands a second in an outage)
+        "push of 5 frames failed (inbox keeps them): bus down",
+        "dropped 3 held frames (their inboxes keep them)",
+    ]
     await fanout.aclose()

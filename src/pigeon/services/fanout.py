@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from time import perf_counter
 from typing import Any, TypeVar
@@ -63,7 +64,11 @@ class Fanout:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._delays = retry_delays
         self._on_delivered = on_delivered
-        self._held: list[tuple[str, bytes]] = []
+        #: Frames to publish again, oldest first; appending to a full deque drops the oldest
+        #: (a list trimmed per failed push moved all 100k of them each time, during an outage).
+        self._held: deque[tuple[str, bytes]] = deque(maxlen=MAX_HELD)
+        #: Frames dropped since the last report.
+        self._dropped = 0
         self._retrier: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -132,28 +137,33 @@ class Fanout:
             # device whose connection moved to another node while frames went to the old one)
             await self._bus.publish_many(frames, local_first=True)
         except PigeonError as exc:
-            log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)
+            if not self._held:  # an outage's first failure; the retrier reports the rest
+                log.warning("push of %d frames failed (inbox keeps them): %s", len(frames), exc)
             self._hold(frames)
             return False
         return True
 
     def _hold(self, frames: list[tuple[str, bytes]]) -> None:
+        self._dropped += max(0, len(self._held) + len(frames) - MAX_HELD)
         self._held.extend(frames)
-        if len(self._held) > MAX_HELD:
-            dropped = len(self._held) - MAX_HELD
-            del self._held[:dropped]
-            log.warning("dropped %d held frames (their inboxes keep them)", dropped)
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.get_running_loop().create_task(self._publish_held())
 
     async def _publish_held(self) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)  # backoff while the bus is down, not synchronisation
-            batch, self._held = self._held, []
+            if self._dropped:  # reported once per round, not per failed push
+                log.warning("dropped %d held frames (their inboxes keep them)", self._dropped)
+                self._dropped = 0
+            batch = list(self._held)
+            self._held = deque(maxlen=MAX_HELD)
             try:
                 await self._bus.publish_many(batch)
             except PigeonError:
-                self._held[:0] = batch  # keep the order: older frames first
+                held: deque[tuple[str, bytes]] = deque(batch, maxlen=MAX_HELD)
+                self._dropped += max(0, len(batch) + len(self._held) - MAX_HELD)
+                held.extend(self._held)  # keep the order: older frames first
+                self._held = held
                 continue
             log.info("published %d frames held during a bus outage", len(batch))
             if not self._held:

@@ -350,7 +350,8 @@ class RedisPresence:
             await self._pipeline(cleanup)
         if gone:  # if the caller fails to confirm them, a reap a TTL later offers them again
             await self._mark_pending(now + self._ttl_ms, *gone)
-        return gone + [u for u in dict.fromkeys(pending) if u not in gone]
+        offline = set(gone)
+        return gone + [u for u in dict.fromkeys(pending) if u not in offline]
 
     # -- plumbing --------------------------------------------------------------------------
 
