@@ -71,6 +71,9 @@ class RedisBus:
         self._refresh_lock = asyncio.Lock()
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_again = False
+        #: Slot-map reads begun (publishes that meet MOVED share the first one begun after they
+        #: were sent), for tests and metrics.
+        self.slot_reads = 0
         self._retiring: set[asyncio.Task[None]] = set()  # shards being closed
         self._opened = False
         self._closed = False
@@ -141,12 +144,13 @@ class RedisBus:
             items = self._deliver_here(items)
             if not items:
                 return
+        reads = self.slot_reads  # those begun before these frames left
         failed, moved = await self._publish_grouped(items)
         if moved:  # the slot map is stale: re-read it and try those frames once more
             log.info(
                 "redis bus: %d frames met MOVED (%s); re-reading slots", len(moved), moved[0][1]
             )
-            await self._refresh_topology()
+            await self._refresh_topology(after=reads)
             failed2, moved2 = await self._publish_grouped([item for item, _ in moved])
             failed += failed2 + moved2
         if failed:
@@ -270,8 +274,15 @@ class RedisBus:
             if not self._refresh_again:
                 return
 
-    async def _refresh_topology(self) -> None:
+    async def _refresh_topology(self, after: int | None = None) -> None:
+        """Re-read the slot map and follow it. With `after` (the reads begun when the caller
+        sent what met MOVED): nothing if a read begun since is done, so the publishes in flight
+        when a slot moves share one read (each read opens a connection and walks every
+        subscribed channel) instead of queueing one each."""
         async with self._refresh_lock:
+            if after is not None and self.slot_reads > after:
+                return
+            self.slot_reads += 1
             slots = await self._fetch_slots()
             same = [owner[0] if owner else "" for owner in slots] == self._slots
             touched = set() if same else self._apply_slots(slots)
