@@ -17,7 +17,7 @@ docs/architecture.md "Admin"). No server running: nothing is connected, nothing 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -81,7 +81,7 @@ class _Outbox:
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
         raise NotImplementedError("the admin commands only publish")
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         return None
 
     async def ping(self) -> None:

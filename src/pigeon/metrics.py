@@ -40,7 +40,7 @@ import contextlib
 import logging
 import os
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, cast, get_args
 
@@ -599,7 +599,7 @@ class TimedBus:
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
         return await self._inner.subscribe(channel, handler)
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         self._inner.on_recovered(callback)
 
     async def open(self) -> None:

@@ -7,7 +7,14 @@ The contract suites in tests/contract run every adapter against these words.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -739,10 +746,12 @@ class Bus(Protocol):
     async def subscribe(self, channel: str, handler: BusHandler) -> Subscription:
         """Deliver frames of `channel` to `handler` until cancelled."""
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         """Run `callback` (on the event loop) each time the bus comes back from an outage
-        during which frames may have been lost, once its subscriptions are live again. A node
-        uses it to resync its connections from the durable inbox."""
+        during which frames may have been lost, once its subscriptions are live again, with
+        the channels that may have lost frames (a Redis server's: all of them; a cluster
+        slot that moved: its channels). A node uses it to resync those connections from the
+        durable inbox."""
 
     async def ping(self) -> None:
         """A cheap round trip on the connections that deliver frames to this node (readiness,

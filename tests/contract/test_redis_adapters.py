@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,16 @@ class FakeNow:
 
 
 class Recoveries:
-    """An `on_recovered` callback a test can wait on."""
+    """An `on_recovered` callback a test can wait on, and the channels it was told of."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.lost: set[str] = set()
         self._event = asyncio.Event()
 
-    def __call__(self) -> None:
+    def __call__(self, lost: Collection[str]) -> None:
         self.count += 1
+        self.lost |= set(lost)
         self._event.set()
 
     async def wait(self, timeout: float = 10.0) -> None:
@@ -123,7 +125,7 @@ async def test_bus_recovers_from_a_server_restart(
     await recoveries.wait()  # resubscribed by itself, then told the node
     await b.publish(ch, b"after")
     assert await inbox.wait_for(2) == [b"before", b"after"]
-    assert recoveries.count == 1
+    assert recoveries.count == 1 and recoveries.lost == {ch}  # the server's: every channel
 
 
 async def test_subscribing_during_an_outage_goes_live_on_recovery(
@@ -281,6 +283,10 @@ async def test_cluster_bus_recovers_from_a_master_restart(
         )
     await b.publish_many([(ch, ch.encode()) for ch in channels])
     assert sorted(await inbox.wait_for(len(channels))) == sorted(c.encode() for c in channels)
+    # the node is told of the restarted master's channels, not of the others
+    assert recoveries.lost == {
+        c for c in channels if owner_of(redis_cluster, key_slot(c.encode())) is victim
+    }
 
 
 async def test_cluster_bus_follows_a_slot_to_its_new_master(
@@ -290,6 +296,8 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
     ch, inbox = empty_slot_channel(redis_cluster), Inbox()
     await b.subscribe(ch, inbox)
     slot = key_slot(ch.encode())
+    other = next(c for c in iter(channel, "") if key_slot(c.encode()) != slot)
+    await b.subscribe(other, Inbox())
     source = owner_of(redis_cluster, slot)
     target = next(n for n in redis_cluster.nodes if n is not source)
 
@@ -307,6 +315,7 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
         # The old master dropped the channel (sunsubscribe): the bus re-read the slot map and
         # subscribed on the new master, then told the node.
         await live_on(b, ch, target, recoveries)
+        assert recoveries.lost == {ch}  # the moved slot's channels only: those resync
         await b.publish(ch, b"moved")
         assert await inbox.wait_for(1) == [b"moved"]
         await stale.open()  # knows the slot on `target`

@@ -1,24 +1,30 @@
-"""After a bus outage (frames may have been lost), every connection catches up from its inbox."""
+"""After a bus outage (frames may have been lost), the connections of the channels it names catch
+up from their inboxes."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from pigeon.app import STORE
 from pigeon.domain.events import Message
 from pigeon.domain.ids import new_id
 from pigeon.gateway.keys import SERVICES
 from pigeon.ports import SendRequest
+from pigeon.services import channels
 from tests.conftest import Server, ServerFactory, next_of
 from tests.support.redis import RedisServer
 
 
-async def test_connections_resync_when_the_bus_recovers(server: Server) -> None:
+async def test_the_connections_the_bus_names_resync_when_it_recovers(server: Server) -> None:
     alice = await server.new_client("alice")
     bob = await server.new_client("bob")
-    assert alice.user and alice.device and bob.user
-    chat = await alice.create_chat([bob.user])
+    carol = await server.new_client("carol")
+    assert alice.user and alice.device and bob.user and bob.device and carol.user
+    assert carol.device
+    chat = await alice.create_chat([bob.user, carol.user], name="g")
     # A message committed whose push the bus lost: written to the store, never published.
     lost = await server.app[STORE].messages.send(
         SendRequest(
@@ -33,9 +39,15 @@ async def test_connections_resync_when_the_bus_recovers(server: Server) -> None:
             preview=None,
         )
     )
-    assert lost.deliveries
-    server.app[SERVICES].hub._bus_recovered()  # what a bus adapter calls after an outage
+    assert len(lost.deliveries) == 2
+    hub = server.app[SERVICES].hub
+    hub._bus_recovered({channels.device(bob.device)})  # what a bus adapter calls: bob's lost
     got = await next_of(bob, Message)
+    assert (got.id, got.body) == (lost.message.id, "lost in transit")
+    with pytest.raises(TimeoutError):  # carol's channel was not named: no resync for her
+        await next_of(carol, Message, timeout=0.3)
+    hub._bus_recovered({channels.device(carol.device), channels.presence(carol.user)})
+    got = await next_of(carol, Message)
     assert (got.id, got.body) == (lost.message.id, "lost in transit")
 
 

@@ -4,7 +4,7 @@ on one node, and a late control frame of an older connection never closes a newe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from pigeon.config import GatewaySettings
 from pigeon.domain.models import Device
@@ -40,7 +40,7 @@ class SlowBus:
         self.subs.setdefault(channel, set()).add(sub)
         return sub
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         return None
 
 

@@ -11,7 +11,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class Hub:
         self._attaching = Turns()
         self._ticker: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        #: Devices connected here whose frames the bus may have lost, to resync.
+        self._lost: set[str] = set()
         self._per_address: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -240,14 +242,21 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _bus_recovered(self) -> None:
-        if self._recovery is not None and not self._recovery.done():
-            self._recovery.cancel()
-        self._recovery = asyncio.get_running_loop().create_task(self._resync_all())
+    def _bus_recovered(self, lost: Collection[str]) -> None:
+        """The bus may have lost frames of the channels in `lost`: their devices' connections
+        on this node catch up (a slot that moved in a Redis Cluster names its own channels
+        only; before, every connection of the node resynced for each slot, over and over in
+        a rebalance)."""
+        for channel in lost:
+            device_id = channels.device_of(channel)
+            if device_id is not None and device_id in self._conns:
+                self._lost.add(device_id)
+        if self._lost and (self._recovery is None or self._recovery.done()):
+            self._recovery = asyncio.get_running_loop().create_task(self._resync_lost())
 
-    async def _resync_all(self) -> None:
-        """Catch every connection up, a few at a time: their inboxes hold what the bus lost."""
-        log.info("bus recovered: resyncing %d connections", len(self._resyncs))
+    async def _resync_lost(self) -> None:
+        """Catch the connections of `_lost` up, a few at a time: their inboxes hold what the
+        bus lost. Devices that lose frames again meanwhile go once more, in the next round."""
         gate = asyncio.Semaphore(_RESYNC_CONCURRENCY)
 
         async def one(conn: Connection, resync: Resync) -> None:
@@ -256,7 +265,16 @@ class Hub:
                     with contextlib.suppress(Exception):  # a failed sync closes the connection
                         await resync()
 
-        await asyncio.gather(*(one(c, r) for c, r in list(self._resyncs.items())))
+        while self._lost:
+            devices, self._lost = self._lost, set()
+            entries = [self._conns.get(device_id) for device_id in devices]
+            targets = [
+                (conn, resync)
+                for conn, _ in filter(None, entries)
+                if (resync := self._resyncs.get(conn)) is not None
+            ]
+            log.info("bus recovered: resyncing %d connections", len(targets))
+            await asyncio.gather(*(one(c, r) for c, r in targets))
 
     def start(self) -> None:
         self._bus.on_recovered(self._bus_recovered)

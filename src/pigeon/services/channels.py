@@ -8,6 +8,11 @@ def device(device_id: str) -> str:
     return f"d:{device_id}"
 
 
+def device_of(channel: str) -> str | None:
+    """The device a `device` channel is for (None for any other channel)."""
+    return channel[2:] if channel.startswith("d:") else None
+
+
 def presence(user_id: str) -> str:
     """Presence changes of one user, for the nodes that have subscribers of that user."""
     return f"p:{user_id}"

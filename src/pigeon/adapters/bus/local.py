@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from pigeon.ports import Bus, BusHandler
 
@@ -40,7 +40,7 @@ class LocalBus:
         self._subs[channel] = sub
         return sub
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         return None  # nothing in between to fail: frames are never lost
 
     async def ping(self) -> None:

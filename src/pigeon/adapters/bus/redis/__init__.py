@@ -20,7 +20,8 @@ low-level `Connection` (RESP2: parsing, AUTH, TLS):
 - The subscriber connection doubles as the shard's health probe (periodic PING). While a shard
   is down, publishes to it fail at once with `Unavailable`; every network wait is bounded.
 - A lost connection is re-established with exponential backoff, every live channel is
-  subscribed again, and then the `on_recovered` callbacks run. On a cluster, the slot map is
+  subscribed again, and then the `on_recovered` callbacks run with that shard's channels (a
+  slot that moved: with its channels). On a cluster, the slot map is
   re-read (CLUSTER SLOTS) on MOVED, on slot-migration notices and on every reconnect; channels
   whose slot changed owner move to the new master.
 

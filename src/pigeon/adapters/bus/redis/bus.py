@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Collection, Iterable
 
 from redis.crc import key_slot
 from redis.exceptions import MovedError, ResponseError
@@ -66,8 +67,10 @@ class RedisBus:
         self._homes: dict[str, Shard] = {}  # subscribed channel -> the shard it lives on
         self._shards: dict[str, Shard] = {}  # "host:port" (or "" for one server) -> shard
         self._slots: list[str] = []  # cluster: owner of each slot, as a `_shards` key
-        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks: list[Callable[[Collection[str]], None]] = []
         self._recover_scheduled = False
+        #: Channels that may have lost frames, for the next `on_recovered` run.
+        self._lost: set[str] = set()
         self._refresh_lock = asyncio.Lock()
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_again = False
@@ -107,7 +110,7 @@ class RedisBus:
         self._subs.clear()
         self._homes.clear()
 
-    def on_recovered(self, callback: Callable[[], None]) -> None:
+    def on_recovered(self, callback: Callable[[Collection[str]], None]) -> None:
         self._callbacks.append(callback)
 
     async def ping(self) -> None:
@@ -285,15 +288,19 @@ class RedisBus:
             self.slot_reads += 1
             slots = await self._fetch_slots()
             same = [owner[0] if owner else "" for owner in slots] == self._slots
-            touched = set() if same else self._apply_slots(slots)
-            touched |= {s.listener for s in self._shards.values() if s.listener.resync()}
+            touched = {} if same else self._apply_slots(slots)
+            for shard in self._shards.values():
+                dropped = shard.listener.resync()
+                if dropped:
+                    touched.setdefault(shard.listener, set()).update(dropped)
             if self._opened:
-                for listener in touched:
+                for listener, moved in touched.items():
                     # Frames for the moved channels may have been lost: once they are live
-                    # again, the node resyncs (a shard that is down does it when it is up).
+                    # again, the node resyncs them (a shard that is down resyncs all of its
+                    # channels when it is up).
                     barrier = listener.barrier()
                     if barrier is not None:
-                        barrier.add_done_callback(lambda _: self._recovered())
+                        barrier.add_done_callback(functools.partial(self._live_again, moved))
 
     async def _fetch_slots(self) -> list[Owner | None]:
         """Owner of each slot (key, host, port) per CLUSTER SLOTS, from the first node that
@@ -303,14 +310,15 @@ class RedisBus:
         candidates.append((self._dialer.host, self._dialer.port))
         return await fetch_slots(self._dialer, candidates, self._timeout)
 
-    def _apply_slots(self, slots: list[Owner | None]) -> set[Listener]:
+    def _apply_slots(self, slots: list[Owner | None]) -> dict[Listener, set[str]]:
         """Adopt a new slot map: start new masters, move channels whose slot changed owner,
-        retire masters that own nothing. Returns the listeners that received channels."""
+        retire masters that own nothing. Returns the listeners that received channels, and
+        those channels."""
         for owner in set(slots):
             if owner is not None and owner[0] not in self._shards:
                 self._add_shard(*owner)
         self._slots = [owner[0] if owner else "" for owner in slots]
-        touched: set[Listener] = set()
+        touched: dict[Listener, set[str]] = {}
         for channel, home in list(self._homes.items()):
             shard = self._shard_for(channel)
             if shard is None or shard is home:
@@ -318,7 +326,7 @@ class RedisBus:
             home.listener.remove(channel)
             self._homes[channel] = shard
             shard.listener.add(channel)
-            touched.add(shard.listener)
+            touched.setdefault(shard.listener, set()).add(channel)
         masters = set(self._slots)
         for key, shard in list(self._shards.items()):
             if key not in masters and not shard.listener.channels:
@@ -328,8 +336,13 @@ class RedisBus:
                 task.add_done_callback(self._retiring.discard)
         return touched
 
-    def _recovered(self) -> None:
-        """Run the `on_recovered` callbacks soon (once, however many shards recovered)."""
+    def _live_again(self, lost: set[str], _: asyncio.Future[bool]) -> None:
+        self._recovered(lost)
+
+    def _recovered(self, lost: Iterable[str]) -> None:
+        """Run the `on_recovered` callbacks soon with the channels in `lost` (once, however
+        many shards recovered meanwhile)."""
+        self._lost.update(lost)
         if self._closed or self._recover_scheduled:
             return
         self._recover_scheduled = True
@@ -339,10 +352,11 @@ class RedisBus:
         self._recover_scheduled = False
         if self._closed:
             return
-        log.info("redis bus recovered: %d channels live again", len(self._subs))
+        lost, self._lost = frozenset(self._lost), set()
+        log.info("redis bus recovered: %d channels live again", len(lost))
         for callback in list(self._callbacks):
             try:
-                callback()
+                callback(lost)
             except Exception:
                 log.exception("bus recovery callback failed")
 

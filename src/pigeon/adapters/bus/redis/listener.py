@@ -94,16 +94,16 @@ class Listener:
         (False if the connection is lost first); None while the shard is down."""
         return self._new_barrier() if self.up else None
 
-    def resync(self) -> int:
-        """Subscribe again whatever the server dropped (slot moves); returns how many. A shard
-        that is down subscribes everything when it comes back anyway."""
+    def resync(self) -> set[str]:
+        """Subscribe again whatever the server dropped (slot moves); returns those channels. A
+        shard that is down subscribes everything when it comes back anyway."""
         if not self.up:
-            return 0
+            return set()
         missing = self.channels - self._sent - self._dirty
         self._dirty |= missing
         if missing:
             self._wake.set()
-        return len(missing)
+        return missing
 
     def _new_barrier(self) -> asyncio.Future[bool]:
         if self._next is None:
@@ -167,7 +167,7 @@ class Listener:
         self._failures = 0
         if self._recover_on_up:
             bus._request_refresh()  # the outage may have been a failover: re-read the slots
-            bus._recovered()
+            bus._recovered(self.channels)  # any of them may have lost frames meanwhile
         self._recover_on_up = True  # from now on, a new session follows an outage
         while True:
             await asyncio.sleep(bus._ping_interval)  # a heartbeat period, not synchronisation
