@@ -311,6 +311,8 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
 
     move(target)
     stale = RedisBus(redis_cluster.url, cluster=True, **FAST)
+    late, late_recoveries = RedisBus(redis_cluster.url, cluster=True, **FAST), Recoveries()
+    late.on_recovered(late_recoveries)
     try:
         # The old master dropped the channel (sunsubscribe): the bus re-read the slot map and
         # subscribed on the new master, then told the node.
@@ -318,7 +320,8 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
         assert recoveries.lost == {ch}  # the moved slot's channels only: those resync
         await b.publish(ch, b"moved")
         assert await inbox.wait_for(1) == [b"moved"]
-        await stale.open()  # knows the slot on `target`
+        await stale.open()  # both know the slot on `target`
+        await late.open()
     finally:
         move(source)
     try:
@@ -328,8 +331,17 @@ async def test_cluster_bus_follows_a_slot_to_its_new_master(
         await asyncio.gather(*(stale.publish(ch, b"back") for _ in range(10)))
         assert await inbox.wait_for(11) == [b"moved", *[b"back"] * 10]
         assert stale.slot_reads == reads + 1
+        # a subscribe on a stale map is refused (MOVED): the bus re-reads the map, subscribes
+        # where the slot lives, and tells the node of the channel
+        late_inbox = Inbox()
+        await late.subscribe(ch, late_inbox)
+        await live_on(late, ch, source, late_recoveries)
+        assert late_recoveries.lost == {ch}
+        await b.publish(ch, b"late")
+        assert await late_inbox.wait_for(1) == [b"late"]
     finally:
         await stale.aclose()
+        await late.aclose()
 
 
 async def live_on(bus: RedisBus, ch: str, node: RedisServer, recoveries: Recoveries) -> None:

@@ -50,6 +50,8 @@ class Listener:
         self._sent: set[str] = set()
         self._dirty: set[str] = set()
         self._unsubscribing: dict[str, int] = {}  # UNSUBSCRIBEs sent, reply not yet read
+        #: Slots whose (un)subscribes were refused since the last `_drop_moved`.
+        self._moved_slots: set[int] = set()
         self._next: asyncio.Future[bool] | None = None
         self._barriers: dict[bytes, asyncio.Future[bool]] = {}
         self._tokens = itertools.count()
@@ -256,11 +258,19 @@ class Listener:
 
     def _moved(self, exc: AskError) -> None:
         """A (un)subscribe was refused: its slot belongs (or moves) to another master. Its
-        channels count as not subscribed; the slot map refresh puts them where they belong."""
+        channels count as not subscribed; the slot map refresh puts them where they belong.
+        The refusals of one read burst are applied together (each is a pass over every
+        channel sent: with many slots moving, one pass per refusal was slots x channels)."""
         log.info("redis bus: slot %s moved to %s:%s", exc.slot_id, exc.host, exc.port)
+        if not self._moved_slots:
+            asyncio.get_running_loop().call_soon(self._drop_moved)
+        self._moved_slots.add(exc.slot_id)
+
+    def _drop_moved(self) -> None:
+        moved, self._moved_slots = self._moved_slots, set()
 
         def elsewhere(channel: str) -> bool:
-            return key_slot(channel.encode()) == exc.slot_id
+            return key_slot(channel.encode()) in moved
 
         self._sent = {c for c in self._sent if not elsewhere(c)}
         for channel in [c for c in self._unsubscribing if elsewhere(c)]:
