@@ -62,24 +62,34 @@ class _FlakyBus(LocalBus):
         await super().publish_many(items)
 
 
+class _Device:
+    """Device D's live frames on the bus, and an event once `expected` of them came."""
+
+    def __init__(self, expected: int) -> None:
+        self.got: list[bytes] = []
+        self.arrived = asyncio.Event()
+        self._expected = expected
+
+    def __call__(self, frame: bytes) -> None:
+        self.got.append(frame)
+        if len(self.got) == self._expected:
+            self.arrived.set()
+
+    def iseqs(self) -> list[bytes]:
+        return [f.split(b'"iseq":')[1][:1] for f in self.got]
+
+
 async def test_frames_whose_publish_failed_are_published_again() -> None:
     bus = _FlakyBus()
     fanout = Fanout(bus, retry_delays=(0.0,) * 20)
-    got: list[bytes] = []
-    arrived = asyncio.Event()
-
-    def receive(frame: bytes) -> None:
-        got.append(frame)
-        if len(got) == 2:
-            arrived.set()
-
-    await bus.subscribe(channels.device("D"), receive)
+    device = _Device(2)
+    await bus.subscribe(channels.device("D"), device)
     await fanout.push([Delivery("D", 1, b'{"a":1}'), Delivery("D", 2, b'{"a":2}')])
-    assert got == [] and bus.attempts == 1
+    assert device.got == [] and bus.attempts == 1
     await asyncio.wait_for(bus.retried.wait(), 5)  # the retrier tried again, and failed
     bus.down = False
-    await asyncio.wait_for(arrived.wait(), 5)
-    assert [f.split(b'"iseq":')[1][:1] for f in got] == [b"1", b"2"]  # in order, once
+    await asyncio.wait_for(device.arrived.wait(), 5)
+    assert device.iseqs() == [b"1", b"2"]  # in order, once
     await fanout.aclose()
 
 
@@ -89,21 +99,14 @@ async def test_a_full_hold_drops_its_oldest_frames_and_an_outage_logs_little(
     monkeypatch.setattr(fanout_module, "MAX_HELD", 3)
     bus = _FlakyBus()
     fanout = Fanout(bus, retry_delays=(0.0,) * 20)
-    got: list[bytes] = []
-    arrived = asyncio.Event()
-
-    def receive(frame: bytes) -> None:
-        got.append(frame)
-        if len(got) == 3:
-            arrived.set()
-
-    await bus.subscribe(channels.device("D"), receive)
+    device = _Device(3)
+    await bus.subscribe(channels.device("D"), device)
     await fanout.push([Delivery("D", i, b'{"a":%d}' % i) for i in range(1, 6)])
     await fanout.push([Delivery("D", 6, b'{"a":6}')])  # each failed push used to log its drops
     await asyncio.wait_for(bus.retried.wait(), 5)
     bus.down = False
-    await asyncio.wait_for(arrived.wait(), 5)
-    assert [f.split(b'"iseq":')[1][:1] for f in got] == [b"4", b"5", b"6"]  # the newest, in order
+    await asyncio.wait_for(device.arrived.wait(), 5)
+    assert device.iseqs() == [b"4", b"5", b"6"]  # the newest, in order
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert lines == [  # not a line per failed push (thousands a second in an outage)
         "push of 5 frames failed (inbox keeps them): bus down",
