@@ -32,7 +32,7 @@ from pigeon.bench import (
 )
 from pigeon.bench.report import Run, print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
-from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV
+from pigeon.bench.store import ADMIN_DSN_ENV, REDIS_URL_ENV, PinError
 from pigeon.bench.workers import run_loop
 
 bench_app = typer.Typer(
@@ -45,6 +45,13 @@ ServerPid = Annotated[
 ]
 ServerCpu = Annotated[int | None, typer.Option(help="Pin the spawned server(s) to this core.")]
 ClientCpu = Annotated[int | None, typer.Option(help="Pin the load generators to this core.")]
+PostgresCpu = Annotated[
+    int | None,
+    typer.Option(
+        help="With --store postgres on this machine: pin PostgreSQL's processes (the backends"
+        " it starts too) to this core for the run, as they were after.",
+    ),
+]
 Workers = Annotated[
     int,
     typer.Option(
@@ -92,6 +99,7 @@ def _target(
     data_dir: DataDir = None,
     synchronous: Synchronous = "FULL",
     server_env: ServerEnv = None,
+    postgres_cpu: PostgresCpu = None,
 ) -> Target:
     """The options every scenario shares (see `with_target`): where the load goes."""
     if url is not None and (nodes > 1 or store is not None):
@@ -106,7 +114,11 @@ def _target(
         if not sep:
             raise typer.BadParameter(f"--server-env wants KEY=VALUE, got {item!r}")
         env[key] = value
-    return Target(url, server_pid, server_cpu, client_cpu, data_dir, env, workers, nodes, store)
+    if postgres_cpu is not None and (url is not None or store is not Store.postgres):
+        raise typer.BadParameter("--postgres-cpu applies to a spawned server on --store postgres")
+    return Target(
+        url, server_pid, server_cpu, client_cpu, data_dir, env, workers, nodes, store, postgres_cpu
+    )
 
 
 def with_target(command: Callable[..., None]) -> Callable[..., None]:
@@ -124,7 +136,11 @@ def with_target(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def wrapper(**options: Any) -> None:
         target = _target(**{name: options.pop(name) for name in shared})
-        command(target=target, **options)
+        try:
+            command(target=target, **options)
+        except PinError as exc:
+            typer.echo(f"pigeon: error: {exc}", err=True)
+            raise typer.Exit(1) from None
 
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}

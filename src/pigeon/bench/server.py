@@ -35,6 +35,7 @@ from pigeon.bench.report import total
 from pigeon.bench.store import (
     CpuSample,
     fresh_database,
+    pinned_postgres,
     redis_url,
     service_cpu,
     shared_state_env,
@@ -79,6 +80,8 @@ class Target:
     workers: int = 1
     nodes: int = 1
     store: Store = Store.sqlite
+    #: With PostgreSQL on this machine: the core its processes run on during the run.
+    postgres_cpu: int | None = None
 
     def describe(self) -> dict[str, Any]:
         """The target's part of a result document's parameters."""
@@ -89,6 +92,7 @@ class Target:
             "store": str(self.store),
             "workers": self.workers,
             "nodes": self.nodes,
+            "postgres_cpu": self.postgres_cpu,
         }
 
 
@@ -417,6 +421,8 @@ async def server(target: Target, *, nofile: int = 65536) -> AsyncIterator[Server
         if target.store is Store.postgres:
             database, redis = await stack.enter_async_context(fresh_database()), redis_url()
             env |= shared_state_env(database, redis)
+            if target.postgres_cpu is not None:
+                await stack.enter_async_context(pinned_postgres(database, target.postgres_cpu))
         env |= target.server_env
         env = {k: v for k, v in env.items() if v != ""}  # KEY= unsets (servers before a setting)
         data_root = Path(tempfile.mkdtemp(prefix="pigeon-bench-", dir=target.data_dir))

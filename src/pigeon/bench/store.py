@@ -8,7 +8,9 @@ fresh ids every run, so what a run leaves there (sessions expiring on their own)
 by the next one.
 
 `service_cpu_seconds` reads the CPU time PostgreSQL and Redis spent, when they run on this
-machine: the server's own CPU is only part of a cluster's cost per message.
+machine: the server's own CPU is only part of a cluster's cost per message. `pinned_postgres`
+puts a local PostgreSQL on one core for a run (`--postgres-cpu`), as the cluster's figures are
+reported: PostgreSQL on a core of its own, the nodes on another.
 """
 
 from __future__ import annotations
@@ -74,6 +76,44 @@ def shared_state_env(dsn: str, redis: str | None = None) -> dict[str, str]:
         "PIGEON_PRESENCE__TYPE": "redis",
         "PIGEON_REDIS__URL": redis or redis_url(),
     }
+
+
+class PinError(RuntimeError):
+    """PostgreSQL's processes cannot be pinned from here (another machine, or not ours)."""
+
+
+@contextlib.asynccontextmanager
+async def pinned_postgres(dsn: str, cpu: int) -> AsyncIterator[None]:
+    """PostgreSQL's processes on core `cpu` while the context lasts: its postmaster and every
+    process it runs (the backends it forks meanwhile inherit the core), then each as it was
+    (the postmaster's own affinity for those started meanwhile)."""
+    if not _local(dsn):
+        raise PinError(f"PostgreSQL at {urlsplit(dsn).hostname} is not on this machine")
+    conn = await asyncpg.connect(dsn)
+    try:  # the backend's parent, read while the backend lives
+        postmaster = psutil.Process(int(await conn.fetchval("SELECT pg_backend_pid()"))).parent()
+    finally:
+        await conn.close()
+    if postmaster is None:
+        raise PinError("PostgreSQL's postmaster was not found")
+    try:
+        before = {postmaster.pid: postmaster.cpu_affinity()}
+        postmaster.cpu_affinity([cpu])  # first: what it forks from now on starts there
+        for child in postmaster.children():
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end meanwhile
+                before[child.pid] = child.cpu_affinity()
+                child.cpu_affinity([cpu])
+    except psutil.AccessDenied as exc:
+        raise PinError(
+            f"cannot pin PostgreSQL's processes ({exc}): run as root or as its user"
+        ) from None
+    try:
+        yield
+    finally:
+        default = before[postmaster.pid]
+        for p in [postmaster, *postmaster.children()]:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_affinity(before.get(p.pid, default))
 
 
 def _local(url: str) -> bool:
