@@ -24,10 +24,13 @@ async def test_silent_connection_is_closed_and_pong_keeps_it_alive(make_server) 
         mute = await http.ws_connect(f"{server.url}/v1/ws", headers=headers, autoping=False)
         loop = asyncio.get_running_loop()
         start = loop.time()
+        pings = 0
         msg = await mute.receive(timeout=5)
         while msg.type != aiohttp.WSMsgType.CLOSE:
+            pings += msg.type == aiohttp.WSMsgType.PING
             msg = await mute.receive(timeout=5)
         assert msg.data == 4001  # heartbeat timeout
+        assert pings >= 3  # pinged every ping_interval, unanswered
         assert loop.time() - start >= 0.4  # idle_timeout, measured from a bit later
         await mute.close()
 

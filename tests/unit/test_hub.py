@@ -53,6 +53,9 @@ class _Transport:
     async def ping(self) -> None:
         return None
 
+    def ping_now(self) -> bool:
+        return True
+
     async def send_texts(self, frames: list[bytes]) -> None:
         return None
 

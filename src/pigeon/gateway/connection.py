@@ -212,14 +212,20 @@ class Connection:
 
     def _write_now(self) -> None:
         """Write what is queued without waiting, as long as the peer's buffer has room; start
-        the writer task for the rest (a full buffer, a ping). Most bursts never need the task:
-        a task per burst cost ~3 task creations per message at moderate load."""
+        the writer task for the rest (a full buffer). Most bursts never need the task: a task
+        per burst cost ~3 task creations per message at moderate load, and a task per ping
+        put one per connection in each heartbeat's burst."""
         self._flush = None
         if self._writer is not None or self._closing:
             return
         out = self._out
         try:
-            while out and out[0] is not _PING:
+            while out:
+                if out[0] is _PING:
+                    if not self.transport.ping_now():
+                        break
+                    out.popleft()
+                    continue
                 batch, size = self._next_batch()
                 if not self.transport.write_now(batch):
                     out.extendleft(reversed(batch))

@@ -11,6 +11,8 @@ from typing import Protocol
 from aiohttp import WSMsgType, web
 
 _TEXT_FIN = 0x81
+#: RFC 6455: a final ping control frame, no payload, unmasked (server to client).
+_PING_FRAME = b"\x89\x00"
 _LEN1 = struct.Struct("!BB").pack
 _LEN2 = struct.Struct("!BBH").pack
 _LEN3 = struct.Struct("!BBQ").pack
@@ -35,6 +37,10 @@ class Transport(Protocol):
         """Write text frames at once if that needs no waiting: True when written; False when
         nothing was written (the peer's buffer is full, or this transport cannot write
         without awaiting), and `send_texts` must do it."""
+
+    def ping_now(self) -> bool:
+        """Write a ping control frame at once if that needs no waiting: True when written;
+        False when `ping` must do it."""
 
     async def ping(self) -> None:
         """Send a ping control frame."""
@@ -79,9 +85,20 @@ class AiohttpTransport:
         self._write(raw, frames)
         return True
 
-    def _write(self, raw: asyncio.Transport, frames: list[bytes]) -> None:
+    def ping_now(self) -> bool:
+        raw = self._raw
+        if raw is None or self._drain is None or self._protocol.writing_paused:
+            return False
+        self._check_open(raw)
+        raw.write(_PING_FRAME)
+        return True
+
+    def _check_open(self, raw: asyncio.Transport) -> None:
         if raw.is_closing() or self._ws.closed:
             raise ConnectionResetError("connection is closing")
+
+    def _write(self, raw: asyncio.Transport, frames: list[bytes]) -> None:
+        self._check_open(raw)
         parts: list[bytes] = []
         for frame in frames:
             parts.append(text_frame_header(len(frame)))
