@@ -8,9 +8,9 @@ frames and in bytes (what a connection can pin in memory), and a queue that make
 `stall_timeout` marks a peer that stopped reading: the hub closes it, pings or not.
 
 The queue is written at the end of the loop turn that filled it, without waiting, while the
-peer's socket buffer has room; only a full buffer (or a ping) hands the rest to a writer task
-that awaits the drain. So a slow peer still never blocks a publisher, and the common burst
-costs a loop callback instead of a task.
+peer's socket buffer has room (heartbeat pings too); only a full buffer hands the rest to a
+writer task that awaits the drain. So a slow peer still never blocks a publisher, and the
+common burst costs a loop callback instead of a task.
 """
 
 from __future__ import annotations
