@@ -96,24 +96,26 @@ async def pinned_postgres(dsn: str, cpu: int) -> AsyncIterator[None]:
         await conn.close()
     if postmaster is None:
         raise PinError("PostgreSQL's postmaster was not found")
+    before: dict[int, list[int]] = {}
     try:
-        before = {postmaster.pid: postmaster.cpu_affinity()}
-        postmaster.cpu_affinity([cpu])  # first: what it forks from now on starts there
-        for child in postmaster.children():
-            with contextlib.suppress(psutil.NoSuchProcess):  # it may end meanwhile
-                before[child.pid] = child.cpu_affinity()
-                child.cpu_affinity([cpu])
-    except psutil.AccessDenied as exc:
-        raise PinError(
-            f"cannot pin PostgreSQL's processes ({exc}): run as root or as its user"
-        ) from None
-    try:
+        try:
+            before[postmaster.pid] = postmaster.cpu_affinity()
+            postmaster.cpu_affinity([cpu])  # first: what it forks from now on starts there
+            for child in postmaster.children():
+                with contextlib.suppress(psutil.NoSuchProcess):  # it may end meanwhile
+                    before[child.pid] = child.cpu_affinity()
+                    child.cpu_affinity([cpu])
+        except psutil.AccessDenied as exc:
+            raise PinError(
+                f"cannot pin PostgreSQL's processes ({exc}): run as root or as its user"
+            ) from None
         yield
-    finally:
-        default = before[postmaster.pid]
-        for p in [postmaster, *postmaster.children()]:
-            with contextlib.suppress(psutil.Error):
-                p.cpu_affinity(before.get(p.pid, default))
+    finally:  # also after a refusal half-way: what was pinned goes back
+        default = before.get(postmaster.pid)
+        if default is not None:
+            for p in [postmaster, *postmaster.children()]:
+                with contextlib.suppress(psutil.Error):
+                    p.cpu_affinity(before.get(p.pid, default))
 
 
 def _local(url: str) -> bool:

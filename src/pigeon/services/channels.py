@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+_DEVICE = "d:"
+
 
 def device(device_id: str) -> str:
     """Frames for one device's live connection, wherever it is."""
-    return f"d:{device_id}"
+    return _DEVICE + device_id
 
 
 def device_of(channel: str) -> str | None:
     """The device a `device` channel is for (None for any other channel)."""
-    return channel[2:] if channel.startswith("d:") else None
+    return channel[len(_DEVICE) :] if channel.startswith(_DEVICE) else None
 
 
 def presence(user_id: str) -> str:
