@@ -81,3 +81,45 @@ async def test_a_job_refused_before_writing_costs_its_batch_no_rerun(tmp_path: P
     count = await db.read(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0])
     assert count == 999 + 9
     await db.aclose()
+
+
+def _rows_in_database_file(db_path: Path, copy: Path) -> int:
+    """Rows of `t` in the main database file alone, as if its WAL were lost: what was
+    checkpointed."""
+    copy.write_bytes(db_path.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_an_idle_writer_checkpoints_the_wal_into_the_database_file(tmp_path: Path) -> None:
+    db = SqliteDb(tmp_path / "c.db", synchronous="FULL")
+    await db.open(_schema)
+    for k in range(8):  # one commit each, nothing queued behind any
+        await db.write(lambda conn, k=k: conn.execute("INSERT INTO t VALUES (?)", (k,)))
+    # the writer checkpoints after answering; a write queued now runs after that
+    await db.write(lambda conn: conn.execute("INSERT INTO t VALUES (8)"))
+    assert db.idle_checkpoints == 1
+    # far below SQLite's own mark (1,000 pages): only the idle checkpoint put them there
+    assert _rows_in_database_file(tmp_path / "c.db", tmp_path / "copy.db") == 8
+    await db.aclose()
+
+
+async def test_a_busy_writer_leaves_its_checkpoint_for_when_nothing_waits(tmp_path: Path) -> None:
+    db = SqliteDb(tmp_path / "b.db", synchronous="NORMAL", max_batch=1)
+    await db.open(_schema)
+    hold = threading.Event()
+    blocker = db.write(lambda conn: hold.wait(5))
+    queued = [  # 20 commits of one job each, every one with jobs queued behind it but the last
+        db.write(lambda conn, k=k: conn.execute("INSERT INTO t VALUES (?)", (k,)))
+        for k in range(20)
+    ]
+    hold.set()
+    await blocker
+    await asyncio.gather(*queued)
+    await db.write(lambda conn: None)  # runs after whatever the writer did after the last
+    assert db.commits == 22
+    assert db.idle_checkpoints == 1  # once the queue ran dry, not every 8 commits
+    await db.aclose()
