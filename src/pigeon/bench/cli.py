@@ -29,6 +29,7 @@ from pigeon.bench import (
     one_to_one,
     presence_storm,
     push,
+    store_path,
 )
 from pigeon.bench.report import Run, print_summary, write_result
 from pigeon.bench.server import ServerHandle, Store, Target, pin, raise_nofile, server
@@ -555,6 +556,42 @@ def instructions_cmd(
     print_summary(
         "instructions", [*instructions.summary(p, result), ("result file", str(path))], []
     )
+
+
+@bench_app.command("store-path")
+def store_path_cmd(
+    shapes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated PAIRSxPER_ACK: chats (about the jobs per commit) and the"
+            " messages each ack covers.",
+        ),
+    ] = "1x1,2x1,4x1,8x1,32x1,100x1,100x10",
+    messages: Annotated[
+        int, typer.Option(min=10, help="Messages of each shape's longer run.")
+    ] = 6000,
+    size: Annotated[int, typer.Option(min=1, help="Message body size in characters.")] = 100,
+    synchronous: Annotated[str, typer.Option(help="SQLite synchronous mode.")] = "FULL",
+    cpu: Annotated[int | None, typer.Option(help="Pin this process to this core.")] = None,
+    out: Out = DEFAULT_OUT,
+) -> None:
+    """CPU per delivered message on the SQLite store path alone (send, the recipient's ack,
+    the sender's ack of its receipt; no sockets), by batch shape: the floor under what the
+    server costs per message at moderate load and at saturation."""
+    try:
+        parsed = [store_path.Shape.parse(s) for s in shapes.split(",")]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shapes") from None
+    if synchronous not in ("FULL", "NORMAL"):
+        raise typer.BadParameter("FULL or NORMAL", param_hint="--synchronous")
+    pin(cpu)
+    params = {"shapes": shapes, "messages": messages, "size": size}
+    run = Run("store-path", {**params, "synchronous": synchronous, "cpu": cpu})
+    rows = [store_path.measure(s, messages, size, synchronous) for s in parsed]
+    path = write_result(out, run.finish(results=[dataclasses.asdict(r) for r in rows]))
+    for line in store_path.table(rows):
+        print(line)
+    print(f"result file {path}")
 
 
 @bench_app.command("abuse")

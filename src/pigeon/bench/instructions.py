@@ -58,8 +58,11 @@ class Result:
     per_message: int
 
 
-async def drive(path: Path, pairs: int, rounds: int, size: int, synchronous: str) -> int:
-    """Run the workload on a fresh store at `path`; returns the messages delivered."""
+async def drive(
+    path: Path, pairs: int, rounds: int, size: int, synchronous: str, per_ack: int = 1
+) -> int:
+    """Run the workload on a fresh store at `path`; returns the messages delivered. Each round
+    every sender sends `per_ack` messages (all at once) before its recipient acks them."""
     store = SqliteStore(path, synchronous=synchronous)
     await store.open()
     try:
@@ -67,13 +70,17 @@ async def drive(path: Path, pairs: int, rounds: int, size: int, synchronous: str
         body = "x" * size
         for _ in range(rounds):
             await asyncio.gather(
-                *(store.messages.send(_request(chat, sender, body)) for sender, _, chat in chats)
+                *(
+                    store.messages.send(_request(chat, sender, body))
+                    for sender, _, chat in chats
+                    for _ in range(per_ack)
+                )
             )
             await asyncio.gather(*(store.messages.ack(to, 1 << 62, _T0) for _, to, _ in chats))
             await asyncio.gather(*(store.messages.ack(fr, 1 << 62, _T0) for fr, _, _ in chats))
     finally:
         await store.aclose()
-    return pairs * rounds
+    return pairs * rounds * per_ack
 
 
 async def _pair(store: SqliteStore, k: int) -> tuple[Device, Device, ChatInfo]:
