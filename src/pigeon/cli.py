@@ -93,7 +93,7 @@ def serve(
         raise typer.Exit(Supervisor(args, workers).run())
     _install_uvloop()
     app_ = create_app(settings)
-    _tune_gc(settings.gc_threshold, settings.gc_threshold_gen1)
+    tune_gc(settings.gc_threshold, settings.gc_threshold_gen1)
     try:
         asyncio.run(_serve(app_, settings))
     except CannotListen as exc:  # the port is taken, or the address is not this machine's
@@ -166,7 +166,7 @@ def check_config(
     typer.echo(json.dumps(effective(load_settings(config)), indent=2, sort_keys=True))
 
 
-def _tune_gc(threshold: int, threshold_gen1: int) -> None:
+def tune_gc(threshold: int, threshold_gen1: int) -> None:
     """Collect garbage less often, and never rescan what exists at start-up (modules, app)."""
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(threshold or gen0, threshold_gen1 or gen1, gen2)

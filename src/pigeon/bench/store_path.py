@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pigeon.bench.instructions import drive
 from pigeon.bench.workers import run_loop
+from pigeon.cli import tune_gc
 from pigeon.config import Settings
 
 
@@ -90,9 +91,7 @@ def _collected_as_served() -> Iterator[None]:
     cost as the server pays it, not the command-line process's."""
     fields = Settings.model_fields
     before = gc.get_threshold()
-    young, middle = fields["gc_threshold"].default, fields["gc_threshold_gen1"].default
-    gc.set_threshold(young, middle, before[2])
-    gc.freeze()
+    tune_gc(fields["gc_threshold"].default, fields["gc_threshold_gen1"].default)
     try:
         yield
     finally:
